@@ -240,8 +240,8 @@ impl<S: Default> FlowTable<S> {
             }
         }
         if !self.flows.contains_key(&key) {
-            if flags & tcp_flags::RST != 0 {
-                return; // a reset of a connection we do not track
+            if payload.is_empty() && flags & tcp_flags::SYN == 0 {
+                return; // a bare ACK, FIN or RST of a connection not tracked (or just closed)
             }
             if self.flows.len() >= self.limits.max_flows {
                 self.evict_oldest(ts_us, handler);

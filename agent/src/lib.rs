@@ -2,10 +2,19 @@
 //! wire.
 //!
 //! The packet path, one module a step: [`capture`] (libpcap) → [`decode`] (link, IP,
-//! transport) → [`flow`] (connections, direction, [`reassembly`]) → the protocol parsers and
-//! the sinks ([`raw`] output, [`stats`]). [`pipeline`] wires the steps on one thread;
-//! [`stats_server`] serves the stats JSON.
+//! transport) → [`flow`] (connections, direction, [`reassembly`]) → the sinks ([`raw`]
+//! lines, [`stats`]). [`pipeline`] is that path on one thread, pure; [`run`] is the shell
+//! around it (files, signals, the [`stats_server`]).
 
+pub mod capture;
+pub mod cli;
 pub mod decode;
+pub mod escape;
 pub mod flow;
+pub mod pipeline;
+pub mod raw;
 pub mod reassembly;
+pub mod run;
+pub mod stats;
+pub mod stats_server;
+pub mod timefmt;

@@ -1,0 +1,434 @@
+//! Packet capture: the only module that touches libpcap.
+//!
+//! Live (an interface, `any` included) and offline (a pcap or pcapng file) share one path:
+//! [`Capture::next_frame`] yields frames with their timestamps; `-w` copies every captured frame to
+//! a pcap file as it goes.
+
+use std::path::PathBuf;
+
+use pcap::{Activated, Capture as PcapCapture, Device, Savefile};
+
+use crate::decode::LinkType;
+
+/// Where packets come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A network interface (`any` for all of them).
+    Live {
+        /// Interface name.
+        interface: String,
+        /// The OS capture buffer, in KiB.
+        buffer_kib: u32,
+    },
+    /// A pcap or pcapng file.
+    File(PathBuf),
+}
+
+/// Everything needed to open a capture.
+#[derive(Debug, Clone)]
+pub struct CaptureConfig {
+    /// Where packets come from.
+    pub source: Source,
+    /// The BPF filter, before VLAN wrapping (see [`vlan_aware`]).
+    pub filter: String,
+    /// Copy every captured frame to this pcap file.
+    pub write_to: Option<PathBuf>,
+}
+
+/// Why a capture could not be opened or went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// Live capture needs privileges.
+    #[error(
+        "no permission to capture on {interface}: run as root or grant CAP_NET_RAW ({detail})"
+    )]
+    Permission {
+        /// Interface name.
+        interface: String,
+        /// What libpcap said.
+        detail: String,
+    },
+    /// The interface does not exist.
+    #[error("no such interface: {name} (available: {available})")]
+    NoSuchInterface {
+        /// The name asked for.
+        name: String,
+        /// Interfaces that exist, comma separated.
+        available: String,
+    },
+    /// The file could not be read as a capture.
+    #[error("cannot read {path}: {detail}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The filter does not compile.
+    #[error("bad filter expression \"{filter}\": {detail}")]
+    Filter {
+        /// The expression.
+        filter: String,
+        /// What libpcap said.
+        detail: String,
+    },
+    /// The capture's link type is not one tcpkit decodes.
+    #[error("unsupported link type {0} (tcpkit decodes Ethernet, Linux cooked v1/v2, raw IP, BSD loopback)")]
+    UnsupportedLink(i32),
+    /// The `-w` file could not be created.
+    #[error("cannot write {path}: {detail}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Any other libpcap failure.
+    #[error("capture failed: {0}")]
+    Pcap(String),
+}
+
+/// One captured frame.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    /// Capture time, seconds since the epoch.
+    pub ts_sec: i64,
+    /// Microseconds within the second.
+    pub ts_usec: u32,
+    /// The captured bytes (may be shorter than the frame on the wire).
+    pub data: &'a [u8],
+}
+
+impl Frame<'_> {
+    /// Capture time in microseconds since the epoch.
+    pub fn ts_us(&self) -> u64 {
+        (self.ts_sec.max(0) as u64) * 1_000_000 + u64::from(self.ts_usec)
+    }
+}
+
+/// What [`Capture::next_frame`] found.
+#[derive(Debug)]
+pub enum Next<'a> {
+    /// A frame.
+    Frame(Frame<'a>),
+    /// Nothing arrived within the read timeout (live only): a moment to do periodic work.
+    Idle,
+    /// The end of the file.
+    End,
+}
+
+/// Counters libpcap keeps for a live capture.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Packets that passed the filter (`ps_recv`).
+    pub received: u64,
+    /// Dropped for lack of buffer space (`ps_drop`).
+    pub dropped: u64,
+    /// Dropped by the interface or its driver (`ps_ifdrop`).
+    pub if_dropped: u64,
+}
+
+/// An open capture.
+pub struct Capture {
+    handle: PcapCapture<dyn Activated>,
+    link: LinkType,
+    live: bool,
+    /// Live: the descriptor to wait on, and whether the last read found the buffer empty.
+    selectable_fd: i32,
+    drained: bool,
+    dump: Option<Savefile>,
+    /// Bytes of the file consumed so far (offline), for progress.
+    file_bytes_read: u64,
+    file_size: Option<u64>,
+}
+
+/// Live reads return at least this often, so that the caller can do periodic work and
+/// notice a stop request.
+const READ_TIMEOUT_MS: i32 = 100;
+const SNAPLEN: i32 = 262_144;
+
+impl Capture {
+    /// Opens the capture, installs the filter and creates the `-w` file.
+    pub fn open(config: &CaptureConfig) -> Result<Self, CaptureError> {
+        let (handle, live, file_size): (PcapCapture<dyn Activated>, bool, Option<u64>) =
+            match &config.source {
+                Source::Live {
+                    interface,
+                    buffer_kib,
+                } => (open_live(interface, *buffer_kib)?.into(), true, None),
+                Source::File(path) => {
+                    let size = std::fs::metadata(path)
+                        .map_err(|e| CaptureError::File {
+                            path: path.clone(),
+                            detail: e.to_string(),
+                        })?
+                        .len();
+                    let handle = PcapCapture::from_file(path).map_err(|e| CaptureError::File {
+                        path: path.clone(),
+                        detail: describe_file_error(e),
+                    })?;
+                    (handle.into(), false, Some(size))
+                }
+            };
+        let dlt = handle.get_datalink().0;
+        let link = LinkType::from_dlt(dlt).ok_or(CaptureError::UnsupportedLink(dlt))?;
+        // SAFETY: the handle is open; libpcap returns -1 when there is no such descriptor.
+        let selectable_fd = unsafe { pcap_get_selectable_fd(handle.as_ptr().cast()) };
+        let mut capture = Self {
+            handle,
+            link,
+            live,
+            selectable_fd,
+            drained: false,
+            dump: None,
+            file_bytes_read: 0,
+            file_size,
+        };
+        if !config.filter.is_empty() {
+            let filter = vlan_aware(&config.filter, link);
+            capture
+                .handle
+                .filter(&filter, true)
+                .map_err(|e| CaptureError::Filter {
+                    filter: config.filter.clone(),
+                    detail: e.to_string(),
+                })?;
+        }
+        if let Some(path) = &config.write_to {
+            capture.dump =
+                Some(
+                    capture
+                        .handle
+                        .savefile(path)
+                        .map_err(|e| CaptureError::Write {
+                            path: path.clone(),
+                            detail: e.to_string(),
+                        })?,
+                );
+        }
+        Ok(capture)
+    }
+
+    /// The link type of the frames.
+    pub fn link(&self) -> LinkType {
+        self.link
+    }
+
+    /// True for a live capture.
+    pub fn is_live(&self) -> bool {
+        self.live
+    }
+
+    /// The next frame, an idle tick (live), or the end (offline).
+    ///
+    /// A live capture is non-blocking: once the buffer is found empty, the next call waits
+    /// for the descriptor at most [`READ_TIMEOUT_MS`] (less when a signal arrives), so the
+    /// caller regains control even when no packet comes (libpcap's own timeout does not fire
+    /// on an idle TPACKET_V3 ring).
+    pub fn next_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+        if self.drained {
+            self.drained = false;
+            if !wait_readable(self.selectable_fd, READ_TIMEOUT_MS) {
+                return Ok(Next::Idle);
+            }
+        }
+        match self.handle.next_packet() {
+            Ok(packet) => {
+                if let Some(dump) = self.dump.as_mut() {
+                    dump.write(&packet);
+                }
+                let header = packet.header;
+                self.file_bytes_read += 16 + u64::from(header.caplen);
+                Ok(Next::Frame(Frame {
+                    ts_sec: header.ts.tv_sec,
+                    ts_usec: header.ts.tv_usec.clamp(0, 999_999) as u32,
+                    data: packet.data,
+                }))
+            }
+            Err(pcap::Error::TimeoutExpired) => {
+                self.drained = self.live && self.selectable_fd >= 0;
+                Ok(Next::Idle)
+            }
+            Err(pcap::Error::NoMorePackets) => Ok(Next::End),
+            Err(e) => Err(CaptureError::Pcap(e.to_string())),
+        }
+    }
+
+    /// libpcap's counters, for a live capture.
+    pub fn kernel_stats(&mut self) -> Option<KernelStats> {
+        if !self.live {
+            return None;
+        }
+        self.handle.stats().ok().map(|s| KernelStats {
+            received: u64::from(s.received),
+            dropped: u64::from(s.dropped),
+            if_dropped: u64::from(s.if_dropped),
+        })
+    }
+
+    /// For an offline capture, the fraction of the file read so far.
+    pub fn progress(&self) -> Option<f64> {
+        self.file_size
+            .filter(|size| *size > 0)
+            .map(|size| (self.file_bytes_read as f64 / size as f64).min(1.0))
+    }
+
+    /// Writes what the `-w` file buffers to disk.
+    pub fn flush(&mut self) -> Result<(), CaptureError> {
+        match self.dump.as_mut() {
+            Some(dump) => dump.flush().map_err(|e| CaptureError::Pcap(e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
+extern "C" {
+    /// From libpcap, which the pcap crate links.
+    fn pcap_get_selectable_fd(p: *mut libc::c_void) -> libc::c_int;
+}
+
+/// Waits until `fd` is readable, at most `timeout_ms`; false on timeout or a signal.
+fn wait_readable(fd: i32, timeout_ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, timeout_ms) > 0 }
+}
+
+fn open_live(interface: &str, buffer_kib: u32) -> Result<PcapCapture<pcap::Active>, CaptureError> {
+    if interface != "any" {
+        check_interface_exists(interface)?;
+    }
+    let buffer_bytes = i32::try_from(u64::from(buffer_kib) * 1024).unwrap_or(i32::MAX);
+    PcapCapture::from_device(interface)
+        .and_then(|c| {
+            c.promisc(false)
+                .snaplen(SNAPLEN)
+                .buffer_size(buffer_bytes)
+                .timeout(READ_TIMEOUT_MS)
+                .open()
+                .and_then(|c| c.setnonblock())
+        })
+        .map_err(|e| {
+            let detail = e.to_string();
+            let lower = detail.to_lowercase();
+            if lower.contains("permission") || lower.contains("not permitted") {
+                CaptureError::Permission {
+                    interface: interface.to_string(),
+                    detail,
+                }
+            } else if lower.contains("no such device") {
+                CaptureError::NoSuchInterface {
+                    name: interface.to_string(),
+                    available: available_interfaces(),
+                }
+            } else {
+                CaptureError::Pcap(detail)
+            }
+        })
+}
+
+fn check_interface_exists(name: &str) -> Result<(), CaptureError> {
+    match Device::list() {
+        Ok(devices) if !devices.iter().any(|d| d.name == name) => {
+            Err(CaptureError::NoSuchInterface {
+                name: name.to_string(),
+                available: available_interfaces(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn available_interfaces() -> String {
+    Device::list()
+        .map(|ds| {
+            ds.into_iter()
+                .map(|d| d.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+fn describe_file_error(e: pcap::Error) -> String {
+    let detail = e.to_string();
+    if detail.contains("unknown file format") || detail.contains("bad dump file format") {
+        format!("not a pcap or pcapng file ({detail})")
+    } else {
+        detail
+    }
+}
+
+/// The addresses of this host's interfaces, for telling the server side when both ports
+/// are equal.
+pub fn local_addresses() -> Vec<std::net::IpAddr> {
+    Device::list()
+        .map(|ds| {
+            ds.into_iter()
+                .flat_map(|d| d.addresses.into_iter().map(|a| a.addr))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Builds the BPF expression for monitored ports and servers, ANDed with the user's own
+/// expression: `tcp and (port 6379 or port 6380) and (host 10.0.0.2) and (<extra>)`.
+pub fn build_filter(ports: &[u16], servers: &[std::net::IpAddr], udp: bool, extra: &str) -> String {
+    let mut parts = vec![if udp {
+        "udp".to_string()
+    } else {
+        "tcp".to_string()
+    }];
+    if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(|p| format!("port {p}")).collect();
+        parts.push(format!("({})", ports.join(" or ")));
+    }
+    if !servers.is_empty() {
+        let hosts: Vec<String> = servers.iter().map(|h| format!("host {h}")).collect();
+        parts.push(format!("({})", hosts.join(" or ")));
+    }
+    if !extra.trim().is_empty() {
+        parts.push(format!("({extra})"));
+    }
+    parts.join(" and ")
+}
+
+/// On Ethernet, also matches the filter inside one or two VLAN tags (libpcap's `vlan`
+/// keyword shifts the offsets of what follows it).
+pub fn vlan_aware(filter: &str, link: LinkType) -> String {
+    match link {
+        LinkType::Ethernet => {
+            format!("({filter}) or (vlan and (({filter}) or (vlan and ({filter}))))")
+        }
+        _ => filter.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_are_built_from_ports_servers_and_extra() {
+        assert_eq!(build_filter(&[6379], &[], false, ""), "tcp and (port 6379)");
+        assert_eq!(
+            build_filter(
+                &[53, 5353],
+                &["10.0.0.1".parse().unwrap()],
+                true,
+                "not host 1.1.1.1"
+            ),
+            "udp and (port 53 or port 5353) and (host 10.0.0.1) and (not host 1.1.1.1)"
+        );
+    }
+
+    #[test]
+    fn vlan_wrapping_only_on_ethernet() {
+        assert_eq!(vlan_aware("tcp", LinkType::LinuxSll2), "tcp");
+        assert!(vlan_aware("tcp", LinkType::Ethernet).contains("vlan and"));
+    }
+}

@@ -1,0 +1,256 @@
+//! The command line: the C tool's flags, same letters, same meaning, with long forms.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+/// What the agent parses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// One line per packet with payload (or a Lua script's `process(packet)` with -S).
+    Raw,
+    /// Redis (RESP2/RESP3) request latency.
+    Redis,
+    /// Memcached (text, meta, binary) request latency.
+    Memcached,
+    /// DNS query latency (UDP with -u, TCP otherwise).
+    Dns,
+}
+
+/// How the exit summary is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SummaryFormat {
+    /// Counters and per-port figures, for people.
+    Text,
+    /// The stats JSON document on one line, for scripts.
+    Json,
+    /// No summary.
+    None,
+}
+
+/// tcpkit: how slow every Redis, Memcached and DNS request really is, from the wire.
+///
+/// Captures packets (live with libpcap, or from a pcap/pcapng file), reassembles TCP and
+/// reports per port. Stats are served as JSON on TCP port 33333 while capturing live.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpkit",
+    version,
+    disable_version_flag = true,
+    after_help = "EXAMPLES:\n  tcpkit -i lo -p 6379 -m raw\n  tcpkit -r capture.pcap -p 6379 -m raw --summary json\n  tcpkit -i eth0 -p 6379 -w copy.pcap 'not host 10.0.0.9'"
+)]
+pub struct Args {
+    /// Server IPs to monitor, comma separated (needed client-side, or when client and server
+    /// use the same port)
+    #[arg(
+        short = 's',
+        long = "servers",
+        value_delimiter = ',',
+        value_name = "IP,..."
+    )]
+    pub servers: Vec<IpAddr>,
+
+    /// Server ports to monitor, comma separated (1-65535)
+    #[arg(
+        short = 'p',
+        long = "ports",
+        value_delimiter = ',',
+        required = true,
+        value_name = "PORT,...",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub ports: Vec<u16>,
+
+    /// TCP port of the stats JSON server [default: 33333 when capturing live, off with -r;
+    /// 0 turns it off]
+    #[arg(short = 'P', long = "stats-port", value_name = "PORT")]
+    pub stats_port: Option<u16>,
+
+    /// Address the stats server listens on
+    #[arg(long = "stats-bind", default_value = "127.0.0.1", value_name = "IP")]
+    pub stats_bind: IpAddr,
+
+    /// Interface to capture on
+    #[arg(
+        short = 'i',
+        long = "interface",
+        default_value = "any",
+        value_name = "NAME"
+    )]
+    pub interface: String,
+
+    /// Run in the background (use -o, stdout is closed)
+    #[arg(short = 'd', long = "daemonize")]
+    pub daemonize: bool,
+
+    /// Read packets from a pcap/pcapng file instead of capturing live
+    #[arg(short = 'r', long = "read", value_name = "FILE")]
+    pub read: Option<PathBuf>,
+
+    /// Slow threshold in milliseconds; with no -t every request is printed
+    #[arg(short = 't', long = "threshold", value_name = "MS")]
+    pub threshold_ms: Option<f64>,
+
+    /// Protocol mode
+    #[arg(short = 'm', long = "mode", value_enum, default_value = "raw")]
+    pub mode: Mode,
+
+    /// Also write the captured packets to this pcap file
+    #[arg(short = 'w', long = "write", value_name = "FILE")]
+    pub write: Option<PathBuf>,
+
+    /// Lua script to run on packets
+    #[arg(short = 'S', long = "script", value_name = "FILE")]
+    pub script: Option<PathBuf>,
+
+    /// OS capture buffer size in KiB
+    #[arg(
+        short = 'B',
+        long = "buffer",
+        default_value_t = 16_384,
+        value_name = "KIB"
+    )]
+    pub buffer_kib: u32,
+
+    /// Write the log (packet lines, slow log, summary) to this file instead of stdout
+    #[arg(short = 'o', long = "log", value_name = "FILE")]
+    pub log: Option<PathBuf>,
+
+    /// UDP instead of TCP
+    #[arg(short = 'u', long = "udp")]
+    pub udp: bool,
+
+    /// Exit summary format
+    #[arg(long = "summary", value_enum, default_value = "text")]
+    pub summary: SummaryFormat,
+
+    /// TCP connections tracked at most; past it the least recently seen are evicted
+    #[arg(long = "max-flows", default_value_t = 65_536, value_name = "N")]
+    pub max_flows: usize,
+
+    /// Seconds without a packet after which a connection is forgotten
+    #[arg(long = "flow-idle-timeout", default_value_t = 120, value_name = "SECS")]
+    pub flow_idle_timeout_secs: u64,
+
+    /// Out-of-order bytes held per stream direction while waiting for a missing segment
+    #[arg(
+        long = "max-held-bytes",
+        default_value_t = 262_144,
+        value_name = "BYTES"
+    )]
+    pub max_held_bytes: usize,
+
+    /// Print version
+    #[arg(short = 'v', long = "version", action = ArgAction::Version)]
+    pub version: (),
+
+    /// Extra BPF filter, as tcpdump takes it; ANDed with the filter built from -s/-p
+    #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
+    pub filter: Vec<String>,
+}
+
+impl Args {
+    /// The stats port to serve on, if any.
+    pub fn effective_stats_port(&self) -> Option<u16> {
+        match (self.stats_port, &self.read) {
+            (Some(0), _) => None,
+            (Some(p), _) => Some(p),
+            (None, None) => Some(33333),
+            (None, Some(_)) => None,
+        }
+    }
+}
+
+/// Parses the command line. Help and version are printed and exit 0; any other problem is
+/// one line on stderr and exit code 2.
+pub fn parse() -> Args {
+    match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            let rendered = e.render().to_string();
+            let message = rendered.split("Usage:").next().unwrap_or_default();
+            let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+            let message = message.replace(" For more information, try '--help'.", "");
+            let message = message.strip_prefix("error: ").unwrap_or(&message);
+            eprintln!("tcpkit: {message} (see tcpkit --help)");
+            std::process::exit(2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("tcpkit").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn seed_flags() {
+        let a = parse(&[
+            "-s",
+            "10.0.0.1,10.0.0.2",
+            "-p",
+            "6379,6380",
+            "-P",
+            "4000",
+            "-i",
+            "lo",
+            "-t",
+            "10",
+            "-m",
+            "raw",
+            "-w",
+            "x.pcap",
+            "-B",
+            "1024",
+            "-o",
+            "log",
+            "-u",
+            "port",
+            "80",
+        ])
+        .unwrap();
+        assert_eq!(a.servers.len(), 2);
+        assert_eq!(a.ports, vec![6379, 6380]);
+        assert_eq!(a.effective_stats_port(), Some(4000));
+        assert_eq!(a.threshold_ms, Some(10.0));
+        assert!(a.udp);
+        assert_eq!(a.filter.join(" "), "port 80");
+    }
+
+    #[test]
+    fn stats_port_defaults() {
+        assert_eq!(
+            parse(&["-p", "1"]).unwrap().effective_stats_port(),
+            Some(33333)
+        );
+        assert_eq!(
+            parse(&["-p", "1", "-r", "f"])
+                .unwrap()
+                .effective_stats_port(),
+            None
+        );
+        assert_eq!(
+            parse(&["-p", "1", "-P", "0"])
+                .unwrap()
+                .effective_stats_port(),
+            None
+        );
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert!(parse(&[]).is_err());
+        assert!(parse(&["-p", "0"]).is_err());
+        assert!(parse(&["-p", "65536"]).is_err());
+        assert!(parse(&["-p", "1", "-m", "http"]).is_err());
+        assert!(parse(&["-p", "1", "-s", "not-an-ip"]).is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! The agent's shell around the pipeline: opens the capture, the log and the stats port,
+//! runs the capture loop until the end of the file or a signal, prints the summary.
+
+use std::fs::OpenOptions;
+use std::io::{self, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::capture::{self, Capture, CaptureConfig, Next, Source};
+use crate::cli::{Args, Mode, SummaryFormat};
+use crate::flow::{DirectionRule, FlowLimits};
+use crate::pipeline::{Output, Pipeline};
+use crate::reassembly::ReassemblyLimits;
+use crate::stats_server::{self, StatsSnapshot};
+
+/// How often the stats document is republished, the log flushed and progress shown.
+const TICK: Duration = Duration::from_secs(1);
+/// Output is written out once this much is buffered.
+const OUTPUT_CHUNK: usize = 1 << 16;
+
+/// Runs the agent as the arguments say.
+pub fn run(args: Args) -> Result<()> {
+    if args.mode != Mode::Raw {
+        bail!(
+            "-m {:?} is not available yet: this build has raw mode only",
+            args.mode
+        );
+    }
+    if args.script.is_some() {
+        bail!("Lua scripts (-S) are not available yet in this build");
+    }
+    let source = match &args.read {
+        Some(path) => Source::File(path.clone()),
+        None => Source::Live {
+            interface: args.interface.clone(),
+            buffer_kib: args.buffer_kib,
+        },
+    };
+    let filter =
+        capture::build_filter(&args.ports, &args.servers, args.udp, &args.filter.join(" "));
+    let mut capture = Capture::open(&CaptureConfig {
+        source,
+        filter,
+        write_to: args.write.clone(),
+    })?;
+
+    let stats_listener = match args.effective_stats_port() {
+        Some(port) => Some(
+            std::net::TcpListener::bind((args.stats_bind, port)).with_context(|| {
+                format!("cannot serve stats on {}:{port} (-P)", args.stats_bind)
+            })?,
+        ),
+        None => None,
+    };
+    let mut log: Box<dyn Write> = match &args.log {
+        Some(path) => Box::new(io::BufWriter::with_capacity(
+            1 << 16,
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?,
+        )),
+        None => Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
+    };
+    if args.daemonize {
+        // SAFETY: no thread has been started yet; daemon(3) forks and detaches.
+        if unsafe { libc::daemon(1, 0) } != 0 {
+            bail!("cannot daemonize: {}", io::Error::last_os_error());
+        }
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot handle signals")?;
+    }
+    let snapshot = StatsSnapshot::default();
+    let stats_thread = stats_listener.map(|l| spawn_stats_server(l, snapshot.clone()));
+
+    let local = capture::local_addresses();
+    let rule = DirectionRule::new(&args.ports, &args.servers, &local);
+    let limits = FlowLimits {
+        max_flows: args.max_flows.max(1),
+        idle_timeout_us: args.flow_idle_timeout_secs.saturating_mul(1_000_000),
+        reassembly: ReassemblyLimits {
+            max_held_bytes: args.max_held_bytes,
+            ..ReassemblyLimits::default()
+        },
+    };
+    let mut pipeline = Pipeline::new(capture.link(), rule, &args.ports, limits, Output::RawLines);
+    snapshot.publish(pipeline.stats_json().to_string());
+
+    let show_progress = !capture.is_live() && io::stderr().is_terminal();
+    let loop_result = capture_loop(
+        &mut capture,
+        &mut pipeline,
+        &mut log,
+        &stop,
+        &snapshot,
+        show_progress,
+    );
+    if show_progress {
+        eprint!("\r\x1b[K");
+    }
+
+    pipeline.finish();
+    let mut summary = pipeline.summary();
+    summary.kernel = capture.kernel_stats();
+    let summary_text = match args.summary {
+        SummaryFormat::Text => summary.to_text(),
+        SummaryFormat::Json => format!("{}\n", pipeline.stats_json()),
+        SummaryFormat::None => String::new(),
+    };
+    let written = write_out(&mut log, pipeline.output())
+        .and_then(|_| log.write_all(summary_text.as_bytes()))
+        .and_then(|_| log.flush());
+    capture.flush()?;
+    if let Some((thread, shutdown)) = stats_thread {
+        let _ = shutdown.send(());
+        let _ = thread.join();
+    }
+    loop_result?;
+    match written {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write the log"),
+        _ => Ok(()),
+    }
+}
+
+/// Feeds frames to the pipeline until the end of the file, a stop signal, or a closed output.
+fn capture_loop(
+    capture: &mut Capture,
+    pipeline: &mut Pipeline,
+    log: &mut dyn Write,
+    stop: &AtomicBool,
+    snapshot: &StatsSnapshot,
+    show_progress: bool,
+) -> Result<()> {
+    let mut next_tick = Instant::now() + TICK;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let idle = match capture.next_frame()? {
+            Next::Frame(frame) => {
+                pipeline.on_frame(&frame);
+                false
+            }
+            Next::Idle => true,
+            Next::End => return Ok(()),
+        };
+        if pipeline.output().len() >= OUTPUT_CHUNK {
+            if let Err(e) = write_out(log, pipeline.output()) {
+                return closed_output(e);
+            }
+        }
+        if (idle || pipeline.captured() % 4096 == 0) && Instant::now() >= next_tick {
+            next_tick = Instant::now() + TICK;
+            snapshot.publish(pipeline.stats_json().to_string());
+            if let Err(e) = write_out(log, pipeline.output()).and_then(|_| log.flush()) {
+                return closed_output(e);
+            }
+            if show_progress {
+                let pct = capture.progress().unwrap_or(0.0) * 100.0;
+                eprint!("\r{} packets, {pct:.0}% of the file", pipeline.captured());
+            }
+        }
+    }
+}
+
+/// A reader that went away (`tcpkit … | head`) ends the run quietly; other errors do not.
+fn closed_output(e: io::Error) -> Result<()> {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Ok(())
+    } else {
+        Err(e).context("cannot write the log")
+    }
+}
+
+fn write_out(log: &mut dyn Write, out: &mut Vec<u8>) -> io::Result<()> {
+    let result = log.write_all(out);
+    out.clear();
+    result
+}
+
+type StatsThread = (
+    std::thread::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+/// Runs the stats server on a thread of its own with a single-threaded tokio runtime.
+fn spawn_stats_server(listener: std::net::TcpListener, snapshot: StatsSnapshot) -> StatsThread {
+    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("stats server: cannot start its runtime: {e}");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let listener = listener
+                .set_nonblocking(true)
+                .and_then(|_| tokio::net::TcpListener::from_std(listener));
+            match listener {
+                Ok(l) => {
+                    stats_server::serve(l, snapshot, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                }
+                Err(e) => tracing::error!("stats server: {e}"),
+            }
+        });
+    });
+    (thread, shutdown)
+}

@@ -1,0 +1,102 @@
+//! The stats port: on each connection, write the latest stats JSON document and close.
+//!
+//! The capture thread publishes a rendered document into a [`StatsSnapshot`] about once a
+//! second; the server only reads it, so the hot path never waits on a client.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+/// The latest stats document, shared between the capture thread and the server.
+#[derive(Debug, Clone, Default)]
+pub struct StatsSnapshot(Arc<Mutex<Arc<String>>>);
+
+impl StatsSnapshot {
+    /// Replaces the document.
+    pub fn publish(&self, document: String) {
+        if let Ok(mut current) = self.0.lock() {
+            *current = Arc::new(document);
+        }
+    }
+
+    /// The current document.
+    pub fn current(&self) -> Arc<String> {
+        self.0.lock().map(|d| Arc::clone(&d)).unwrap_or_default()
+    }
+}
+
+/// Clients served at once at most; others wait in the listen backlog.
+const MAX_CLIENTS: usize = 64;
+/// A client that does not take its document within this time is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves `snapshot` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    snapshot: StatsSnapshot,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => return,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((mut socket, _)) = accepted else {
+            continue;
+        };
+        let document = snapshot.current();
+        tokio::spawn(async move {
+            let write = async {
+                socket.write_all(document.as_bytes()).await?;
+                socket.write_all(b"\n").await?;
+                socket.shutdown().await
+            };
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn each_client_gets_the_latest_document() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let snapshot = StatsSnapshot::default();
+            snapshot.publish("[1]".into());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, snapshot.clone(), async {
+                let _ = stopped.await;
+            }));
+            for expected in ["[1]\n", "[2]\n"] {
+                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut got = String::new();
+                client.read_to_string(&mut got).await.unwrap();
+                assert_eq!(got, expected);
+                snapshot.publish("[2]".into());
+            }
+            stop.send(()).unwrap();
+            server.await.unwrap();
+        });
+    }
+}
