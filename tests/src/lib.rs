@@ -1,1 +1,170 @@
+//! Helpers of the end-to-end tests: the built binaries, fixtures and their expected figures,
+//! real servers on free ports that are always stopped, and the rule for skipping.
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `tcpkit` binary of this build (`cargo build --workspace` makes it).
+pub fn tcpkit_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/tcpkit
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("tcpkit");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// A file of `tests/fixtures/`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+/// The figures `fixtures/generate.sh` counted with tshark for one capture.
+#[derive(Debug, Clone)]
+pub struct Expected {
+    /// The server port.
+    pub port: u16,
+    /// Frames in the file.
+    pub packets: u64,
+    /// Frames with a TCP payload.
+    pub payload_packets: u64,
+    /// Client → server packets and payload bytes.
+    pub req_packets: u64,
+    /// Client → server payload bytes.
+    pub req_bytes: u64,
+    /// Server → client packets.
+    pub rsp_packets: u64,
+    /// Server → client payload bytes.
+    pub rsp_bytes: u64,
+    /// TCP connections opened (SYN without ACK).
+    pub connections: u64,
+}
+
+impl Expected {
+    /// Reads `NAME.expected.json` beside `NAME.pcap`.
+    pub fn of(name: &str) -> Self {
+        let path = fixture(&format!("{name}.expected.json"));
+        let text = std::fs::read_to_string(&path).expect("expected figures");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("expected JSON");
+        let n = |k: &str| {
+            v[k].as_u64()
+                .unwrap_or_else(|| panic!("{k} in {}", path.display()))
+        };
+        Self {
+            port: n("port") as u16,
+            packets: n("packets"),
+            payload_packets: n("payload_packets"),
+            req_packets: n("req_packets"),
+            req_bytes: n("req_bytes"),
+            rsp_packets: n("rsp_packets"),
+            rsp_bytes: n("rsp_bytes"),
+            connections: n("connections"),
+        }
+    }
+}
+
+/// The fixtures made by `fixtures/generate.sh`.
+pub const FIXTURES: &[&str] = &[
+    "redis-benchmark-lo",
+    "redis-bigvalues-any",
+    "redis-pipelined-sll",
+];
+
+/// Returns false (after saying why) when a test cannot run here; in CI (`CI=true`) a
+/// missing requirement fails the test instead.
+pub fn requirement(met: bool, what: &str) -> bool {
+    if met {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true and this test needs {what}");
+    }
+    eprintln!("SKIPPED: this test needs {what}");
+    false
+}
+
+/// True when running as root (live capture, network namespaces).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// True when `program` is on the PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A child process that is killed and reaped when dropped, even when the test fails.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A real `redis-server` on a free loopback port, with nothing saved to disk.
+pub fn start_redis() -> (Guard, u16) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--logfile", ""])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let guard = Guard(child);
+    assert!(
+        wait_for_port(port, Duration::from_secs(10)),
+        "redis-server did not start"
+    );
+    (guard, port)
+}
+
+/// Sends SIGINT to a child.
+pub fn interrupt(child: &Child) {
+    // SAFETY: signalling a child we started and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+}

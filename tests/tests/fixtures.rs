@@ -1,0 +1,118 @@
+//! tcpkit on the golden captures: its counts must equal what tshark counted.
+
+use std::process::Command;
+
+use tcpkit_tests::{fixture, tcpkit_bin, Expected, FIXTURES};
+
+fn run(args: &[&str]) -> String {
+    let out = Command::new(tcpkit_bin())
+        .args(args)
+        .output()
+        .expect("run tcpkit");
+    assert!(
+        out.status.success(),
+        "tcpkit {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+#[test]
+fn summary_json_equals_the_independent_counts() {
+    for name in FIXTURES {
+        let e = Expected::of(name);
+        let pcap = fixture(&format!("{name}.pcap"));
+        let port = e.port.to_string();
+        let out = run(&[
+            "-r",
+            pcap.to_str().unwrap(),
+            "-p",
+            &port,
+            "--summary",
+            "json",
+        ]);
+        let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        let stats = &json[0][&port];
+        assert_eq!(stats["req_packets"], e.req_packets, "{name}");
+        assert_eq!(stats["req_bytes"], e.req_bytes, "{name}");
+        assert_eq!(stats["rsp_packets"], e.rsp_packets, "{name}");
+        assert_eq!(stats["rsp_bytes"], e.rsp_bytes, "{name}");
+    }
+}
+
+#[test]
+fn raw_mode_prints_one_line_per_payload_packet() {
+    for name in FIXTURES {
+        let e = Expected::of(name);
+        let pcap = fixture(&format!("{name}.pcap"));
+        let out = run(&[
+            "-r",
+            pcap.to_str().unwrap(),
+            "-p",
+            &e.port.to_string(),
+            "--summary",
+            "none",
+        ]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len() as u64, e.payload_packets, "{name}");
+        let marker = format!(":{}", e.port);
+        for line in &lines {
+            let fields: Vec<&str> = line.splitn(9, ' ').collect();
+            assert!(
+                fields[2].contains("=>") && fields[2].contains(&marker),
+                "{line}"
+            );
+            assert!(fields[3] == "REQ" || fields[3] == "RSP", "{line}");
+        }
+    }
+}
+
+#[test]
+fn text_summary_counts_packets_connections_and_no_gaps() {
+    for name in FIXTURES {
+        let e = Expected::of(name);
+        let pcap = fixture(&format!("{name}.pcap"));
+        let out = run(&[
+            "-r",
+            pcap.to_str().unwrap(),
+            "-p",
+            &e.port.to_string(),
+            "--summary",
+            "text",
+        ]);
+        assert!(
+            out.contains(&format!("\n{} packets captured\n", e.packets)),
+            "{name}: {out}"
+        );
+        assert!(
+            out.contains(&format!("flows: {} created", e.connections)),
+            "{name}: {out}"
+        );
+        assert!(out.contains(" 0 gaps (desyncs)"), "{name}: {out}");
+        assert!(
+            out.contains("decode: 0 truncated, 0 malformed"),
+            "{name}: {out}"
+        );
+    }
+}
+
+#[test]
+fn a_bpf_expression_narrows_the_capture() {
+    let e = Expected::of("redis-pipelined-sll");
+    let pcap = fixture("redis-pipelined-sll.pcap");
+    let out = run(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-p",
+        &e.port.to_string(),
+        "--summary",
+        "json",
+        "dst",
+        "port",
+        &e.port.to_string(),
+    ]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let stats = &json[0][e.port.to_string()];
+    assert_eq!(stats["req_packets"], e.req_packets);
+    assert_eq!(stats["rsp_packets"], 0);
+}
