@@ -1,0 +1,163 @@
+//! Bad input: one clear line on stderr and a non-zero exit, before anything else happens.
+
+use std::process::{Command, Output};
+
+use tcpkit_tests::{have, is_root, requirement, tcpkit_bin};
+
+fn tcpkit(args: &[&str]) -> Output {
+    Command::new(tcpkit_bin())
+        .args(args)
+        .output()
+        .expect("run tcpkit")
+}
+
+/// Asserts exit `code` and a single stderr line that contains `needle`.
+fn refused(args: &[&str], code: i32, needle: &str) {
+    let out = tcpkit(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?}: one line expected, got {stderr}"
+    );
+    assert!(stderr.starts_with("tcpkit: "), "{args:?}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: {stderr:?} lacks {needle:?}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "{args:?}: nothing on stdout expected"
+    );
+}
+
+#[test]
+fn argument_errors_exit_2() {
+    refused(&[], 2, "--ports");
+    refused(&["-p", "0"], 2, "0 is not in 1..=65535");
+    refused(&["-p", "70000"], 2, "70000");
+    refused(&["-p", "6379,x"], 2, "'x'");
+    refused(
+        &["-p", "6379", "-m", "http"],
+        2,
+        "possible values: raw, redis, memcached, dns",
+    );
+    refused(&["-p", "6379", "-s", "not-an-ip"], 2, "not-an-ip");
+    refused(&["-p", "6379", "--bogus"], 2, "--bogus");
+}
+
+#[test]
+fn unreadable_or_foreign_files_exit_1() {
+    refused(
+        &["-p", "6379", "-r", "/nonexistent/file.pcap"],
+        1,
+        "cannot read /nonexistent/file.pcap",
+    );
+    let dir = std::env::temp_dir().join(format!("tcpkit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("notes.txt");
+    std::fs::write(&text, "this is not a capture\n").unwrap();
+    refused(
+        &["-p", "6379", "-r", text.to_str().unwrap()],
+        1,
+        "not a pcap or pcapng file",
+    );
+    // A capture cut in the middle of a record: what was read is reported, then the error.
+    let fixture = tcpkit_tests::fixture("redis-pipelined-sll.pcap");
+    let bytes = std::fs::read(fixture).unwrap();
+    let cut = dir.join("cut.pcap");
+    std::fs::write(&cut, &bytes[..bytes.len() - 10]).unwrap();
+    let out = tcpkit(&[
+        "-r",
+        cut.to_str().unwrap(),
+        "-p",
+        "26379",
+        "--summary",
+        "text",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("packets captured"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_filter_and_unwritable_outputs_exit_1() {
+    let pcap = tcpkit_tests::fixture("redis-pipelined-sll.pcap");
+    let pcap = pcap.to_str().unwrap();
+    refused(
+        &["-p", "6379", "-r", pcap, "port", "and", "and"],
+        1,
+        "bad filter expression",
+    );
+    refused(
+        &["-p", "6379", "-r", pcap, "-w", "/nonexistent/dir/out.pcap"],
+        1,
+        "cannot write /nonexistent/dir/out.pcap",
+    );
+    refused(
+        &["-p", "6379", "-r", pcap, "-o", "/nonexistent/dir/log"],
+        1,
+        "cannot open log file",
+    );
+}
+
+#[test]
+fn modes_of_later_issues_say_so() {
+    let pcap = tcpkit_tests::fixture("redis-pipelined-sll.pcap");
+    refused(
+        &["-p", "6379", "-r", pcap.to_str().unwrap(), "-S", "x.lua"],
+        1,
+        "Lua scripts",
+    );
+}
+
+#[test]
+fn live_capture_errors() {
+    if !requirement(is_root(), "root (live capture)") {
+        return;
+    }
+    refused(
+        &["-p", "6379", "-i", "nosuch0", "-P", "0"],
+        1,
+        "no such interface: nosuch0",
+    );
+    if !requirement(have("setpriv"), "setpriv (util-linux) to drop privileges") {
+        return;
+    }
+    // Without privileges: the same binary as user nobody.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(tcpkit_bin())
+        .args(["-p", "6379", "-i", "lo", "-P", "0"])
+        .output()
+        .expect("setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("run as root or grant CAP_NET_RAW"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_and_version() {
+    let help = tcpkit(&["--help"]);
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "-s,", "-p,", "-P,", "-i,", "-d,", "-r,", "-t,", "-m,", "-w,", "-S,", "-B,", "-o,", "-u,",
+        "-v,", "-h,",
+    ] {
+        assert!(text.contains(flag), "--help lacks {flag}");
+    }
+    let version = tcpkit(&["-v"]);
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("tcpkit "));
+}

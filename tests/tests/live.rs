@@ -1,0 +1,126 @@
+//! Live capture on `lo` of a real redis-server: known traffic, the stats port while running,
+//! SIGINT, the summary, and the `-w` copy read back by tcpdump.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tcpkit_tests::{
+    free_port, have, interrupt, is_root, requirement, start_redis, tcpkit_bin, wait_for_port, Guard,
+};
+
+const REQUESTS: usize = 100;
+
+/// Sends `REQUESTS` SETs on one connection, each answered before the next; returns the
+/// request bytes sent.
+fn drive(port: u16) -> u64 {
+    let mut sent = 0;
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let mut reply = [0u8; 5];
+    for i in 0..REQUESTS {
+        let key = format!("key:{i:03}");
+        let cmd = format!(
+            "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n$5\r\nvalue\r\n",
+            key.len()
+        );
+        conn.write_all(cmd.as_bytes()).unwrap();
+        sent += cmd.len() as u64;
+        conn.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"+OK\r\n");
+    }
+    sent
+}
+
+fn stats_document(port: u16) -> serde_json::Value {
+    let mut text = String::new();
+    TcpStream::connect(("127.0.0.1", port))
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn live_raw_capture_of_redis_on_lo() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("redis-server"), "redis-server")
+        || !requirement(have("tcpdump"), "tcpdump")
+    {
+        return;
+    }
+    let (_redis, redis_port) = start_redis();
+    let stats_port = free_port();
+    let dir = std::env::temp_dir().join(format!("tcpkit-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dump = dir.join("copy.pcap");
+    let agent = Command::new(tcpkit_bin())
+        .args(["-i", "lo", "-m", "raw", "-p", &redis_port.to_string()])
+        .args(["-P", &stats_port.to_string(), "-w", dump.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    // The stats port opens once the capture is running.
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    let before = stats_document(stats_port);
+    assert_eq!(before[0][redis_port.to_string()]["req_bytes"], 0);
+
+    let sent = drive(redis_port);
+    std::thread::sleep(Duration::from_millis(1500)); // one publication tick
+    let during = stats_document(stats_port);
+    let port_stats = &during[0][redis_port.to_string()];
+    assert_eq!(port_stats["req_bytes"], sent);
+    assert_eq!(port_stats["rsp_bytes"], 5 * REQUESTS as u64);
+
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "tcpkit exit: {status}");
+
+    let requests = stdout.lines().filter(|l| l.contains(" REQ ")).count();
+    let replies = stdout
+        .lines()
+        .filter(|l| l.contains(" RSP ") && l.ends_with("+OK\\r\\n"))
+        .count();
+    assert_eq!((requests, replies), (REQUESTS, REQUESTS), "{stdout}");
+    assert!(
+        stdout.contains("SET\\r\\n$7\\r\\nkey:042\\r\\n"),
+        "payload escaped as in the C tool"
+    );
+    assert!(
+        stdout.contains("\n0 packets dropped by kernel\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(" 0 gaps (desyncs)"), "{stdout}");
+
+    let captured: u64 = stdout
+        .lines()
+        .find_map(|l| l.strip_suffix(" packets captured"))
+        .and_then(|n| n.parse().ok())
+        .expect("summary line");
+    let read_back = Command::new("tcpdump")
+        .args(["-n", "-r", dump.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        read_back.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read_back.stderr)
+    );
+    let lines = String::from_utf8_lossy(&read_back.stdout).lines().count() as u64;
+    assert_eq!(lines, captured, "tcpdump reads back every captured packet");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
