@@ -84,6 +84,10 @@ pub struct Args {
     #[arg(short = 'd', long = "daemonize")]
     pub daemonize: bool,
 
+    /// Write the agent's process id to this file (after -d, the daemon's)
+    #[arg(long = "pid-file", value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
     /// Read packets from a pcap/pcapng file instead of capturing live
     #[arg(short = 'r', long = "read", value_name = "FILE")]
     pub read: Option<PathBuf>,

@@ -72,6 +72,10 @@ pub fn run(args: Args) -> Result<()> {
             bail!("cannot daemonize: {}", io::Error::last_os_error());
         }
     }
+    if let Some(path) = &args.pid_file {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("cannot write pid file {}", path.display()))?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {

@@ -124,3 +124,55 @@ fn live_raw_capture_of_redis_on_lo() {
     assert_eq!(lines, captured, "tcpdump reads back every captured packet");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn daemonized_agent_stops_cleanly_on_sigterm() {
+    if !requirement(is_root(), "root (live capture)") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tcpkit-daemon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, pid_file) = (dir.join("agent.log"), dir.join("agent.pid"));
+    let stats_port = free_port();
+    let status = Command::new(tcpkit_bin())
+        .args([
+            "-d",
+            "-i",
+            "lo",
+            "-p",
+            &free_port().to_string(),
+            "-P",
+            &stats_port.to_string(),
+        ])
+        .args([
+            "-o",
+            log.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success(), "the parent returns at once");
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "the daemon serves stats"
+    );
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the daemon this test started, by the pid it wrote.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while unsafe { libc::kill(pid, 0) } == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "the daemon exited");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("packets captured"),
+        "summary in the log: {text}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
