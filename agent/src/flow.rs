@@ -8,6 +8,8 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use std::collections::hash_map::Entry;
+
 use rustc_hash::FxHashMap;
 
 use crate::decode::{tcp_flags, Packet};
@@ -239,26 +241,23 @@ impl<S: Default> FlowTable<S> {
                 handler.on_close(&key, old.state, CloseReason::Reused, ts_us);
             }
         }
-        if !self.flows.contains_key(&key) {
-            if payload.is_empty() && flags & tcp_flags::SYN == 0 {
-                return; // a bare ACK, FIN or RST of a connection not tracked (or just closed)
-            }
-            if self.flows.len() >= self.limits.max_flows {
-                self.evict_oldest(ts_us, handler);
-            }
-            self.counters.flows_created += 1;
-            self.flows.insert(
-                key,
-                Flow {
+        if self.flows.len() >= self.limits.max_flows && !self.flows.contains_key(&key) {
+            self.evict_oldest(ts_us, handler);
+        }
+        let flow = match self.flows.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            // A bare ACK, FIN or RST of a connection not tracked (or just closed) starts
+            // nothing.
+            Entry::Vacant(_) if payload.is_empty() && flags & tcp_flags::SYN == 0 => return,
+            Entry::Vacant(e) => {
+                self.counters.flows_created += 1;
+                e.insert(Flow {
                     last_seen_us: ts_us,
                     request: Reassembler::default(),
                     response: Reassembler::default(),
                     state: S::default(),
-                },
-            );
-        }
-        let Some(flow) = self.flows.get_mut(&key) else {
-            return;
+                })
+            }
         };
         flow.last_seen_us = ts_us;
         let limits = &self.limits.reassembly;

@@ -9,7 +9,6 @@
 pub mod capture;
 pub mod cli;
 pub mod decode;
-pub mod escape;
 pub mod flow;
 pub mod pipeline;
 pub mod raw;
@@ -17,4 +16,5 @@ pub mod reassembly;
 pub mod run;
 pub mod stats;
 pub mod stats_server;
+pub mod text;
 pub mod timefmt;

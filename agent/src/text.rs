@@ -1,4 +1,4 @@
-//! Bytes from the wire made safe for a one-line log.
+//! Text output without the formatting machinery: escaped wire bytes and decimal numbers.
 
 /// Appends `bytes` to `out`, printable ASCII as is and everything else escaped (`\r`, `\n`,
 /// `\t`, `\\`, `\xNN`), so that one packet or request always stays on one line.
@@ -21,9 +21,35 @@ pub fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
+/// Appends the decimal digits of `n`.
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimals() {
+        let mut out = Vec::new();
+        for n in [0, 7, 10, 65535, u64::from(u32::MAX), u64::MAX] {
+            out.clear();
+            push_decimal(&mut out, n);
+            assert_eq!(out, n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn escapes_everything_unprintable() {
