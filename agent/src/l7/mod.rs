@@ -1,0 +1,4 @@
+//! Protocol parsers: pure, no I/O. Each takes the bytes of one direction of a connection,
+//! as reassembled, and yields complete messages; "need more" is not an error.
+
+pub mod redis;

@@ -1,0 +1,731 @@
+//! RESP (Redis serialization protocol) parser, incremental and streaming. Pure: no I/O.
+//!
+//! Format (RESP2 and RESP3), one type byte then a line ending in `\r\n`:
+//!
+//! ```text
+//! +<string>\r\n            simple string        -<error>\r\n         error
+//! :<integer>\r\n           integer              $<len>\r\n<bytes>\r\n bulk string ($-1: null)
+//! *<n>\r\n<n values>       array (*-1: null)    _\r\n                 null (RESP3)
+//! #t\r\n / #f\r\n          boolean              ,<float>\r\n          double
+//! (<digits>\r\n            big number           !<len>\r\n<bytes>\r\n bulk error
+//! =<len>\r\n<fmt:bytes>\r\n verbatim string     %<n>\r\n<2n values>   map
+//! ~<n>\r\n<n values>       set                  ><n>\r\n<n values>    push
+//! |<n>\r\n<2n values><value>  attribute, then the value it describes
+//! ```
+//!
+//! A request is an array of bulk strings (`*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n`) or an
+//! inline command (`PING\r\n`, words separated by spaces).
+//!
+//! Bytes are consumed as they arrive, whatever the segmentation: a line split across chunks
+//! is kept (capped at [`MAX_LINE`]), bulk payloads are skipped as they stream by, keeping only
+//! the first bytes a summary needs, so a 512 MB value never sits in memory. Lines within one
+//! chunk are parsed in place, without a copy. Invalid input is an error: the caller resets
+//! the parser and resynchronises.
+
+use memchr::memchr;
+
+/// Longest line (type byte to `\n`, or an inline command) held across chunks.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Deepest nesting of aggregates accepted.
+const MAX_DEPTH: usize = 64;
+/// Bytes of a request's arguments kept for its summary.
+pub const SUMMARY_BYTES: usize = 128;
+/// Bytes of a command name kept.
+pub const COMMAND_BYTES: usize = 32;
+/// Bytes kept of the first element of a reply array (`message`, `subscribe`, …).
+const HEAD_BYTES: usize = 16;
+
+/// Which side of the conversation a parser reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Client → server: commands.
+    Request,
+    /// Server → client: replies and pushes.
+    Reply,
+}
+
+/// Why the bytes are not RESP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RespError {
+    /// A type byte RESP does not have.
+    #[error("unknown type byte {0:#04x}")]
+    UnknownType(u8),
+    /// A length or count that is not a number in range.
+    #[error("bad length")]
+    BadLength,
+    /// A bulk string not followed by `\r\n`.
+    #[error("bulk string not terminated")]
+    Unterminated,
+    /// A line longer than [`MAX_LINE`].
+    #[error("line too long")]
+    LineTooLong,
+    /// Aggregates nested deeper than the parser follows.
+    #[error("nesting too deep")]
+    TooDeep,
+    /// Not a command: a request must be an array of bulk strings or an inline command.
+    #[error("not a command")]
+    NotACommand,
+}
+
+/// One complete message, borrowed from the parser until the next call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Message<'a> {
+    /// Bytes of the message on the wire.
+    pub bytes: u64,
+    /// The type byte of the top-level value (`b'*'` for an inline command).
+    pub kind: u8,
+    /// An error reply (`-` or `!`).
+    pub error: bool,
+    /// For a request: the command name as sent (first argument), at most
+    /// [`COMMAND_BYTES`]. For a reply: the first element of an array, at most 16 bytes.
+    pub head: &'a [u8],
+    /// For a request: the arguments separated by spaces, at most [`SUMMARY_BYTES`].
+    pub summary: &'a [u8],
+    /// True when the summary was cut.
+    pub truncated: bool,
+    /// Number of top-level elements (arguments of a command).
+    pub elements: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Open {
+    remaining: u64,
+    /// An attribute: once complete, the value it describes still follows.
+    attribute: bool,
+}
+
+/// A streaming RESP parser for one direction of one connection.
+#[derive(Debug)]
+pub struct RespParser {
+    role: Role,
+    /// Start of a line that has not ended yet.
+    line: Vec<u8>,
+    /// Open aggregates, outermost first.
+    stack: Vec<Open>,
+    /// Bytes of the current bulk string still to come (its `\r\n` excluded).
+    bulk_left: u64,
+    /// The current bulk string is collected (a request argument, a reply head).
+    collecting: bool,
+    /// A bulk string ended: its `\r\n` is next.
+    expect_crlf: bool,
+    // The message being read.
+    bytes: u64,
+    kind: u8,
+    error: bool,
+    elements: u64,
+    /// Index of the top-level element being read.
+    element: u64,
+    head: Vec<u8>,
+    summary: Vec<u8>,
+    truncated: bool,
+}
+
+impl RespParser {
+    /// A parser for one direction.
+    pub fn new(role: Role) -> Self {
+        Self {
+            role,
+            line: Vec::new(),
+            stack: Vec::with_capacity(4),
+            bulk_left: 0,
+            collecting: false,
+            expect_crlf: false,
+            bytes: 0,
+            kind: 0,
+            error: false,
+            elements: 0,
+            element: 0,
+            head: Vec::with_capacity(COMMAND_BYTES),
+            summary: Vec::with_capacity(SUMMARY_BYTES),
+            truncated: false,
+        }
+    }
+
+    /// True when part of a message has been read.
+    pub fn in_message(&self) -> bool {
+        self.kind != 0 || !self.line.is_empty()
+    }
+
+    /// Forgets any partial message.
+    pub fn reset(&mut self) {
+        self.line.clear();
+        self.stack.clear();
+        self.bulk_left = 0;
+        self.collecting = false;
+        self.expect_crlf = false;
+        self.start_message();
+    }
+
+    /// Consumes `data`, calling `on_message` for every message it completes. On an error the
+    /// parser is reset and the rest of `data` is not read.
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        on_message: &mut impl FnMut(&Message<'_>),
+    ) -> Result<(), RespError> {
+        while !data.is_empty() {
+            if self.bulk_left > 0 {
+                let n = usize::try_from(self.bulk_left)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                if self.collecting {
+                    self.collect(&data[..n]);
+                }
+                self.bulk_left -= n as u64;
+                self.bytes += n as u64;
+                data = &data[n..];
+                if self.bulk_left == 0 {
+                    self.expect_crlf = true;
+                }
+                continue;
+            }
+            let Some(end) = memchr(b'\n', data) else {
+                if self.line.len() + data.len() > MAX_LINE {
+                    self.reset();
+                    return Err(RespError::LineTooLong);
+                }
+                self.line.extend_from_slice(data);
+                return Ok(());
+            };
+            let result = if self.line.is_empty() {
+                self.bytes += end as u64 + 1;
+                self.line_done(&data[..end], on_message)
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(&data[..end]);
+                self.bytes += line.len() as u64 + 1;
+                let result = self.line_done(&line, on_message);
+                line.clear();
+                self.line = line;
+                result
+            };
+            if let Err(e) = result {
+                self.reset();
+                return Err(e);
+            }
+            data = &data[end + 1..];
+        }
+        Ok(())
+    }
+
+    /// Handles one line (without its `\n`).
+    fn line_done(
+        &mut self,
+        line: &[u8],
+        on_message: &mut impl FnMut(&Message<'_>),
+    ) -> Result<(), RespError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if self.expect_crlf {
+            if !line.is_empty() {
+                return Err(RespError::Unterminated);
+            }
+            self.expect_crlf = false;
+            self.collecting = false;
+            return self.value_done(on_message);
+        }
+        let top_level = self.kind == 0;
+        let Some((&type_byte, rest)) = line.split_first() else {
+            // Blank lines between commands are ignored, as Redis does.
+            return if top_level && self.role == Role::Request {
+                self.bytes = 0;
+                Ok(())
+            } else {
+                Err(RespError::UnknownType(b'\n'))
+            };
+        };
+        if top_level {
+            self.kind = type_byte;
+            if self.role == Role::Request && type_byte != b'*' {
+                return self.inline_command(line, on_message);
+            }
+        }
+        if self.role == Role::Request && !top_level && self.stack.len() == 1 && type_byte != b'$' {
+            return Err(RespError::NotACommand);
+        }
+        match type_byte {
+            b'+' | b':' | b',' | b'(' | b'#' | b'_' => {
+                if self.collects_here() {
+                    self.collect(rest);
+                }
+                self.value_done(on_message)
+            }
+            b'-' => {
+                self.error |= top_level;
+                self.value_done(on_message)
+            }
+            b'$' | b'!' | b'=' => {
+                self.error |= top_level && type_byte == b'!';
+                let len = parse_len(rest)?;
+                if len < 0 {
+                    return self.value_done(on_message); // null bulk
+                }
+                self.collecting = self.collects_here();
+                if self.collecting && self.role == Role::Request && self.element > 0 {
+                    self.collect(b" ");
+                }
+                self.bulk_left = len as u64;
+                self.expect_crlf = len == 0;
+                Ok(())
+            }
+            b'*' | b'~' | b'>' | b'%' | b'|' => {
+                let n = parse_len(rest)?;
+                if top_level {
+                    self.elements = n.max(0) as u64;
+                }
+                if n <= 0 {
+                    return if type_byte == b'|' {
+                        Ok(())
+                    } else {
+                        self.value_done(on_message)
+                    };
+                }
+                if self.stack.len() >= MAX_DEPTH {
+                    return Err(RespError::TooDeep);
+                }
+                let pairs = matches!(type_byte, b'%' | b'|');
+                let remaining = if pairs { 2 * n as u64 } else { n as u64 };
+                self.stack.push(Open {
+                    remaining,
+                    attribute: type_byte == b'|',
+                });
+                Ok(())
+            }
+            other => Err(RespError::UnknownType(other)),
+        }
+    }
+
+    /// True when the value starting now is one whose bytes are kept: a request's arguments,
+    /// the first element of a reply array.
+    fn collects_here(&self) -> bool {
+        match self.role {
+            Role::Request => self.stack.len() == 1,
+            Role::Reply => self.stack.len() == 1 && self.element == 0,
+        }
+    }
+
+    fn collect(&mut self, bytes: &[u8]) {
+        match self.role {
+            Role::Request => {
+                if self.element == 0 {
+                    let room = COMMAND_BYTES - self.head.len();
+                    self.head.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                }
+                let room = SUMMARY_BYTES - self.summary.len();
+                if bytes.len() > room {
+                    self.truncated = true;
+                }
+                self.summary
+                    .extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+            Role::Reply => {
+                let room = HEAD_BYTES - self.head.len();
+                self.head.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+        }
+    }
+
+    /// A value ended: close the aggregates it completes, and the message when it is whole.
+    fn value_done(&mut self, on_message: &mut impl FnMut(&Message<'_>)) -> Result<(), RespError> {
+        loop {
+            let depth = self.stack.len();
+            let Some(open) = self.stack.last_mut() else {
+                self.emit(on_message);
+                return Ok(());
+            };
+            if depth == 1 {
+                self.element += 1;
+            }
+            open.remaining -= 1;
+            if open.remaining > 0 {
+                return Ok(());
+            }
+            let attribute = open.attribute;
+            self.stack.pop();
+            if attribute {
+                return Ok(()); // the value the attribute describes follows
+            }
+        }
+    }
+
+    fn inline_command(
+        &mut self,
+        line: &[u8],
+        on_message: &mut impl FnMut(&Message<'_>),
+    ) -> Result<(), RespError> {
+        let mut words = line
+            .split(|b| *b == b' ' || *b == b'\t')
+            .filter(|w| !w.is_empty());
+        let Some(first) = words.next() else {
+            self.start_message();
+            return Ok(());
+        };
+        self.collect(first);
+        self.element = 1;
+        for word in words {
+            self.collect(b" ");
+            self.collect(word);
+            self.element += 1;
+        }
+        self.elements = self.element;
+        self.kind = b'*';
+        self.emit(on_message);
+        Ok(())
+    }
+
+    fn emit(&mut self, on_message: &mut impl FnMut(&Message<'_>)) {
+        on_message(&Message {
+            bytes: self.bytes,
+            kind: self.kind,
+            error: self.error,
+            head: &self.head,
+            summary: &self.summary,
+            truncated: self.truncated,
+            elements: self.elements,
+        });
+        self.start_message();
+    }
+
+    fn start_message(&mut self) {
+        self.bytes = 0;
+        self.kind = 0;
+        self.error = false;
+        self.elements = 0;
+        self.element = 0;
+        self.head.clear();
+        self.summary.clear();
+        self.truncated = false;
+    }
+}
+
+/// Parses a length or count: `-1` or a non-negative decimal that fits 2^40.
+fn parse_len(digits: &[u8]) -> Result<i64, RespError> {
+    if digits == b"-1" {
+        return Ok(-1);
+    }
+    if digits.is_empty() || digits.len() > 13 {
+        return Err(RespError::BadLength);
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return Err(RespError::BadLength);
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    if n > 1 << 40 {
+        return Err(RespError::BadLength);
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A message rendered for comparison.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Got {
+        bytes: u64,
+        kind: char,
+        error: bool,
+        head: String,
+        summary: String,
+        elements: u64,
+    }
+
+    fn got(m: &Message<'_>) -> Got {
+        Got {
+            bytes: m.bytes,
+            kind: m.kind as char,
+            error: m.error,
+            head: String::from_utf8_lossy(m.head).into_owned(),
+            summary: String::from_utf8_lossy(m.summary).into_owned(),
+            elements: m.elements,
+        }
+    }
+
+    /// Feeds `input` in the given pieces; all messages and the first error.
+    fn parse_pieces(role: Role, pieces: &[&[u8]]) -> (Vec<Got>, Option<RespError>) {
+        let mut p = RespParser::new(role);
+        let mut out = Vec::new();
+        for piece in pieces {
+            if let Err(e) = p.feed(piece, &mut |m| out.push(got(m))) {
+                return (out, Some(e));
+            }
+        }
+        (out, None)
+    }
+
+    /// Parses `input` whole, one byte at a time, and split at every offset: all the same.
+    fn parse_every_way(role: Role, input: &[u8]) -> Vec<Got> {
+        let (whole, err) = parse_pieces(role, &[input]);
+        assert_eq!(err, None, "whole: {}", String::from_utf8_lossy(input));
+        let bytes: Vec<&[u8]> = input.chunks(1).collect();
+        assert_eq!(
+            parse_pieces(role, &bytes),
+            (whole.clone(), None),
+            "byte by byte"
+        );
+        for at in 1..input.len() {
+            let (a, b) = input.split_at(at);
+            assert_eq!(
+                parse_pieces(role, &[a, b]),
+                (whole.clone(), None),
+                "split at {at}"
+            );
+        }
+        whole
+    }
+
+    const REPLIES: &[(&[u8], char, bool)] = &[
+        (b"+OK\r\n", '+', false),
+        (b"-ERR unknown command 'foo'\r\n", '-', true),
+        (b":1000\r\n", ':', false),
+        (b"$5\r\nhello\r\n", '$', false),
+        (b"$0\r\n\r\n", '$', false),
+        (b"$-1\r\n", '$', false),
+        (b"*-1\r\n", '*', false),
+        (b"*0\r\n", '*', false),
+        (b"*2\r\n$3\r\nfoo\r\n:7\r\n", '*', false),
+        (b"*2\r\n*2\r\n+a\r\n+b\r\n*1\r\n$1\r\nc\r\n", '*', false),
+        (b"_\r\n", '_', false),
+        (b"#t\r\n", '#', false),
+        (b",3.14\r\n", ',', false),
+        (b",inf\r\n", ',', false),
+        (
+            b"(3492890328409238509324850943850943825024385\r\n",
+            '(',
+            false,
+        ),
+        (b"!21\r\nSYNTAX invalid syntax\r\n", '!', true),
+        (b"=15\r\ntxt:Some string\r\n", '=', false),
+        (b"%2\r\n+first\r\n:1\r\n+second\r\n:2\r\n", '%', false),
+        (b"~3\r\n+a\r\n+b\r\n+c\r\n", '~', false),
+        (
+            b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$2\r\nhi\r\n",
+            '>',
+            false,
+        ),
+        (
+            b"|1\r\n+key-popularity\r\n%1\r\n$1\r\na\r\n,0.19\r\n*1\r\n:2039123\r\n",
+            '|',
+            false,
+        ),
+        (b"*3\r\n$-1\r\n_\r\n*-1\r\n", '*', false),
+    ];
+
+    #[test]
+    fn every_reply_type_whole_bytewise_and_split() {
+        for (input, kind, error) in REPLIES {
+            let got = parse_every_way(Role::Reply, input);
+            assert_eq!(got.len(), 1, "{}", String::from_utf8_lossy(input));
+            assert_eq!((got[0].kind, got[0].error), (*kind, *error));
+            assert_eq!(got[0].bytes, input.len() as u64);
+        }
+    }
+
+    #[test]
+    fn all_replies_back_to_back() {
+        let all: Vec<u8> = REPLIES.iter().flat_map(|(r, _, _)| r.to_vec()).collect();
+        let got = parse_every_way(Role::Reply, &all);
+        assert_eq!(got.len(), REPLIES.len());
+        assert_eq!(got.iter().map(|g| g.bytes).sum::<u64>(), all.len() as u64);
+    }
+
+    #[test]
+    fn reply_head_is_the_first_array_element() {
+        let got = parse_every_way(Role::Reply, b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n");
+        assert_eq!(got[0].head, "subscribe");
+        let got = parse_every_way(Role::Reply, b"$5\r\nhello\r\n");
+        assert_eq!(got[0].head, "");
+    }
+
+    #[test]
+    fn requests_multibulk_and_inline() {
+        let got = parse_every_way(
+            Role::Request,
+            b"*3\r\n$3\r\nSET\r\n$3\r\nfoo\r\n$3\r\nbar\r\n",
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].head.as_str(), got[0].summary.as_str()),
+            ("SET", "SET foo bar")
+        );
+        assert_eq!(got[0].elements, 3);
+        let got = parse_every_way(Role::Request, b"PING\r\nset  a   b\r\n\r\nGET a\n");
+        let summaries: Vec<&str> = got.iter().map(|g| g.summary.as_str()).collect();
+        assert_eq!(summaries, ["PING", "set a b", "GET a"]);
+        assert_eq!(got[1].elements, 3);
+    }
+
+    #[test]
+    fn summaries_are_cut_and_big_values_are_not_kept() {
+        let value = vec![b'x'; 1 << 20];
+        let mut req = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1048576\r\n".to_vec();
+        req.extend_from_slice(&value);
+        req.extend_from_slice(b"\r\n");
+        let mut p = RespParser::new(Role::Request);
+        let mut out = Vec::new();
+        for chunk in req.chunks(1448) {
+            p.feed(chunk, &mut |m| out.push(got(m))).unwrap();
+            assert!(p.line.capacity() < 4096 && p.summary.capacity() <= 2 * SUMMARY_BYTES);
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].summary.len(), SUMMARY_BYTES);
+        assert!(out[0].summary.starts_with("SET k xxx"));
+        assert_eq!(out[0].bytes, req.len() as u64);
+    }
+
+    #[test]
+    fn a_thousand_pipelined_requests_in_one_buffer() {
+        let mut buf = Vec::new();
+        for i in 0..1000 {
+            let key = format!("key:{i}");
+            buf.extend_from_slice(
+                format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).as_bytes(),
+            );
+        }
+        let (got, err) = parse_pieces(Role::Request, &[&buf]);
+        assert_eq!(err, None);
+        assert_eq!(got.len(), 1000);
+        assert_eq!(got[999].summary, "GET key:999");
+        // And across arbitrary segment sizes.
+        for size in [1, 7, 1448] {
+            let pieces: Vec<&[u8]> = buf.chunks(size).collect();
+            assert_eq!(parse_pieces(Role::Request, &pieces).0.len(), 1000);
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_then_parsing_goes_on_after_reset() {
+        for (role, garbage) in [
+            (Role::Reply, &b"@@@\r\n"[..]),
+            (Role::Reply, b"$abc\r\n"),
+            (Role::Reply, b"$3\r\nfoobar\r\n"),
+            (Role::Request, b"*2\r\n+not-bulk\r\n"),
+            (Role::Reply, b"*99999999999999\r\n"),
+        ] {
+            let mut p = RespParser::new(role);
+            assert!(
+                p.feed(garbage, &mut |_| {}).is_err(),
+                "{}",
+                String::from_utf8_lossy(garbage)
+            );
+            assert!(!p.in_message());
+            let mut n = 0;
+            let ok: &[u8] = if role == Role::Reply {
+                b"+OK\r\n"
+            } else {
+                b"*1\r\n$4\r\nPING\r\n"
+            };
+            p.feed(ok, &mut |_| n += 1).unwrap();
+            assert_eq!(n, 1);
+        }
+    }
+
+    #[test]
+    fn endless_lines_and_nesting_are_bounded() {
+        let mut p = RespParser::new(Role::Reply);
+        let long = vec![b'+'; MAX_LINE + 1];
+        assert_eq!(p.feed(&long, &mut |_| {}), Err(RespError::LineTooLong));
+        let deep = b"*1\r\n".repeat(MAX_DEPTH + 1);
+        assert_eq!(p.feed(&deep, &mut |_| {}), Err(RespError::TooDeep));
+    }
+}
+
+#[cfg(test)]
+mod roundtrip {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A RESP value, to be encoded.
+    #[derive(Debug, Clone)]
+    enum Value {
+        Simple(String),
+        Error(String),
+        Int(i64),
+        Bulk(Vec<u8>),
+        Null,
+        Bool(bool),
+        Double(f64),
+        Array(Vec<Value>),
+        Map(Vec<(Value, Value)>),
+        Set(Vec<Value>),
+        Push(Vec<Value>),
+    }
+
+    fn encode(v: &Value, out: &mut Vec<u8>) {
+        let agg = |out: &mut Vec<u8>, t: char, items: &[Value]| {
+            out.extend_from_slice(format!("{t}{}\r\n", items.len()).as_bytes());
+            items.iter().for_each(|i| encode(i, out));
+        };
+        match v {
+            Value::Simple(s) => out.extend_from_slice(format!("+{s}\r\n").as_bytes()),
+            Value::Error(s) => out.extend_from_slice(format!("-{s}\r\n").as_bytes()),
+            Value::Int(i) => out.extend_from_slice(format!(":{i}\r\n").as_bytes()),
+            Value::Bulk(b) => {
+                out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
+                out.extend_from_slice(b);
+                out.extend_from_slice(b"\r\n");
+            }
+            Value::Null => out.extend_from_slice(b"_\r\n"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"#t\r\n" } else { b"#f\r\n" }),
+            Value::Double(d) => out.extend_from_slice(format!(",{d}\r\n").as_bytes()),
+            Value::Array(items) => agg(out, '*', items),
+            Value::Set(items) => agg(out, '~', items),
+            Value::Push(items) => agg(out, '>', items),
+            Value::Map(pairs) => {
+                out.extend_from_slice(format!("%{}\r\n", pairs.len()).as_bytes());
+                for (k, v) in pairs {
+                    encode(k, out);
+                    encode(v, out);
+                }
+            }
+        }
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        let line = "[a-zA-Z0-9 :._-]{0,20}";
+        let leaf = prop_oneof![
+            line.prop_map(Value::Simple),
+            line.prop_map(Value::Error),
+            any::<i64>().prop_map(Value::Int),
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(Value::Bulk),
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-1e9f64..1e9).prop_map(Value::Double),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Set),
+                proptest::collection::vec(inner.clone(), 1..8).prop_map(Value::Push),
+                proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Value::Map),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn encoded_values_parse_back_whole_and_split(values in proptest::collection::vec(value(), 1..5), cut in 0usize..4096) {
+            let mut wire = Vec::new();
+            let mut sizes = Vec::new();
+            for v in &values {
+                let before = wire.len();
+                encode(v, &mut wire);
+                sizes.push((wire.len() - before) as u64);
+            }
+            let cut = cut % (wire.len() + 1);
+            let mut parser = RespParser::new(Role::Reply);
+            let mut got = Vec::new();
+            for piece in [&wire[..cut], &wire[cut..]] {
+                parser.feed(piece, &mut |m| got.push((m.bytes, m.error, m.kind))).unwrap();
+            }
+            prop_assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), sizes);
+            for (g, v) in got.iter().zip(&values) {
+                prop_assert_eq!(g.1, matches!(v, Value::Error(_)));
+            }
+            prop_assert!(!parser.in_message());
+        }
+    }
+}
