@@ -10,6 +10,7 @@ pub mod capture;
 pub mod cli;
 pub mod decode;
 pub mod flow;
+pub mod histogram;
 pub mod l7;
 pub mod pipeline;
 pub mod raw;

@@ -1,0 +1,202 @@
+//! Latency histograms, in the two forms DESIGN.md defines.
+//!
+//! * [`SEED_BOUNDS_US`]: the C tool's 18 buckets, kept for the stats JSON; bucket `i` counts
+//!   latencies in `(bound[i-1], bound[i]]`, the last one everything above 20 s.
+//! * [`FineHistogram`]: log-linear buckets (64 per power of two, exact below 64 µs) whose
+//!   midpoints are within 0.79% of every value they hold; two histograms merge exactly by
+//!   adding counts, so per-host histograms sum to the fleet's and its percentiles stay
+//!   within 1%.
+
+/// Upper bounds of the seed buckets in µs; the 18th bucket is unbounded.
+pub const SEED_BOUNDS_US: [u64; 17] = [
+    100, 200, 500, 1_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    2_000_000, 3_000_000, 5_000_000, 10_000_000, 20_000_000,
+];
+/// Number of seed buckets.
+pub const SEED_BUCKETS: usize = 18;
+
+/// Labels of the seed buckets, as the C tool prints them.
+pub const SEED_LABELS: [&str; SEED_BUCKETS] = [
+    "0ms~0.1ms",
+    "0.1ms~0.2ms",
+    "0.2ms~0.5ms",
+    "0.5ms~1ms",
+    "1ms~5ms",
+    "5ms~10ms",
+    "10ms~20ms",
+    "20ms~50ms",
+    "50ms~100ms",
+    "100ms~200ms",
+    "200ms~500ms",
+    "500ms~1s",
+    "1s~2s",
+    "2s~3s",
+    "3s~5s",
+    "5s~10s",
+    "10s~20s",
+    "20s~+inf",
+];
+
+/// The seed bucket of a latency.
+pub fn seed_bucket(latency_us: u64) -> usize {
+    SEED_BOUNDS_US.partition_point(|&bound| bound < latency_us)
+}
+
+/// Sub-buckets per power of two (2^6).
+const SUB_BITS: u32 = 6;
+const SUB: u64 = 1 << SUB_BITS;
+/// Latencies are clamped to 2^40 µs (12.7 days).
+const MAX_EXPONENT: u32 = 40;
+
+/// The fine bucket index of a value.
+pub fn fine_index(value: u64) -> usize {
+    if value < SUB {
+        return value as usize;
+    }
+    let value = value.min((1 << (MAX_EXPONENT + 1)) - 1);
+    let exponent = 63 - value.leading_zeros(); // >= SUB_BITS
+    let shift = exponent - SUB_BITS;
+    let sub = (value >> shift) & (SUB - 1);
+    (SUB + u64::from(shift) * SUB + sub) as usize
+}
+
+/// The value a fine bucket stands for: its midpoint (exact below 64 µs).
+pub fn fine_value(index: usize) -> u64 {
+    let index = index as u64;
+    if index < SUB {
+        return index;
+    }
+    let shift = (index - SUB) / SUB;
+    let sub = (index - SUB) % SUB;
+    let lower = (SUB + sub) << shift;
+    lower + ((1u64 << shift) >> 1)
+}
+
+/// A mergeable latency histogram with ≤ 1% relative error.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FineHistogram {
+    /// Counts per fine bucket, grown on demand up to the highest bucket seen.
+    counts: Vec<u64>,
+    total: u64,
+    sum_us: u64,
+    max_us: u64,
+}
+
+impl FineHistogram {
+    /// Counts one latency.
+    pub fn record(&mut self, latency_us: u64) {
+        let i = fine_index(latency_us);
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
+        self.total += 1;
+        self.sum_us = self.sum_us.saturating_add(latency_us);
+        self.max_us = self.max_us.max(latency_us);
+    }
+
+    /// Adds another histogram's counts to this one.
+    pub fn merge(&mut self, other: &FineHistogram) {
+        if other.counts.len() > self.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
+            *mine += theirs;
+        }
+        self.total += other.total;
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+        self.max_us = self.max_us.max(other.max_us);
+    }
+
+    /// Latencies counted.
+    pub fn count(&self) -> u64 {
+        self.total
+    }
+
+    /// Sum of the latencies, µs.
+    pub fn sum_us(&self) -> u64 {
+        self.sum_us
+    }
+
+    /// The largest latency, µs (exact).
+    pub fn max_us(&self) -> u64 {
+        self.max_us
+    }
+
+    /// The `q` quantile (0 < q ≤ 1), within 1%; 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.total == 0 {
+            return 0;
+        }
+        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return fine_value(i).min(self.max_us);
+            }
+        }
+        self.max_us
+    }
+
+    /// The non-empty buckets as (index, count), the sparse form for shipping.
+    pub fn sparse(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.counts
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, c)| *c > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn seed_buckets_are_upper_inclusive() {
+        assert_eq!(seed_bucket(0), 0);
+        assert_eq!(seed_bucket(100), 0);
+        assert_eq!(seed_bucket(101), 1);
+        assert_eq!(seed_bucket(1_000), 3);
+        assert_eq!(seed_bucket(20_000_000), 16);
+        assert_eq!(seed_bucket(20_000_001), 17);
+        assert_eq!(seed_bucket(u64::MAX), 17);
+    }
+
+    #[test]
+    fn fine_buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for v in (0..200_000u64).chain((1..2000).map(|i| i * 7_919_993)) {
+            let i = fine_index(v);
+            assert!(i >= last, "index goes down at {v}");
+            last = i;
+            let rep = fine_value(i);
+            let err = rep.abs_diff(v) as f64 / v.max(1) as f64;
+            assert!(err <= 0.008, "{v} → bucket {i} stands for {rep}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn percentiles_within_one_percent_and_merge_is_exact(
+            a in proptest::collection::vec(1u64..5_000_000, 1..500),
+            b in proptest::collection::vec(1u64..5_000_000, 1..500),
+        ) {
+            let (mut ha, mut hb, mut all) = (FineHistogram::default(), FineHistogram::default(), FineHistogram::default());
+            a.iter().for_each(|&v| { ha.record(v); all.record(v) });
+            b.iter().for_each(|&v| { hb.record(v); all.record(v) });
+            ha.merge(&hb);
+            prop_assert_eq!(&ha, &all);
+            let mut sorted: Vec<u64> = a.iter().chain(&b).copied().collect();
+            sorted.sort_unstable();
+            for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+                let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+                let exact = sorted[rank - 1];
+                let got = all.quantile(q);
+                prop_assert!(got.abs_diff(exact) as f64 <= exact as f64 * 0.01, "q{} exact {} got {}", q, exact, got);
+            }
+        }
+    }
+}
