@@ -12,6 +12,7 @@ pub mod decode;
 pub mod flow;
 pub mod histogram;
 pub mod l7;
+pub mod matcher;
 pub mod pipeline;
 pub mod raw;
 pub mod reassembly;

@@ -77,7 +77,8 @@ pub struct Message<'a> {
     /// An error reply (`-` or `!`).
     pub error: bool,
     /// For a request: the command name as sent (first argument), at most
-    /// [`COMMAND_BYTES`]. For a reply: the first element of an array, at most 16 bytes.
+    /// [`COMMAND_BYTES`]. For a reply: its first 16 bytes when it is a string, or those of
+    /// the first element of an array.
     pub head: &'a [u8],
     /// For a request: the arguments separated by spaces, at most [`SUMMARY_BYTES`].
     pub summary: &'a [u8],
@@ -299,7 +300,7 @@ impl RespParser {
     fn collects_here(&self) -> bool {
         match self.role {
             Role::Request => self.stack.len() == 1,
-            Role::Reply => self.stack.len() == 1 && self.element == 0,
+            Role::Reply => self.stack.is_empty() || (self.stack.len() == 1 && self.element == 0),
         }
     }
 
@@ -536,8 +537,8 @@ mod tests {
     fn reply_head_is_the_first_array_element() {
         let got = parse_every_way(Role::Reply, b"*3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n");
         assert_eq!(got[0].head, "subscribe");
-        let got = parse_every_way(Role::Reply, b"$5\r\nhello\r\n");
-        assert_eq!(got[0].head, "");
+        let got = parse_every_way(Role::Reply, b"+RESET\r\n:5\r\n");
+        assert_eq!((got[0].head.as_str(), got[1].head.as_str()), ("RESET", "5"));
     }
 
     #[test]

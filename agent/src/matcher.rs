@@ -1,0 +1,776 @@
+//! Pairs requests with responses, per connection. The only module that knows about pending
+//! requests.
+//!
+//! Redis: a FIFO of pending requests, so that pipelined requests (hundreds in one segment,
+//! replies coalesced) pair exactly. Requests that get no reply are not queued (`REPLCONF
+//! ACK`, everything while `CLIENT REPLY OFF`, the command after `CLIENT REPLY SKIP`);
+//! messages that answer no request (pub/sub messages, RESP3 pushes, `MONITOR` output) are
+//! recognised and left out. A gap or garbage drops the connection's pending requests
+//! (counted) and resynchronises at the next boundary that can be trusted: a request segment
+//! that starts with `*`, then a reply segment that starts with a type byte once such a
+//! request is pending. The queue is bounded; what does not fit is counted, never silently
+//! dropped.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use crate::flow::{Direction, FlowKey};
+use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
+
+/// One request paired with its response.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    /// The client.
+    pub client: SocketAddr,
+    /// The server.
+    pub server: SocketAddr,
+    /// Capture time of the request's first packet, µs.
+    pub req_start_us: u64,
+    /// Capture time of the packet that completed the request, µs.
+    pub req_done_us: u64,
+    /// Capture time of the response's first packet, µs.
+    pub rsp_start_us: u64,
+    /// `rsp_start_us - req_done_us`, never negative.
+    pub latency_us: u64,
+    /// The command name, upper case (`GET`).
+    pub command: &'a [u8],
+    /// The command and its arguments as sent, cut at [`SUMMARY_BYTES`].
+    pub summary: &'a [u8],
+    /// True when the summary was cut.
+    pub truncated: bool,
+    /// Bytes of the request.
+    pub req_bytes: u64,
+    /// Bytes of the response.
+    pub rsp_bytes: u64,
+    /// The response is an error.
+    pub error: bool,
+}
+
+/// Why a request will never be paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// Its connection ended, went idle, or the queue overflowed before a reply came.
+    Timeout,
+    /// Its connection's stream was desynchronised (gap or garbage).
+    Desync,
+}
+
+/// Receives what the matcher pairs, and what it gives up on.
+pub trait ExchangeSink {
+    /// A completed exchange.
+    fn exchange(&mut self, e: &Exchange<'_>);
+    /// A request that will never be paired.
+    fn unanswered(&mut self, server: SocketAddr, command: &[u8], why: Unanswered);
+}
+
+/// Caps on pending requests.
+#[derive(Debug, Clone, Copy)]
+pub struct MatchLimits {
+    /// Pending requests per connection; past it the oldest is given up as a timeout.
+    pub max_pending_per_connection: usize,
+    /// Pending requests over all connections; past it new requests are not tracked.
+    pub max_pending_total: usize,
+}
+
+impl Default for MatchLimits {
+    fn default() -> Self {
+        Self {
+            max_pending_per_connection: 4096,
+            max_pending_total: 1 << 20,
+        }
+    }
+}
+
+/// What the matcher saw, over all connections.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MatchCounters {
+    /// Requests that expect no reply (not waited for).
+    pub noreply: u64,
+    /// Server messages that answer no request (pushes, pub/sub messages, MONITOR output).
+    pub unsolicited: u64,
+    /// Replies with no pending request to pair with.
+    pub unmatched: u64,
+    /// Streams desynchronised by a gap or invalid bytes.
+    pub desyncs: u64,
+    /// Bytes skipped while resynchronising.
+    pub resync_skipped_bytes: u64,
+    /// Requests pending now, over all connections.
+    pub pending: u64,
+}
+
+/// A request waiting for its reply, stored inline: no allocation per request.
+#[derive(Debug, Clone)]
+struct Pending {
+    req_start_us: u64,
+    req_done_us: u64,
+    req_bytes: u64,
+    command: [u8; COMMAND_BYTES],
+    command_len: u8,
+    summary: [u8; SUMMARY_BYTES],
+    summary_len: u8,
+    truncated: bool,
+    /// Subscribe-family commands: confirmations still to come (one per channel).
+    confirmations_left: u32,
+    /// The exchange was reported (at the first confirmation of a subscribe).
+    answered: bool,
+    /// The reply switches the connection's mode (MONITOR, RESET).
+    effect: ReplyEffect,
+}
+
+impl Pending {
+    fn command(&self) -> &[u8] {
+        &self.command[..usize::from(self.command_len)]
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyEffect {
+    None,
+    Monitor,
+    Reset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum ReplyMode {
+    #[default]
+    On,
+    Off,
+    SkipNext,
+}
+
+/// The matching state of one Redis connection.
+#[derive(Debug)]
+pub struct RedisConnection {
+    requests: RespParser,
+    replies: RespParser,
+    pending: VecDeque<Pending>,
+    /// First-packet time of a request (reply) still being read.
+    req_start_us: u64,
+    rsp_start_us: u64,
+    reply_mode: ReplyMode,
+    pubsub: bool,
+    monitor: bool,
+    requests_resyncing: bool,
+    replies_resyncing: bool,
+}
+
+impl Default for RedisConnection {
+    fn default() -> Self {
+        Self {
+            requests: RespParser::new(Role::Request),
+            replies: RespParser::new(Role::Reply),
+            pending: VecDeque::new(),
+            req_start_us: 0,
+            rsp_start_us: 0,
+            reply_mode: ReplyMode::On,
+            pubsub: false,
+            monitor: false,
+            requests_resyncing: false,
+            replies_resyncing: false,
+        }
+    }
+}
+
+/// Everything a connection's matching reports to.
+pub struct MatchContext<'a, S: ExchangeSink> {
+    /// The caps.
+    pub limits: &'a MatchLimits,
+    /// The counters.
+    pub counters: &'a mut MatchCounters,
+    /// Where exchanges go.
+    pub sink: &'a mut S,
+}
+
+const SUBSCRIBE_FAMILY: [&[u8]; 6] = [
+    b"subscribe",
+    b"psubscribe",
+    b"ssubscribe",
+    b"unsubscribe",
+    b"punsubscribe",
+    b"sunsubscribe",
+];
+const PUBSUB_MESSAGES: [&[u8]; 3] = [b"message", b"pmessage", b"smessage"];
+
+fn is_subscribe_command(command: &[u8]) -> bool {
+    SUBSCRIBE_FAMILY
+        .iter()
+        .any(|c| c.eq_ignore_ascii_case(command))
+}
+
+impl RedisConnection {
+    /// Takes the next reassembled bytes of one direction.
+    pub fn on_data<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let result = match dir {
+            Direction::Request => self.on_request_bytes(key, ts_us, bytes, cx),
+            Direction::Response => self.on_reply_bytes(key, ts_us, bytes, cx),
+        };
+        if result.is_err() {
+            self.desync(key, cx);
+        }
+    }
+
+    /// Bytes are missing in one direction: pairing cannot be trusted until resynchronised.
+    pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        self.desync(key, cx);
+    }
+
+    /// The connection ended: requests still pending will never be answered.
+    pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        self.give_up_pending(key, Unanswered::Timeout, cx);
+    }
+
+    fn on_request_bytes<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) -> Result<(), ()> {
+        if self.requests_resyncing {
+            if bytes.first() != Some(&b'*') {
+                cx.counters.resync_skipped_bytes += bytes.len() as u64;
+                return Ok(());
+            }
+            self.requests_resyncing = false;
+        }
+        let carried = self.requests.in_message();
+        let mut first = true;
+        let Self {
+            requests,
+            pending,
+            req_start_us,
+            reply_mode,
+            pubsub,
+            monitor,
+            ..
+        } = self;
+        let result = requests.feed(bytes, &mut |m: &Message<'_>| {
+            let start = if first && carried {
+                *req_start_us
+            } else {
+                ts_us
+            };
+            first = false;
+            queue_request(
+                key, m, start, ts_us, pending, reply_mode, pubsub, *monitor, cx,
+            );
+        });
+        if self.requests.in_message() && !(first && carried) {
+            self.req_start_us = ts_us;
+        }
+        result.map_err(|_| ())
+    }
+
+    fn on_reply_bytes<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) -> Result<(), ()> {
+        if self.replies_resyncing {
+            let trusted = !self.pending.is_empty()
+                && bytes
+                    .first()
+                    .is_some_and(|b| b"+-:$*_#,(!=%~>|".contains(b));
+            if !trusted {
+                cx.counters.resync_skipped_bytes += bytes.len() as u64;
+                return Ok(());
+            }
+            self.replies_resyncing = false;
+        }
+        let carried = self.replies.in_message();
+        let mut first = true;
+        let Self {
+            replies,
+            pending,
+            rsp_start_us,
+            reply_mode,
+            pubsub,
+            monitor,
+            ..
+        } = self;
+        let result = replies.feed(bytes, &mut |m: &Message<'_>| {
+            let start = if first && carried {
+                *rsp_start_us
+            } else {
+                ts_us
+            };
+            first = false;
+            pair_reply(key, m, start, pending, reply_mode, pubsub, monitor, cx);
+        });
+        if self.replies.in_message() && !(first && carried) {
+            self.rsp_start_us = ts_us;
+        }
+        result.map_err(|_| ())
+    }
+
+    fn desync<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        cx.counters.desyncs += 1;
+        self.give_up_pending(key, Unanswered::Desync, cx);
+        self.requests.reset();
+        self.replies.reset();
+        self.requests_resyncing = true;
+        self.replies_resyncing = true;
+    }
+
+    fn give_up_pending<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        cx.counters.pending -= self.pending.len() as u64;
+        for p in self.pending.drain(..) {
+            cx.sink.unanswered(key.server, p.command(), why);
+        }
+    }
+}
+
+/// Decides whether a parsed request waits for a reply, and queues it when it does.
+#[allow(clippy::too_many_arguments)]
+fn queue_request<S: ExchangeSink>(
+    key: &FlowKey,
+    m: &Message<'_>,
+    req_start_us: u64,
+    req_done_us: u64,
+    pending: &mut VecDeque<Pending>,
+    reply_mode: &mut ReplyMode,
+    pubsub: &mut bool,
+    monitor: bool,
+    cx: &mut MatchContext<'_, S>,
+) {
+    let mut command = [0u8; COMMAND_BYTES];
+    let command_len = m.head.len().min(COMMAND_BYTES);
+    command[..command_len].copy_from_slice(&m.head[..command_len]);
+    command.make_ascii_uppercase();
+    let name = &command[..command_len];
+    let mut words = m.summary.split(|b| *b == b' ').skip(1);
+    let arg1 = words.next().unwrap_or_default();
+    let arg2 = words.next().unwrap_or_default();
+
+    let expects_reply = if monitor {
+        name == b"RESET"
+    } else if name == b"REPLCONF" && arg1.eq_ignore_ascii_case(b"ACK") {
+        false
+    } else if name == b"CLIENT" && arg1.eq_ignore_ascii_case(b"REPLY") {
+        if arg2.eq_ignore_ascii_case(b"ON") {
+            *reply_mode = ReplyMode::On;
+            true
+        } else {
+            *reply_mode = if arg2.eq_ignore_ascii_case(b"OFF") {
+                ReplyMode::Off
+            } else {
+                ReplyMode::SkipNext
+            };
+            false
+        }
+    } else {
+        match *reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::SkipNext => {
+                *reply_mode = ReplyMode::On;
+                false
+            }
+        }
+    };
+    if !expects_reply {
+        cx.counters.noreply += 1;
+        return;
+    }
+    let subscribe = is_subscribe_command(name);
+    *pubsub |= subscribe;
+    let effect = match name {
+        b"MONITOR" => ReplyEffect::Monitor,
+        b"RESET" => ReplyEffect::Reset,
+        _ => ReplyEffect::None,
+    };
+    let mut summary = [0u8; SUMMARY_BYTES];
+    let summary_len = m.summary.len().min(SUMMARY_BYTES);
+    summary[..summary_len].copy_from_slice(&m.summary[..summary_len]);
+    let entry = Pending {
+        req_start_us,
+        req_done_us,
+        req_bytes: m.bytes,
+        command,
+        command_len: command_len as u8,
+        summary,
+        summary_len: summary_len as u8,
+        truncated: m.truncated,
+        confirmations_left: if subscribe {
+            (m.elements.saturating_sub(1)).max(1) as u32
+        } else {
+            1
+        },
+        answered: false,
+        effect,
+    };
+    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+        // No room anywhere: the request is given up at once rather than held.
+        cx.sink
+            .unanswered(key.server, entry.command(), Unanswered::Timeout);
+        return;
+    }
+    if pending.len() >= cx.limits.max_pending_per_connection {
+        if let Some(oldest) = pending.pop_front() {
+            cx.counters.pending -= 1;
+            cx.sink
+                .unanswered(key.server, oldest.command(), Unanswered::Timeout);
+        }
+    }
+    pending.push_back(entry);
+    cx.counters.pending += 1;
+}
+
+/// Pairs a parsed reply with the request it answers, or recognises it as unsolicited.
+#[allow(clippy::too_many_arguments)]
+fn pair_reply<S: ExchangeSink>(
+    key: &FlowKey,
+    m: &Message<'_>,
+    rsp_start_us: u64,
+    pending: &mut VecDeque<Pending>,
+    reply_mode: &mut ReplyMode,
+    pubsub: &mut bool,
+    monitor: &mut bool,
+    cx: &mut MatchContext<'_, S>,
+) {
+    if *monitor {
+        // MONITOR output answers nothing; only the reply to a RESET ends the mode.
+        let reset_reply = m.kind == b'+' && m.head.eq_ignore_ascii_case(b"RESET");
+        if !(reset_reply && front_effect(pending) == ReplyEffect::Reset) {
+            cx.counters.unsolicited += 1;
+            return;
+        }
+    }
+    if m.kind == b'>' || (*pubsub && m.kind == b'*') {
+        if is_subscribe_command(m.head) {
+            match pending.front_mut() {
+                Some(front) if is_subscribe_command(front.command()) => {
+                    // Timed by the first confirmation; one more follows per channel.
+                    if !front.answered {
+                        complete(key, front, m, rsp_start_us, cx);
+                        front.answered = true;
+                    }
+                    front.confirmations_left = front.confirmations_left.saturating_sub(1);
+                    if front.confirmations_left == 0 {
+                        pending.pop_front();
+                        cx.counters.pending -= 1;
+                    }
+                }
+                _ => cx.counters.unsolicited += 1,
+            }
+            return;
+        }
+        if m.kind == b'>'
+            || PUBSUB_MESSAGES
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(m.head))
+        {
+            cx.counters.unsolicited += 1;
+            return;
+        }
+    }
+    let Some(request) = pending.pop_front() else {
+        cx.counters.unmatched += 1;
+        return;
+    };
+    cx.counters.pending -= 1;
+    match request.effect {
+        ReplyEffect::Monitor if !m.error => *monitor = true,
+        ReplyEffect::Reset if !m.error => {
+            *monitor = false;
+            *pubsub = false;
+            *reply_mode = ReplyMode::On;
+        }
+        _ => {}
+    }
+    complete(key, &request, m, rsp_start_us, cx);
+}
+
+fn front_effect(pending: &VecDeque<Pending>) -> ReplyEffect {
+    pending.front().map_or(ReplyEffect::None, |p| p.effect)
+}
+
+fn complete<S: ExchangeSink>(
+    key: &FlowKey,
+    request: &Pending,
+    reply: &Message<'_>,
+    rsp_start_us: u64,
+    cx: &mut MatchContext<'_, S>,
+) {
+    cx.sink.exchange(&Exchange {
+        client: key.client,
+        server: key.server,
+        req_start_us: request.req_start_us,
+        req_done_us: request.req_done_us,
+        rsp_start_us,
+        latency_us: rsp_start_us.saturating_sub(request.req_done_us),
+        command: request.command(),
+        summary: &request.summary[..usize::from(request.summary_len)],
+        truncated: request.truncated,
+        req_bytes: request.req_bytes,
+        rsp_bytes: reply.bytes,
+        error: reply.error,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        exchanges: Vec<(String, u64, bool)>,
+        unanswered: Vec<(String, Unanswered)>,
+    }
+
+    impl ExchangeSink for Recorder {
+        fn exchange(&mut self, e: &Exchange<'_>) {
+            self.exchanges.push((
+                String::from_utf8_lossy(e.summary).into_owned(),
+                e.latency_us,
+                e.error,
+            ));
+        }
+        fn unanswered(&mut self, _: SocketAddr, command: &[u8], why: Unanswered) {
+            self.unanswered
+                .push((String::from_utf8_lossy(command).into_owned(), why));
+        }
+    }
+
+    struct Harness {
+        conn: RedisConnection,
+        key: FlowKey,
+        limits: MatchLimits,
+        counters: MatchCounters,
+        sink: Recorder,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self {
+                conn: RedisConnection::default(),
+                key: FlowKey {
+                    client: "10.0.0.1:40000".parse().unwrap(),
+                    server: "10.0.0.2:6379".parse().unwrap(),
+                },
+                limits: MatchLimits::default(),
+                counters: MatchCounters::default(),
+                sink: Recorder::default(),
+            }
+        }
+        fn send(&mut self, dir: Direction, ts_us: u64, bytes: &[u8]) {
+            let mut cx = MatchContext {
+                limits: &self.limits,
+                counters: &mut self.counters,
+                sink: &mut self.sink,
+            };
+            self.conn.on_data(&self.key, dir, ts_us, bytes, &mut cx);
+        }
+        fn req(&mut self, ts: u64, b: &[u8]) {
+            self.send(Direction::Request, ts, b);
+        }
+        fn rsp(&mut self, ts: u64, b: &[u8]) {
+            self.send(Direction::Response, ts, b);
+        }
+        fn summaries(&self) -> Vec<&str> {
+            self.sink.exchanges.iter().map(|e| e.0.as_str()).collect()
+        }
+    }
+
+    fn cmd(args: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn latency_is_first_reply_packet_minus_last_request_packet() {
+        let mut h = Harness::new();
+        let set = cmd(&["SET", "k", "v"]);
+        h.req(100, &set[..5]);
+        h.req(150, &set[5..]);
+        h.rsp(1_150, b"+O");
+        h.rsp(9_999, b"K\r\n");
+        assert_eq!(
+            h.sink.exchanges,
+            vec![("SET k v".to_string(), 1_000, false)]
+        );
+    }
+
+    #[test]
+    fn pipelined_requests_pair_in_order_with_coalesced_replies() {
+        let mut h = Harness::new();
+        let mut batch = Vec::new();
+        for i in 0..500 {
+            batch.extend_from_slice(&cmd(&["INCR", &format!("c{i}")]));
+        }
+        h.req(10, &batch);
+        let mut replies = Vec::new();
+        for i in 0..500 {
+            replies.extend_from_slice(format!(":{i}\r\n").as_bytes());
+        }
+        h.rsp(20, &replies[..1000]);
+        h.rsp(30, &replies[1000..]);
+        assert_eq!(h.sink.exchanges.len(), 500);
+        assert_eq!(h.sink.exchanges[499].0, "INCR c499");
+        assert_eq!(h.counters.pending, 0);
+        // Replies that started in the first segment are timed by it, the rest by the second.
+        assert!(h.sink.exchanges.iter().all(|e| e.1 == 10 || e.1 == 20));
+    }
+
+    #[test]
+    fn error_replies_are_flagged() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["FOO"]));
+        h.rsp(5, b"-ERR unknown command 'FOO'\r\n");
+        assert_eq!(h.sink.exchanges, vec![("FOO".to_string(), 5, true)]);
+    }
+
+    #[test]
+    fn client_reply_off_skip_and_replconf_ack_are_not_waited_for() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["CLIENT", "REPLY", "OFF"]));
+        h.req(1, &cmd(&["SET", "a", "1"]));
+        h.req(2, &cmd(&["CLIENT", "REPLY", "ON"]));
+        h.rsp(3, b"+OK\r\n");
+        h.req(4, &cmd(&["CLIENT", "REPLY", "SKIP"]));
+        h.req(5, &cmd(&["SET", "b", "2"]));
+        h.req(6, &cmd(&["GET", "b"]));
+        h.rsp(7, b"$1\r\n2\r\n");
+        h.req(8, &cmd(&["REPLCONF", "ACK", "1234"]));
+        h.req(9, &cmd(&["PING"]));
+        h.rsp(10, b"+PONG\r\n");
+        assert_eq!(h.summaries(), ["CLIENT REPLY ON", "GET b", "PING"]);
+        assert_eq!(h.counters.noreply, 5);
+        assert_eq!(h.counters.unmatched, 0);
+    }
+
+    #[test]
+    fn pubsub_messages_answer_nothing() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["SUBSCRIBE", "a", "b"]));
+        h.rsp(
+            1,
+            b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n",
+        );
+        h.rsp(2, b"*3\r\n$7\r\nmessage\r\n$1\r\na\r\n$2\r\nhi\r\n");
+        h.req(3, &cmd(&["PING"]));
+        h.rsp(4, b"*3\r\n$7\r\nmessage\r\n$1\r\nb\r\n$2\r\nyo\r\n");
+        h.rsp(6, b"*2\r\n$4\r\npong\r\n$0\r\n\r\n");
+        h.req(7, &cmd(&["UNSUBSCRIBE"]));
+        h.rsp(8, b"*3\r\n$11\r\nunsubscribe\r\n$1\r\na\r\n:1\r\n*3\r\n$11\r\nunsubscribe\r\n$1\r\nb\r\n:0\r\n");
+        assert_eq!(h.summaries(), ["SUBSCRIBE a b", "PING", "UNSUBSCRIBE"]);
+        assert_eq!(h.sink.exchanges[1].1, 3);
+        assert_eq!(
+            h.counters.unsolicited, 3,
+            "two messages and one extra confirmation"
+        );
+        assert_eq!(h.counters.pending, 0);
+    }
+
+    #[test]
+    fn resp3_pushes_answer_nothing() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["GET", "k"]));
+        h.rsp(
+            1,
+            b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n$1\r\nv\r\n",
+        );
+        assert_eq!(h.summaries(), ["GET k"]);
+        assert_eq!(h.counters.unsolicited, 1);
+    }
+
+    #[test]
+    fn multi_exec_pairs_naturally() {
+        let mut h = Harness::new();
+        let mut batch = cmd(&["MULTI"]);
+        batch.extend(cmd(&["INCR", "a"]));
+        batch.extend(cmd(&["EXEC"]));
+        h.req(0, &batch);
+        h.rsp(1, b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n");
+        assert_eq!(h.summaries(), ["MULTI", "INCR a", "EXEC"]);
+    }
+
+    #[test]
+    fn monitor_output_answers_nothing_until_reset() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["MONITOR"]));
+        h.rsp(1, b"+OK\r\n");
+        h.rsp(
+            2,
+            b"+1339518083.107412 [0 127.0.0.1:60866] \"keys\" \"*\"\r\n",
+        );
+        h.req(3, &cmd(&["RESET"]));
+        h.rsp(
+            4,
+            b"+1339518083.2 [0 127.0.0.1:60866] \"get\" \"x\"\r\n+RESET\r\n",
+        );
+        h.req(5, &cmd(&["PING"]));
+        h.rsp(6, b"+PONG\r\n");
+        assert_eq!(h.summaries(), ["MONITOR", "RESET", "PING"]);
+        assert_eq!(h.counters.unsolicited, 2);
+    }
+
+    #[test]
+    fn a_gap_drops_pending_requests_and_resyncs() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["GET", "a"]));
+        h.req(1, &cmd(&["GET", "b"]));
+        let mut cx = MatchContext {
+            limits: &h.limits,
+            counters: &mut h.counters,
+            sink: &mut h.sink,
+        };
+        h.conn.on_gap(&h.key, &mut cx);
+        assert_eq!(h.sink.unanswered.len(), 2);
+        // The tail of an old reply and a request fragment are skipped, not misparsed.
+        h.rsp(2, b"lue\r\n");
+        h.req(3, b"\r\n$1\r\nc\r\n");
+        h.req(4, &cmd(&["GET", "d"]));
+        h.rsp(5, b"$1\r\nD\r\n");
+        assert_eq!(h.summaries(), ["GET d"]);
+        assert_eq!(h.counters.desyncs, 1);
+    }
+
+    #[test]
+    fn garbage_mid_stream_desyncs_then_recovers() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["GET", "a"]));
+        h.rsp(1, b"@garbage\r\n");
+        assert_eq!(h.counters.desyncs, 1);
+        h.req(2, &cmd(&["GET", "b"]));
+        h.rsp(3, b"$-1\r\n");
+        assert_eq!(h.summaries(), ["GET b"]);
+    }
+
+    #[test]
+    fn pending_requests_are_bounded() {
+        let mut h = Harness::new();
+        h.limits.max_pending_per_connection = 10;
+        for i in 0..25 {
+            h.req(i, &cmd(&["GET", "x"]));
+        }
+        assert_eq!(h.conn.pending.len(), 10);
+        assert_eq!(h.sink.unanswered.len(), 15);
+        assert!(h.sink.unanswered.iter().all(|u| u.1 == Unanswered::Timeout));
+        let mut cx = MatchContext {
+            limits: &h.limits,
+            counters: &mut h.counters,
+            sink: &mut h.sink,
+        };
+        h.conn.on_close(&h.key, &mut cx);
+        assert_eq!(h.sink.unanswered.len(), 25);
+        assert_eq!(h.counters.pending, 0);
+    }
+}
