@@ -145,6 +145,10 @@ pub struct Args {
     )]
     pub max_held_bytes: usize,
 
+    /// Requests waiting for a reply per connection; past it the oldest counts as a timeout
+    #[arg(long = "max-pending", default_value_t = 4096, value_name = "N")]
+    pub max_pending: usize,
+
     /// Print version
     #[arg(short = 'v', long = "version", action = ArgAction::Version)]
     pub version: (),

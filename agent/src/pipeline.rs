@@ -1,67 +1,179 @@
-//! The hot path on one thread: frame → decode → direction → flow/reassembly → sinks.
+//! The hot path on one thread: frame → decode → direction → flow/reassembly → protocol
+//! parser and matcher → sinks (raw lines or slow log, stats).
 //!
-//! Pure: it does no I/O. Output lines are appended to a buffer that the caller drains.
+//! Pure: it does no I/O. Output lines are appended to a buffer that the caller drains. The
+//! protocol is a type parameter ([`Connection`]), so each mode is its own monomorphic loop.
 
 use crate::capture::Frame;
 use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
 };
+use crate::matcher::{
+    Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, RedisConnection, Unanswered,
+};
 use crate::raw::RawFormatter;
+use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
 
-/// What the pipeline produces per packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Output {
-    /// One line per packet with payload.
-    RawLines,
-    /// Counting only.
-    Quiet,
+/// The per-connection state of a protocol mode.
+pub trait Connection: Default {
+    /// True for raw mode: packets are printed, streams only tracked.
+    const RAW: bool;
+    /// The next reassembled bytes of one direction.
+    fn on_data(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, Sinks>,
+    );
+    /// Bytes are missing in one direction.
+    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>);
+    /// The connection ended.
+    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>);
 }
 
-/// The stream consumer of raw mode: it prints per packet, so streams are only tracked for
-/// their health counters.
-struct NoStreamConsumer;
+/// Raw mode: nothing parsed.
+impl Connection for () {
+    const RAW: bool = true;
+    fn on_data(
+        &mut self,
+        _: &FlowKey,
+        _: Direction,
+        _: u64,
+        _: &[u8],
+        _: &mut MatchContext<'_, Sinks>,
+    ) {
+    }
+    fn on_gap(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
+    fn on_close(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
+}
 
-impl StreamHandler<()> for NoStreamConsumer {
-    fn on_data(&mut self, _: &FlowKey, _: &mut (), _: Direction, _: u64, _: &[u8]) {}
-    fn on_gap(&mut self, _: &FlowKey, _: &mut (), _: Direction, _: u64) {}
-    fn on_close(&mut self, _: &FlowKey, _: (), _: CloseReason, _: u64) {}
+impl Connection for RedisConnection {
+    const RAW: bool = false;
+    fn on_data(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, Sinks>,
+    ) {
+        RedisConnection::on_data(self, key, dir, ts_us, bytes, cx);
+    }
+    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        RedisConnection::on_gap(self, key, cx);
+    }
+    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        RedisConnection::on_close(self, key, cx);
+    }
+}
+
+/// Where exchanges go: the per-port stats and the slow log.
+pub struct Sinks {
+    ports: PortStats,
+    slowlog: SlowLog,
+    out: Vec<u8>,
+}
+
+impl ExchangeSink for Sinks {
+    fn exchange(&mut self, e: &Exchange<'_>) {
+        let slow = self.slowlog.is_slow(e.latency_us);
+        self.ports.record_exchange(e, slow);
+        if slow {
+            self.slowlog.format(e, &mut self.out);
+        }
+    }
+
+    fn unanswered(&mut self, server: std::net::SocketAddr, command: &[u8], why: Unanswered) {
+        self.ports.record_unanswered(server.port(), command, why);
+    }
+}
+
+/// Hands the flow table's streams to the connections.
+struct Streams<'a> {
+    limits: &'a MatchLimits,
+    counters: &'a mut MatchCounters,
+    sinks: &'a mut Sinks,
+}
+
+impl<C: Connection> StreamHandler<C> for Streams<'_> {
+    fn on_data(&mut self, key: &FlowKey, conn: &mut C, dir: Direction, ts_us: u64, bytes: &[u8]) {
+        let mut cx = MatchContext {
+            limits: self.limits,
+            counters: self.counters,
+            sink: self.sinks,
+        };
+        conn.on_data(key, dir, ts_us, bytes, &mut cx);
+    }
+    fn on_gap(&mut self, key: &FlowKey, conn: &mut C, _: Direction, _: u64) {
+        let mut cx = MatchContext {
+            limits: self.limits,
+            counters: self.counters,
+            sink: self.sinks,
+        };
+        conn.on_gap(key, &mut cx);
+    }
+    fn on_close(&mut self, key: &FlowKey, mut conn: C, _: CloseReason, _: u64) {
+        let mut cx = MatchContext {
+            limits: self.limits,
+            counters: self.counters,
+            sink: self.sinks,
+        };
+        conn.on_close(key, &mut cx);
+    }
+}
+
+/// The settings of a pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// The link type of the frames.
+    pub link: LinkType,
+    /// Which side is the server.
+    pub rule: DirectionRule,
+    /// Monitored ports, in the order given.
+    pub ports: Vec<u16>,
+    /// Caps of the flow table.
+    pub flow_limits: FlowLimits,
+    /// Caps of pending requests.
+    pub match_limits: MatchLimits,
+    /// Slow threshold in ms; every exchange is slow when `None`.
+    pub threshold_ms: Option<f64>,
 }
 
 /// The per-packet state of the agent.
-pub struct Pipeline {
+pub struct Pipeline<C: Connection> {
     link: LinkType,
     rule: DirectionRule,
-    flows: FlowTable<()>,
-    ports: PortStats,
+    flows: FlowTable<C>,
+    match_limits: MatchLimits,
+    match_counters: MatchCounters,
+    sinks: Sinks,
     decode_counters: DecodeCounters,
     captured: u64,
-    output: Output,
     raw: RawFormatter,
-    out: Vec<u8>,
     last_ts_us: u64,
 }
 
-impl Pipeline {
-    /// A pipeline for frames of `link`, monitoring `ports`.
-    pub fn new(
-        link: LinkType,
-        rule: DirectionRule,
-        ports: &[u16],
-        limits: FlowLimits,
-        output: Output,
-    ) -> Self {
+impl<C: Connection> Pipeline<C> {
+    /// A pipeline for frames of `config.link`.
+    pub fn new(config: PipelineConfig) -> Self {
         Self {
-            link,
-            rule,
-            flows: FlowTable::new(limits),
-            ports: PortStats::new(ports),
+            link: config.link,
+            rule: config.rule,
+            flows: FlowTable::new(config.flow_limits),
+            match_limits: config.match_limits,
+            match_counters: MatchCounters::default(),
+            sinks: Sinks {
+                ports: PortStats::new(&config.ports, !C::RAW),
+                slowlog: SlowLog::new(config.threshold_ms),
+                out: Vec::with_capacity(1 << 16),
+            },
             decode_counters: DecodeCounters::default(),
             captured: 0,
-            output,
             raw: RawFormatter::default(),
-            out: Vec::with_capacity(1 << 16),
             last_ts_us: 0,
         }
     }
@@ -83,13 +195,20 @@ impl Pipeline {
             Direction::Request => packet.dport,
             Direction::Response => packet.sport,
         };
-        self.ports
+        self.sinks
+            .ports
             .count_packet(server_port, dir, packet.payload.len());
-        if self.output == Output::RawLines {
-            self.raw.format(frame.ts_sec, &packet, dir, &mut self.out);
+        if C::RAW {
+            self.raw
+                .format(frame.ts_sec, &packet, dir, &mut self.sinks.out);
         }
         if let Transport::Tcp { seq, ack, flags } = packet.transport {
             let key = FlowKey::of(&packet, dir);
+            let mut streams = Streams {
+                limits: &self.match_limits,
+                counters: &mut self.match_counters,
+                sinks: &mut self.sinks,
+            };
             self.flows.tcp_segment(
                 key,
                 dir,
@@ -98,24 +217,29 @@ impl Pipeline {
                 ack,
                 flags,
                 packet.payload,
-                &mut NoStreamConsumer,
+                &mut streams,
             );
         }
     }
 
     /// Output produced since the last call, to be written out; the caller clears it.
     pub fn output(&mut self) -> &mut Vec<u8> {
-        &mut self.out
+        &mut self.sinks.out
     }
 
-    /// Ends every flow, at the end of the capture.
+    /// Ends every flow, at the end of the capture: pending requests become timeouts.
     pub fn finish(&mut self) {
-        self.flows.close_all(self.last_ts_us, &mut NoStreamConsumer);
+        let mut streams = Streams {
+            limits: &self.match_limits,
+            counters: &mut self.match_counters,
+            sinks: &mut self.sinks,
+        };
+        self.flows.close_all(self.last_ts_us, &mut streams);
     }
 
     /// The stats JSON document.
     pub fn stats_json(&self) -> serde_json::Value {
-        self.ports.to_json()
+        self.sinks.ports.to_json()
     }
 
     /// Frames taken so far.
@@ -130,7 +254,9 @@ impl Pipeline {
             kernel: None,
             decode: &self.decode_counters,
             flows: self.flows.counters(),
-            ports: &self.ports,
+            ports: &self.sinks.ports,
+            matching: (!C::RAW).then_some(&self.match_counters),
+            threshold_us: self.sinks.slowlog.threshold_us(),
         }
     }
 }

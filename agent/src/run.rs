@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use crate::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::cli::{Args, Mode, SummaryFormat};
 use crate::flow::{DirectionRule, FlowLimits};
-use crate::pipeline::{Output, Pipeline};
+use crate::matcher::{MatchLimits, RedisConnection};
+use crate::pipeline::{Connection, Pipeline, PipelineConfig};
 use crate::reassembly::ReassemblyLimits;
 use crate::stats_server::{self, StatsSnapshot};
 
@@ -23,11 +24,9 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
-    if args.mode != Mode::Raw {
-        bail!(
-            "-m {:?} is not available yet: this build has raw mode only",
-            args.mode
-        );
+    if matches!(args.mode, Mode::Memcached | Mode::Dns) {
+        let mode = format!("{:?}", args.mode).to_lowercase();
+        bail!("-m {mode} is not available yet: this build has raw and redis modes");
     }
     if args.script.is_some() {
         bail!("Lua scripts (-S) are not available yet in this build");
@@ -94,18 +93,55 @@ pub fn run(args: Args) -> Result<()> {
             ..ReassemblyLimits::default()
         },
     };
-    let mut pipeline = Pipeline::new(capture.link(), rule, &args.ports, limits, Output::RawLines);
+    let config = PipelineConfig {
+        link: capture.link(),
+        rule,
+        ports: args.ports.clone(),
+        flow_limits: limits,
+        match_limits: MatchLimits {
+            max_pending_per_connection: args.max_pending.max(1),
+            ..MatchLimits::default()
+        },
+        threshold_ms: args.threshold_ms,
+    };
+    let result = match args.mode {
+        Mode::Redis => drive(
+            Pipeline::<RedisConnection>::new(config),
+            &args,
+            &mut capture,
+            &mut log,
+            &stop,
+            &snapshot,
+        ),
+        _ => drive(
+            Pipeline::<()>::new(config),
+            &args,
+            &mut capture,
+            &mut log,
+            &stop,
+            &snapshot,
+        ),
+    };
+    if let Some((thread, shutdown)) = stats_thread {
+        let _ = shutdown.send(());
+        let _ = thread.join();
+    }
+    result
+}
+
+/// Runs the capture loop through `pipeline`, then prints the summary.
+fn drive<C: Connection>(
+    mut pipeline: Pipeline<C>,
+    args: &Args,
+    capture: &mut Capture,
+    log: &mut Box<dyn Write>,
+    stop: &AtomicBool,
+    snapshot: &StatsSnapshot,
+) -> Result<()> {
     snapshot.publish(pipeline.stats_json().to_string());
 
     let show_progress = !capture.is_live() && io::stderr().is_terminal();
-    let loop_result = capture_loop(
-        &mut capture,
-        &mut pipeline,
-        &mut log,
-        &stop,
-        &snapshot,
-        show_progress,
-    );
+    let loop_result = capture_loop(capture, &mut pipeline, log, stop, snapshot, show_progress);
     if show_progress {
         eprint!("\r\x1b[K");
     }
@@ -118,14 +154,11 @@ pub fn run(args: Args) -> Result<()> {
         SummaryFormat::Json => format!("{}\n", pipeline.stats_json()),
         SummaryFormat::None => String::new(),
     };
-    let written = write_out(&mut log, pipeline.output())
+    snapshot.publish(pipeline.stats_json().to_string());
+    let written = write_out(log, pipeline.output())
         .and_then(|_| log.write_all(summary_text.as_bytes()))
         .and_then(|_| log.flush());
     capture.flush()?;
-    if let Some((thread, shutdown)) = stats_thread {
-        let _ = shutdown.send(());
-        let _ = thread.join();
-    }
     loop_result?;
     match written {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write the log"),
@@ -134,9 +167,9 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 /// Feeds frames to the pipeline until the end of the file, a stop signal, or a closed output.
-fn capture_loop(
+fn capture_loop<C: Connection>(
     capture: &mut Capture,
-    pipeline: &mut Pipeline,
+    pipeline: &mut Pipeline<C>,
     log: &mut dyn Write,
     stop: &AtomicBool,
     snapshot: &StatsSnapshot,

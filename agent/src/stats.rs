@@ -2,14 +2,117 @@
 //! printed by `--summary json`) and the exit summary.
 //!
 //! The JSON is an array with one single-key object per monitored port, in the order the
-//! ports were given: `[{"6379":{"req_packets":…,…}}, …]`.
+//! ports were given: `[{"6379":{"req_packets":…,…}}, …]`. In a protocol mode each port
+//! object also has the seed's latency keys (`total_reqs`, `total_costs`, `slow_reqs`,
+//! `latencies`), percentiles, error, timeout and byte counts, and a `commands` object with
+//! the same figures per command.
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 use crate::capture::KernelStats;
 use crate::decode::DecodeError;
 use crate::flow::{Direction, FlowCounters};
+use crate::histogram::{seed_bucket, FineHistogram, SEED_BUCKETS, SEED_LABELS};
+use crate::matcher::{Exchange, MatchCounters, Unanswered};
+use crate::slowlog::push_millis;
+
+/// Latency figures of a set of exchanges (a port, or one command on a port).
+#[derive(Debug, Default, Clone)]
+pub struct LatencyStats {
+    /// Exchanges paired.
+    pub total_reqs: u64,
+    /// Sum of their latencies, µs.
+    pub total_costs: u64,
+    /// Exchanges at or above the slow threshold.
+    pub slow_reqs: u64,
+    /// The 18 seed buckets.
+    pub latencies: [u64; SEED_BUCKETS],
+    /// The fine, mergeable histogram (percentiles).
+    pub fine: FineHistogram,
+    /// Error replies.
+    pub errors: u64,
+    /// Requests never answered (connection ended, idle, or queue overflow).
+    pub timeouts: u64,
+    /// Requests dropped when their stream desynchronised.
+    pub dropped: u64,
+    /// Request bytes of the exchanges.
+    pub req_bytes: u64,
+    /// Response bytes of the exchanges.
+    pub rsp_bytes: u64,
+}
+
+impl LatencyStats {
+    fn record(&mut self, e: &Exchange<'_>, slow: bool) {
+        self.total_reqs += 1;
+        self.total_costs += e.latency_us;
+        self.slow_reqs += u64::from(slow);
+        self.latencies[seed_bucket(e.latency_us)] += 1;
+        self.fine.record(e.latency_us);
+        self.errors += u64::from(e.error);
+        self.req_bytes += e.req_bytes;
+        self.rsp_bytes += e.rsp_bytes;
+    }
+
+    fn give_up(&mut self, why: Unanswered) {
+        match why {
+            Unanswered::Timeout => self.timeouts += 1,
+            Unanswered::Desync => self.dropped += 1,
+        }
+    }
+
+    fn to_json(&self) -> Map<String, Value> {
+        let f = &self.fine;
+        let mut m = Map::new();
+        for (k, v) in [
+            ("total_reqs", self.total_reqs),
+            ("total_costs", self.total_costs),
+            ("slow_reqs", self.slow_reqs),
+            ("p50_us", f.quantile(0.5)),
+            ("p90_us", f.quantile(0.9)),
+            ("p99_us", f.quantile(0.99)),
+            ("p999_us", f.quantile(0.999)),
+            ("max_us", f.max_us()),
+            ("errors", self.errors),
+            ("timeouts", self.timeouts),
+            ("dropped", self.dropped),
+            ("req_bytes", self.req_bytes),
+            ("rsp_bytes", self.rsp_bytes),
+        ] {
+            m.insert(k.to_string(), json!(v));
+        }
+        m.insert("latencies".to_string(), json!(self.latencies));
+        m
+    }
+}
+
+/// Distinct commands tracked per port; others are counted under `OTHER`.
+const MAX_COMMANDS: usize = 256;
+
+/// Latency figures of one port, overall and per command.
+#[derive(Debug, Default, Clone)]
+pub struct PortLatency {
+    /// Every exchange of the port.
+    pub all: LatencyStats,
+    /// Per command name.
+    pub commands: FxHashMap<Box<[u8]>, LatencyStats>,
+}
+
+impl PortLatency {
+    fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
+        let name: &[u8] = if self.commands.contains_key(name) || self.commands.len() < MAX_COMMANDS
+        {
+            name
+        } else {
+            b"OTHER"
+        };
+        if !self.commands.contains_key(name) {
+            self.commands.insert(name.into(), LatencyStats::default());
+        }
+        self.commands.get_mut(name).expect("inserted above")
+    }
+}
 
 /// Packets and payload bytes seen on one port, per direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,15 +132,47 @@ pub struct PortTraffic {
 pub struct PortStats {
     ports: Vec<u16>,
     traffic: Vec<PortTraffic>,
+    /// Latency figures, in a protocol mode.
+    latency: Option<Vec<PortLatency>>,
 }
 
 impl PortStats {
-    /// Empty statistics for these ports.
-    pub fn new(ports: &[u16]) -> Self {
+    /// Empty statistics for these ports; `with_latency` in a protocol mode.
+    pub fn new(ports: &[u16], with_latency: bool) -> Self {
         Self {
             ports: ports.to_vec(),
             traffic: vec![PortTraffic::default(); ports.len()],
+            latency: with_latency.then(|| vec![PortLatency::default(); ports.len()]),
         }
+    }
+
+    fn port_latency(&mut self, port: u16) -> Option<&mut PortLatency> {
+        let i = self.ports.iter().position(|&p| p == port)?;
+        self.latency.as_mut().map(|l| &mut l[i])
+    }
+
+    /// Counts one exchange on its server's port.
+    pub fn record_exchange(&mut self, e: &Exchange<'_>, slow: bool) {
+        if let Some(port) = self.port_latency(e.server.port()) {
+            port.all.record(e, slow);
+            port.command(e.command).record(e, slow);
+        }
+    }
+
+    /// Counts one request that will never be answered.
+    pub fn record_unanswered(&mut self, port: u16, command: &[u8], why: Unanswered) {
+        if let Some(port) = self.port_latency(port) {
+            port.all.give_up(why);
+            port.command(command).give_up(why);
+        }
+    }
+
+    /// The latency figures of each port, in a protocol mode.
+    pub fn latency(&self) -> impl Iterator<Item = (u16, &PortLatency)> {
+        self.ports
+            .iter()
+            .copied()
+            .zip(self.latency.iter().flatten())
     }
 
     /// Counts one packet to or from the server `port`.
@@ -65,14 +200,37 @@ impl PortStats {
 
     /// The stats JSON document.
     pub fn to_json(&self) -> Value {
+        let port_object = |i: usize| {
+            let mut fields = match serde_json::to_value(self.traffic[i]) {
+                Ok(Value::Object(m)) => m,
+                _ => Map::new(),
+            };
+            if let Some(latency) = &self.latency {
+                let l = &latency[i];
+                let mut all = l.all.to_json();
+                // Request and response bytes stay those on the wire.
+                all.remove("req_bytes");
+                all.remove("rsp_bytes");
+                fields.extend(all);
+                let commands: Map<String, Value> = l
+                    .commands
+                    .iter()
+                    .map(|(name, stats)| {
+                        (
+                            String::from_utf8_lossy(name).into_owned(),
+                            Value::Object(stats.to_json()),
+                        )
+                    })
+                    .collect();
+                fields.insert("commands".to_string(), Value::Object(commands));
+            }
+            Value::Object(fields)
+        };
         Value::Array(
-            self.ports()
-                .map(|(port, traffic)| {
+            (0..self.ports.len())
+                .map(|i| {
                     let mut entry = Map::new();
-                    entry.insert(
-                        port.to_string(),
-                        serde_json::to_value(traffic).unwrap_or_default(),
-                    );
+                    entry.insert(self.ports[i].to_string(), port_object(i));
                     Value::Object(entry)
                 })
                 .collect(),
@@ -123,6 +281,10 @@ pub struct Summary<'a> {
     pub flows: &'a FlowCounters,
     /// Per-port statistics.
     pub ports: &'a PortStats,
+    /// Matcher counters, in a protocol mode.
+    pub matching: Option<&'a MatchCounters>,
+    /// The slow threshold, µs, in a protocol mode.
+    pub threshold_us: u64,
 }
 
 impl Summary<'_> {
@@ -158,14 +320,59 @@ impl Summary<'_> {
             r.gaps,
             r.held_overflows
         ));
+        if let Some(m) = self.matching {
+            line(format!(
+                "matching: {} desyncs ({} bytes skipped), {} no-reply requests, {} unsolicited, {} unmatched replies",
+                m.desyncs, m.resync_skipped_bytes, m.noreply, m.unsolicited, m.unmatched
+            ));
+        }
         for (port, t) in self.ports.ports() {
             line(format!(
                 "port {port}: {} request packets ({} bytes), {} response packets ({} bytes)",
                 t.req_packets, t.req_bytes, t.rsp_packets, t.rsp_bytes
             ));
         }
+        for (port, l) in self.ports.latency() {
+            s.push_str(&latency_text(port, &l.all, self.threshold_us));
+        }
         s
     }
+}
+
+/// The C tool's per-port summary: totals, average, threshold, slow count, the non-empty
+/// buckets, then percentiles and what went unanswered.
+fn latency_text(port: u16, l: &LatencyStats, threshold_us: u64) -> String {
+    let ms = |us: u64| {
+        let mut out = Vec::new();
+        push_millis(&mut out, us);
+        String::from_utf8(out).unwrap_or_default()
+    };
+    let avg = l.total_costs.checked_div(l.total_reqs).unwrap_or(0);
+    let mut s = format!(
+        "port {port}: {} requests, avg {} ms, threshold {} ms, {} slow\n",
+        l.total_reqs,
+        ms(avg),
+        ms(threshold_us),
+        l.slow_reqs
+    );
+    for (label, count) in SEED_LABELS.iter().zip(l.latencies) {
+        if count > 0 {
+            s.push_str(&format!("  {label}: {count}\n"));
+        }
+    }
+    let f = &l.fine;
+    s.push_str(&format!(
+        "  p50 {} ms, p90 {} ms, p99 {} ms, p999 {} ms, max {} ms\n  {} errors, {} timeouts, {} dropped by desyncs\n",
+        ms(f.quantile(0.5)),
+        ms(f.quantile(0.9)),
+        ms(f.quantile(0.99)),
+        ms(f.quantile(0.999)),
+        ms(f.max_us()),
+        l.errors,
+        l.timeouts,
+        l.dropped
+    ));
+    s
 }
 
 #[cfg(test)]
@@ -174,7 +381,7 @@ mod tests {
 
     #[test]
     fn json_has_one_object_per_port_in_order() {
-        let mut stats = PortStats::new(&[6380, 6379]);
+        let mut stats = PortStats::new(&[6380, 6379], false);
         stats.count_packet(6379, Direction::Request, 10);
         stats.count_packet(6379, Direction::Response, 4);
         stats.count_packet(6379, Direction::Response, 0);
@@ -183,5 +390,52 @@ mod tests {
             stats.to_json().to_string(),
             r#"[{"6380":{"req_bytes":0,"req_packets":0,"rsp_bytes":0,"rsp_packets":0}},{"6379":{"req_bytes":10,"req_packets":1,"rsp_bytes":4,"rsp_packets":2}}]"#
         );
+    }
+}
+
+#[cfg(test)]
+mod latency_tests {
+    use super::*;
+
+    fn exchange(command: &'static [u8], latency_us: u64, error: bool) -> Exchange<'static> {
+        Exchange {
+            client: "10.0.0.1:40000".parse().unwrap(),
+            server: "10.0.0.2:6379".parse().unwrap(),
+            req_start_us: 0,
+            req_done_us: 0,
+            rsp_start_us: latency_us,
+            latency_us,
+            command,
+            summary: command,
+            truncated: false,
+            req_bytes: 10,
+            rsp_bytes: 5,
+            error,
+        }
+    }
+
+    #[test]
+    fn seed_keys_percentiles_and_commands() {
+        let mut stats = PortStats::new(&[6379], true);
+        for (cmd, us) in [(&b"GET"[..], 50), (b"GET", 150), (b"SET", 12_000)] {
+            stats.record_exchange(&exchange(cmd, us, false), us >= 10_000);
+        }
+        stats.record_exchange(&exchange(b"SET", 99, true), false);
+        stats.record_unanswered(6379, b"GET", Unanswered::Timeout);
+        let json = stats.to_json();
+        let port = &json[0]["6379"];
+        assert_eq!(port["total_reqs"], 4);
+        assert_eq!(port["total_costs"], 50 + 150 + 12_000 + 99);
+        assert_eq!(port["slow_reqs"], 1);
+        assert_eq!(
+            port["latencies"],
+            json!([2, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+        );
+        assert_eq!(port["max_us"], 12_000);
+        assert_eq!(port["errors"], 1);
+        assert_eq!(port["timeouts"], 1);
+        assert_eq!(port["commands"]["GET"]["total_reqs"], 2);
+        assert_eq!(port["commands"]["GET"]["timeouts"], 1);
+        assert_eq!(port["commands"]["SET"]["p50_us"], 99);
     }
 }

@@ -49,6 +49,24 @@ pub struct Expected {
     pub rsp_bytes: u64,
     /// TCP connections opened (SYN without ACK).
     pub connections: u64,
+    /// Commands the server executed during the capture, by name (INFO commandstats).
+    pub commands: std::collections::BTreeMap<String, u64>,
+    /// The whole document, for the fields a scenario adds (`exchanges`, `noreply`, …).
+    pub json: serde_json::Value,
+}
+
+impl Expected {
+    /// A field a scenario added, if present.
+    pub fn extra(&self, key: &str) -> Option<u64> {
+        self.json[key].as_u64()
+    }
+
+    /// Request/reply pairs tcpkit must find: the scenario's count, or every command the
+    /// server executed.
+    pub fn exchanges(&self) -> u64 {
+        self.extra("exchanges")
+            .unwrap_or_else(|| self.commands.values().sum())
+    }
 }
 
 impl Expected {
@@ -70,6 +88,15 @@ impl Expected {
             rsp_packets: n("rsp_packets"),
             rsp_bytes: n("rsp_bytes"),
             connections: n("connections"),
+            commands: v["commands"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, c)| (k.clone(), c.as_u64().unwrap_or(0)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            json: v.clone(),
         }
     }
 }

@@ -157,11 +157,20 @@ fn daemonized_agent_stops_cleanly_on_sigterm() {
         wait_for_port(stats_port, Duration::from_secs(10)),
         "the daemon serves stats"
     );
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // The stats port listens from before the fork; the pid file comes just after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid: i32 = loop {
+        match std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            Some(pid) => break pid,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            None => panic!("no pid file"),
+        }
+    };
     // SAFETY: signalling the daemon this test started, by the pid it wrote.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -1,0 +1,180 @@
+//! Redis mode on the golden captures: every request the server executed is paired exactly
+//! once (its own INFO commandstats, taken by the generator, is the reference), per command;
+//! the slow log has one line per exchange at or above `-t`.
+
+use std::process::Command;
+
+use tcpkit_tests::{fixture, tcpkit_bin, Expected, FIXTURES};
+
+fn tcpkit(args: &[&str]) -> String {
+    let out = Command::new(tcpkit_bin())
+        .args(args)
+        .output()
+        .expect("run tcpkit");
+    assert!(
+        out.status.success(),
+        "tcpkit {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn redis_json(name: &str, threshold_ms: &str) -> (Expected, serde_json::Value) {
+    let e = Expected::of(name);
+    let pcap = fixture(&format!("{name}.pcap"));
+    let port = e.port.to_string();
+    let out = tcpkit(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-p",
+        &port,
+        "-m",
+        "redis",
+        "-t",
+        threshold_ms,
+        "--summary",
+        "json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let stats = json[0][&port].clone();
+    (e, stats)
+}
+
+#[test]
+fn every_executed_command_is_paired_exactly_once() {
+    for name in FIXTURES {
+        let (e, stats) = redis_json(name, "100000");
+        assert_eq!(stats["total_reqs"], e.exchanges(), "{name}");
+        assert_eq!(stats["timeouts"], 0, "{name}");
+        assert_eq!(stats["dropped"], 0, "{name}");
+        assert_eq!(stats["slow_reqs"], 0, "{name}");
+        let buckets: u64 = stats["latencies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap())
+            .sum();
+        assert_eq!(buckets, e.exchanges(), "{name}: buckets sum to the total");
+        if e.extra("noreply").unwrap_or(0) == 0 {
+            for (command, calls) in &e.commands {
+                assert_eq!(
+                    stats["commands"][command]["total_reqs"], *calls,
+                    "{name} {command}"
+                );
+            }
+        }
+        let p50 = stats["p50_us"].as_u64().unwrap();
+        let p99 = stats["p99_us"].as_u64().unwrap();
+        assert!(
+            p50 <= p99 && p99 <= stats["max_us"].as_u64().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn no_reply_requests_and_unsolicited_messages_are_counted() {
+    for name in ["redis-client-reply", "redis-pubsub"] {
+        let e = Expected::of(name);
+        let pcap = fixture(&format!("{name}.pcap"));
+        let out = tcpkit(&[
+            "-r",
+            pcap.to_str().unwrap(),
+            "-p",
+            "26379",
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+        ]);
+        let want = format!(
+            "matching: 0 desyncs (0 bytes skipped), {} no-reply requests, {} unsolicited, 0 unmatched replies",
+            e.extra("noreply").unwrap(),
+            e.extra("unsolicited").unwrap()
+        );
+        assert!(out.contains(&want), "{name}: {out}");
+    }
+}
+
+#[test]
+fn slow_log_has_one_line_per_slow_exchange() {
+    let name = "redis-slow";
+    let e = Expected::of(name);
+    let pcap = fixture(&format!("{name}.pcap"));
+    let out = tcpkit(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-p",
+        "26379",
+        "-m",
+        "redis",
+        "-t",
+        "20",
+        "--summary",
+        "none",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len() as u64, e.extra("slow_20ms").unwrap(), "{out}");
+    for line in lines {
+        // 2026-11-24 22:24:42.651764 127.0.0.1:60046 => 127.0.0.1:26379 | 22.186 ms | DEBUG SLEEP 0.022
+        let parts: Vec<&str> = line.split(" | ").collect();
+        assert_eq!(parts.len(), 3, "{line}");
+        let ms: f64 = parts[1].strip_suffix(" ms").unwrap().parse().unwrap();
+        let slept: f64 = parts[2]
+            .strip_prefix("DEBUG SLEEP ")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            ms >= 20.0 && ms >= slept * 1000.0 && ms < slept * 1000.0 + 5.0,
+            "{line}"
+        );
+        assert!(
+            parts[0].contains(".") && parts[0].contains(" => 127.0.0.1:26379"),
+            "{line}"
+        );
+    }
+    // Without -t every exchange is printed.
+    let all = tcpkit(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-p",
+        "26379",
+        "-m",
+        "redis",
+        "--summary",
+        "none",
+    ]);
+    assert_eq!(all.lines().count() as u64, e.exchanges());
+}
+
+#[test]
+fn pipelined_requests_pair_exactly() {
+    let (e, stats) = redis_json("redis-pipelined-sll", "100000");
+    assert_eq!(stats["commands"]["SET"]["total_reqs"], e.commands["SET"]);
+    assert_eq!(stats["commands"]["GET"]["total_reqs"], e.commands["GET"]);
+}
+
+#[test]
+fn text_summary_in_the_c_tools_words() {
+    let pcap = fixture("redis-slow.pcap");
+    let out = tcpkit(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-p",
+        "26379",
+        "-m",
+        "redis",
+        "-t",
+        "20",
+        "--summary",
+        "text",
+    ]);
+    assert!(out.contains("port 26379: 10 requests, avg "), "{out}");
+    assert!(out.contains("threshold 20.000 ms, 5 slow"), "{out}");
+    assert!(
+        out.contains("  20ms~50ms: 3\n") && out.contains("  100ms~200ms: 1\n"),
+        "{out}"
+    );
+    assert!(out.contains("  p50 "), "{out}");
+}
