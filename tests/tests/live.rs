@@ -185,3 +185,119 @@ fn daemonized_agent_stops_cleanly_on_sigterm() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Calls of each command since the last `CONFIG RESETSTAT`, from the server itself.
+fn server_calls(port: u16) -> std::collections::BTreeMap<String, u64> {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "info", "commandstats"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let calls: u64 = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.split('|').next()?.to_uppercase(), calls))
+        })
+        .fold(
+            Default::default(),
+            |mut m: std::collections::BTreeMap<String, u64>, (k, v)| {
+                *m.entry(k).or_default() += v;
+                m
+            },
+        )
+}
+
+#[test]
+fn live_redis_mode_counts_every_command_sent() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("redis-server"), "redis-server")
+        || !requirement(have("redis-benchmark"), "redis-benchmark")
+    {
+        return;
+    }
+    let (_redis, port) = start_redis();
+    let stats_port = free_port();
+    let agent = Command::new(tcpkit_bin())
+        .args([
+            "-i",
+            "lo",
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-P", &stats_port.to_string(), "--summary", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    let reset = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "config", "resetstat"])
+        .output()
+        .unwrap();
+    assert!(reset.status.success());
+    for pipeline in ["1", "16"] {
+        let bench = Command::new("redis-benchmark")
+            .args([
+                "-p",
+                &port.to_string(),
+                "-n",
+                "20000",
+                "-c",
+                "10",
+                "-t",
+                "set,get",
+                "-q",
+            ])
+            .args(["-P", pipeline])
+            .output()
+            .unwrap();
+        assert!(bench.status.success());
+    }
+    let mut calls = server_calls(port);
+    // Our own CONFIG RESETSTAT is counted by the server after it ran, and INFO is not.
+    *calls.get_mut("CONFIG").unwrap() -= 1;
+    calls.retain(|_, c| *c > 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(agent.0.wait().unwrap().success());
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let stats = &json[0][port.to_string()];
+    // The resetstat call itself was captured: one CONFIG more than the server now reports.
+    let config_seen = stats["commands"]["CONFIG"]["total_reqs"]
+        .as_u64()
+        .unwrap_or(0);
+    for (command, n) in &calls {
+        let seen = stats["commands"][command]["total_reqs"]
+            .as_u64()
+            .unwrap_or(0);
+        let seen = if command == "CONFIG" { seen - 1 } else { seen };
+        assert_eq!(seen, *n, "{command}: {stats}");
+    }
+    assert_eq!(calls["SET"], 40_000);
+    assert!(config_seen >= 1);
+    assert_eq!(stats["timeouts"], 0, "{stats}");
+    assert_eq!(stats["dropped"], 0, "{stats}");
+}
