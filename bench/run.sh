@@ -3,8 +3,13 @@
 #
 #   sudo bench/run.sh            # makes bench-data/*.pcap once (real redis-server), then times
 #
-# For each capture: `tcpdump -r FILE -w /dev/null` and `tcpkit -r FILE -p PORT -m raw`
-# (lines written to /dev/null), RUNS times each; prints the median wall time and packets/s.
+# Captures (made once against a real redis-server, under bench-data/):
+#   redis-small      ~1.7M packets: 840k SET/GET from 50 clients, one request a segment
+#   redis-pipelined  ~0.9M packets: 6.4M SET/GET pipelined 16 deep
+# For each: `tcpdump -r FILE -w /dev/null` (the floor of reading the pcap), tcpkit in raw mode
+# (lines to /dev/null) and in redis mode (`-t 100000`: pairs everything, prints nothing),
+# RUNS (5) times each; prints the median wall time, packets/s, requests/s and the ratio to
+# tcpdump.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -15,12 +20,13 @@ mkdir -p "$out_dir"
 cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p tcpkit
 tcpkit="$root/target/release/tcpkit"
 
-if [ ! -f "$out_dir/redis-small.pcap" ]; then
+if [ ! -f "$out_dir/redis-small.pcap" ] || [ ! -f "$out_dir/redis-pipelined.pcap" ]; then
   (
     source "$root/tests/fixtures/capture-lib.sh"
-    # About 2 packets a request: 420k SET/GET requests from 50 clients ≈ 840k packets.
     capture redis-small -i lo -- \
       redis-benchmark -p "$port" -n 420000 -c 50 -t set,get -q
+    capture redis-pipelined -i lo -- \
+      redis-benchmark -p "$port" -n 3200000 -c 50 -P 16 -t set,get -q
   )
 fi
 
@@ -37,16 +43,21 @@ median_seconds() {
   printf '%s\n' "${times[@]}" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'
 }
 
-printf '%-22s %10s  %-34s %10s %14s %8s\n' capture packets command median_s packets/s vs_tcpdump
-for pcap in "$out_dir"/*.pcap; do
-  name=$(basename "$pcap" .pcap)
+printf '%-16s %9s  %-30s %8s %12s %12s %7s\n' \
+  capture packets command median_s packets/s requests/s ratio
+for name in redis-small redis-pipelined; do
+  pcap="$out_dir/$name.pcap"
   port=$(sed -n 's/.*"port":\([0-9]*\).*/\1/p' "$out_dir/$name.expected.json")
-  packets=$(sed -n 's/.*"packets":\([0-9]*\).*/\1/p' "$out_dir/$name.expected.json")
+  packets=$(sed -n 's/.*"packets":\([0-9]*\),.*/\1/p' "$out_dir/$name.expected.json")
+  requests=$(sed -n 's/.*"commands":{\([^}]*\)}.*/\1/p' "$out_dir/$name.expected.json" |
+    tr ',' '\n' | awk -F: '{ s += $2 } END { print s }')
   floor=$(median_seconds tcpdump -r "$pcap" -w /dev/null)
   raw=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m raw -o /dev/null)
-  for row in "tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw -o /dev/null:$raw"; do
+  redis=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m redis -t 100000 -o /dev/null)
+  for row in "tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw:$raw" "tcpkit -m redis -t 100000:$redis"; do
     cmd=${row%:*}; secs=${row##*:}
-    printf '%-22s %10d  %-34s %10.3f %14.0f %8.2fx\n' "$name" "$packets" "$cmd" "$secs" \
-      "$(echo "$packets / $secs" | bc -l)" "$(echo "$secs / $floor" | bc -l)"
+    printf '%-16s %9d  %-30s %8.3f %12.0f %12.0f %6.2fx\n' "$name" "$packets" "$cmd" "$secs" \
+      "$(echo "$packets / $secs" | bc -l)" "$(echo "$requests / $secs" | bc -l)" \
+      "$(echo "$secs / $floor" | bc -l)"
   done
 done

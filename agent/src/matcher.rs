@@ -98,15 +98,16 @@ pub struct MatchCounters {
     pub pending: u64,
 }
 
-/// A request waiting for its reply, stored inline: no allocation per request.
+/// A request waiting for its reply. Its command name and summary live in the queue's text
+/// arena: no allocation per request.
 #[derive(Debug, Clone)]
 struct Pending {
     req_start_us: u64,
     req_done_us: u64,
     req_bytes: u64,
-    command: [u8; COMMAND_BYTES],
+    /// Where its text starts in [`PendingQueue::text`]: command (upper case), then summary.
+    text_start: usize,
     command_len: u8,
-    summary: [u8; SUMMARY_BYTES],
     summary_len: u8,
     truncated: bool,
     /// Subscribe-family commands: confirmations still to come (one per channel).
@@ -117,9 +118,51 @@ struct Pending {
     effect: ReplyEffect,
 }
 
-impl Pending {
-    fn command(&self) -> &[u8] {
-        &self.command[..usize::from(self.command_len)]
+/// Pending requests in order, with the text of each in one reused buffer.
+#[derive(Debug, Default)]
+struct PendingQueue {
+    entries: VecDeque<Pending>,
+    text: Vec<u8>,
+}
+
+/// The text arena is compacted when the live part starts this far in.
+const TEXT_COMPACT_AT: usize = 1 << 16;
+
+impl PendingQueue {
+    fn push(&mut self, mut p: Pending, command: &[u8], summary: &[u8]) {
+        match self.entries.front() {
+            None => self.text.clear(),
+            Some(front) if front.text_start >= TEXT_COMPACT_AT => {
+                let cut = front.text_start;
+                self.text.drain(..cut);
+                self.entries.iter_mut().for_each(|e| e.text_start -= cut);
+            }
+            Some(_) => {}
+        }
+        p.text_start = self.text.len();
+        p.command_len = command.len() as u8;
+        p.summary_len = summary.len() as u8;
+        self.text.extend_from_slice(command);
+        self.text[p.text_start..].make_ascii_uppercase();
+        self.text.extend_from_slice(summary);
+        self.entries.push_back(p);
+    }
+
+    fn command(&self, p: &Pending) -> &[u8] {
+        &self.text[p.text_start..p.text_start + usize::from(p.command_len)]
+    }
+
+    fn summary(&self, p: &Pending) -> &[u8] {
+        let start = p.text_start + usize::from(p.command_len);
+        &self.text[start..start + usize::from(p.summary_len)]
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -143,7 +186,7 @@ enum ReplyMode {
 pub struct RedisConnection {
     requests: RespParser,
     replies: RespParser,
-    pending: VecDeque<Pending>,
+    pending: PendingQueue,
     /// First-packet time of a request (reply) still being read.
     req_start_us: u64,
     rsp_start_us: u64,
@@ -159,7 +202,7 @@ impl Default for RedisConnection {
         Self {
             requests: RespParser::new(Role::Request),
             replies: RespParser::new(Role::Reply),
-            pending: VecDeque::new(),
+            pending: PendingQueue::default(),
             req_start_us: 0,
             rsp_start_us: 0,
             reply_mode: ReplyMode::On,
@@ -190,6 +233,30 @@ const SUBSCRIBE_FAMILY: [&[u8]; 6] = [
     b"sunsubscribe",
 ];
 const PUBSUB_MESSAGES: [&[u8]; 3] = [b"message", b"pmessage", b"smessage"];
+
+/// Commands whose replies the matcher must treat specially.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Special {
+    None,
+    ReplConf,
+    Client,
+    Subscribe,
+    Monitor,
+    Reset,
+}
+
+/// Classifies a command name (any case), comparing only names of a matching length.
+fn special(name: &[u8]) -> Special {
+    let is = |word: &[u8]| name.eq_ignore_ascii_case(word);
+    match name.len() {
+        5 if is(b"RESET") => Special::Reset,
+        6 if is(b"CLIENT") => Special::Client,
+        7 if is(b"MONITOR") => Special::Monitor,
+        8 if is(b"REPLCONF") => Special::ReplConf,
+        9..=12 if is_subscribe_command(name) => Special::Subscribe,
+        _ => Special::None,
+    }
+}
 
 fn is_subscribe_command(command: &[u8]) -> bool {
     SUBSCRIBE_FAMILY
@@ -328,9 +395,10 @@ impl RedisConnection {
         cx: &mut MatchContext<'_, S>,
     ) {
         cx.counters.pending -= self.pending.len() as u64;
-        for p in self.pending.drain(..) {
-            cx.sink.unanswered(key.server, p.command(), why);
+        for p in &self.pending.entries {
+            cx.sink.unanswered(key.server, self.pending.command(p), why);
         }
+        self.pending.entries.clear();
     }
 }
 
@@ -341,31 +409,33 @@ fn queue_request<S: ExchangeSink>(
     m: &Message<'_>,
     req_start_us: u64,
     req_done_us: u64,
-    pending: &mut VecDeque<Pending>,
+    pending: &mut PendingQueue,
     reply_mode: &mut ReplyMode,
     pubsub: &mut bool,
     monitor: bool,
     cx: &mut MatchContext<'_, S>,
 ) {
-    let mut command = [0u8; COMMAND_BYTES];
-    let command_len = m.head.len().min(COMMAND_BYTES);
-    command[..command_len].copy_from_slice(&m.head[..command_len]);
-    command.make_ascii_uppercase();
-    let name = &command[..command_len];
-    let mut words = m.summary.split(|b| *b == b' ').skip(1);
-    let arg1 = words.next().unwrap_or_default();
-    let arg2 = words.next().unwrap_or_default();
-
+    let name = &m.head[..m.head.len().min(COMMAND_BYTES)];
+    let kind = special(name);
+    // The first two arguments, for the commands that need them.
+    let args = || {
+        let mut words = m.summary.split(|b| *b == b' ').skip(1);
+        (
+            words.next().unwrap_or_default(),
+            words.next().unwrap_or_default(),
+        )
+    };
     let expects_reply = if monitor {
-        name == b"RESET"
-    } else if name == b"REPLCONF" && arg1.eq_ignore_ascii_case(b"ACK") {
+        kind == Special::Reset
+    } else if kind == Special::ReplConf && args().0.eq_ignore_ascii_case(b"ACK") {
         false
-    } else if name == b"CLIENT" && arg1.eq_ignore_ascii_case(b"REPLY") {
-        if arg2.eq_ignore_ascii_case(b"ON") {
+    } else if kind == Special::Client && args().0.eq_ignore_ascii_case(b"REPLY") {
+        let mode = args().1;
+        if mode.eq_ignore_ascii_case(b"ON") {
             *reply_mode = ReplyMode::On;
             true
         } else {
-            *reply_mode = if arg2.eq_ignore_ascii_case(b"OFF") {
+            *reply_mode = if mode.eq_ignore_ascii_case(b"OFF") {
                 ReplyMode::Off
             } else {
                 ReplyMode::SkipNext
@@ -386,47 +456,49 @@ fn queue_request<S: ExchangeSink>(
         cx.counters.noreply += 1;
         return;
     }
-    let subscribe = is_subscribe_command(name);
+    let subscribe = kind == Special::Subscribe;
     *pubsub |= subscribe;
-    let effect = match name {
-        b"MONITOR" => ReplyEffect::Monitor,
-        b"RESET" => ReplyEffect::Reset,
-        _ => ReplyEffect::None,
-    };
-    let mut summary = [0u8; SUMMARY_BYTES];
-    let summary_len = m.summary.len().min(SUMMARY_BYTES);
-    summary[..summary_len].copy_from_slice(&m.summary[..summary_len]);
+    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+        // No room anywhere: the request is given up at once rather than held.
+        let mut upper = [0u8; COMMAND_BYTES];
+        upper[..name.len()].copy_from_slice(name);
+        upper.make_ascii_uppercase();
+        cx.sink
+            .unanswered(key.server, &upper[..name.len()], Unanswered::Timeout);
+        return;
+    }
+    if pending.len() >= cx.limits.max_pending_per_connection {
+        if let Some(oldest) = pending.entries.pop_front() {
+            cx.counters.pending -= 1;
+            cx.sink
+                .unanswered(key.server, pending.command(&oldest), Unanswered::Timeout);
+        }
+    }
     let entry = Pending {
         req_start_us,
         req_done_us,
         req_bytes: m.bytes,
-        command,
-        command_len: command_len as u8,
-        summary,
-        summary_len: summary_len as u8,
+        text_start: 0,
+        command_len: 0,
+        summary_len: 0,
         truncated: m.truncated,
         confirmations_left: if subscribe {
-            (m.elements.saturating_sub(1)).max(1) as u32
+            m.elements.saturating_sub(1).max(1) as u32
         } else {
             1
         },
         answered: false,
-        effect,
+        effect: match kind {
+            Special::Monitor => ReplyEffect::Monitor,
+            Special::Reset => ReplyEffect::Reset,
+            _ => ReplyEffect::None,
+        },
     };
-    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
-        // No room anywhere: the request is given up at once rather than held.
-        cx.sink
-            .unanswered(key.server, entry.command(), Unanswered::Timeout);
-        return;
-    }
-    if pending.len() >= cx.limits.max_pending_per_connection {
-        if let Some(oldest) = pending.pop_front() {
-            cx.counters.pending -= 1;
-            cx.sink
-                .unanswered(key.server, oldest.command(), Unanswered::Timeout);
-        }
-    }
-    pending.push_back(entry);
+    pending.push(
+        entry,
+        name,
+        &m.summary[..m.summary.len().min(SUMMARY_BYTES)],
+    );
     cx.counters.pending += 1;
 }
 
@@ -436,7 +508,7 @@ fn pair_reply<S: ExchangeSink>(
     key: &FlowKey,
     m: &Message<'_>,
     rsp_start_us: u64,
-    pending: &mut VecDeque<Pending>,
+    pending: &mut PendingQueue,
     reply_mode: &mut ReplyMode,
     pubsub: &mut bool,
     monitor: &mut bool,
@@ -452,17 +524,22 @@ fn pair_reply<S: ExchangeSink>(
     }
     if m.kind == b'>' || (*pubsub && m.kind == b'*') {
         if is_subscribe_command(m.head) {
-            match pending.front_mut() {
-                Some(front) if is_subscribe_command(front.command()) => {
+            let front_subscribes = pending.entries.front().is_some_and(|f| {
+                f.confirmations_left > 0 && is_subscribe_command(pending.command(f))
+            });
+            match pending.entries.front() {
+                Some(front) if front_subscribes => {
                     // Timed by the first confirmation; one more follows per channel.
                     if !front.answered {
-                        complete(key, front, m, rsp_start_us, cx);
-                        front.answered = true;
+                        complete(key, pending, front, m, rsp_start_us, cx);
                     }
-                    front.confirmations_left = front.confirmations_left.saturating_sub(1);
-                    if front.confirmations_left == 0 {
-                        pending.pop_front();
-                        cx.counters.pending -= 1;
+                    if let Some(front) = pending.entries.front_mut() {
+                        front.answered = true;
+                        front.confirmations_left = front.confirmations_left.saturating_sub(1);
+                        if front.confirmations_left == 0 {
+                            pending.entries.pop_front();
+                            cx.counters.pending -= 1;
+                        }
                     }
                 }
                 _ => cx.counters.unsolicited += 1,
@@ -478,7 +555,7 @@ fn pair_reply<S: ExchangeSink>(
             return;
         }
     }
-    let Some(request) = pending.pop_front() else {
+    let Some(request) = pending.entries.pop_front() else {
         cx.counters.unmatched += 1;
         return;
     };
@@ -492,15 +569,19 @@ fn pair_reply<S: ExchangeSink>(
         }
         _ => {}
     }
-    complete(key, &request, m, rsp_start_us, cx);
+    complete(key, pending, &request, m, rsp_start_us, cx);
 }
 
-fn front_effect(pending: &VecDeque<Pending>) -> ReplyEffect {
-    pending.front().map_or(ReplyEffect::None, |p| p.effect)
+fn front_effect(pending: &PendingQueue) -> ReplyEffect {
+    pending
+        .entries
+        .front()
+        .map_or(ReplyEffect::None, |p| p.effect)
 }
 
 fn complete<S: ExchangeSink>(
     key: &FlowKey,
+    pending: &PendingQueue,
     request: &Pending,
     reply: &Message<'_>,
     rsp_start_us: u64,
@@ -513,8 +594,8 @@ fn complete<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us,
         latency_us: rsp_start_us.saturating_sub(request.req_done_us),
-        command: request.command(),
-        summary: &request.summary[..usize::from(request.summary_len)],
+        command: pending.command(request),
+        summary: pending.summary(request),
         truncated: request.truncated,
         req_bytes: request.req_bytes,
         rsp_bytes: reply.bytes,

@@ -95,22 +95,40 @@ const MAX_COMMANDS: usize = 256;
 pub struct PortLatency {
     /// Every exchange of the port.
     pub all: LatencyStats,
-    /// Per command name.
-    pub commands: FxHashMap<Box<[u8]>, LatencyStats>,
+    /// Per command name, in order of first sight.
+    pub commands: Vec<(Box<[u8]>, LatencyStats)>,
+    index: FxHashMap<Box<[u8]>, usize>,
+    /// The command looked up last: consecutive exchanges are often of the same command.
+    last: usize,
 }
 
 impl PortLatency {
     fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
-        let name: &[u8] = if self.commands.contains_key(name) || self.commands.len() < MAX_COMMANDS
+        if self
+            .commands
+            .get(self.last)
+            .is_none_or(|(n, _)| &**n != name)
         {
-            name
-        } else {
-            b"OTHER"
-        };
-        if !self.commands.contains_key(name) {
-            self.commands.insert(name.into(), LatencyStats::default());
+            self.last = match self.index.get(name) {
+                Some(&i) => i,
+                None => {
+                    let name: &[u8] = if self.commands.len() < MAX_COMMANDS {
+                        name
+                    } else {
+                        b"OTHER"
+                    };
+                    match self.index.get(name) {
+                        Some(&i) => i,
+                        None => {
+                            self.index.insert(name.into(), self.commands.len());
+                            self.commands.push((name.into(), LatencyStats::default()));
+                            self.commands.len() - 1
+                        }
+                    }
+                }
+            };
         }
-        self.commands.get_mut(name).expect("inserted above")
+        &mut self.commands[self.last].1
     }
 }
 

@@ -166,6 +166,28 @@ impl RespParser {
     ) -> Result<(), RespError> {
         while !data.is_empty() {
             if self.bulk_left > 0 {
+                // Fast path: the whole bulk and its CRLF are here.
+                let whole = usize::try_from(self.bulk_left)
+                    .ok()
+                    .filter(|n| n + 2 <= data.len());
+                if let Some(n) = whole {
+                    if self.collecting {
+                        self.collect(&data[..n]);
+                    }
+                    if &data[n..n + 2] != b"\r\n" {
+                        self.reset();
+                        return Err(RespError::Unterminated);
+                    }
+                    self.bulk_left = 0;
+                    self.collecting = false;
+                    self.bytes += n as u64 + 2;
+                    data = &data[n + 2..];
+                    if let Err(e) = self.value_done(on_message) {
+                        self.reset();
+                        return Err(e);
+                    }
+                    continue;
+                }
                 let n = usize::try_from(self.bulk_left)
                     .unwrap_or(usize::MAX)
                     .min(data.len());
@@ -180,7 +202,7 @@ impl RespParser {
                 }
                 continue;
             }
-            let Some(end) = memchr(b'\n', data) else {
+            let Some(end) = find_newline(data) else {
                 if self.line.len() + data.len() > MAX_LINE {
                     self.reset();
                     return Err(RespError::LineTooLong);
@@ -395,6 +417,16 @@ impl RespParser {
         self.head.clear();
         self.summary.clear();
         self.truncated = false;
+    }
+}
+
+/// The position of the first `\n`: RESP lines are short, so the first bytes are looked at
+/// one by one before handing longer data to memchr.
+fn find_newline(data: &[u8]) -> Option<usize> {
+    let head = data.len().min(16);
+    match data[..head].iter().position(|&b| b == b'\n') {
+        Some(i) => Some(i),
+        None => memchr(b'\n', &data[head..]).map(|i| i + head),
     }
 }
 
