@@ -44,6 +44,22 @@ pub struct LatencyStats {
 }
 
 impl LatencyStats {
+    /// Adds another set's figures to this one (exact: counts add up).
+    pub fn merge(&mut self, other: &LatencyStats) {
+        self.total_reqs += other.total_reqs;
+        self.total_costs += other.total_costs;
+        self.slow_reqs += other.slow_reqs;
+        for (mine, theirs) in self.latencies.iter_mut().zip(other.latencies) {
+            *mine += theirs;
+        }
+        self.fine.merge(&other.fine);
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        self.dropped += other.dropped;
+        self.req_bytes += other.req_bytes;
+        self.rsp_bytes += other.rsp_bytes;
+    }
+
     fn record(&mut self, e: &Exchange<'_>, slow: bool) {
         self.total_reqs += 1;
         self.total_costs += e.latency_us;
@@ -93,9 +109,8 @@ const MAX_COMMANDS: usize = 256;
 /// Latency figures of one port, overall and per command.
 #[derive(Debug, Default, Clone)]
 pub struct PortLatency {
-    /// Every exchange of the port.
-    pub all: LatencyStats,
-    /// Per command name, in order of first sight.
+    /// Per command name, in order of first sight. The port's own figures are their sum
+    /// ([`PortLatency::all`]): each exchange is recorded once.
     pub commands: Vec<(Box<[u8]>, LatencyStats)>,
     index: FxHashMap<Box<[u8]>, usize>,
     /// The command looked up last: consecutive exchanges are often of the same command.
@@ -103,6 +118,13 @@ pub struct PortLatency {
 }
 
 impl PortLatency {
+    /// The figures of every exchange of the port.
+    pub fn all(&self) -> LatencyStats {
+        let mut all = LatencyStats::default();
+        self.commands.iter().for_each(|(_, stats)| all.merge(stats));
+        all
+    }
+
     fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
         if self
             .commands
@@ -172,7 +194,6 @@ impl PortStats {
     /// Counts one exchange on its server's port.
     pub fn record_exchange(&mut self, e: &Exchange<'_>, slow: bool) {
         if let Some(port) = self.port_latency(e.server.port()) {
-            port.all.record(e, slow);
             port.command(e.command).record(e, slow);
         }
     }
@@ -180,7 +201,6 @@ impl PortStats {
     /// Counts one request that will never be answered.
     pub fn record_unanswered(&mut self, port: u16, command: &[u8], why: Unanswered) {
         if let Some(port) = self.port_latency(port) {
-            port.all.give_up(why);
             port.command(command).give_up(why);
         }
     }
@@ -225,7 +245,7 @@ impl PortStats {
             };
             if let Some(latency) = &self.latency {
                 let l = &latency[i];
-                let mut all = l.all.to_json();
+                let mut all = l.all().to_json();
                 // Request and response bytes stay those on the wire.
                 all.remove("req_bytes");
                 all.remove("rsp_bytes");
@@ -351,7 +371,7 @@ impl Summary<'_> {
             ));
         }
         for (port, l) in self.ports.latency() {
-            s.push_str(&latency_text(port, &l.all, self.threshold_us));
+            s.push_str(&latency_text(port, &l.all(), self.threshold_us));
         }
         s
     }

@@ -165,6 +165,13 @@ impl RespParser {
         on_message: &mut impl FnMut(&Message<'_>),
     ) -> Result<(), RespError> {
         while !data.is_empty() {
+            if self.at_boundary() {
+                // Fast path: a whole small message is buffered; parse it in one go.
+                if let Some(used) = self.whole_message(data, on_message) {
+                    data = &data[used..];
+                    continue;
+                }
+            }
             if self.bulk_left > 0 {
                 // Fast path: the whole bulk and its CRLF are here.
                 let whole = usize::try_from(self.bulk_left)
@@ -229,6 +236,94 @@ impl RespParser {
             data = &data[end + 1..];
         }
         Ok(())
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.kind == 0 && self.line.is_empty() && self.bulk_left == 0 && !self.expect_crlf
+    }
+
+    /// Parses one message that `data` holds whole, the common shapes only (a command as an
+    /// array of bulk strings; a simple string, error, integer or bulk reply). Returns the
+    /// bytes used, or `None`, having changed nothing, for anything else: an incomplete
+    /// message, another shape, invalid bytes; the state machine then takes it.
+    fn whole_message(
+        &mut self,
+        data: &[u8],
+        on_message: &mut impl FnMut(&Message<'_>),
+    ) -> Option<usize> {
+        let used = match (self.role, data[0]) {
+            (Role::Request, b'*') => self.whole_command(data),
+            (Role::Reply, b'+' | b'-' | b':') => {
+                let end = find_newline(data)?;
+                let line = &data[1..end];
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                self.kind = data[0];
+                self.error = data[0] == b'-';
+                if data[0] != b'-' {
+                    self.collect(line);
+                }
+                Some(end + 1)
+            }
+            (Role::Reply, b'$') => {
+                let (len, start) = parse_header(data, 1)?;
+                if len < 0 {
+                    self.kind = b'$';
+                    return self.finish_whole(start, on_message);
+                }
+                let end = start.checked_add(usize::try_from(len).ok()?)?;
+                if data.get(end..end + 2)? != b"\r\n" {
+                    return None;
+                }
+                self.kind = b'$';
+                self.collect(&data[start..end]);
+                Some(end + 2)
+            }
+            _ => None,
+        };
+        match used {
+            Some(used) => self.finish_whole(used, on_message),
+            None => {
+                self.start_message();
+                None
+            }
+        }
+    }
+
+    /// `*<n>\r\n` then n bulk strings, all buffered.
+    fn whole_command(&mut self, data: &[u8]) -> Option<usize> {
+        let (n, mut pos) = parse_header(data, 1)?;
+        if !(1..=1024).contains(&n) {
+            return None;
+        }
+        for i in 0..n as u64 {
+            if data.get(pos) != Some(&b'$') {
+                return None;
+            }
+            let (len, start) = parse_header(data, pos + 1)?;
+            let end = start.checked_add(usize::try_from(len).ok()?)?;
+            if data.get(end..end + 2)? != b"\r\n" {
+                return None;
+            }
+            self.element = i;
+            if i > 0 {
+                self.collect(b" ");
+            }
+            self.collect(&data[start..end]);
+            pos = end + 2;
+        }
+        self.kind = b'*';
+        self.elements = n as u64;
+        Some(pos)
+    }
+
+    fn finish_whole(
+        &mut self,
+        used: usize,
+        on_message: &mut impl FnMut(&Message<'_>),
+    ) -> Option<usize> {
+        self.bytes = used as u64;
+        self.emit(on_message);
+        Some(used)
     }
 
     /// Handles one line (without its `\n`).
@@ -428,6 +523,18 @@ fn find_newline(data: &[u8]) -> Option<usize> {
         Some(i) => Some(i),
         None => memchr(b'\n', &data[head..]).map(|i| i + head),
     }
+}
+
+/// Reads the length that starts at `data[start]` and ends with `\r\n`: the length and
+/// where what follows it starts, or `None` when it is not all there or not a length.
+fn parse_header(data: &[u8], start: usize) -> Option<(i64, usize)> {
+    let rest = data.get(start..)?;
+    let end = rest.iter().take(16).position(|&b| b == b'\r')?;
+    if rest.get(end + 1) != Some(&b'\n') {
+        return None;
+    }
+    let len = parse_len(&rest[..end]).ok()?;
+    Some((len, start + end + 2))
 }
 
 /// Parses a length or count: `-1` or a non-negative decimal that fits 2^40.
