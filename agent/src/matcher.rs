@@ -307,8 +307,6 @@ impl RedisConnection {
             }
             self.requests_resyncing = false;
         }
-        let carried = self.requests.in_message();
-        let mut first = true;
         let Self {
             requests,
             pending,
@@ -318,21 +316,11 @@ impl RedisConnection {
             monitor,
             ..
         } = self;
-        let result = requests.feed(bytes, &mut |m: &Message<'_>| {
-            let start = if first && carried {
-                *req_start_us
-            } else {
-                ts_us
-            };
-            first = false;
+        feed_timed(requests, req_start_us, ts_us, bytes, &mut |m, start| {
             queue_request(
                 key, m, start, ts_us, pending, reply_mode, pubsub, *monitor, cx,
             );
-        });
-        if self.requests.in_message() && !(first && carried) {
-            self.req_start_us = ts_us;
-        }
-        result.map_err(|_| ())
+        })
     }
 
     fn on_reply_bytes<S: ExchangeSink>(
@@ -353,8 +341,6 @@ impl RedisConnection {
             }
             self.replies_resyncing = false;
         }
-        let carried = self.replies.in_message();
-        let mut first = true;
         let Self {
             replies,
             pending,
@@ -364,19 +350,9 @@ impl RedisConnection {
             monitor,
             ..
         } = self;
-        let result = replies.feed(bytes, &mut |m: &Message<'_>| {
-            let start = if first && carried {
-                *rsp_start_us
-            } else {
-                ts_us
-            };
-            first = false;
+        feed_timed(replies, rsp_start_us, ts_us, bytes, &mut |m, start| {
             pair_reply(key, m, start, pending, reply_mode, pubsub, monitor, cx);
-        });
-        if self.replies.in_message() && !(first && carried) {
-            self.rsp_start_us = ts_us;
-        }
-        result.map_err(|_| ())
+        })
     }
 
     fn desync<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
@@ -400,6 +376,34 @@ impl RedisConnection {
         }
         self.pending.entries.clear();
     }
+}
+
+/// Feeds one chunk captured at `ts_us`, handing each message the capture time of its first
+/// byte: a message carried over from earlier chunks started at `*partial_start_us`, the
+/// others in this chunk. Remembers when a message left incomplete started.
+fn feed_timed(
+    parser: &mut RespParser,
+    partial_start_us: &mut u64,
+    ts_us: u64,
+    bytes: &[u8],
+    on_message: &mut impl FnMut(&Message<'_>, u64),
+) -> Result<(), ()> {
+    let carried = parser.in_message();
+    let mut first = true;
+    let carried_start = *partial_start_us;
+    let result = parser.feed(bytes, &mut |m: &Message<'_>| {
+        let start = if first && carried {
+            carried_start
+        } else {
+            ts_us
+        };
+        first = false;
+        on_message(m, start);
+    });
+    if parser.in_message() && !(first && carried) {
+        *partial_start_us = ts_us;
+    }
+    result.map_err(|_| ())
 }
 
 /// Decides whether a parsed request waits for a reply, and queues it when it does.

@@ -23,6 +23,20 @@ pub fn tcpkit_bin() -> PathBuf {
     bin
 }
 
+/// Runs tcpkit to completion, asserts it succeeded, and returns its standard output.
+pub fn run_tcpkit(args: &[&str]) -> String {
+    let out = Command::new(tcpkit_bin())
+        .args(args)
+        .output()
+        .expect("run tcpkit");
+    assert!(
+        out.status.success(),
+        "tcpkit {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
 /// A file of `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

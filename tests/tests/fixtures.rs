@@ -1,21 +1,6 @@
 //! tcpkit on the golden captures: its counts must equal what tshark counted.
 
-use std::process::Command;
-
-use tcpkit_tests::{fixture, tcpkit_bin, Expected, FIXTURES};
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(tcpkit_bin())
-        .args(args)
-        .output()
-        .expect("run tcpkit");
-    assert!(
-        out.status.success(),
-        "tcpkit {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
+use tcpkit_tests::{fixture, run_tcpkit as run, Expected, FIXTURES};
 
 #[test]
 fn summary_json_equals_the_independent_counts() {

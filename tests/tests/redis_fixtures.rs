@@ -2,39 +2,21 @@
 //! once (its own INFO commandstats, taken by the generator, is the reference), per command;
 //! the slow log has one line per exchange at or above `-t`.
 
-use std::process::Command;
+use tcpkit_tests::{fixture, run_tcpkit as tcpkit, Expected, FIXTURES};
 
-use tcpkit_tests::{fixture, tcpkit_bin, Expected, FIXTURES};
-
-fn tcpkit(args: &[&str]) -> String {
-    let out = Command::new(tcpkit_bin())
-        .args(args)
-        .output()
-        .expect("run tcpkit");
-    assert!(
-        out.status.success(),
-        "tcpkit {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
+/// tcpkit in redis mode on a fixture, with more arguments.
+fn redis(name: &str, args: &[&str]) -> String {
+    let pcap = fixture(&format!("{name}.pcap"));
+    let port = Expected::of(name).port.to_string();
+    let mut all = vec!["-r", pcap.to_str().unwrap(), "-p", &port, "-m", "redis"];
+    all.extend_from_slice(args);
+    tcpkit(&all)
 }
 
 fn redis_json(name: &str, threshold_ms: &str) -> (Expected, serde_json::Value) {
     let e = Expected::of(name);
-    let pcap = fixture(&format!("{name}.pcap"));
     let port = e.port.to_string();
-    let out = tcpkit(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-p",
-        &port,
-        "-m",
-        "redis",
-        "-t",
-        threshold_ms,
-        "--summary",
-        "json",
-    ]);
+    let out = redis(name, &["-t", threshold_ms, "--summary", "json"]);
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let stats = json[0][&port].clone();
     (e, stats)
@@ -76,17 +58,7 @@ fn every_executed_command_is_paired_exactly_once() {
 fn no_reply_requests_and_unsolicited_messages_are_counted() {
     for name in ["redis-client-reply", "redis-pubsub"] {
         let e = Expected::of(name);
-        let pcap = fixture(&format!("{name}.pcap"));
-        let out = tcpkit(&[
-            "-r",
-            pcap.to_str().unwrap(),
-            "-p",
-            "26379",
-            "-m",
-            "redis",
-            "-t",
-            "100000",
-        ]);
+        let out = redis(name, &["-t", "100000"]);
         let want = format!(
             "matching: 0 desyncs (0 bytes skipped), {} no-reply requests, {} unsolicited, 0 unmatched replies",
             e.extra("noreply").unwrap(),
@@ -100,19 +72,7 @@ fn no_reply_requests_and_unsolicited_messages_are_counted() {
 fn slow_log_has_one_line_per_slow_exchange() {
     let name = "redis-slow";
     let e = Expected::of(name);
-    let pcap = fixture(&format!("{name}.pcap"));
-    let out = tcpkit(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-p",
-        "26379",
-        "-m",
-        "redis",
-        "-t",
-        "20",
-        "--summary",
-        "none",
-    ]);
+    let out = redis(name, &["-t", "20", "--summary", "none"]);
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len() as u64, e.extra("slow_20ms").unwrap(), "{out}");
     for line in lines {
@@ -135,16 +95,7 @@ fn slow_log_has_one_line_per_slow_exchange() {
         );
     }
     // Without -t every exchange is printed.
-    let all = tcpkit(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-p",
-        "26379",
-        "-m",
-        "redis",
-        "--summary",
-        "none",
-    ]);
+    let all = redis(name, &["--summary", "none"]);
     assert_eq!(all.lines().count() as u64, e.exchanges());
 }
 
@@ -157,19 +108,7 @@ fn pipelined_requests_pair_exactly() {
 
 #[test]
 fn text_summary_in_the_c_tools_words() {
-    let pcap = fixture("redis-slow.pcap");
-    let out = tcpkit(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-p",
-        "26379",
-        "-m",
-        "redis",
-        "-t",
-        "20",
-        "--summary",
-        "text",
-    ]);
+    let out = redis("redis-slow", &["-t", "20", "--summary", "text"]);
     assert!(out.contains("port 26379: 10 requests, avg "), "{out}");
     assert!(out.contains("threshold 20.000 ms, 5 slow"), "{out}");
     assert!(
