@@ -31,14 +31,15 @@ pub enum SummaryFormat {
 
 /// tcpkit: how slow every Redis, Memcached and DNS request really is, from the wire.
 ///
-/// Captures packets (live with libpcap, or from a pcap/pcapng file), reassembles TCP and
-/// reports per port. Stats are served as JSON on TCP port 33333 while capturing live.
+/// Captures packets (live with libpcap, or from a pcap/pcapng file), reassembles TCP, pairs
+/// every request with its response, prints the slow ones (-t) and reports latency per port
+/// and command. Stats are served as JSON on TCP port 33333 while capturing live.
 #[derive(Debug, Parser)]
 #[command(
     name = "tcpkit",
     version,
     disable_version_flag = true,
-    after_help = "EXAMPLES:\n  tcpkit -i lo -p 6379 -m raw\n  tcpkit -r capture.pcap -p 6379 -m raw --summary json\n  tcpkit -i eth0 -p 6379 -w copy.pcap 'not host 10.0.0.9'"
+    after_help = "EXAMPLES:\n  tcpkit -i eth0 -p 6379 -m redis -t 10        Redis requests of 10 ms or more, live\n  tcpkit -r capture.pcap -p 6379 -m redis --summary json\n  tcpkit -i lo -p 6379 -m raw                  every packet with payload\n  tcpkit -i eth0 -p 6379 -w copy.pcap 'not host 10.0.0.9'"
 )]
 pub struct Args {
     /// Server IPs to monitor, comma separated (needed client-side, or when client and server
