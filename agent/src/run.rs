@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::cli::{Args, Mode, SummaryFormat};
+use crate::decode::LinkType;
 use crate::flow::{DirectionRule, FlowLimits};
 use crate::matcher::{MatchLimits, RedisConnection};
 use crate::pipeline::{Connection, Pipeline, PipelineConfig};
@@ -54,17 +55,12 @@ pub fn run(args: Args) -> Result<()> {
         ),
         None => None,
     };
-    let mut log: Box<dyn Write> = match &args.log {
-        Some(path) => Box::new(io::BufWriter::with_capacity(
-            1 << 16,
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open log file {}", path.display()))?,
-        )),
-        None => Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
-    };
+    let mut log = open_log(&args)?;
+    // Before the pid file exists, so that a signal sent as soon as it does stops cleanly.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot handle signals")?;
+    }
     if args.daemonize {
         // SAFETY: no thread has been started yet; daemon(3) forks and detaches.
         if unsafe { libc::daemon(1, 0) } != 0 {
@@ -76,34 +72,10 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("cannot write pid file {}", path.display()))?;
     }
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(signal, Arc::clone(&stop)).context("cannot handle signals")?;
-    }
     let snapshot = StatsSnapshot::default();
     let stats_thread = stats_listener.map(|l| spawn_stats_server(l, snapshot.clone()));
 
-    let local = capture::local_addresses();
-    let rule = DirectionRule::new(&args.ports, &args.servers, &local);
-    let limits = FlowLimits {
-        max_flows: args.max_flows.max(1),
-        idle_timeout_us: args.flow_idle_timeout_secs.saturating_mul(1_000_000),
-        reassembly: ReassemblyLimits {
-            max_held_bytes: args.max_held_bytes,
-            ..ReassemblyLimits::default()
-        },
-    };
-    let config = PipelineConfig {
-        link: capture.link(),
-        rule,
-        ports: args.ports.clone(),
-        flow_limits: limits,
-        match_limits: MatchLimits {
-            max_pending_per_connection: args.max_pending.max(1),
-            ..MatchLimits::default()
-        },
-        threshold_ms: args.threshold_ms,
-    };
+    let config = pipeline_config(&args, capture.link());
     let result = match args.mode {
         Mode::Redis => drive(
             Pipeline::<RedisConnection>::new(config),
@@ -113,6 +85,7 @@ pub fn run(args: Args) -> Result<()> {
             &stop,
             &snapshot,
         ),
+        // Raw mode (the other modes were refused above).
         _ => drive(
             Pipeline::<()>::new(config),
             &args,
@@ -127,6 +100,44 @@ pub fn run(args: Args) -> Result<()> {
         let _ = thread.join();
     }
     result
+}
+
+/// The log: `-o FILE` (appended), or standard output.
+fn open_log(args: &Args) -> Result<Box<dyn Write>> {
+    Ok(match &args.log {
+        Some(path) => Box::new(io::BufWriter::with_capacity(
+            1 << 16,
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?,
+        )),
+        None => Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
+    })
+}
+
+/// The pipeline's settings from the command line.
+fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
+    let local = capture::local_addresses();
+    PipelineConfig {
+        link,
+        rule: DirectionRule::new(&args.ports, &args.servers, &local),
+        ports: args.ports.clone(),
+        flow_limits: FlowLimits {
+            max_flows: args.max_flows.max(1),
+            idle_timeout_us: args.flow_idle_timeout_secs.saturating_mul(1_000_000),
+            reassembly: ReassemblyLimits {
+                max_held_bytes: args.max_held_bytes,
+                ..ReassemblyLimits::default()
+            },
+        },
+        match_limits: MatchLimits {
+            max_pending_per_connection: args.max_pending.max(1),
+            ..MatchLimits::default()
+        },
+        threshold_ms: args.threshold_ms,
+    }
 }
 
 /// Runs the capture loop through `pipeline`, then prints the summary.
