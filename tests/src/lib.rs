@@ -37,6 +37,16 @@ pub fn run_tcpkit(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
+/// Runs tcpkit on the fixture `name` (`-r NAME.pcap -p PORT`) with more arguments; its
+/// standard output.
+pub fn run_on_fixture(name: &str, args: &[&str]) -> String {
+    let pcap = fixture(&format!("{name}.pcap"));
+    let port = Expected::of(name).port.to_string();
+    let mut all = vec!["-r", pcap.to_str().expect("utf-8 path"), "-p", &port];
+    all.extend_from_slice(args);
+    run_tcpkit(&all)
+}
+
 /// A file of `tests/fixtures/`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,21 +1,13 @@
 //! tcpkit on the golden captures: its counts must equal what tshark counted.
 
-use tcpkit_tests::{fixture, run_tcpkit as run, Expected, FIXTURES};
+use tcpkit_tests::{run_on_fixture, Expected, FIXTURES};
 
 #[test]
 fn summary_json_equals_the_independent_counts() {
     for name in FIXTURES {
         let e = Expected::of(name);
-        let pcap = fixture(&format!("{name}.pcap"));
         let port = e.port.to_string();
-        let out = run(&[
-            "-r",
-            pcap.to_str().unwrap(),
-            "-p",
-            &port,
-            "--summary",
-            "json",
-        ]);
+        let out = run_on_fixture(name, &["--summary", "json"]);
         let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
         let stats = &json[0][&port];
         assert_eq!(stats["req_packets"], e.req_packets, "{name}");
@@ -29,15 +21,7 @@ fn summary_json_equals_the_independent_counts() {
 fn raw_mode_prints_one_line_per_payload_packet() {
     for name in FIXTURES {
         let e = Expected::of(name);
-        let pcap = fixture(&format!("{name}.pcap"));
-        let out = run(&[
-            "-r",
-            pcap.to_str().unwrap(),
-            "-p",
-            &e.port.to_string(),
-            "--summary",
-            "none",
-        ]);
+        let out = run_on_fixture(name, &["--summary", "none"]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len() as u64, e.payload_packets, "{name}");
         let marker = format!(":{}", e.port);
@@ -56,15 +40,7 @@ fn raw_mode_prints_one_line_per_payload_packet() {
 fn text_summary_counts_packets_connections_and_no_gaps() {
     for name in FIXTURES {
         let e = Expected::of(name);
-        let pcap = fixture(&format!("{name}.pcap"));
-        let out = run(&[
-            "-r",
-            pcap.to_str().unwrap(),
-            "-p",
-            &e.port.to_string(),
-            "--summary",
-            "text",
-        ]);
+        let out = run_on_fixture(name, &["--summary", "text"]);
         assert!(
             out.contains(&format!("\n{} packets captured\n", e.packets)),
             "{name}: {out}"
@@ -84,18 +60,11 @@ fn text_summary_counts_packets_connections_and_no_gaps() {
 #[test]
 fn a_bpf_expression_narrows_the_capture() {
     let e = Expected::of("redis-pipelined-sll");
-    let pcap = fixture("redis-pipelined-sll.pcap");
-    let out = run(&[
-        "-r",
-        pcap.to_str().unwrap(),
-        "-p",
-        &e.port.to_string(),
-        "--summary",
-        "json",
-        "dst",
-        "port",
-        &e.port.to_string(),
-    ]);
+    let port = e.port.to_string();
+    let out = run_on_fixture(
+        "redis-pipelined-sll",
+        &["--summary", "json", "dst", "port", &port],
+    );
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let stats = &json[0][e.port.to_string()];
     assert_eq!(stats["req_packets"], e.req_packets);

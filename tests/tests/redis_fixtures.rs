@@ -2,15 +2,13 @@
 //! once (its own INFO commandstats, taken by the generator, is the reference), per command;
 //! the slow log has one line per exchange at or above `-t`.
 
-use tcpkit_tests::{fixture, run_tcpkit as tcpkit, Expected, FIXTURES};
+use tcpkit_tests::{run_on_fixture, Expected, FIXTURES};
 
 /// tcpkit in redis mode on a fixture, with more arguments.
 fn redis(name: &str, args: &[&str]) -> String {
-    let pcap = fixture(&format!("{name}.pcap"));
-    let port = Expected::of(name).port.to_string();
-    let mut all = vec!["-r", pcap.to_str().unwrap(), "-p", &port, "-m", "redis"];
+    let mut all = vec!["-m", "redis"];
     all.extend_from_slice(args);
-    tcpkit(&all)
+    run_on_fixture(name, &all)
 }
 
 fn redis_json(name: &str, threshold_ms: &str) -> (Expected, serde_json::Value) {
