@@ -108,3 +108,65 @@ fn pcapng_reads_like_pcap() {
     assert_eq!(stats["rsp_bytes"], e.rsp_bytes);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Copies a fixture without the frames `drop` selects.
+fn copy_without(name: &str, to: &Path, drop: impl Fn(usize, &[u8]) -> bool) -> usize {
+    let mut source = Capture::from_file(fixture(&format!("{name}.pcap"))).unwrap();
+    let dead = Capture::dead(source.get_datalink()).unwrap();
+    let mut out = dead.savefile(to).unwrap();
+    let mut dropped = 0;
+    let mut i = 0;
+    while let Ok(packet) = source.next_packet() {
+        if drop(i, packet.data) {
+            dropped += 1;
+        } else {
+            out.write(&packet);
+        }
+        i += 1;
+    }
+    out.flush().unwrap();
+    dropped
+}
+
+#[test]
+fn a_lost_segment_in_redis_mode_is_counted_and_pairing_recovers() {
+    let name = "redis-bigvalues-any";
+    let e = Expected::of(name);
+    let dir = std::env::temp_dir().join(format!("tcpkit-gap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pcap = dir.join("gap.pcap");
+    // The 300th large frame: a segment in the middle of a 64 KiB SET value.
+    let large = std::cell::Cell::new(0);
+    let dropped = copy_without(name, &pcap, |_, data| {
+        if data.len() > 1400 {
+            large.set(large.get() + 1);
+            return large.get() == 300;
+        }
+        false
+    });
+    assert_eq!(dropped, 1);
+    let out = Command::new(tcpkit_bin())
+        .args([
+            "-r",
+            pcap.to_str().unwrap(),
+            "-p",
+            &e.port.to_string(),
+            "-m",
+            "redis",
+        ])
+        .args(["-t", "100000", "--summary", "text"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 gaps (desyncs)"), "{text}");
+    assert!(text.contains("matching: 1 desyncs"), "{text}");
+    // The request with the hole is lost; every other one still pairs.
+    let want = format!("port {}: {} requests", e.port, e.exchanges() - 1);
+    assert!(text.contains(&want), "{want} in {text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
