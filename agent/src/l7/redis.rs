@@ -528,13 +528,25 @@ fn find_newline(data: &[u8]) -> Option<usize> {
 /// Reads the length that starts at `data[start]` and ends with `\r\n`: the length and
 /// where what follows it starts, or `None` when it is not all there or not a length.
 fn parse_header(data: &[u8], start: usize) -> Option<(i64, usize)> {
-    let rest = data.get(start..)?;
-    let end = rest.iter().take(16).position(|&b| b == b'\r')?;
-    if rest.get(end + 1) != Some(&b'\n') {
+    let negative = data.get(start) == Some(&b'-');
+    let digits = start + usize::from(negative);
+    let mut i = digits;
+    let mut n: i64 = 0;
+    while let Some(&b) = data.get(i) {
+        if !b.is_ascii_digit() || i - digits >= 13 {
+            break;
+        }
+        n = n * 10 + i64::from(b - b'0');
+        i += 1;
+    }
+    if i == digits || data.get(i..i + 2) != Some(b"\r\n") {
         return None;
     }
-    let len = parse_len(&rest[..end]).ok()?;
-    Some((len, start + end + 2))
+    match (negative, n) {
+        (true, 1) => Some((-1, i + 2)),
+        (false, n) if n <= 1 << 40 => Some((n, i + 2)),
+        _ => None,
+    }
 }
 
 /// Parses a length or count: `-1` or a non-negative decimal that fits 2^40.
