@@ -241,14 +241,15 @@ impl<S: Default> FlowTable<S> {
                 handler.on_close(&key, old.state, CloseReason::Reused, ts_us);
             }
         }
-        if self.flows.len() >= self.limits.max_flows && !self.flows.contains_key(&key) {
+        // A bare ACK, FIN or RST of a connection not tracked (or just closed) starts nothing.
+        let may_start = !payload.is_empty() || flags & tcp_flags::SYN != 0;
+        if may_start && self.flows.len() >= self.limits.max_flows && !self.flows.contains_key(&key)
+        {
             self.evict_oldest(ts_us, handler);
         }
         let flow = match self.flows.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
-            // A bare ACK, FIN or RST of a connection not tracked (or just closed) starts
-            // nothing.
-            Entry::Vacant(_) if payload.is_empty() && flags & tcp_flags::SYN == 0 => return,
+            Entry::Vacant(_) if !may_start => return,
             Entry::Vacant(e) => {
                 self.counters.flows_created += 1;
                 e.insert(Flow {

@@ -78,7 +78,6 @@ pub struct FineHistogram {
     /// Counts per fine bucket, grown on demand up to the highest bucket seen.
     counts: Vec<u64>,
     total: u64,
-    sum_us: u64,
     max_us: u64,
 }
 
@@ -91,7 +90,6 @@ impl FineHistogram {
         }
         self.counts[i] += 1;
         self.total += 1;
-        self.sum_us = self.sum_us.saturating_add(latency_us);
         self.max_us = self.max_us.max(latency_us);
     }
 
@@ -104,18 +102,7 @@ impl FineHistogram {
             *mine += theirs;
         }
         self.total += other.total;
-        self.sum_us = self.sum_us.saturating_add(other.sum_us);
         self.max_us = self.max_us.max(other.max_us);
-    }
-
-    /// Latencies counted.
-    pub fn count(&self) -> u64 {
-        self.total
-    }
-
-    /// Sum of the latencies, µs.
-    pub fn sum_us(&self) -> u64 {
-        self.sum_us
     }
 
     /// The largest latency, µs (exact).
@@ -140,15 +127,6 @@ impl FineHistogram {
             }
         }
         self.max_us
-    }
-
-    /// The non-empty buckets as (index, count), the sparse form for shipping.
-    pub fn sparse(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        self.counts
-            .iter()
-            .copied()
-            .enumerate()
-            .filter(|(_, c)| *c > 0)
     }
 }
 
