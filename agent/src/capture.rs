@@ -140,6 +140,8 @@ pub struct Capture {
     /// Bytes of the file consumed so far (offline), for progress.
     file_bytes_read: u64,
     file_size: Option<u64>,
+    /// The file read (offline), to name it in errors.
+    file: Option<PathBuf>,
 }
 
 /// Live reads return at least this often, so that the caller can do periodic work and
@@ -183,6 +185,10 @@ impl Capture {
             dump: None,
             file_bytes_read: 0,
             file_size,
+            file: match &config.source {
+                Source::File(path) => Some(path.clone()),
+                Source::Live { .. } => None,
+            },
         };
         if !config.filter.is_empty() {
             let filter = vlan_aware(&config.filter, link);
@@ -250,7 +256,13 @@ impl Capture {
                 Ok(Next::Idle)
             }
             Err(pcap::Error::NoMorePackets) => Ok(Next::End),
-            Err(e) => Err(CaptureError::Pcap(e.to_string())),
+            Err(e) => Err(match &self.file {
+                Some(path) => CaptureError::File {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                },
+                None => CaptureError::Pcap(e.to_string()),
+            }),
         }
     }
 

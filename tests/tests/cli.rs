@@ -77,7 +77,11 @@ fn unreadable_or_foreign_files_exit_1() {
         "text",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read") && stderr.contains("truncated"),
+        "{stderr}"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("packets captured"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
