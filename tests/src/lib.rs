@@ -190,7 +190,7 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
-/// A real `redis-server` on a free loopback port, with nothing saved to disk.
+/// A real `redis-server` on a free loopback port (127.0.0.1 and ::1), nothing saved to disk.
 pub fn start_redis() -> (Guard, u16) {
     let port = free_port();
     let child = Command::new("redis-server")
@@ -198,7 +198,7 @@ pub fn start_redis() -> (Guard, u16) {
             "--port",
             &port.to_string(),
             "--bind",
-            "127.0.0.1",
+            "127.0.0.1 -::1", // IPv6 only where the machine has it
             "--save",
             "",
         ])

@@ -308,3 +308,62 @@ fn redis_benchmark_counted_on(interface: &str) {
     assert_eq!(stats["timeouts"], 0, "{stats}");
     assert_eq!(stats["dropped"], 0, "{stats}");
 }
+
+#[test]
+fn live_redis_mode_over_ipv6_prints_bracketed_addresses() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("redis-server"), "redis-server")
+    {
+        return;
+    }
+    let (_redis, port) = start_redis();
+    if !requirement(
+        TcpStream::connect(("::1", port)).is_ok(),
+        "IPv6 on loopback",
+    ) {
+        return;
+    }
+    let stats_port = free_port();
+    let agent = Command::new(tcpkit_bin())
+        .args(["-i", "lo", "-m", "redis", "-p", &port.to_string()])
+        .args(["-P", &stats_port.to_string(), "--summary", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    let mut conn = TcpStream::connect(("::1", port)).unwrap();
+    let mut reply = [0u8; 7];
+    for _ in 0..10 {
+        conn.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+        conn.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"+PONG\r\n");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(agent.0.wait().unwrap().success());
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.ends_with("| PING")).collect();
+    assert_eq!(lines.len(), 10, "{stdout}");
+    assert!(
+        lines[0].contains(&format!(" => [::1]:{port} | ")),
+        "{}",
+        lines[0]
+    );
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        json[0][port.to_string()]["commands"]["PING"]["total_reqs"],
+        10
+    );
+}
