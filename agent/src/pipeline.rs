@@ -10,7 +10,8 @@ use crate::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
 };
 use crate::matcher::{
-    Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, RedisConnection, Unanswered,
+    Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, MemcachedConnection,
+    RedisConnection, Unanswered,
 };
 use crate::raw::RawFormatter;
 use crate::slowlog::SlowLog;
@@ -49,6 +50,26 @@ impl Connection for () {
     }
     fn on_gap(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
     fn on_close(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
+}
+
+impl Connection for MemcachedConnection {
+    const RAW: bool = false;
+    fn on_data(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, Sinks>,
+    ) {
+        MemcachedConnection::on_data(self, key, dir, ts_us, bytes, cx);
+    }
+    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        MemcachedConnection::on_gap(self, key, cx);
+    }
+    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        MemcachedConnection::on_close(self, key, cx);
+    }
 }
 
 impl Connection for RedisConnection {

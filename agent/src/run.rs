@@ -13,7 +13,7 @@ use crate::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::cli::{Args, Mode, SummaryFormat};
 use crate::decode::LinkType;
 use crate::flow::{DirectionRule, FlowLimits};
-use crate::matcher::{MatchLimits, RedisConnection};
+use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
 use crate::pipeline::{Connection, Pipeline, PipelineConfig};
 use crate::reassembly::ReassemblyLimits;
 use crate::stats_server::{self, StatsSnapshot};
@@ -25,9 +25,8 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
-    if matches!(args.mode, Mode::Memcached | Mode::Dns) {
-        let mode = format!("{:?}", args.mode).to_lowercase();
-        bail!("-m {mode} is not available yet: this build has raw and redis modes");
+    if args.mode == Mode::Dns {
+        bail!("-m dns is not available yet: this build has raw, redis and memcached modes");
     }
     if args.script.is_some() {
         bail!("Lua scripts (-S) are not available yet in this build");
@@ -85,7 +84,15 @@ pub fn run(args: Args) -> Result<()> {
             &stop,
             &snapshot,
         ),
-        // Raw mode (the other modes were refused above).
+        Mode::Memcached => drive(
+            Pipeline::<MemcachedConnection>::new(config),
+            &args,
+            &mut capture,
+            &mut log,
+            &stop,
+            &snapshot,
+        ),
+        // Raw mode (dns was refused above).
         _ => drive(
             Pipeline::<()>::new(config),
             &args,

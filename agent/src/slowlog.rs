@@ -93,6 +93,8 @@ mod tests {
             req_bytes: 0,
             rsp_bytes: 0,
             error: false,
+            hits: 0,
+            misses: 0,
         };
         let mut out = Vec::new();
         SlowLog::new(Some(10.0)).format(&e, &mut out);

@@ -41,6 +41,10 @@ pub struct LatencyStats {
     pub req_bytes: u64,
     /// Response bytes of the exchanges.
     pub rsp_bytes: u64,
+    /// Keys found by retrievals (memcached).
+    pub hits: u64,
+    /// Keys not found by retrievals (memcached).
+    pub misses: u64,
 }
 
 impl LatencyStats {
@@ -58,6 +62,8 @@ impl LatencyStats {
         self.dropped += other.dropped;
         self.req_bytes += other.req_bytes;
         self.rsp_bytes += other.rsp_bytes;
+        self.hits += other.hits;
+        self.misses += other.misses;
     }
 
     fn record(&mut self, e: &Exchange<'_>, slow: bool) {
@@ -69,6 +75,8 @@ impl LatencyStats {
         self.errors += u64::from(e.error);
         self.req_bytes += e.req_bytes;
         self.rsp_bytes += e.rsp_bytes;
+        self.hits += u64::from(e.hits);
+        self.misses += u64::from(e.misses);
     }
 
     fn give_up(&mut self, why: Unanswered) {
@@ -95,6 +103,8 @@ impl LatencyStats {
             ("dropped", self.dropped),
             ("req_bytes", self.req_bytes),
             ("rsp_bytes", self.rsp_bytes),
+            ("hits", self.hits),
+            ("misses", self.misses),
         ] {
             m.insert(k.to_string(), json!(v));
         }
@@ -449,6 +459,8 @@ mod latency_tests {
             req_bytes: 10,
             rsp_bytes: 5,
             error,
+            hits: 0,
+            misses: 0,
         }
     }
 

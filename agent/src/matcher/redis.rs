@@ -1,6 +1,3 @@
-//! Pairs requests with responses, per connection. The only module that knows about pending
-//! requests.
-//!
 //! Redis: a FIFO of pending requests, so that pipelined requests (hundreds in one segment,
 //! replies coalesced) pair exactly. Requests that get no reply are not queued (`REPLCONF
 //! ACK`, everything while `CLIENT REPLY OFF`, the command after `CLIENT REPLY SKIP`);
@@ -12,91 +9,11 @@
 //! dropped.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+
+use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 
 use crate::flow::{Direction, FlowKey};
 use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
-
-/// One request paired with its response.
-#[derive(Debug, Clone, Copy)]
-pub struct Exchange<'a> {
-    /// The client.
-    pub client: SocketAddr,
-    /// The server.
-    pub server: SocketAddr,
-    /// Capture time of the request's first packet, µs.
-    pub req_start_us: u64,
-    /// Capture time of the packet that completed the request, µs.
-    pub req_done_us: u64,
-    /// Capture time of the response's first packet, µs.
-    pub rsp_start_us: u64,
-    /// `rsp_start_us - req_done_us`, never negative.
-    pub latency_us: u64,
-    /// The command name, upper case (`GET`).
-    pub command: &'a [u8],
-    /// The command and its arguments as sent, cut at [`SUMMARY_BYTES`].
-    pub summary: &'a [u8],
-    /// True when the summary was cut.
-    pub truncated: bool,
-    /// Bytes of the request.
-    pub req_bytes: u64,
-    /// Bytes of the response.
-    pub rsp_bytes: u64,
-    /// The response is an error.
-    pub error: bool,
-}
-
-/// Why a request will never be paired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Unanswered {
-    /// Its connection ended, went idle, or the queue overflowed before a reply came.
-    Timeout,
-    /// Its connection's stream was desynchronised (gap or garbage).
-    Desync,
-}
-
-/// Receives what the matcher pairs, and what it gives up on.
-pub trait ExchangeSink {
-    /// A completed exchange.
-    fn exchange(&mut self, e: &Exchange<'_>);
-    /// A request that will never be paired.
-    fn unanswered(&mut self, server: SocketAddr, command: &[u8], why: Unanswered);
-}
-
-/// Caps on pending requests.
-#[derive(Debug, Clone, Copy)]
-pub struct MatchLimits {
-    /// Pending requests per connection; past it the oldest is given up as a timeout.
-    pub max_pending_per_connection: usize,
-    /// Pending requests over all connections; past it new requests are not tracked.
-    pub max_pending_total: usize,
-}
-
-impl Default for MatchLimits {
-    fn default() -> Self {
-        Self {
-            max_pending_per_connection: 4096,
-            max_pending_total: 1 << 20,
-        }
-    }
-}
-
-/// What the matcher saw, over all connections.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct MatchCounters {
-    /// Requests that expect no reply (not waited for).
-    pub noreply: u64,
-    /// Server messages that answer no request (pushes, pub/sub messages, MONITOR output).
-    pub unsolicited: u64,
-    /// Replies with no pending request to pair with.
-    pub unmatched: u64,
-    /// Streams desynchronised by a gap or invalid bytes.
-    pub desyncs: u64,
-    /// Bytes skipped while resynchronising.
-    pub resync_skipped_bytes: u64,
-    /// Requests pending now, over all connections.
-    pub pending: u64,
-}
 
 /// A request waiting for its reply. Its command name and summary live in the queue's text
 /// arena: no allocation per request.
@@ -187,9 +104,9 @@ pub struct RedisConnection {
     requests: RespParser,
     replies: RespParser,
     pending: PendingQueue,
-    /// First-packet time of a request (reply) still being read.
-    req_start_us: u64,
-    rsp_start_us: u64,
+    /// First-packet times of the requests and replies being read.
+    req_clock: ChunkClock,
+    rsp_clock: ChunkClock,
     reply_mode: ReplyMode,
     pubsub: bool,
     monitor: bool,
@@ -203,8 +120,8 @@ impl Default for RedisConnection {
             requests: RespParser::new(Role::Request),
             replies: RespParser::new(Role::Reply),
             pending: PendingQueue::default(),
-            req_start_us: 0,
-            rsp_start_us: 0,
+            req_clock: ChunkClock::default(),
+            rsp_clock: ChunkClock::default(),
             reply_mode: ReplyMode::On,
             pubsub: false,
             monitor: false,
@@ -212,16 +129,6 @@ impl Default for RedisConnection {
             replies_resyncing: false,
         }
     }
-}
-
-/// Everything a connection's matching reports to.
-pub struct MatchContext<'a, S: ExchangeSink> {
-    /// The caps.
-    pub limits: &'a MatchLimits,
-    /// The counters.
-    pub counters: &'a mut MatchCounters,
-    /// Where exchanges go.
-    pub sink: &'a mut S,
 }
 
 const SUBSCRIBE_FAMILY: [&[u8]; 6] = [
@@ -307,20 +214,23 @@ impl RedisConnection {
             }
             self.requests_resyncing = false;
         }
+        let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
         let Self {
             requests,
             pending,
-            req_start_us,
             reply_mode,
             pubsub,
             monitor,
             ..
         } = self;
-        feed_timed(requests, req_start_us, ts_us, bytes, &mut |m, start| {
+        let result = requests.feed(bytes, &mut |m| {
+            let start = timer.next_start();
             queue_request(
                 key, m, start, ts_us, pending, reply_mode, pubsub, *monitor, cx,
             );
-        })
+        });
+        self.req_clock.end(&timer, self.requests.in_message());
+        result.map_err(|_| ())
     }
 
     fn on_reply_bytes<S: ExchangeSink>(
@@ -341,18 +251,21 @@ impl RedisConnection {
             }
             self.replies_resyncing = false;
         }
+        let mut timer = self.rsp_clock.begin(ts_us, self.replies.in_message());
         let Self {
             replies,
             pending,
-            rsp_start_us,
             reply_mode,
             pubsub,
             monitor,
             ..
         } = self;
-        feed_timed(replies, rsp_start_us, ts_us, bytes, &mut |m, start| {
+        let result = replies.feed(bytes, &mut |m| {
+            let start = timer.next_start();
             pair_reply(key, m, start, pending, reply_mode, pubsub, monitor, cx);
-        })
+        });
+        self.rsp_clock.end(&timer, self.replies.in_message());
+        result.map_err(|_| ())
     }
 
     fn desync<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
@@ -376,34 +289,6 @@ impl RedisConnection {
         }
         self.pending.entries.clear();
     }
-}
-
-/// Feeds one chunk captured at `ts_us`, handing each message the capture time of its first
-/// byte: a message carried over from earlier chunks started at `*partial_start_us`, the
-/// others in this chunk. Remembers when a message left incomplete started.
-fn feed_timed(
-    parser: &mut RespParser,
-    partial_start_us: &mut u64,
-    ts_us: u64,
-    bytes: &[u8],
-    on_message: &mut impl FnMut(&Message<'_>, u64),
-) -> Result<(), ()> {
-    let carried = parser.in_message();
-    let mut first = true;
-    let carried_start = *partial_start_us;
-    let result = parser.feed(bytes, &mut |m: &Message<'_>| {
-        let start = if first && carried {
-            carried_start
-        } else {
-            ts_us
-        };
-        first = false;
-        on_message(m, start);
-    });
-    if parser.in_message() && !(first && carried) {
-        *partial_start_us = ts_us;
-    }
-    result.map_err(|_| ())
 }
 
 /// Decides whether a parsed request waits for a reply, and queues it when it does.
@@ -604,12 +489,16 @@ fn complete<S: ExchangeSink>(
         req_bytes: request.req_bytes,
         rsp_bytes: reply.bytes,
         error: reply.error,
+        hits: 0,
+        misses: 0,
     });
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matcher::{MatchCounters, MatchLimits};
+    use std::net::SocketAddr;
 
     #[derive(Default)]
     struct Recorder {

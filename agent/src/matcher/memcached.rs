@@ -1,0 +1,296 @@
+//! Memcached (text protocol) matching: a FIFO of pending requests. A retrieval is answered by
+//! its `VALUE` blocks and `END` (hits counted from the blocks, misses are the keys left), a
+//! `stats` by its `STAT` lines and `END`, everything else by one line. `noreply` requests
+//! and `quit` are not waited for. A gap or garbage drops the pending requests (counted) and
+//! resynchronises at the next segment that starts a known command, then at the next reply
+//! segment once such a request is pending.
+
+use std::collections::VecDeque;
+
+use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use crate::flow::{Direction, FlowKey};
+use crate::l7::memcached::{Expect, McParser, Message, Role, Unit};
+
+/// Bytes of a request's summary kept while it waits.
+const KEPT_SUMMARY: usize = 96;
+
+#[derive(Debug, Clone)]
+struct Pending {
+    req_start_us: u64,
+    req_done_us: u64,
+    req_bytes: u64,
+    expect: Expect,
+    keys: u32,
+    command_len: u8,
+    summary: [u8; KEPT_SUMMARY],
+    summary_len: u8,
+    truncated: bool,
+    /// Time of the first reply unit, bytes and hits so far (multi-unit replies).
+    rsp_start_us: Option<u64>,
+    rsp_bytes: u64,
+    hits: u32,
+}
+
+impl Pending {
+    fn summary(&self) -> &[u8] {
+        &self.summary[..usize::from(self.summary_len)]
+    }
+}
+
+/// The matching state of one memcached connection.
+#[derive(Debug)]
+pub struct MemcachedConnection {
+    requests: McParser,
+    replies: McParser,
+    pending: VecDeque<Pending>,
+    req_clock: ChunkClock,
+    rsp_clock: ChunkClock,
+    requests_resyncing: bool,
+    replies_resyncing: bool,
+}
+
+impl Default for MemcachedConnection {
+    fn default() -> Self {
+        Self {
+            requests: McParser::new(Role::Request),
+            replies: McParser::new(Role::Reply),
+            pending: VecDeque::new(),
+            req_clock: ChunkClock::default(),
+            rsp_clock: ChunkClock::default(),
+            requests_resyncing: false,
+            replies_resyncing: false,
+        }
+    }
+}
+
+const COMMANDS: [&[u8]; 18] = [
+    b"get ",
+    b"gets ",
+    b"gat ",
+    b"gats ",
+    b"set ",
+    b"add ",
+    b"replace ",
+    b"append ",
+    b"prepend ",
+    b"cas ",
+    b"delete ",
+    b"incr ",
+    b"decr ",
+    b"touch ",
+    b"stats",
+    b"version",
+    b"flush_all",
+    b"verbosity ",
+];
+const REPLY_STARTS: [&[u8]; 6] = [b"VALUE ", b"END", b"STORED", b"STAT ", b"NOT_", b"ERROR"];
+
+impl MemcachedConnection {
+    /// Takes the next reassembled bytes of one direction.
+    pub fn on_data<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let ok = match dir {
+            Direction::Request => self.on_request_bytes(key, ts_us, bytes, cx),
+            Direction::Response => self.on_reply_bytes(key, ts_us, bytes, cx),
+        };
+        if !ok {
+            self.on_gap(key, cx);
+        }
+    }
+
+    /// Bytes are missing in one direction, or garbage came: pending requests are dropped.
+    pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        cx.counters.desyncs += 1;
+        self.give_up(key, Unanswered::Desync, cx);
+        self.requests.reset();
+        self.replies.reset();
+        self.requests_resyncing = true;
+        self.replies_resyncing = true;
+    }
+
+    /// The connection ended: pending requests will never be answered.
+    pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        self.give_up(key, Unanswered::Timeout, cx);
+    }
+
+    fn give_up<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        cx.counters.pending -= self.pending.len() as u64;
+        for p in self.pending.drain(..) {
+            let command = &p.summary[..usize::from(p.command_len)];
+            cx.sink.unanswered(key.server, command, why);
+        }
+    }
+
+    fn on_request_bytes<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) -> bool {
+        if self.requests_resyncing {
+            if !COMMANDS.iter().any(|c| bytes.starts_with(c)) {
+                cx.counters.resync_skipped_bytes += bytes.len() as u64;
+                return true;
+            }
+            self.requests_resyncing = false;
+        }
+        let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
+        let Self {
+            requests, pending, ..
+        } = self;
+        let result = requests.feed(bytes, &mut |m| {
+            let start = timer.next_start();
+            queue(key, m, start, ts_us, pending, cx);
+        });
+        self.req_clock.end(&timer, self.requests.in_message());
+        result.is_ok()
+    }
+
+    fn on_reply_bytes<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) -> bool {
+        if self.replies_resyncing {
+            let trusted = !self.pending.is_empty()
+                && (REPLY_STARTS.iter().any(|r| bytes.starts_with(r))
+                    || bytes.first().is_some_and(u8::is_ascii_uppercase));
+            if !trusted {
+                cx.counters.resync_skipped_bytes += bytes.len() as u64;
+                return true;
+            }
+            self.replies_resyncing = false;
+        }
+        let mut timer = self.rsp_clock.begin(ts_us, self.replies.in_message());
+        let Self {
+            replies, pending, ..
+        } = self;
+        let result = replies.feed(bytes, &mut |m| {
+            let start = timer.next_start();
+            pair(key, m, start, pending, cx);
+        });
+        self.rsp_clock.end(&timer, self.replies.in_message());
+        result.is_ok()
+    }
+}
+
+fn queue<S: ExchangeSink>(
+    key: &FlowKey,
+    m: &Message<'_>,
+    req_start_us: u64,
+    req_done_us: u64,
+    pending: &mut VecDeque<Pending>,
+    cx: &mut MatchContext<'_, S>,
+) {
+    if m.expect == Expect::Nothing {
+        cx.counters.noreply += 1;
+        return;
+    }
+    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+        cx.sink
+            .unanswered(key.server, m.command, Unanswered::Timeout);
+        return;
+    }
+    if pending.len() >= cx.limits.max_pending_per_connection {
+        if let Some(oldest) = pending.pop_front() {
+            cx.counters.pending -= 1;
+            cx.sink.unanswered(
+                key.server,
+                &oldest.summary[..usize::from(oldest.command_len)],
+                Unanswered::Timeout,
+            );
+        }
+    }
+    let mut summary = [0u8; KEPT_SUMMARY];
+    let kept = m.summary.len().min(KEPT_SUMMARY);
+    summary[..kept].copy_from_slice(&m.summary[..kept]);
+    pending.push_back(Pending {
+        req_start_us,
+        req_done_us,
+        req_bytes: m.bytes,
+        expect: m.expect,
+        keys: m.keys,
+        command_len: m.command.len().min(KEPT_SUMMARY) as u8,
+        summary,
+        summary_len: kept as u8,
+        truncated: kept < m.summary.len(),
+        rsp_start_us: None,
+        rsp_bytes: 0,
+        hits: 0,
+    });
+    cx.counters.pending += 1;
+}
+
+fn pair<S: ExchangeSink>(
+    key: &FlowKey,
+    m: &Message<'_>,
+    rsp_start_us: u64,
+    pending: &mut VecDeque<Pending>,
+    cx: &mut MatchContext<'_, S>,
+) {
+    let Some(front) = pending.front_mut() else {
+        cx.counters.unmatched += 1;
+        return;
+    };
+    let start = *front.rsp_start_us.get_or_insert(rsp_start_us);
+    front.rsp_bytes += m.bytes;
+    let done = match (front.expect, m.unit) {
+        (_, Unit::Error) => true,
+        (Expect::Values, Unit::Value) => {
+            front.hits += 1;
+            false
+        }
+        (Expect::Stats, Unit::Stat) => false,
+        (Expect::Values | Expect::Stats, Unit::End) => true,
+        (Expect::Line, Unit::Line) => true,
+        // A unit that cannot answer this request: the pairing is off.
+        _ => {
+            cx.counters.unmatched += 1;
+            true
+        }
+    };
+    if !done {
+        return;
+    }
+    let Some(request) = pending.pop_front() else {
+        return;
+    };
+    cx.counters.pending -= 1;
+    let summary = request.summary();
+    let (hits, misses) = match request.expect {
+        Expect::Values if m.unit != Unit::Error => {
+            (request.hits, request.keys.saturating_sub(request.hits))
+        }
+        _ => (0, 0),
+    };
+    cx.sink.exchange(&Exchange {
+        client: key.client,
+        server: key.server,
+        req_start_us: request.req_start_us,
+        req_done_us: request.req_done_us,
+        rsp_start_us: start,
+        latency_us: start.saturating_sub(request.req_done_us),
+        command: &summary[..usize::from(request.command_len)],
+        summary,
+        truncated: request.truncated,
+        req_bytes: request.req_bytes,
+        rsp_bytes: request.rsp_bytes,
+        error: m.unit == Unit::Error,
+        hits,
+        misses,
+    });
+}

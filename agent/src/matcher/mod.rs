@@ -1,0 +1,154 @@
+//! Pairs requests with responses, per connection: the only modules that know about pending
+//! requests. Each protocol has its own connection state ([`redis`], [`memcached`]); what they
+//! produce, and the caps and counters they share, are here.
+
+use std::net::SocketAddr;
+
+pub mod memcached;
+pub mod redis;
+
+pub use memcached::MemcachedConnection;
+pub use redis::RedisConnection;
+
+/// One request paired with its response.
+#[derive(Debug, Clone, Copy)]
+pub struct Exchange<'a> {
+    /// The client.
+    pub client: SocketAddr,
+    /// The server.
+    pub server: SocketAddr,
+    /// Capture time of the request's first packet, µs.
+    pub req_start_us: u64,
+    /// Capture time of the packet that completed the request, µs.
+    pub req_done_us: u64,
+    /// Capture time of the response's first packet, µs.
+    pub rsp_start_us: u64,
+    /// `rsp_start_us - req_done_us`, never negative.
+    pub latency_us: u64,
+    /// The command name, upper case (`GET`).
+    pub command: &'a [u8],
+    /// The command and its arguments as sent, cut at [`SUMMARY_BYTES`].
+    pub summary: &'a [u8],
+    /// True when the summary was cut.
+    pub truncated: bool,
+    /// Bytes of the request.
+    pub req_bytes: u64,
+    /// Bytes of the response.
+    pub rsp_bytes: u64,
+    /// The response is an error.
+    pub error: bool,
+    /// Keys found, for a retrieval (memcached).
+    pub hits: u32,
+    /// Keys not found, for a retrieval (memcached).
+    pub misses: u32,
+}
+
+/// Why a request will never be paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unanswered {
+    /// Its connection ended, went idle, or the queue overflowed before a reply came.
+    Timeout,
+    /// Its connection's stream was desynchronised (gap or garbage).
+    Desync,
+}
+
+/// Receives what the matcher pairs, and what it gives up on.
+pub trait ExchangeSink {
+    /// A completed exchange.
+    fn exchange(&mut self, e: &Exchange<'_>);
+    /// A request that will never be paired.
+    fn unanswered(&mut self, server: SocketAddr, command: &[u8], why: Unanswered);
+}
+
+/// Caps on pending requests.
+#[derive(Debug, Clone, Copy)]
+pub struct MatchLimits {
+    /// Pending requests per connection; past it the oldest is given up as a timeout.
+    pub max_pending_per_connection: usize,
+    /// Pending requests over all connections; past it new requests are not tracked.
+    pub max_pending_total: usize,
+}
+
+impl Default for MatchLimits {
+    fn default() -> Self {
+        Self {
+            max_pending_per_connection: 4096,
+            max_pending_total: 1 << 20,
+        }
+    }
+}
+
+/// What the matcher saw, over all connections.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MatchCounters {
+    /// Requests that expect no reply (not waited for).
+    pub noreply: u64,
+    /// Server messages that answer no request (pushes, pub/sub messages, MONITOR output).
+    pub unsolicited: u64,
+    /// Replies with no pending request to pair with.
+    pub unmatched: u64,
+    /// Streams desynchronised by a gap or invalid bytes.
+    pub desyncs: u64,
+    /// Bytes skipped while resynchronising.
+    pub resync_skipped_bytes: u64,
+    /// Requests pending now, over all connections.
+    pub pending: u64,
+}
+
+/// Everything a connection's matching reports to.
+pub struct MatchContext<'a, S: ExchangeSink> {
+    /// The caps.
+    pub limits: &'a MatchLimits,
+    /// The counters.
+    pub counters: &'a mut MatchCounters,
+    /// Where exchanges go.
+    pub sink: &'a mut S,
+}
+
+/// When each message of a stream began: a message carried over from earlier chunks began at
+/// the remembered time, the others in the chunk that completes them.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ChunkClock {
+    partial_start_us: u64,
+}
+
+/// The start times of the messages of one chunk, in order.
+#[derive(Debug)]
+pub struct ChunkTimer {
+    ts_us: u64,
+    carried: bool,
+    carried_start_us: u64,
+    first: bool,
+}
+
+impl ChunkTimer {
+    /// The capture time of the first byte of the next message completed in this chunk.
+    pub fn next_start(&mut self) -> u64 {
+        let start = if self.first && self.carried {
+            self.carried_start_us
+        } else {
+            self.ts_us
+        };
+        self.first = false;
+        start
+    }
+}
+
+impl ChunkClock {
+    /// Starts a chunk captured at `ts_us`; `carried` when a message was partly read before it.
+    pub fn begin(&self, ts_us: u64, carried: bool) -> ChunkTimer {
+        ChunkTimer {
+            ts_us,
+            carried,
+            carried_start_us: self.partial_start_us,
+            first: true,
+        }
+    }
+
+    /// Ends a chunk; `in_message` when a message is left partly read.
+    pub fn end(&mut self, timer: &ChunkTimer, in_message: bool) {
+        if in_message && !(timer.first && timer.carried) {
+            self.partial_start_us = timer.ts_us;
+        }
+    }
+}
