@@ -251,6 +251,9 @@ impl McParser {
             b"version" => (Expect::Line, 1, None, 0),
             b"stats" => (Expect::Stats, 1, None, args.len()),
             b"quit" => (Expect::Nothing, 1, None, 0),
+            // A command this parser does not know: the server answers it with one line
+            // (`ERROR` if it does not know it either).
+            other if is_word(other) => (reply(Expect::Line), 1, None, args.len()),
             _ => return Err(McError::Malformed),
         };
         self.summary.clear();
@@ -321,6 +324,13 @@ fn reply_line(line: &[u8], bytes: u64) -> Result<(Pending, Option<u64>), McError
         unit,
     };
     Ok((pending, block))
+}
+
+/// A plausible command name: 1 to 32 lower-case letters, digits or `_`.
+fn is_word(w: &[u8]) -> bool {
+    (1..=32).contains(&w.len())
+        && w.iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
 }
 
 fn parse_u64(digits: &[u8]) -> Result<u64, McError> {
@@ -459,7 +469,7 @@ mod tests {
     #[test]
     fn garbage_is_an_error_then_parsing_goes_on() {
         for (role, garbage) in [
-            (Role::Request, &b"bogus k\r\n"[..]),
+            (Role::Request, &b"\x00\x01 k\r\n"[..]),
             (Role::Request, b"set k 0 0 2\r\nabc\r\n"),
             (Role::Reply, b"WHAT\r\n"),
             (Role::Reply, b"VALUE k 0 x\r\n"),

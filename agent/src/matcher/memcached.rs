@@ -294,3 +294,123 @@ fn pair<S: ExchangeSink>(
         misses,
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matcher::{MatchCounters, MatchLimits};
+    use std::net::SocketAddr;
+
+    #[derive(Default)]
+    struct Recorder {
+        exchanges: Vec<(String, u64, bool, u32, u32)>,
+        unanswered: usize,
+    }
+
+    impl ExchangeSink for Recorder {
+        fn exchange(&mut self, e: &Exchange<'_>) {
+            let summary = String::from_utf8_lossy(e.summary).into_owned();
+            self.exchanges
+                .push((summary, e.latency_us, e.error, e.hits, e.misses));
+        }
+        fn unanswered(&mut self, _: SocketAddr, _: &[u8], _: Unanswered) {
+            self.unanswered += 1;
+        }
+    }
+
+    struct Harness {
+        conn: MemcachedConnection,
+        key: FlowKey,
+        limits: MatchLimits,
+        counters: MatchCounters,
+        sink: Recorder,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self {
+                conn: MemcachedConnection::default(),
+                key: FlowKey {
+                    client: "10.0.0.1:40000".parse().unwrap(),
+                    server: "10.0.0.2:11211".parse().unwrap(),
+                },
+                limits: MatchLimits::default(),
+                counters: MatchCounters::default(),
+                sink: Recorder::default(),
+            }
+        }
+        fn send(&mut self, dir: Direction, ts: u64, bytes: &[u8]) {
+            let mut cx = MatchContext {
+                limits: &self.limits,
+                counters: &mut self.counters,
+                sink: &mut self.sink,
+            };
+            self.conn.on_data(&self.key, dir, ts, bytes, &mut cx);
+        }
+    }
+
+    #[test]
+    fn pipelined_retrievals_count_hits_and_misses() {
+        let mut h = Harness::new();
+        h.send(
+            Direction::Request,
+            10,
+            b"get a b c\r\nset k 0 0 1\r\nx\r\nget k\r\ndelete z noreply\r\n",
+        );
+        h.send(
+            Direction::Response,
+            25,
+            b"VALUE a 0 1\r\n1\r\nVALUE c 0 1\r\n3\r\nEND\r\nSTORED\r\n",
+        );
+        h.send(Direction::Response, 40, b"VALUE k 0 1\r\nx\r\nEND\r\n");
+        assert_eq!(
+            h.sink.exchanges,
+            vec![
+                ("get a b c".to_string(), 15, false, 2, 1),
+                ("set k".to_string(), 15, false, 0, 0),
+                ("get k".to_string(), 30, false, 1, 0),
+            ]
+        );
+        assert_eq!(h.counters.noreply, 1);
+        assert_eq!(h.counters.pending, 0);
+    }
+
+    #[test]
+    fn stats_and_errors_end_their_exchange() {
+        let mut h = Harness::new();
+        h.send(Direction::Request, 0, b"stats\r\nbogus\r\n");
+        h.send(
+            Direction::Response,
+            1,
+            b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\nERROR\r\n",
+        );
+        assert_eq!(h.sink.exchanges[1], ("bogus".to_string(), 1, true, 0, 0));
+        // Binary garbage desyncs the request stream: recovered at the next command.
+        h.send(Direction::Request, 2, b"\x00\xff\r\n");
+        assert_eq!(h.counters.desyncs, 1);
+        h.send(Direction::Request, 2, b"get a\r\n");
+        h.send(Direction::Response, 3, b"SERVER_ERROR out of memory\r\n");
+        assert_eq!(h.sink.exchanges[2], ("get a".to_string(), 1, true, 0, 0));
+    }
+
+    #[test]
+    fn a_gap_drops_pending_and_resyncs() {
+        let mut h = Harness::new();
+        h.send(Direction::Request, 0, b"get a\r\nget b\r\n");
+        let mut cx = MatchContext {
+            limits: &h.limits,
+            counters: &mut h.counters,
+            sink: &mut h.sink,
+        };
+        h.conn.on_gap(&h.key, &mut cx);
+        assert_eq!(h.sink.unanswered, 2);
+        h.send(Direction::Response, 1, b"lue\r\nEND\r\n");
+        h.send(Direction::Request, 2, b"0 0 1\r\n");
+        h.send(Direction::Request, 3, b"get c\r\n");
+        h.send(Direction::Response, 4, b"END\r\n");
+        assert_eq!(
+            h.sink.exchanges,
+            vec![("get c".to_string(), 1, false, 0, 1)]
+        );
+    }
+}
