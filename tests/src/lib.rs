@@ -130,6 +130,18 @@ pub const FIXTURES: &[&str] = &[
     "redis-benchmark-lo",
     "redis-bigvalues-any",
     "redis-pipelined-sll",
+    "redis-multi",
+    "redis-client-reply",
+    "redis-pubsub",
+    "redis-slow",
+    "memcached-text",
+];
+
+/// The fixtures of Redis traffic.
+pub const REDIS_FIXTURES: &[&str] = &[
+    "redis-benchmark-lo",
+    "redis-bigvalues-any",
+    "redis-pipelined-sll",
 ];
 
 /// Returns false (after saying why) when a test cannot run here; in CI (`CI=true`) a

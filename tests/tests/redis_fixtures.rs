@@ -2,7 +2,7 @@
 //! once (its own INFO commandstats, taken by the generator, is the reference), per command;
 //! the slow log has one line per exchange at or above `-t`.
 
-use tcpkit_tests::{run_on_fixture, Expected, FIXTURES};
+use tcpkit_tests::{run_on_fixture, Expected, REDIS_FIXTURES};
 
 /// tcpkit in redis mode on a fixture, with more arguments.
 fn redis(name: &str, args: &[&str]) -> String {
@@ -22,7 +22,7 @@ fn redis_json(name: &str, threshold_ms: &str) -> (Expected, serde_json::Value) {
 
 #[test]
 fn every_executed_command_is_paired_exactly_once() {
-    for name in FIXTURES {
+    for name in REDIS_FIXTURES {
         let (e, stats) = redis_json(name, "100000");
         assert_eq!(stats["total_reqs"], e.exchanges(), "{name}");
         assert_eq!(stats["timeouts"], 0, "{name}");

@@ -1,0 +1,51 @@
+//! Memcached mode on the golden capture of every text-protocol command form: the pairs,
+//! no-reply requests, hits, misses and errors the client itself counted.
+
+use tcpkit_tests::{run_on_fixture, Expected};
+
+#[test]
+fn every_text_command_pairs_with_hits_and_misses() {
+    let name = "memcached-text";
+    let e = Expected::of(name);
+    let out = run_on_fixture(
+        name,
+        &["-m", "memcached", "-t", "100000", "--summary", "json"],
+    );
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let stats = &json[0][e.port.to_string()];
+    for (key, field) in [
+        ("total_reqs", "exchanges"),
+        ("hits", "hits"),
+        ("misses", "misses"),
+        ("errors", "errors"),
+    ] {
+        assert_eq!(stats[key], e.extra(field).unwrap(), "{key}: {stats}");
+    }
+    assert_eq!(stats["timeouts"], 0);
+    assert_eq!(stats["dropped"], 0);
+    assert_eq!(stats["commands"]["get"]["total_reqs"], 104);
+    assert_eq!(stats["commands"]["get"]["hits"], 104 - 1 + 2);
+    let text = run_on_fixture(name, &["-m", "memcached", "-t", "100000"]);
+    let noreply = format!("{} no-reply requests", e.extra("noreply").unwrap());
+    assert!(text.contains(&noreply), "{text}");
+}
+
+#[test]
+fn slow_log_summaries_are_command_and_keys() {
+    let out = run_on_fixture("memcached-text", &["-m", "memcached", "--summary", "none"]);
+    let summaries: Vec<&str> = out.lines().filter_map(|l| l.rsplit(" | ").next()).collect();
+    assert_eq!(
+        summaries.len() as u64,
+        Expected::of("memcached-text").extra("exchanges").unwrap()
+    );
+    for want in [
+        "get a b c x y",
+        "gat 100 a b",
+        "incr n 10",
+        "set big",
+        "bogus",
+        "stats",
+    ] {
+        assert!(summaries.contains(&want), "{want} in {summaries:?}");
+    }
+}
