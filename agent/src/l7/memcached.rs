@@ -9,7 +9,11 @@
 //! delete <key> [noreply]\r\n             incr|decr <key> <value> [noreply]\r\n
 //! touch <key> <exptime> [noreply]\r\n    stats [<args>]\r\n   version\r\n   quit\r\n
 //! flush_all [<delay>] [noreply]\r\n      verbosity <level> [noreply]\r\n
+//! mg|md|ma <key> <flag>*\r\n   ms <key> <datalen> <flag>*\r\n<data>\r\n   mn\r\n   me <key>\r\n
 //! ```
+//!
+//! A meta command with the `q` flag is quiet: its success reply (`EN` for `mg`, `HD` for
+//! the others) is not sent.
 //!
 //! Replies, read as units that the matcher groups per request:
 //!
@@ -18,6 +22,7 @@
 //! STAT <name> <value>\r\n                             (zero or more, then END\r\n)
 //! END | STORED | NOT_STORED | EXISTS | NOT_FOUND | DELETED | TOUCHED | OK | <number>
 //! VERSION <version> | ERROR | CLIENT_ERROR <msg> | SERVER_ERROR <msg>
+//! VA <size> <flag>*\r\n<data>\r\n | HD | EN | NF | NS | EX | MN | ME <key> <info>   (meta)
 //! ```
 //!
 //! Data blocks stream by without being held; lines are capped at [`MAX_LINE`].
@@ -78,6 +83,29 @@ pub enum Unit {
     Line,
     /// `ERROR`, `CLIENT_ERROR …`, `SERVER_ERROR …`.
     Error,
+    /// A meta reply: `VA` (with its data block), `HD`, `EN`, `NF`, `NS`, `EX`, `MN`, `ME`.
+    Meta(MetaReply),
+}
+
+/// The meta protocol's reply codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaReply {
+    /// `VA`: a value follows.
+    Va,
+    /// `HD`: success, no value.
+    Hd,
+    /// `EN`: miss.
+    En,
+    /// `NF`: not found.
+    Nf,
+    /// `NS`: not stored.
+    Ns,
+    /// `EX`: exists (CAS mismatch).
+    Ex,
+    /// `MN`: the answer to `mn`.
+    Mn,
+    /// `ME`: debug information.
+    Me,
 }
 
 /// One parsed request or reply unit, borrowed until the next call.
@@ -93,6 +121,12 @@ pub struct Message<'a> {
     pub keys: u32,
     /// For a request: what it expects back.
     pub expect: Expect,
+    /// For a meta request: its letter (`g`, `s`, `d`, `a`, `n`, `e`) and whether it is quiet.
+    pub meta: Option<(u8, bool)>,
+    /// Meta: a hash of the opaque (`O…` flag), on a request or the reply that echoes it.
+    pub opaque: Option<u64>,
+    /// Meta: a hash of the key, on a request with the `k` flag or a reply that returns it.
+    pub key: Option<u64>,
     /// For a reply: which unit.
     pub unit: Unit,
 }
@@ -116,6 +150,9 @@ struct Pending {
     keys: u32,
     expect: Expect,
     unit: Unit,
+    meta: Option<(u8, bool)>,
+    opaque: Option<u64>,
+    key: Option<u64>,
 }
 
 impl McParser {
@@ -251,6 +288,9 @@ impl McParser {
             b"version" => (Expect::Line, 1, None, 0),
             b"stats" => (Expect::Stats, 1, None, args.len()),
             b"quit" => (Expect::Nothing, 1, None, 0),
+            b"mg" | b"md" | b"ma" | b"me" if !args.is_empty() => (Expect::Line, 1, None, 1),
+            b"ms" if args.len() >= 2 => (Expect::Line, 1, Some(parse_u64(args[1])?), 1),
+            b"mn" => (Expect::Line, 1, None, 0),
             // A command this parser does not know: the server answers it with one line
             // (`ERROR` if it does not know it either).
             other if is_word(other) => (reply(Expect::Line), 1, None, args.len()),
@@ -271,12 +311,32 @@ impl McParser {
             self.summary
                 .extend_from_slice(&word[..word.len().min(room)]);
         }
+        let meta = match command {
+            [b'm', letter @ (b'g' | b's' | b'd' | b'a' | b'n' | b'e')] => {
+                Some((*letter, args.iter().skip(1).any(|flag| *flag == b"q")))
+            }
+            _ => None,
+        };
+        let flags = if meta.is_some() {
+            args.get(1..).unwrap_or_default()
+        } else {
+            &[]
+        };
+        let opaque = flags.iter().find_map(|f| f.strip_prefix(b"O")).map(tag);
+        let key = flags
+            .iter()
+            .any(|f| *f == b"k")
+            .then(|| args.first().map(|k| tag(k)))
+            .flatten();
         let pending = Pending {
             bytes,
             command_len: command.len().min(SUMMARY_BYTES),
             keys: keys as u32,
             expect,
             unit: Unit::Line,
+            meta,
+            opaque,
+            key,
         };
         Ok((pending, block))
     }
@@ -292,6 +352,9 @@ impl McParser {
             summary,
             keys: p.keys,
             expect: p.expect,
+            meta: p.meta,
+            opaque: p.opaque,
+            key: p.key,
             unit: p.unit,
         });
     }
@@ -314,15 +377,43 @@ fn reply_line(line: &[u8], bytes: u64) -> Result<(Pending, Option<u64>), McError
         b"STORED" | b"NOT_STORED" | b"EXISTS" | b"NOT_FOUND" | b"DELETED" | b"TOUCHED" | b"OK"
         | b"VERSION" => (Unit::Line, None),
         number if !number.is_empty() && number.iter().all(u8::is_ascii_digit) => (Unit::Line, None),
+        b"VA" => {
+            let len = line
+                .split(|&b| b == b' ')
+                .nth(1)
+                .ok_or(McError::Malformed)?;
+            (Unit::Meta(MetaReply::Va), Some(parse_u64(len)?))
+        }
+        b"HD" => (Unit::Meta(MetaReply::Hd), None),
+        b"EN" => (Unit::Meta(MetaReply::En), None),
+        b"NF" => (Unit::Meta(MetaReply::Nf), None),
+        b"NS" => (Unit::Meta(MetaReply::Ns), None),
+        b"EX" => (Unit::Meta(MetaReply::Ex), None),
+        b"MN" => (Unit::Meta(MetaReply::Mn), None),
+        b"ME" => (Unit::Meta(MetaReply::Me), None),
         _ => return Err(McError::Malformed),
     };
-    let pending = Pending {
+    let mut pending = Pending {
         bytes,
         command_len: 0,
         keys: 0,
         expect: Expect::Line,
         unit,
+        meta: None,
+        opaque: None,
+        key: None,
     };
+    if let Unit::Meta(code) = unit {
+        // Flags follow the code (and the size, for VA).
+        let skip = if code == MetaReply::Va { 2 } else { 1 };
+        for flag in line.split(|&b| b == b' ').skip(skip) {
+            match flag.split_first() {
+                Some((b'O', token)) => pending.opaque = Some(tag(token)),
+                Some((b'k', key)) => pending.key = Some(tag(key)),
+                _ => {}
+            }
+        }
+    }
     Ok((pending, block))
 }
 
@@ -331,6 +422,14 @@ fn is_word(w: &[u8]) -> bool {
     (1..=32).contains(&w.len())
         && w.iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
+}
+
+/// A hash of an opaque or key, to compare a reply with its request without keeping either.
+fn tag(bytes: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(bytes);
+    h.finish()
 }
 
 fn parse_u64(digits: &[u8]) -> Result<u64, McError> {
@@ -351,6 +450,7 @@ mod tests {
         keys: u32,
         expect: Expect,
         unit: Unit,
+        meta: Option<(u8, bool)>,
     }
 
     fn parse(role: Role, pieces: &[&[u8]]) -> (Vec<Got>, Option<McError>) {
@@ -364,6 +464,7 @@ mod tests {
                     keys: m.keys,
                     expect: m.expect,
                     unit: m.unit,
+                    meta: m.meta,
                 })
             });
             if let Err(e) = r {
@@ -389,7 +490,8 @@ mod tests {
     const REQUESTS: &[u8] = b"set k 0 0 5\r\nhello\r\nget a b c\r\ngets a\r\ngat 10 a b\r\n\
         add k 1 2 3 noreply\r\nabc\r\ncas k 0 0 1 99\r\nx\r\nincr n 5\r\ndecr n 1 noreply\r\n\
         delete k\r\ntouch k 10\r\nstats\r\nstats slabs\r\nversion\r\nflush_all noreply\r\n\
-        verbosity 1\r\nappend k 0 0 0\r\n\r\nquit\r\n";
+        verbosity 1\r\nappend k 0 0 0\r\n\r\nmg k v t q\r\nms k 2 T0 q\r\nhi\r\nmd k\r\n\
+        ma n N0\r\nmn\r\nme k\r\nquit\r\n";
 
     #[test]
     fn every_request_form() {
@@ -414,6 +516,12 @@ mod tests {
                 "flush_all",
                 "verbosity 1",
                 "append k",
+                "mg k",
+                "ms k",
+                "md k",
+                "ma n",
+                "mn",
+                "me k",
                 "quit"
             ]
         );
@@ -423,6 +531,9 @@ mod tests {
         assert_eq!(got[4].expect, Expect::Nothing);
         assert_eq!(got[7].expect, Expect::Nothing);
         assert_eq!(got[10].expect, Expect::Stats);
+        assert_eq!(got[16].meta, Some((b'g', true)));
+        assert_eq!(got[17].meta, Some((b's', true)));
+        assert_eq!(got[18].meta, Some((b'd', false)));
         assert_eq!(
             got.iter().map(|g| g.bytes).sum::<u64>(),
             REQUESTS.len() as u64
@@ -434,15 +545,40 @@ mod tests {
         let replies: &[u8] = b"VALUE a 0 5\r\nhello\r\nVALUE b 3 0 77\r\n\r\nEND\r\nSTORED\r\n\
             NOT_STORED\r\nEXISTS\r\nNOT_FOUND\r\nDELETED\r\nTOUCHED\r\nOK\r\n42\r\n\
             VERSION 1.6.18\r\nSTAT pid 1\r\nSTAT uptime 2\r\nEND\r\nERROR\r\n\
-            CLIENT_ERROR bad data chunk\r\nSERVER_ERROR out of memory\r\n";
+            CLIENT_ERROR bad data chunk\r\nSERVER_ERROR out of memory\r\nVA 2 t-1\r\nhi\r\n\
+            HD\r\nEN\r\nNF\r\nNS\r\nEX\r\nMN\r\nME k exp=-1 la=3\r\n";
         let got = every_way(Role::Reply, replies);
         let units: Vec<Unit> = got.iter().map(|g| g.unit).collect();
         use Unit::*;
         assert_eq!(
             units,
             [
-                Value, Value, End, Line, Line, Line, Line, Line, Line, Line, Line, Line, Stat,
-                Stat, End, Error, Error, Error
+                Value,
+                Value,
+                End,
+                Line,
+                Line,
+                Line,
+                Line,
+                Line,
+                Line,
+                Line,
+                Line,
+                Line,
+                Stat,
+                Stat,
+                End,
+                Error,
+                Error,
+                Error,
+                Meta(MetaReply::Va),
+                Meta(MetaReply::Hd),
+                Meta(MetaReply::En),
+                Meta(MetaReply::Nf),
+                Meta(MetaReply::Ns),
+                Meta(MetaReply::Ex),
+                Meta(MetaReply::Mn),
+                Meta(MetaReply::Me)
             ]
         );
         assert_eq!(got[0].bytes, 20);

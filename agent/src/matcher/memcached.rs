@@ -1,15 +1,18 @@
-//! Memcached (text protocol) matching: a FIFO of pending requests. A retrieval is answered by
-//! its `VALUE` blocks and `END` (hits counted from the blocks, misses are the keys left), a
-//! `stats` by its `STAT` lines and `END`, everything else by one line. `noreply` requests
-//! and `quit` are not waited for. A gap or garbage drops the pending requests (counted) and
-//! resynchronises at the next segment that starts a known command, then at the next reply
-//! segment once such a request is pending.
+//! Memcached (text and meta protocols) matching: a FIFO of pending requests. A retrieval is
+//! answered by its `VALUE` blocks and `END` (hits counted from the blocks, misses are the
+//! keys left), a `stats` by its `STAT` lines and `END`, everything else by one line or meta
+//! reply. `noreply` requests and `quit` are not waited for. A quiet meta request (`q`) may
+//! get no reply: a reply it would not send (`EN` after `mg … q`, `HD` after `ms|md|ma … q`),
+//! a text reply, the `MN` of a later `mn` barrier, or an opaque (`O`) or key (`k`) that is not
+//! its own tells that it succeeded silently. A gap or garbage drops the pending requests
+//! (counted) and resynchronises at the next segment that starts a known command, then at the
+//! next reply segment once such a request is pending.
 
 use std::collections::VecDeque;
 
 use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
-use crate::l7::memcached::{Expect, McParser, Message, Role, Unit};
+use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
 
 /// Bytes of a request's summary kept while it waits.
 const KEPT_SUMMARY: usize = 96;
@@ -21,6 +24,9 @@ struct Pending {
     req_bytes: u64,
     expect: Expect,
     keys: u32,
+    meta: Option<(u8, bool)>,
+    opaque: Option<u64>,
+    key: Option<u64>,
     command_len: u8,
     summary: [u8; KEPT_SUMMARY],
     summary_len: u8,
@@ -63,7 +69,13 @@ impl Default for MemcachedConnection {
     }
 }
 
-const COMMANDS: [&[u8]; 18] = [
+const COMMANDS: [&[u8]; 24] = [
+    b"mg ",
+    b"ms ",
+    b"md ",
+    b"ma ",
+    b"mn",
+    b"me ",
     b"get ",
     b"gets ",
     b"gat ",
@@ -224,6 +236,9 @@ fn queue<S: ExchangeSink>(
         req_bytes: m.bytes,
         expect: m.expect,
         keys: m.keys,
+        meta: m.meta,
+        opaque: m.opaque,
+        key: m.key,
         command_len: m.command.len().min(KEPT_SUMMARY) as u8,
         summary,
         summary_len: kept as u8,
@@ -235,6 +250,32 @@ fn queue<S: ExchangeSink>(
     cx.counters.pending += 1;
 }
 
+/// True when `m` cannot be the reply of the quiet meta request `front`, which therefore
+/// succeeded without one. Without an opaque or key to compare, a reply the request could send
+/// is taken as its own: the protocol cannot tell more.
+fn answered_by_silence(front: &Pending, m: &Message<'_>) -> bool {
+    let Some((letter, true)) = front.meta else {
+        return false;
+    };
+    // An opaque or key the reply echoes, and the request's differs: not its reply.
+    let differs = |mine: Option<u64>, theirs: Option<u64>| theirs.is_some() && mine != theirs;
+    if differs(front.opaque, m.opaque) || differs(front.key, m.key) {
+        return true;
+    }
+    let unit = m.unit;
+    use MetaReply::*;
+    let could_answer = match (letter, unit) {
+        (_, Unit::Error) => true,
+        // mg: a hit (its miss, EN, is what q suppresses).
+        (b'g', Unit::Meta(Va | Hd)) => true,
+        // ms, md, ma: a failure (their success, HD, is what q suppresses); ma may return a value.
+        (b's' | b'd' | b'a', Unit::Meta(Ns | Ex | Nf | En)) => true,
+        (b'a', Unit::Meta(Va)) => true,
+        _ => false,
+    };
+    !could_answer
+}
+
 fn pair<S: ExchangeSink>(
     key: &FlowKey,
     m: &Message<'_>,
@@ -242,6 +283,14 @@ fn pair<S: ExchangeSink>(
     pending: &mut VecDeque<Pending>,
     cx: &mut MatchContext<'_, S>,
 ) {
+    while pending
+        .front()
+        .is_some_and(|front| answered_by_silence(front, m))
+    {
+        pending.pop_front();
+        cx.counters.pending -= 1;
+        cx.counters.noreply += 1;
+    }
     let Some(front) = pending.front_mut() else {
         cx.counters.unmatched += 1;
         return;
@@ -256,7 +305,7 @@ fn pair<S: ExchangeSink>(
         }
         (Expect::Stats, Unit::Stat) => false,
         (Expect::Values | Expect::Stats, Unit::End) => true,
-        (Expect::Line, Unit::Line) => true,
+        (Expect::Line, Unit::Line | Unit::Meta(_)) => true,
         // A unit that cannot answer this request: the pairing is off.
         _ => {
             cx.counters.unmatched += 1;
@@ -271,10 +320,12 @@ fn pair<S: ExchangeSink>(
     };
     cx.counters.pending -= 1;
     let summary = request.summary();
-    let (hits, misses) = match request.expect {
-        Expect::Values if m.unit != Unit::Error => {
+    let (hits, misses) = match (request.expect, m.unit, request.meta) {
+        (Expect::Values, unit, _) if unit != Unit::Error => {
             (request.hits, request.keys.saturating_sub(request.hits))
         }
+        (_, Unit::Meta(MetaReply::Va | MetaReply::Hd), Some((b'g', _))) => (1, 0),
+        (_, Unit::Meta(MetaReply::En), Some((b'g', _))) => (0, 1),
         _ => (0, 0),
     };
     cx.sink.exchange(&Exchange {
@@ -391,6 +442,29 @@ mod tests {
         h.send(Direction::Request, 2, b"get a\r\n");
         h.send(Direction::Response, 3, b"SERVER_ERROR out of memory\r\n");
         assert_eq!(h.sink.exchanges[2], ("get a".to_string(), 1, true, 0, 0));
+    }
+
+    #[test]
+    fn quiet_meta_requests_end_silently_at_the_barrier() {
+        let mut h = Harness::new();
+        h.send(
+            Direction::Request,
+            0,
+            b"ms k 2 q\r\nhi\r\nmg a v q Oa\r\nmg k v q Ok\r\nmg b v\r\nmn\r\n",
+        );
+        h.send(Direction::Response, 5, b"VA 2 Ok\r\nhi\r\nEN\r\nMN\r\n");
+        let got: Vec<(&str, u32, u32)> = h
+            .sink
+            .exchanges
+            .iter()
+            .map(|e| (e.0.as_str(), e.3, e.4))
+            .collect();
+        assert_eq!(got, [("mg k", 1, 0), ("mg b", 0, 1), ("mn", 0, 0)]);
+        assert_eq!(
+            h.counters.noreply, 2,
+            "ms k q and mg a q succeeded silently"
+        );
+        assert_eq!(h.counters.pending, 0);
     }
 
     #[test]
