@@ -135,6 +135,7 @@ pub const FIXTURES: &[&str] = &[
     "redis-pubsub",
     "redis-slow",
     "memcached-text",
+    "memcached-meta",
 ];
 
 /// The fixtures of Redis traffic.

@@ -1,5 +1,5 @@
-//! Memcached mode on the golden capture of every text-protocol command form: the pairs,
-//! no-reply requests, hits, misses and errors the client itself counted.
+//! Memcached mode on the golden captures of every text and meta command form: the pairs,
+//! no-reply (and quiet) requests, hits, misses and errors the client itself counted.
 
 use tcpkit_tests::{run_on_fixture, Expected};
 
@@ -48,4 +48,27 @@ fn slow_log_summaries_are_command_and_keys() {
     ] {
         assert!(summaries.contains(&want), "{want} in {summaries:?}");
     }
+}
+
+#[test]
+fn meta_commands_and_quiet_mode_pair_exactly() {
+    let name = "memcached-meta";
+    let e = Expected::of(name);
+    let out = run_on_fixture(
+        name,
+        &["-m", "memcached", "-t", "100000", "--summary", "json"],
+    );
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let stats = &json[0][e.port.to_string()];
+    for (key, field) in [
+        ("total_reqs", "exchanges"),
+        ("hits", "hits"),
+        ("misses", "misses"),
+    ] {
+        assert_eq!(stats[key], e.extra(field).unwrap(), "{key}: {stats}");
+    }
+    assert_eq!(stats["timeouts"], 0, "{stats}");
+    let text = run_on_fixture(name, &["-m", "memcached", "-t", "100000"]);
+    let quiet = format!("{} no-reply requests", e.extra("noreply").unwrap());
+    assert!(text.contains(&quiet), "{text}");
 }
