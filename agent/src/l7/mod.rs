@@ -2,4 +2,5 @@
 //! as reassembled, and yields complete messages; "need more" is not an error.
 
 pub mod memcached;
+pub mod memcached_binary;
 pub mod redis;
