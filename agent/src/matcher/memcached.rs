@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 
+use super::memcached_binary::BinaryConnection;
 use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
@@ -53,6 +54,8 @@ pub struct MemcachedConnection {
     rsp_clock: ChunkClock,
     requests_resyncing: bool,
     replies_resyncing: bool,
+    /// Set when the connection speaks the binary protocol (its first request byte is 0x80).
+    binary: Option<Box<BinaryConnection>>,
 }
 
 impl Default for MemcachedConnection {
@@ -65,6 +68,7 @@ impl Default for MemcachedConnection {
             rsp_clock: ChunkClock::default(),
             requests_resyncing: false,
             replies_resyncing: false,
+            binary: None,
         }
     }
 }
@@ -107,6 +111,16 @@ impl MemcachedConnection {
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
     ) {
+        let starts_binary = dir == Direction::Request
+            && bytes.first() == Some(&0x80)
+            && self.pending.is_empty()
+            && !self.requests.in_message();
+        if self.binary.is_none() && starts_binary {
+            self.binary = Some(Box::default());
+        }
+        if let Some(binary) = self.binary.as_mut() {
+            return binary.on_data(key, dir, ts_us, bytes, cx);
+        }
         let ok = match dir {
             Direction::Request => self.on_request_bytes(key, ts_us, bytes, cx),
             Direction::Response => self.on_reply_bytes(key, ts_us, bytes, cx),
@@ -118,6 +132,9 @@ impl MemcachedConnection {
 
     /// Bytes are missing in one direction, or garbage came: pending requests are dropped.
     pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        if let Some(binary) = self.binary.as_mut() {
+            return binary.on_gap(key, cx);
+        }
         cx.counters.desyncs += 1;
         self.give_up(key, Unanswered::Desync, cx);
         self.requests.reset();
@@ -128,6 +145,9 @@ impl MemcachedConnection {
 
     /// The connection ended: pending requests will never be answered.
     pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        if let Some(binary) = self.binary.as_mut() {
+            return binary.on_close(key, cx);
+        }
         self.give_up(key, Unanswered::Timeout, cx);
     }
 

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 
 pub mod memcached;
+pub mod memcached_binary;
 pub mod redis;
 
 pub use memcached::MemcachedConnection;

@@ -1,0 +1,300 @@
+//! Memcached binary-protocol matching: requests are paired with responses by opaque, in
+//! order. Quiet requests (`GETQ`, `SETQ`, …) get no response on success (on a miss, for the
+//! gets): a response to a later request, whose opaque is further down the queue, tells that
+//! the quiet ones before it succeeded silently; a non-quiet request skipped that way is
+//! counted as unanswered. `NOOP` is the usual barrier.
+
+use std::collections::VecDeque;
+
+use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use crate::flow::{Direction, FlowKey};
+use crate::l7::memcached_binary::{
+    is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
+};
+
+/// Status of a retrieval that found nothing.
+const KEY_NOT_FOUND: u16 = 0x0001;
+/// Statuses from here on are server errors (unknown command, out of memory, …).
+const FIRST_ERROR_STATUS: u16 = 0x0081;
+const SUMMARY: usize = 12 + KEY_BYTES;
+
+#[derive(Debug, Clone)]
+struct Pending {
+    req_start_us: u64,
+    req_done_us: u64,
+    req_bytes: u64,
+    opcode: u8,
+    opaque: u32,
+    summary: [u8; SUMMARY],
+    summary_len: u8,
+}
+
+/// The matching state of one binary-protocol memcached connection.
+#[derive(Debug)]
+pub struct BinaryConnection {
+    requests: BinaryParser,
+    responses: BinaryParser,
+    pending: VecDeque<Pending>,
+    req_clock: ChunkClock,
+    rsp_clock: ChunkClock,
+    requests_resyncing: bool,
+    responses_resyncing: bool,
+}
+
+impl Default for BinaryConnection {
+    fn default() -> Self {
+        Self {
+            requests: BinaryParser::new(true),
+            responses: BinaryParser::new(false),
+            pending: VecDeque::new(),
+            req_clock: ChunkClock::default(),
+            rsp_clock: ChunkClock::default(),
+            requests_resyncing: false,
+            responses_resyncing: false,
+        }
+    }
+}
+
+impl BinaryConnection {
+    /// Takes the next reassembled bytes of one direction.
+    pub fn on_data<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let (resyncing, magic) = match dir {
+            Direction::Request => (&mut self.requests_resyncing, 0x80),
+            Direction::Response => (&mut self.responses_resyncing, 0x81),
+        };
+        if *resyncing {
+            let trusted = bytes.first() == Some(&magic)
+                && (dir == Direction::Request || !self.pending.is_empty());
+            if !trusted {
+                cx.counters.resync_skipped_bytes += bytes.len() as u64;
+                return;
+            }
+            *resyncing = false;
+        }
+        let ok = match dir {
+            Direction::Request => {
+                let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
+                let Self {
+                    requests, pending, ..
+                } = self;
+                let result = requests.feed(bytes, &mut |p| {
+                    queue(key, p, timer.next_start(), ts_us, pending, cx);
+                });
+                self.req_clock.end(&timer, self.requests.in_message());
+                result.is_ok()
+            }
+            Direction::Response => {
+                let mut timer = self.rsp_clock.begin(ts_us, self.responses.in_message());
+                let Self {
+                    responses, pending, ..
+                } = self;
+                let result = responses.feed(bytes, &mut |p| {
+                    pair(key, p, timer.next_start(), pending, cx);
+                });
+                self.rsp_clock.end(&timer, self.responses.in_message());
+                result.is_ok()
+            }
+        };
+        if !ok {
+            self.on_gap(key, cx);
+        }
+    }
+
+    /// Bytes are missing, or garbage came: pending requests are dropped.
+    pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        cx.counters.desyncs += 1;
+        self.give_up(key, Unanswered::Desync, cx);
+        self.requests.reset();
+        self.responses.reset();
+        self.requests_resyncing = true;
+        self.responses_resyncing = true;
+    }
+
+    /// The connection ended: pending requests will never be answered.
+    pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        self.give_up(key, Unanswered::Timeout, cx);
+    }
+
+    fn give_up<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        cx.counters.pending -= self.pending.len() as u64;
+        for p in self.pending.drain(..) {
+            cx.sink
+                .unanswered(key.server, opcode_name(p.opcode).as_bytes(), why);
+        }
+    }
+}
+
+fn queue<S: ExchangeSink>(
+    key: &FlowKey,
+    p: &Packet<'_>,
+    req_start_us: u64,
+    req_done_us: u64,
+    pending: &mut VecDeque<Pending>,
+    cx: &mut MatchContext<'_, S>,
+) {
+    let name = opcode_name(p.opcode);
+    if matches!(p.opcode, 0x07 | 0x17) {
+        cx.counters.noreply += 1; // QUIT, QUITQ: the server closes
+        return;
+    }
+    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+        cx.sink
+            .unanswered(key.server, name.as_bytes(), Unanswered::Timeout);
+        return;
+    }
+    if pending.len() >= cx.limits.max_pending_per_connection {
+        if let Some(oldest) = pending.pop_front() {
+            cx.counters.pending -= 1;
+            cx.sink.unanswered(
+                key.server,
+                opcode_name(oldest.opcode).as_bytes(),
+                Unanswered::Timeout,
+            );
+        }
+    }
+    let mut summary = [0u8; SUMMARY];
+    let mut len = name.len();
+    summary[..len].copy_from_slice(name.as_bytes());
+    if !p.key.is_empty() {
+        summary[len] = b' ';
+        summary[len + 1..len + 1 + p.key.len()].copy_from_slice(p.key);
+        len += 1 + p.key.len();
+    }
+    pending.push_back(Pending {
+        req_start_us,
+        req_done_us,
+        req_bytes: p.bytes,
+        opcode: p.opcode,
+        opaque: p.opaque,
+        summary,
+        summary_len: len as u8,
+    });
+    cx.counters.pending += 1;
+}
+
+fn pair<S: ExchangeSink>(
+    key: &FlowKey,
+    p: &Packet<'_>,
+    rsp_start_us: u64,
+    pending: &mut VecDeque<Pending>,
+    cx: &mut MatchContext<'_, S>,
+) {
+    let Some(at) = pending
+        .iter()
+        .position(|q| q.opaque == p.opaque && q.opcode == p.opcode)
+    else {
+        cx.counters.unmatched += 1;
+        return;
+    };
+    // The requests before it got no response: quiet ones succeeded, others went unanswered.
+    for skipped in pending.drain(..at) {
+        cx.counters.pending -= 1;
+        if is_quiet(skipped.opcode) {
+            cx.counters.noreply += 1;
+        } else {
+            cx.sink.unanswered(
+                key.server,
+                opcode_name(skipped.opcode).as_bytes(),
+                Unanswered::Timeout,
+            );
+        }
+    }
+    let Some(request) = pending.pop_front() else {
+        return;
+    };
+    cx.counters.pending -= 1;
+    let (hits, misses) = match (is_retrieval(request.opcode), p.status) {
+        (true, 0) => (1, 0),
+        (true, KEY_NOT_FOUND) => (0, 1),
+        _ => (0, 0),
+    };
+    let summary = &request.summary[..usize::from(request.summary_len)];
+    let name_len = opcode_name(request.opcode).len();
+    cx.sink.exchange(&Exchange {
+        client: key.client,
+        server: key.server,
+        req_start_us: request.req_start_us,
+        req_done_us: request.req_done_us,
+        rsp_start_us,
+        latency_us: rsp_start_us.saturating_sub(request.req_done_us),
+        command: &summary[..name_len],
+        summary,
+        truncated: false,
+        req_bytes: request.req_bytes,
+        rsp_bytes: p.bytes,
+        error: p.status >= FIRST_ERROR_STATUS,
+        hits,
+        misses,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l7::memcached_binary::tests::packet;
+    use crate::matcher::{MatchCounters, MatchLimits};
+    use std::net::SocketAddr;
+
+    #[derive(Default)]
+    struct Recorder(Vec<(String, u32, u32)>, usize);
+
+    impl ExchangeSink for Recorder {
+        fn exchange(&mut self, e: &Exchange<'_>) {
+            self.0.push((
+                String::from_utf8_lossy(e.summary).into_owned(),
+                e.hits,
+                e.misses,
+            ));
+        }
+        fn unanswered(&mut self, _: SocketAddr, _: &[u8], _: Unanswered) {
+            self.1 += 1;
+        }
+    }
+
+    #[test]
+    fn quiet_gets_pair_by_opaque_behind_noop() {
+        let key = FlowKey {
+            client: "10.0.0.1:40000".parse().unwrap(),
+            server: "10.0.0.2:11211".parse().unwrap(),
+        };
+        let limits = MatchLimits::default();
+        let mut counters = MatchCounters::default();
+        let mut sink = Recorder::default();
+        let mut conn = BinaryConnection::default();
+        let mut requests = packet(0x80, 0x09, 0, 1, &[], b"miss", b"");
+        requests.extend(packet(0x80, 0x09, 0, 2, &[], b"hit", b""));
+        requests.extend(packet(0x80, 0x00, 0, 3, &[], b"gone", b""));
+        requests.extend(packet(0x80, 0x0a, 0, 4, &[], b"", b""));
+        let mut responses = packet(0x81, 0x09, 0, 2, &[0; 4], b"", b"v");
+        responses.extend(packet(0x81, 0x00, KEY_NOT_FOUND, 3, &[], b"", b"Not found"));
+        responses.extend(packet(0x81, 0x0a, 0, 4, &[], b"", b""));
+        let mut cx = MatchContext {
+            limits: &limits,
+            counters: &mut counters,
+            sink: &mut sink,
+        };
+        conn.on_data(&key, Direction::Request, 0, &requests, &mut cx);
+        conn.on_data(&key, Direction::Response, 5, &responses, &mut cx);
+        assert_eq!(
+            sink.0,
+            vec![
+                ("GETQ hit".to_string(), 1, 0),
+                ("GET gone".to_string(), 0, 1),
+                ("NOOP".to_string(), 0, 0)
+            ]
+        );
+        assert_eq!((counters.noreply, counters.pending), (1, 0));
+    }
+}
