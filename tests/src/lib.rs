@@ -136,6 +136,7 @@ pub const FIXTURES: &[&str] = &[
     "redis-slow",
     "memcached-text",
     "memcached-meta",
+    "memcached-binary",
 ];
 
 /// The fixtures of Redis traffic.

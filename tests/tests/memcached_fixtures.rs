@@ -52,7 +52,13 @@ fn slow_log_summaries_are_command_and_keys() {
 
 #[test]
 fn meta_commands_and_quiet_mode_pair_exactly() {
-    let name = "memcached-meta";
+    for name in ["memcached-meta", "memcached-binary"] {
+        quiet_scenario_pairs_exactly(name);
+    }
+}
+
+/// A scenario with quiet requests: pairs, hits, misses, errors and no-reply requests exact.
+fn quiet_scenario_pairs_exactly(name: &str) {
     let e = Expected::of(name);
     let out = run_on_fixture(
         name,
