@@ -52,16 +52,17 @@ pub struct Args {
     )]
     pub servers: Vec<IpAddr>,
 
-    /// Server ports to monitor, comma separated (1-65535)
+    /// Server ports to monitor, comma separated (1-65535); PORT:MODE gives a port its own
+    /// protocol, e.g. 6379:redis,11211:memcached (ports without one use -m)
     #[arg(
         short = 'p',
         long = "ports",
         value_delimiter = ',',
         required = true,
-        value_name = "PORT,...",
-        value_parser = clap::value_parser!(u16).range(1..)
+        value_name = "PORT[:MODE],...",
+        value_parser = parse_port_spec
     )]
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortSpec>,
 
     /// TCP port of the stats JSON server [default: 33333 when capturing live, off with -r;
     /// 0 turns it off]
@@ -159,7 +160,45 @@ pub struct Args {
     pub filter: Vec<String>,
 }
 
+/// A monitored port, with the protocol it speaks when given as PORT:MODE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortSpec {
+    /// The server port.
+    pub port: u16,
+    /// Its protocol, when given.
+    pub mode: Option<Mode>,
+}
+
+fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
+    let (port, mode) = match text.split_once(':') {
+        Some((port, mode)) => {
+            let mode = Mode::from_str(mode, true).map_err(|_| {
+                format!("unknown mode '{mode}' (possible: raw, redis, memcached, dns)")
+            })?;
+            (port, Some(mode))
+        }
+        None => (text, None),
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(PortSpec { port: p, mode }),
+        _ => Err(format!("{port} is not a port in 1..=65535")),
+    }
+}
+
 impl Args {
+    /// The monitored port numbers, in the order given.
+    pub fn port_numbers(&self) -> Vec<u16> {
+        self.ports.iter().map(|p| p.port).collect()
+    }
+
+    /// Each port with its protocol (`-m` where none was given).
+    pub fn port_modes(&self) -> Vec<(u16, Mode)> {
+        self.ports
+            .iter()
+            .map(|p| (p.port, p.mode.unwrap_or(self.mode)))
+            .collect()
+    }
+
     /// The stats port to serve on, if any.
     pub fn effective_stats_port(&self) -> Option<u16> {
         match (self.stats_port, &self.read) {
@@ -227,11 +266,26 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.servers.len(), 2);
-        assert_eq!(a.ports, vec![6379, 6380]);
+        assert_eq!(a.port_numbers(), vec![6379, 6380]);
         assert_eq!(a.effective_stats_port(), Some(4000));
         assert_eq!(a.threshold_ms, Some(10.0));
         assert!(a.udp);
         assert_eq!(a.filter.join(" "), "port 80");
+    }
+
+    #[test]
+    fn ports_with_their_own_mode() {
+        let a = parse(&["-p", "6379:redis,11211:memcached,7000", "-m", "raw"]).unwrap();
+        assert_eq!(
+            a.port_modes(),
+            vec![
+                (6379, Mode::Redis),
+                (11211, Mode::Memcached),
+                (7000, Mode::Raw)
+            ]
+        );
+        assert!(parse(&["-p", "6379:http"]).is_err());
+        assert!(parse(&["-p", "0:redis"]).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! protocol is a type parameter ([`Connection`]), so each mode is its own monomorphic loop.
 
 use crate::capture::Frame;
+use crate::cli::Mode;
 use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
@@ -17,10 +18,35 @@ use crate::raw::RawFormatter;
 use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
 
+/// The protocol of each monitored port.
+#[derive(Debug, Clone, Default)]
+pub struct PortModes(Vec<(u16, Mode)>);
+
+impl PortModes {
+    /// The ports and their protocols.
+    pub fn new(modes: Vec<(u16, Mode)>) -> Self {
+        Self(modes)
+    }
+
+    /// The protocol of a monitored port (raw for any other).
+    pub fn of(&self, port: u16) -> Mode {
+        self.0
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(Mode::Raw, |(_, m)| *m)
+    }
+
+    /// True when every port speaks raw.
+    pub fn all_raw(&self) -> bool {
+        self.0.iter().all(|(_, m)| *m == Mode::Raw)
+    }
+}
+
 /// The per-connection state of a protocol mode.
 pub trait Connection: Default {
-    /// True for raw mode: packets are printed, streams only tracked.
-    const RAW: bool;
+    /// Chooses the protocol of a new connection, for an agent watching several; called with
+    /// the server port before each delivery.
+    fn prepare(&mut self, _server_port: u16, _modes: &PortModes) {}
     /// The next reassembled bytes of one direction.
     fn on_data(
         &mut self,
@@ -38,7 +64,6 @@ pub trait Connection: Default {
 
 /// Raw mode: nothing parsed.
 impl Connection for () {
-    const RAW: bool = true;
     fn on_data(
         &mut self,
         _: &FlowKey,
@@ -53,7 +78,6 @@ impl Connection for () {
 }
 
 impl Connection for MemcachedConnection {
-    const RAW: bool = false;
     fn on_data(
         &mut self,
         key: &FlowKey,
@@ -73,7 +97,6 @@ impl Connection for MemcachedConnection {
 }
 
 impl Connection for RedisConnection {
-    const RAW: bool = false;
     fn on_data(
         &mut self,
         key: &FlowKey,
@@ -89,6 +112,60 @@ impl Connection for RedisConnection {
     }
     fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
         RedisConnection::on_close(self, key, cx);
+    }
+}
+
+/// A connection of an agent watching ports of different protocols (`-p 6379:redis,…`).
+#[derive(Debug, Default)]
+pub enum MultiConnection {
+    /// Nothing delivered yet.
+    #[default]
+    Unset,
+    /// A raw-mode port.
+    Raw,
+    /// A Redis port.
+    Redis(Box<RedisConnection>),
+    /// A memcached port.
+    Memcached(Box<MemcachedConnection>),
+}
+
+impl Connection for MultiConnection {
+    fn prepare(&mut self, server_port: u16, modes: &PortModes) {
+        if matches!(self, Self::Unset) {
+            *self = match modes.of(server_port) {
+                Mode::Redis => Self::Redis(Box::default()),
+                Mode::Memcached => Self::Memcached(Box::default()),
+                Mode::Raw | Mode::Dns => Self::Raw,
+            };
+        }
+    }
+    fn on_data(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, Sinks>,
+    ) {
+        match self {
+            Self::Redis(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
+            Self::Memcached(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
+            Self::Unset | Self::Raw => {}
+        }
+    }
+    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        match self {
+            Self::Redis(c) => Connection::on_gap(c.as_mut(), key, cx),
+            Self::Memcached(c) => Connection::on_gap(c.as_mut(), key, cx),
+            Self::Unset | Self::Raw => {}
+        }
+    }
+    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        match self {
+            Self::Redis(c) => Connection::on_close(c.as_mut(), key, cx),
+            Self::Memcached(c) => Connection::on_close(c.as_mut(), key, cx),
+            Self::Unset | Self::Raw => {}
+        }
     }
 }
 
@@ -115,6 +192,7 @@ impl ExchangeSink for Sinks {
 
 /// Hands the flow table's streams to the connections.
 struct Streams<'a> {
+    modes: &'a PortModes,
     limits: &'a MatchLimits,
     counters: &'a mut MatchCounters,
     sinks: &'a mut Sinks,
@@ -122,6 +200,7 @@ struct Streams<'a> {
 
 impl<C: Connection> StreamHandler<C> for Streams<'_> {
     fn on_data(&mut self, key: &FlowKey, conn: &mut C, dir: Direction, ts_us: u64, bytes: &[u8]) {
+        conn.prepare(key.server.port(), self.modes);
         let mut cx = MatchContext {
             limits: self.limits,
             counters: self.counters,
@@ -154,8 +233,8 @@ pub struct PipelineConfig {
     pub link: LinkType,
     /// Which side is the server.
     pub rule: DirectionRule,
-    /// Monitored ports, in the order given.
-    pub ports: Vec<u16>,
+    /// Monitored ports and their protocols, in the order given.
+    pub ports: Vec<(u16, Mode)>,
     /// Caps of the flow table.
     pub flow_limits: FlowLimits,
     /// Caps of pending requests.
@@ -167,6 +246,7 @@ pub struct PipelineConfig {
 /// The per-packet state of the agent.
 pub struct Pipeline<C: Connection> {
     link: LinkType,
+    modes: PortModes,
     rule: DirectionRule,
     flows: FlowTable<C>,
     match_limits: MatchLimits,
@@ -181,6 +261,8 @@ pub struct Pipeline<C: Connection> {
 impl<C: Connection> Pipeline<C> {
     /// A pipeline for frames of `config.link`.
     pub fn new(config: PipelineConfig) -> Self {
+        let numbers: Vec<u16> = config.ports.iter().map(|(p, _)| *p).collect();
+        let modes = PortModes::new(config.ports);
         Self {
             link: config.link,
             rule: config.rule,
@@ -188,7 +270,7 @@ impl<C: Connection> Pipeline<C> {
             match_limits: config.match_limits,
             match_counters: MatchCounters::default(),
             sinks: Sinks {
-                ports: PortStats::new(&config.ports, !C::RAW),
+                ports: PortStats::new(&numbers, !modes.all_raw()),
                 slowlog: SlowLog::new(config.threshold_ms),
                 out: Vec::with_capacity(1 << 16),
             },
@@ -196,6 +278,7 @@ impl<C: Connection> Pipeline<C> {
             captured: 0,
             raw: RawFormatter::default(),
             last_ts_us: 0,
+            modes,
         }
     }
 
@@ -219,13 +302,14 @@ impl<C: Connection> Pipeline<C> {
         self.sinks
             .ports
             .count_packet(server_port, dir, packet.payload.len());
-        if C::RAW {
+        if self.modes.of(server_port) == Mode::Raw {
             self.raw
                 .format(frame.ts_sec, &packet, dir, &mut self.sinks.out);
         }
         if let Transport::Tcp { seq, ack, flags } = packet.transport {
             let key = FlowKey::of(&packet, dir);
             let mut streams = Streams {
+                modes: &self.modes,
                 limits: &self.match_limits,
                 counters: &mut self.match_counters,
                 sinks: &mut self.sinks,
@@ -251,6 +335,7 @@ impl<C: Connection> Pipeline<C> {
     /// Ends every flow, at the end of the capture: pending requests become timeouts.
     pub fn finish(&mut self) {
         let mut streams = Streams {
+            modes: &self.modes,
             limits: &self.match_limits,
             counters: &mut self.match_counters,
             sinks: &mut self.sinks,
@@ -276,7 +361,7 @@ impl<C: Connection> Pipeline<C> {
             decode: &self.decode_counters,
             flows: self.flows.counters(),
             ports: &self.sinks.ports,
-            matching: (!C::RAW).then_some(&self.match_counters),
+            matching: (!self.modes.all_raw()).then_some(&self.match_counters),
             threshold_us: self.sinks.slowlog.threshold_us(),
         }
     }

@@ -14,7 +14,7 @@ use crate::cli::{Args, Mode, SummaryFormat};
 use crate::decode::LinkType;
 use crate::flow::{DirectionRule, FlowLimits};
 use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
-use crate::pipeline::{Connection, Pipeline, PipelineConfig};
+use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
 use crate::reassembly::ReassemblyLimits;
 use crate::stats_server::{self, StatsSnapshot};
 
@@ -25,7 +25,8 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
-    if args.mode == Mode::Dns {
+    let modes = args.port_modes();
+    if modes.iter().any(|(_, mode)| *mode == Mode::Dns) {
         bail!("-m dns is not available yet: this build has raw, redis and memcached modes");
     }
     if args.script.is_some() {
@@ -38,8 +39,12 @@ pub fn run(args: Args) -> Result<()> {
             buffer_kib: args.buffer_kib,
         },
     };
-    let filter =
-        capture::build_filter(&args.ports, &args.servers, args.udp, &args.filter.join(" "));
+    let filter = capture::build_filter(
+        &args.port_numbers(),
+        &args.servers,
+        args.udp,
+        &args.filter.join(" "),
+    );
     let mut capture = Capture::open(&CaptureConfig {
         source,
         filter,
@@ -75,32 +80,29 @@ pub fn run(args: Args) -> Result<()> {
     let stats_thread = stats_listener.map(|l| spawn_stats_server(l, snapshot.clone()));
 
     let config = pipeline_config(&args, capture.link());
-    let result = match args.mode {
-        Mode::Redis => drive(
-            Pipeline::<RedisConnection>::new(config),
-            &args,
-            &mut capture,
-            &mut log,
-            &stop,
-            &snapshot,
-        ),
-        Mode::Memcached => drive(
-            Pipeline::<MemcachedConnection>::new(config),
-            &args,
-            &mut capture,
-            &mut log,
-            &stop,
-            &snapshot,
-        ),
-        // Raw mode (dns was refused above).
-        _ => drive(
-            Pipeline::<()>::new(config),
-            &args,
-            &mut capture,
-            &mut log,
-            &stop,
-            &snapshot,
-        ),
+    // One monomorphic loop per protocol; ports of different protocols share the loop of
+    // MultiConnection.
+    let single = modes
+        .iter()
+        .all(|(_, m)| *m == modes[0].1)
+        .then(|| modes[0].1);
+    macro_rules! run_with {
+        ($connection:ty) => {
+            drive(
+                Pipeline::<$connection>::new(config),
+                &args,
+                &mut capture,
+                &mut log,
+                &stop,
+                &snapshot,
+            )
+        };
+    }
+    let result = match single {
+        Some(Mode::Redis) => run_with!(RedisConnection),
+        Some(Mode::Memcached) => run_with!(MemcachedConnection),
+        Some(Mode::Raw | Mode::Dns) => run_with!(()),
+        None => run_with!(MultiConnection),
     };
     if let Some((thread, shutdown)) = stats_thread {
         let _ = shutdown.send(());
@@ -129,8 +131,8 @@ fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
     let local = capture::local_addresses();
     PipelineConfig {
         link,
-        rule: DirectionRule::new(&args.ports, &args.servers, &local),
-        ports: args.ports.clone(),
+        rule: DirectionRule::new(&args.port_numbers(), &args.servers, &local),
+        ports: args.port_modes(),
         flow_limits: FlowLimits {
             max_flows: args.max_flows.max(1),
             idle_timeout_us: args.flow_idle_timeout_secs.saturating_mul(1_000_000),

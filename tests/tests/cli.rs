@@ -35,7 +35,7 @@ fn refused(args: &[&str], code: i32, needle: &str) {
 #[test]
 fn argument_errors_exit_2() {
     refused(&[], 2, "--ports");
-    refused(&["-p", "0"], 2, "0 is not in 1..=65535");
+    refused(&["-p", "0"], 2, "0 is not a port in 1..=65535");
     refused(&["-p", "70000"], 2, "70000");
     refused(&["-p", "6379,x"], 2, "'x'");
     refused(

@@ -78,3 +78,49 @@ fn quiet_scenario_pairs_exactly(name: &str) {
     let quiet = format!("{} no-reply requests", e.extra("noreply").unwrap());
     assert!(text.contains(&quiet), "{text}");
 }
+
+#[test]
+fn one_agent_watches_redis_and_memcached_ports() {
+    if !tcpkit_tests::requirement(
+        tcpkit_tests::have("mergecap"),
+        "mergecap (wireshark-common)",
+    ) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tcpkit-mixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mixed = dir.join("mixed.pcap");
+    let status = std::process::Command::new("mergecap")
+        .args(["-F", "pcap", "-w"])
+        .arg(&mixed)
+        .arg(tcpkit_tests::fixture("redis-multi.pcap"))
+        .arg(tcpkit_tests::fixture("memcached-text.pcap"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (redis, memcached) = (Expected::of("redis-multi"), Expected::of("memcached-text"));
+    let ports = format!("{}:redis,{}:memcached", redis.port, memcached.port);
+    let out = tcpkit_tests::run_tcpkit(&[
+        "-r",
+        mixed.to_str().unwrap(),
+        "-p",
+        &ports,
+        "-t",
+        "100000",
+        "--summary",
+        "json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let (r, m) = (
+        &json[0][redis.port.to_string()],
+        &json[1][memcached.port.to_string()],
+    );
+    assert_eq!(r["total_reqs"], redis.exchanges(), "{json}");
+    assert_eq!(
+        m["total_reqs"],
+        memcached.extra("exchanges").unwrap(),
+        "{json}"
+    );
+    assert_eq!(m["hits"], memcached.extra("hits").unwrap(), "{json}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
