@@ -367,3 +367,93 @@ fn live_redis_mode_over_ipv6_prints_bracketed_addresses() {
         10
     );
 }
+
+#[test]
+fn live_memcached_mode_counts_hits_and_misses() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("memcached"), "memcached")
+    {
+        return;
+    }
+    let port = free_port();
+    let server = Command::new("memcached")
+        .args([
+            "-u",
+            "nobody",
+            "-l",
+            "127.0.0.1",
+            "-U",
+            "0",
+            "-p",
+            &port.to_string(),
+        ])
+        .spawn()
+        .unwrap();
+    let _server = Guard(server);
+    assert!(
+        wait_for_port(port, Duration::from_secs(10)),
+        "memcached did not start"
+    );
+    let stats_port = free_port();
+    let agent = Command::new(tcpkit_bin())
+        .args([
+            "-i",
+            "lo",
+            "-m",
+            "memcached",
+            "-t",
+            "100000",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-P", &stats_port.to_string(), "--summary", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    let mut read_until = |end: &str| loop {
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        if line.starts_with(end) {
+            break;
+        }
+    };
+    for i in 0..50 {
+        conn.write_all(format!("set k{i} 0 0 1\r\nx\r\n").as_bytes())
+            .unwrap();
+        read_until("STORED");
+    }
+    for i in 0..100 {
+        // k0..k49 hit, k50..k99 miss
+        conn.write_all(format!("get k{i}\r\n").as_bytes()).unwrap();
+        read_until("END");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(agent.0.wait().unwrap().success());
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let stats = &json[0][port.to_string()];
+    assert_eq!(stats["total_reqs"], 150, "{stats}");
+    assert_eq!(
+        (stats["hits"].as_u64(), stats["misses"].as_u64()),
+        (Some(50), Some(50)),
+        "{stats}"
+    );
+    assert_eq!(stats["commands"]["set"]["total_reqs"], 50);
+}
