@@ -147,6 +147,10 @@ pub struct Args {
     )]
     pub max_held_bytes: usize,
 
+    /// Milliseconds a DNS query waits for its response before it counts as a timeout
+    #[arg(long = "dns-timeout", default_value_t = 5000, value_name = "MS")]
+    pub dns_timeout_ms: u32,
+
     /// Requests waiting for a reply per connection; past it the oldest counts as a timeout
     #[arg(long = "max-pending", default_value_t = 4096, value_name = "N")]
     pub max_pending: usize,

@@ -10,6 +10,7 @@ use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
 };
+use crate::matcher::dns::DnsMatcher;
 use crate::matcher::{
     Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, MemcachedConnection,
     RedisConnection, Unanswered,
@@ -188,6 +189,12 @@ impl ExchangeSink for Sinks {
     fn unanswered(&mut self, server: std::net::SocketAddr, command: &[u8], why: Unanswered) {
         self.ports.record_unanswered(server.port(), command, why);
     }
+
+    fn expired(&mut self, e: &Exchange<'_>) {
+        self.ports
+            .record_unanswered(e.server.port(), e.command, Unanswered::Timeout);
+        self.slowlog.format_timeout(e, &mut self.out);
+    }
 }
 
 /// Hands the flow table's streams to the connections.
@@ -241,12 +248,15 @@ pub struct PipelineConfig {
     pub match_limits: MatchLimits,
     /// Slow threshold in ms; every exchange is slow when `None`.
     pub threshold_ms: Option<f64>,
+    /// How long a DNS query waits for its response.
+    pub dns_timeout_us: u64,
 }
 
 /// The per-packet state of the agent.
 pub struct Pipeline<C: Connection> {
     link: LinkType,
     modes: PortModes,
+    dns: DnsMatcher,
     rule: DirectionRule,
     flows: FlowTable<C>,
     match_limits: MatchLimits,
@@ -279,6 +289,7 @@ impl<C: Connection> Pipeline<C> {
             raw: RawFormatter::default(),
             last_ts_us: 0,
             modes,
+            dns: DnsMatcher::new(config.dns_timeout_us),
         }
     }
 
@@ -305,6 +316,29 @@ impl<C: Connection> Pipeline<C> {
         if self.modes.of(server_port) == Mode::Raw {
             self.raw
                 .format(frame.ts_sec, &packet, dir, &mut self.sinks.out);
+        }
+        if packet.transport == Transport::Udp && self.modes.of(server_port) == Mode::Dns {
+            let (client, server) = match dir {
+                Direction::Request => (packet.src, packet.dst),
+                Direction::Response => (packet.dst, packet.src),
+            };
+            let (client_port, server_port) = match dir {
+                Direction::Request => (packet.sport, packet.dport),
+                Direction::Response => (packet.dport, packet.sport),
+            };
+            let mut cx = MatchContext {
+                limits: &self.match_limits,
+                counters: &mut self.match_counters,
+                sink: &mut self.sinks,
+            };
+            self.dns.on_datagram(
+                std::net::SocketAddr::new(client, client_port),
+                std::net::SocketAddr::new(server, server_port),
+                dir == Direction::Request,
+                ts_us,
+                packet.payload,
+                &mut cx,
+            );
         }
         if let Transport::Tcp { seq, ack, flags } = packet.transport {
             let key = FlowKey::of(&packet, dir);
@@ -341,6 +375,12 @@ impl<C: Connection> Pipeline<C> {
             sinks: &mut self.sinks,
         };
         self.flows.close_all(self.last_ts_us, &mut streams);
+        let mut cx = MatchContext {
+            limits: &self.match_limits,
+            counters: &mut self.match_counters,
+            sink: &mut self.sinks,
+        };
+        self.dns.finish(&mut cx);
     }
 
     /// The stats JSON document.

@@ -26,8 +26,8 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
     let modes = args.port_modes();
-    if modes.iter().any(|(_, mode)| *mode == Mode::Dns) {
-        bail!("-m dns is not available yet: this build has raw, redis and memcached modes");
+    if modes.iter().any(|(_, mode)| *mode == Mode::Dns) && !args.udp {
+        bail!("DNS over TCP is not available yet: add -u for DNS over UDP");
     }
     if args.script.is_some() {
         bail!("Lua scripts (-S) are not available yet in this build");
@@ -101,6 +101,7 @@ pub fn run(args: Args) -> Result<()> {
     let result = match single {
         Some(Mode::Redis) => run_with!(RedisConnection),
         Some(Mode::Memcached) => run_with!(MemcachedConnection),
+        // DNS rides on UDP datagrams, which every pipeline hands to its DNS matcher.
         Some(Mode::Raw | Mode::Dns) => run_with!(()),
         None => run_with!(MultiConnection),
     };
@@ -146,6 +147,7 @@ fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
             ..MatchLimits::default()
         },
         threshold_ms: args.threshold_ms,
+        dns_timeout_us: (args.dns_timeout_ms.max(1) as u64).saturating_mul(1000),
     }
 }
 

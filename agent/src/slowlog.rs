@@ -42,6 +42,16 @@ impl SlowLog {
 
     /// Appends the line of one exchange (with its newline) to `out`.
     pub fn format(&mut self, e: &Exchange<'_>, out: &mut Vec<u8>) {
+        self.line(e, None, out);
+    }
+
+    /// Appends the line of a request that got no response in time: `timeout` in place of
+    /// the latency.
+    pub fn format_timeout(&mut self, e: &Exchange<'_>, out: &mut Vec<u8>) {
+        self.line(e, Some(b"timeout"), out);
+    }
+
+    fn line(&mut self, e: &Exchange<'_>, instead_of_latency: Option<&[u8]>, out: &mut Vec<u8>) {
         let ts = e.req_start_us;
         self.clock
             .format((ts / 1_000_000) as i64, Some((ts % 1_000_000) as u32), out);
@@ -50,8 +60,14 @@ impl SlowLog {
         out.extend_from_slice(b" => ");
         push_endpoint(out, e.server.ip(), e.server.port());
         out.extend_from_slice(b" | ");
-        push_millis(out, e.latency_us);
-        out.extend_from_slice(b" ms | ");
+        match instead_of_latency {
+            Some(text) => out.extend_from_slice(text),
+            None => {
+                push_millis(out, e.latency_us);
+                out.extend_from_slice(b" ms");
+            }
+        }
+        out.extend_from_slice(b" | ");
         push_escaped(out, e.summary);
         if e.truncated {
             out.extend_from_slice(b"...");
@@ -95,6 +111,7 @@ mod tests {
             error: false,
             hits: 0,
             misses: 0,
+            rcode: None,
         };
         let mut out = Vec::new();
         SlowLog::new(Some(10.0)).format(&e, &mut out);

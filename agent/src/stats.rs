@@ -45,6 +45,8 @@ pub struct LatencyStats {
     pub hits: u64,
     /// Keys not found by retrievals (memcached).
     pub misses: u64,
+    /// Responses per response code (DNS).
+    pub rcodes: [u64; 16],
 }
 
 impl LatencyStats {
@@ -64,6 +66,9 @@ impl LatencyStats {
         self.rsp_bytes += other.rsp_bytes;
         self.hits += other.hits;
         self.misses += other.misses;
+        for (mine, theirs) in self.rcodes.iter_mut().zip(other.rcodes) {
+            *mine += theirs;
+        }
     }
 
     fn record(&mut self, e: &Exchange<'_>, slow: bool) {
@@ -77,6 +82,9 @@ impl LatencyStats {
         self.rsp_bytes += e.rsp_bytes;
         self.hits += u64::from(e.hits);
         self.misses += u64::from(e.misses);
+        if let Some(rcode) = e.rcode {
+            self.rcodes[usize::from(rcode & 15)] += 1;
+        }
     }
 
     fn give_up(&mut self, why: Unanswered) {
@@ -109,6 +117,18 @@ impl LatencyStats {
             m.insert(k.to_string(), json!(v));
         }
         m.insert("latencies".to_string(), json!(self.latencies));
+        let rcodes: Map<String, Value> = (0u8..16)
+            .filter(|&r| self.rcodes[usize::from(r)] > 0)
+            .map(|r| {
+                (
+                    crate::l7::dns::rcode_name(r).to_string(),
+                    json!(self.rcodes[usize::from(r)]),
+                )
+            })
+            .collect();
+        if !rcodes.is_empty() {
+            m.insert("rcodes".to_string(), Value::Object(rcodes));
+        }
         m
     }
 }
@@ -461,6 +481,7 @@ mod latency_tests {
             error,
             hits: 0,
             misses: 0,
+            rcode: None,
         }
     }
 

@@ -113,7 +113,7 @@ fn modes_of_later_issues_say_so() {
     refused(
         &["-p", "6379", "-r", pcap.to_str().unwrap(), "-m", "dns"],
         1,
-        "-m dns is not available yet",
+        "DNS over TCP is not available yet: add -u",
     );
     refused(
         &["-p", "6379", "-r", pcap.to_str().unwrap(), "-S", "x.lua"],

@@ -363,6 +363,7 @@ fn pair<S: ExchangeSink>(
         error: m.unit == Unit::Error,
         hits,
         misses,
+        rcode: None,
     });
 }
 

@@ -237,6 +237,7 @@ fn pair<S: ExchangeSink>(
         error: p.status >= FIRST_ERROR_STATUS,
         hits,
         misses,
+        rcode: None,
     });
 }
 

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 
+pub mod dns;
 pub mod memcached;
 pub mod memcached_binary;
 pub mod redis;
@@ -42,6 +43,8 @@ pub struct Exchange<'a> {
     pub hits: u32,
     /// Keys not found, for a retrieval (memcached).
     pub misses: u32,
+    /// The response code (DNS).
+    pub rcode: Option<u8>,
 }
 
 /// Why a request will never be paired.
@@ -59,6 +62,10 @@ pub trait ExchangeSink {
     fn exchange(&mut self, e: &Exchange<'_>);
     /// A request that will never be paired.
     fn unanswered(&mut self, server: SocketAddr, command: &[u8], why: Unanswered);
+    /// A request that went unanswered past its timeout (DNS); `e` has no response fields.
+    fn expired(&mut self, e: &Exchange<'_>) {
+        self.unanswered(e.server, e.command, Unanswered::Timeout);
+    }
 }
 
 /// Caps on pending requests.

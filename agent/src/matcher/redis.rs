@@ -491,6 +491,7 @@ fn complete<S: ExchangeSink>(
         error: reply.error,
         hits: 0,
         misses: 0,
+        rcode: None,
     });
 }
 

@@ -1,0 +1,205 @@
+//! DNS message parser: the header and the first question. Pure: no I/O.
+//!
+//! ```text
+//! header: id(2) flags(2: QR opcode(4) AA TC RD RA Z(3) RCODE(4)) qdcount(2) ancount(2)
+//!         nscount(2) arcount(2)
+//! question: name (labels, or a pointer 0b11 + 14-bit offset), type(2), class(2)
+//! ```
+//!
+//! Over UDP one datagram is one message; over TCP each message has a 2-byte length prefix.
+//! Names with pointer loops, labels past the end or names over 255 bytes are errors.
+
+/// Why the bytes are not a DNS message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DnsError {
+    /// Shorter than its header or question.
+    #[error("truncated message")]
+    Truncated,
+    /// A name that loops, runs past the message or is too long.
+    #[error("bad name")]
+    BadName,
+}
+
+/// What tcpkit reads of a DNS message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsMessage {
+    /// Transaction id.
+    pub id: u16,
+    /// A response (QR set).
+    pub response: bool,
+    /// Response code (0 NOERROR, 3 NXDOMAIN, …).
+    pub rcode: u8,
+    /// Answer records.
+    pub answers: u16,
+    /// The first question: type and name (dotted, with the final dot), when present.
+    pub question: Option<(u16, String)>,
+}
+
+/// Longest name, as RFC 1035 sets it.
+const MAX_NAME: usize = 255;
+/// Pointers followed at most while reading one name.
+const MAX_POINTERS: usize = 32;
+
+/// Parses one whole message.
+pub fn parse(msg: &[u8]) -> Result<DnsMessage, DnsError> {
+    if msg.len() < 12 {
+        return Err(DnsError::Truncated);
+    }
+    let be16 = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
+    let flags = be16(2);
+    let qdcount = be16(4);
+    let question = if qdcount > 0 {
+        let (name, end) = read_name(msg, 12)?;
+        let qtype = msg.get(end..end + 2).ok_or(DnsError::Truncated)?;
+        Some((u16::from_be_bytes([qtype[0], qtype[1]]), name))
+    } else {
+        None
+    };
+    Ok(DnsMessage {
+        id: be16(0),
+        response: flags & 0x8000 != 0,
+        rcode: (flags & 0x000f) as u8,
+        answers: be16(6),
+        question,
+    })
+}
+
+/// Reads the name at `start`; returns it and where the data after it (in place) begins.
+fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
+    let mut name = String::new();
+    let mut pos = start;
+    let mut end = None;
+    let mut pointers = 0;
+    loop {
+        let len = *msg.get(pos).ok_or(DnsError::Truncated)? as usize;
+        match len {
+            0 => {
+                if name.is_empty() {
+                    name.push('.');
+                }
+                return Ok((name, end.unwrap_or(pos + 1)));
+            }
+            l if l & 0xc0 == 0xc0 => {
+                let low = *msg.get(pos + 1).ok_or(DnsError::Truncated)? as usize;
+                end.get_or_insert(pos + 2);
+                pointers += 1;
+                if pointers > MAX_POINTERS {
+                    return Err(DnsError::BadName);
+                }
+                pos = ((l & 0x3f) << 8) | low;
+            }
+            l if l & 0xc0 != 0 => return Err(DnsError::BadName),
+            l => {
+                let label = msg.get(pos + 1..pos + 1 + l).ok_or(DnsError::Truncated)?;
+                for &b in label {
+                    match b {
+                        b'.' | b'\\' => {
+                            name.push('\\');
+                            name.push(b as char);
+                        }
+                        0x21..=0x7e => name.push(b as char),
+                        _ => name.push_str(&format!("\\{b:03}")),
+                    }
+                }
+                name.push('.');
+                if name.len() > MAX_NAME * 4 {
+                    return Err(DnsError::BadName);
+                }
+                pos += 1 + l;
+            }
+        }
+    }
+}
+
+/// The name of a query type, or its number.
+pub fn type_name(qtype: u16) -> String {
+    match qtype {
+        1 => "A".into(),
+        2 => "NS".into(),
+        5 => "CNAME".into(),
+        6 => "SOA".into(),
+        12 => "PTR".into(),
+        15 => "MX".into(),
+        16 => "TXT".into(),
+        28 => "AAAA".into(),
+        33 => "SRV".into(),
+        65 => "HTTPS".into(),
+        255 => "ANY".into(),
+        other => format!("TYPE{other}"),
+    }
+}
+
+/// The name of a response code.
+pub fn rcode_name(rcode: u8) -> &'static str {
+    match rcode {
+        0 => "NOERROR",
+        1 => "FORMERR",
+        2 => "SERVFAIL",
+        3 => "NXDOMAIN",
+        4 => "NOTIMP",
+        5 => "REFUSED",
+        _ => "RCODE?",
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A query for `name` (dotted, no final dot) of type `qtype`, with the given flags.
+    pub(crate) fn message(id: u16, flags: u16, name: &str, qtype: u16) -> Vec<u8> {
+        let mut m = id.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.').filter(|l| !l.is_empty()) {
+            m.push(label.len() as u8);
+            m.extend_from_slice(label.as_bytes());
+        }
+        m.push(0);
+        m.extend_from_slice(&qtype.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m
+    }
+
+    #[test]
+    fn queries_and_responses() {
+        let q = parse(&message(0x1234, 0x0100, "www.example.com", 1)).unwrap();
+        assert_eq!(
+            (q.id, q.response, q.question.clone()),
+            (0x1234, false, Some((1, "www.example.com.".into())))
+        );
+        let r = parse(&message(0x1234, 0x8183, "nope.example", 28)).unwrap();
+        assert_eq!(
+            (r.response, r.rcode, rcode_name(r.rcode)),
+            (true, 3, "NXDOMAIN")
+        );
+        assert_eq!(type_name(28), "AAAA");
+        assert_eq!(
+            parse(&message(1, 0, "", 2)).unwrap().question,
+            Some((2, ".".into()))
+        );
+    }
+
+    #[test]
+    fn compression_pointers_and_loops() {
+        // A name at 12, then a second question-like name that points back to it.
+        let mut m = message(1, 0x8180, "example.com", 1);
+        m.extend_from_slice(&[3, b'w', b'w', b'w', 0xc0, 12]);
+        let (name, end) = read_name(&m, m.len() - 6).unwrap();
+        assert_eq!((name.as_str(), end), ("www.example.com.", m.len()));
+        // A pointer to itself never ends.
+        let mut looped = message(1, 0, "a", 1);
+        looped[12] = 0xc0;
+        looped[13] = 12;
+        assert_eq!(parse(&looped), Err(DnsError::BadName));
+    }
+
+    #[test]
+    fn truncations_are_errors_never_panics() {
+        let m = message(7, 0x0100, "www.example.com", 1);
+        for cut in 0..m.len() - 4 {
+            assert!(parse(&m[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(parse(&m[..m.len() - 2]).is_ok(), "class is not needed");
+    }
+}

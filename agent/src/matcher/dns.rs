@@ -1,0 +1,242 @@
+//! DNS over UDP matching: a query is paired with the response that has the same client,
+//! server and id. A retransmitted query (same client, server and id while the first is
+//! pending) is not counted again. A query with no response within the timeout is reported
+//! as expired: a timeout in the stats and, in the slow log, a line with `timeout`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use rustc_hash::FxHashMap;
+
+use super::{Exchange, ExchangeSink, MatchContext};
+use crate::l7::dns::{parse, rcode_name, type_name};
+
+type QueryKey = (SocketAddr, SocketAddr, u16);
+
+#[derive(Debug)]
+struct Query {
+    ts_us: u64,
+    bytes: u64,
+    /// `A example.com.`
+    summary: String,
+    type_len: usize,
+}
+
+/// Pending DNS queries of all clients, bounded, expiring in capture time.
+#[derive(Debug)]
+pub struct DnsMatcher {
+    pending: FxHashMap<QueryKey, Query>,
+    /// Queries in arrival order, for expiry (entries already answered are skipped).
+    order: VecDeque<(u64, QueryKey)>,
+    timeout_us: u64,
+}
+
+impl DnsMatcher {
+    /// A matcher whose queries expire after `timeout_us` of capture time.
+    pub fn new(timeout_us: u64) -> Self {
+        Self {
+            pending: FxHashMap::default(),
+            order: VecDeque::new(),
+            timeout_us,
+        }
+    }
+
+    /// Takes one datagram: a query when it goes to the server, else a response.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_datagram<S: ExchangeSink>(
+        &mut self,
+        client: SocketAddr,
+        server: SocketAddr,
+        to_server: bool,
+        ts_us: u64,
+        payload: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        self.expire(ts_us, cx);
+        let Ok(msg) = parse(payload) else {
+            cx.counters.desyncs += 1; // an invalid datagram: counted, nothing else lost
+            return;
+        };
+        let key = (client, server, msg.id);
+        if to_server && !msg.response {
+            if self.pending.contains_key(&key) {
+                cx.counters.noreply += 1; // a retransmission: the first copy is timed
+                return;
+            }
+            if self.pending.len() >= cx.limits.max_pending_total {
+                cx.sink
+                    .unanswered(server, b"QUERY", super::Unanswered::Timeout);
+                return;
+            }
+            let (qtype, name) = msg.question.unwrap_or((0, "?".into()));
+            let qtype = type_name(qtype);
+            let type_len = qtype.len();
+            let summary = format!("{qtype} {name}");
+            self.pending.insert(
+                key,
+                Query {
+                    ts_us,
+                    bytes: payload.len() as u64,
+                    summary,
+                    type_len,
+                },
+            );
+            self.order.push_back((ts_us, key));
+            cx.counters.pending += 1;
+        } else if !to_server && msg.response {
+            let Some(query) = self.pending.remove(&key) else {
+                cx.counters.unmatched += 1;
+                return;
+            };
+            cx.counters.pending -= 1;
+            let summary = format!("{} {}", query.summary, rcode_name(msg.rcode));
+            cx.sink.exchange(&Exchange {
+                client,
+                server,
+                req_start_us: query.ts_us,
+                req_done_us: query.ts_us,
+                rsp_start_us: ts_us,
+                latency_us: ts_us.saturating_sub(query.ts_us),
+                command: &query.summary.as_bytes()[..query.type_len],
+                summary: summary.as_bytes(),
+                truncated: false,
+                req_bytes: query.bytes,
+                rsp_bytes: payload.len() as u64,
+                error: !matches!(msg.rcode, 0 | 3),
+                hits: 0,
+                misses: 0,
+                rcode: Some(msg.rcode),
+            });
+        } else {
+            cx.counters.unsolicited += 1;
+        }
+    }
+
+    /// Reports the queries older than the timeout at capture time `now_us` as expired.
+    pub fn expire<S: ExchangeSink>(&mut self, now_us: u64, cx: &mut MatchContext<'_, S>) {
+        while let Some(&(ts, key)) = self.order.front() {
+            if now_us.saturating_sub(ts) < self.timeout_us {
+                break;
+            }
+            self.order.pop_front();
+            // A newer query with the same key has its own entry further on.
+            if self.pending.get(&key).is_some_and(|q| q.ts_us == ts) {
+                if let Some(query) = self.pending.remove(&key) {
+                    cx.counters.pending -= 1;
+                    expired(&key, &query, cx);
+                }
+            }
+        }
+    }
+
+    /// Reports every pending query as expired, at the end of the capture.
+    pub fn finish<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+        self.order.clear();
+        for (key, query) in self.pending.drain() {
+            cx.counters.pending -= 1;
+            expired(&key, &query, cx);
+        }
+    }
+}
+
+fn expired<S: ExchangeSink>(key: &QueryKey, query: &Query, cx: &mut MatchContext<'_, S>) {
+    cx.sink.expired(&Exchange {
+        client: key.0,
+        server: key.1,
+        req_start_us: query.ts_us,
+        req_done_us: query.ts_us,
+        rsp_start_us: query.ts_us,
+        latency_us: 0,
+        command: &query.summary.as_bytes()[..query.type_len],
+        summary: query.summary.as_bytes(),
+        truncated: false,
+        req_bytes: query.bytes,
+        rsp_bytes: 0,
+        error: false,
+        hits: 0,
+        misses: 0,
+        rcode: None,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::l7::dns::tests::message;
+    use crate::matcher::{MatchCounters, MatchLimits, Unanswered};
+
+    #[derive(Default)]
+    struct Recorder(Vec<(String, u64, Option<u8>)>, Vec<String>);
+
+    impl ExchangeSink for Recorder {
+        fn exchange(&mut self, e: &Exchange<'_>) {
+            self.0.push((
+                String::from_utf8_lossy(e.summary).into_owned(),
+                e.latency_us,
+                e.rcode,
+            ));
+        }
+        fn unanswered(&mut self, _: SocketAddr, _: &[u8], _: Unanswered) {}
+        fn expired(&mut self, e: &Exchange<'_>) {
+            self.1.push(String::from_utf8_lossy(e.summary).into_owned());
+        }
+    }
+
+    #[test]
+    fn pairs_by_id_ignores_retransmissions_and_expires() {
+        let (client, server): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:5000".parse().unwrap(),
+            "10.0.0.2:53".parse().unwrap(),
+        );
+        let limits = MatchLimits::default();
+        let mut counters = MatchCounters::default();
+        let mut sink = Recorder::default();
+        let mut dns = DnsMatcher::new(5_000_000);
+        let mut cx = MatchContext {
+            limits: &limits,
+            counters: &mut counters,
+            sink: &mut sink,
+        };
+        let q1 = message(1, 0x0100, "a.test", 1);
+        let q2 = message(2, 0x0100, "nope.test", 28);
+        let q3 = message(3, 0x0100, "lost.test", 1);
+        dns.on_datagram(client, server, true, 0, &q1, &mut cx);
+        dns.on_datagram(client, server, true, 10, &q2, &mut cx);
+        dns.on_datagram(client, server, true, 20, &q2, &mut cx); // retransmitted
+        dns.on_datagram(client, server, true, 30, &q3, &mut cx);
+        dns.on_datagram(
+            client,
+            server,
+            false,
+            1_000,
+            &message(2, 0x8183, "nope.test", 28),
+            &mut cx,
+        );
+        dns.on_datagram(
+            client,
+            server,
+            false,
+            2_000,
+            &message(1, 0x8180, "a.test", 1),
+            &mut cx,
+        );
+        dns.on_datagram(
+            client,
+            server,
+            true,
+            6_000_000,
+            &message(4, 0x0100, "b.test", 1),
+            &mut cx,
+        );
+        dns.finish(&mut cx);
+        assert_eq!(
+            sink.0,
+            vec![
+                ("AAAA nope.test. NXDOMAIN".to_string(), 990, Some(3)),
+                ("A a.test. NOERROR".to_string(), 2_000, Some(0)),
+            ]
+        );
+        assert_eq!(sink.1, ["A lost.test.", "A b.test."]);
+        assert_eq!((counters.noreply, counters.pending), (1, 0));
+    }
+}

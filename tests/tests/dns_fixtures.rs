@@ -1,0 +1,81 @@
+//! DNS mode on a capture of real queries to dnsmasq over UDP: exchanges per response code and
+//! unanswered queries exactly as the client saw them; timeouts in the slow log.
+
+use tcpkit_tests::{run_on_fixture, Expected};
+
+#[test]
+fn queries_pair_by_id_and_unanswered_ones_time_out() {
+    let name = "dns-udp";
+    let e = Expected::of(name);
+    let out = run_on_fixture(
+        name,
+        &["-m", "dns", "-u", "-t", "100000", "--summary", "json"],
+    );
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let stats = &json[0][e.port.to_string()];
+    assert_eq!(
+        stats["total_reqs"],
+        e.extra("exchanges").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(stats["timeouts"], e.extra("timeouts").unwrap(), "{stats}");
+    assert_eq!(
+        stats["rcodes"]["NOERROR"],
+        e.extra("noerror").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["rcodes"]["NXDOMAIN"],
+        e.extra("nxdomain").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["commands"]["A"]["timeouts"],
+        e.extra("timeouts").unwrap(),
+        "{stats}"
+    );
+}
+
+#[test]
+fn slow_log_names_type_name_and_rcode_and_prints_timeouts() {
+    let name = "dns-udp";
+    let e = Expected::of(name);
+    let out = run_on_fixture(name, &["-m", "dns", "-u", "--summary", "none"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let timeouts = lines
+        .iter()
+        .filter(|l| l.contains(" | timeout | A www.example.test."))
+        .count();
+    assert_eq!(timeouts as u64, e.extra("timeouts").unwrap(), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(" ms | A nope.test. NXDOMAIN")),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.ends_with(" ms | A www.example.test. NOERROR")),
+        "{out}"
+    );
+    let answered = lines.iter().filter(|l| l.contains(" ms | ")).count() as u64;
+    assert_eq!(answered, e.extra("exchanges").unwrap());
+}
+
+#[test]
+fn dns_over_tcp_is_refused_for_now() {
+    let out = std::process::Command::new(tcpkit_tests::tcpkit_bin())
+        .args([
+            "-r",
+            tcpkit_tests::fixture("dns-udp.pcap").to_str().unwrap(),
+            "-p",
+            "5300",
+            "-m",
+            "dns",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add -u"));
+}
