@@ -457,3 +457,124 @@ fn live_memcached_mode_counts_hits_and_misses() {
     );
     assert_eq!(stats["commands"]["set"]["total_reqs"], 50);
 }
+
+/// A DNS query for `name` (type A) with the given id.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[test]
+fn live_dns_mode_over_udp_with_timeouts() {
+    if !requirement(is_root(), "root (live capture)") || !requirement(have("dnsmasq"), "dnsmasq") {
+        return;
+    }
+    let port = free_port();
+    let server = Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--port",
+            &port.to_string(),
+            "--listen-address",
+            "127.0.0.1",
+        ])
+        .args([
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--local=/test/",
+        ])
+        .args([
+            "--address=/example.test/10.1.2.3",
+            "--user=root",
+            "--pid-file=",
+            "--log-facility=/dev/null",
+        ])
+        .spawn()
+        .unwrap();
+    let _server = Guard(server);
+    // Wait until dnsmasq answers, before the capture starts.
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let up = (0..50).any(|_| {
+        socket
+            .send_to(&dns_query(9999, "probe.example.test"), ("127.0.0.1", port))
+            .is_ok()
+            && socket.recv_from(&mut buf).is_ok()
+    });
+    assert!(up, "dnsmasq did not answer");
+    let stats_port = free_port();
+    let agent = Command::new(tcpkit_bin())
+        .args([
+            "-i",
+            "lo",
+            "-m",
+            "dns",
+            "-u",
+            "-t",
+            "100000",
+            "-p",
+            &port.to_string(),
+        ])
+        .args([
+            "--dns-timeout",
+            "300",
+            "-P",
+            &stats_port.to_string(),
+            "--summary",
+            "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut answered = 0;
+    for id in 0..40u16 {
+        socket
+            .send_to(&dns_query(id, "www.example.test"), ("127.0.0.1", port))
+            .unwrap();
+        if socket.recv_from(&mut buf).is_ok() {
+            answered += 1;
+        }
+    }
+    for id in 100..102u16 {
+        socket
+            .send_to(&dns_query(id, "www.example.test"), ("127.0.0.2", port))
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(agent.0.wait().unwrap().success());
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let stats = &json[0][port.to_string()];
+    assert!(answered == 40, "dnsmasq answered {answered} of 40");
+    assert_eq!(stats["total_reqs"], answered, "{stats}");
+    // Unanswered: the two sent where nothing listens, and any the server missed.
+    assert_eq!(stats["timeouts"], 2 + 40 - answered, "{stats}");
+    assert_eq!(stats["rcodes"]["NOERROR"], answered, "{stats}");
+}
