@@ -7,6 +7,7 @@
 #   redis-small      ~1.7M packets: 840k SET/GET from 50 clients, one request a segment
 #   redis-pipelined  ~0.9M packets: 6.4M SET/GET pipelined 16 deep
 #   memcached-small  ~0.3M packets: 140k set/get, one request a segment
+#   dns-udp          ~0.26M packets: 130k queries over UDP
 # For each: `tcpdump -r FILE -w /dev/null` (the floor of reading the pcap), tcpkit in raw mode
 # (lines to /dev/null) and in its protocol mode (`-t 100000`: pairs everything, prints nothing),
 # RUNS (5) times each; prints the median wall time, packets/s, requests/s and the ratio to
@@ -30,11 +31,13 @@ if [ ! -f "$out_dir/redis-small.pcap" ] || [ ! -f "$out_dir/redis-pipelined.pcap
       redis-benchmark -p "$port" -n 3200000 -c 50 -P 16 -t set,get -q
   )
 fi
-if [ ! -f "$out_dir/memcached-small.pcap" ]; then
+if [ ! -f "$out_dir/memcached-small.pcap" ] || [ ! -f "$out_dir/dns-udp.pcap" ]; then
   (
     source "$root/tests/fixtures/capture-lib.sh"
     port=$memcached_port capture memcached-small -i lo -- \
       python3 "$root/tests/fixtures/memcached_scenarios.py" "$memcached_port" load
+    proto=udp port=$dns_port capture dns-udp -i lo -- \
+      python3 "$root/tests/fixtures/dns_scenarios.py" "$dns_port" load
   )
 fi
 
@@ -53,7 +56,7 @@ median_seconds() {
 
 printf '%-16s %9s  %-30s %8s %12s %12s %7s\n' \
   capture packets command median_s packets/s requests/s ratio
-for name in redis-small redis-pipelined memcached-small; do
+for name in redis-small redis-pipelined memcached-small dns-udp; do
   pcap="$out_dir/$name.pcap"
   port=$(sed -n 's/.*"port":\([0-9]*\).*/\1/p' "$out_dir/$name.expected.json")
   packets=$(sed -n 's/.*"packets":\([0-9]*\),.*/\1/p' "$out_dir/$name.expected.json")
@@ -62,9 +65,10 @@ for name in redis-small redis-pipelined memcached-small; do
   exchanges=$(sed -n 's/.*"exchanges":\([0-9]*\).*/\1/p' "$out_dir/$name.expected.json")
   requests=${exchanges:-$requests}
   mode=${name%%-*}
+  udp=$([ "$mode" = dns ] && echo -u || true)
   floor=$(median_seconds tcpdump -r "$pcap" -w /dev/null)
-  raw=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m raw -o /dev/null)
-  parsed=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m "$mode" -t 100000 -o /dev/null)
+  raw=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m raw -o /dev/null)
+  parsed=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m "$mode" -t 100000 -o /dev/null)
   for row in "tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw:$raw" "tcpkit -m $mode -t 100000:$parsed"; do
     cmd=${row%:*}; secs=${row##*:}
     printf '%-16s %9d  %-30s %8.3f %12.0f %12.0f %6.2fx\n' "$name" "$packets" "$cmd" "$secs" \
