@@ -40,27 +40,56 @@ const MAX_NAME: usize = 255;
 /// Pointers followed at most while reading one name.
 const MAX_POINTERS: usize = 32;
 
-/// Parses one whole message.
-pub fn parse(msg: &[u8]) -> Result<DnsMessage, DnsError> {
+/// The fixed header of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Transaction id.
+    pub id: u16,
+    /// A response (QR set).
+    pub response: bool,
+    /// Response code.
+    pub rcode: u8,
+    /// Questions.
+    pub questions: u16,
+    /// Answer records.
+    pub answers: u16,
+}
+
+/// Reads the header only (no allocation).
+pub fn header(msg: &[u8]) -> Result<Header, DnsError> {
     if msg.len() < 12 {
         return Err(DnsError::Truncated);
     }
     let be16 = |i: usize| u16::from_be_bytes([msg[i], msg[i + 1]]);
     let flags = be16(2);
-    let qdcount = be16(4);
-    let question = if qdcount > 0 {
-        let (name, end) = read_name(msg, 12)?;
-        let qtype = msg.get(end..end + 2).ok_or(DnsError::Truncated)?;
-        Some((u16::from_be_bytes([qtype[0], qtype[1]]), name))
-    } else {
-        None
-    };
-    Ok(DnsMessage {
+    Ok(Header {
         id: be16(0),
         response: flags & 0x8000 != 0,
         rcode: (flags & 0x000f) as u8,
+        questions: be16(4),
         answers: be16(6),
-        question,
+    })
+}
+
+/// Reads the first question: its type, and its name (dotted, final dot included).
+pub fn question(msg: &[u8]) -> Result<Option<(u16, String)>, DnsError> {
+    if header(msg)?.questions == 0 {
+        return Ok(None);
+    }
+    let (name, end) = read_name(msg, 12)?;
+    let qtype = msg.get(end..end + 2).ok_or(DnsError::Truncated)?;
+    Ok(Some((u16::from_be_bytes([qtype[0], qtype[1]]), name)))
+}
+
+/// Parses one whole message.
+pub fn parse(msg: &[u8]) -> Result<DnsMessage, DnsError> {
+    let h = header(msg)?;
+    Ok(DnsMessage {
+        id: h.id,
+        response: h.response,
+        rcode: h.rcode,
+        answers: h.answers,
+        question: question(msg)?,
     })
 }
 

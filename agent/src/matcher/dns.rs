@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashMap;
 
 use super::{Exchange, ExchangeSink, MatchContext};
-use crate::l7::dns::{parse, rcode_name, type_name};
+use crate::l7::dns::{header, question, rcode_name, type_name};
 
 type QueryKey = (SocketAddr, SocketAddr, u16);
 
@@ -26,6 +26,8 @@ struct Query {
 #[derive(Debug)]
 pub struct DnsMatcher {
     pending: FxHashMap<QueryKey, Query>,
+    /// Reused for the summary of each response.
+    scratch: String,
     /// Queries in arrival order, for expiry (entries already answered are skipped).
     order: VecDeque<(u64, QueryKey)>,
     timeout_us: u64,
@@ -36,6 +38,7 @@ impl DnsMatcher {
     pub fn new(timeout_us: u64) -> Self {
         Self {
             pending: FxHashMap::default(),
+            scratch: String::new(),
             order: VecDeque::new(),
             timeout_us,
         }
@@ -53,7 +56,7 @@ impl DnsMatcher {
         cx: &mut MatchContext<'_, S>,
     ) {
         self.expire(ts_us, cx);
-        let Ok(msg) = parse(payload) else {
+        let Ok(msg) = header(payload) else {
             cx.counters.desyncs += 1; // an invalid datagram: counted, nothing else lost
             return;
         };
@@ -68,7 +71,11 @@ impl DnsMatcher {
                     .unanswered(server, b"QUERY", super::Unanswered::Timeout);
                 return;
             }
-            let (qtype, name) = msg.question.unwrap_or((0, "?".into()));
+            let Ok(question) = question(payload) else {
+                cx.counters.desyncs += 1;
+                return;
+            };
+            let (qtype, name) = question.unwrap_or((0, "?".into()));
             let qtype = type_name(qtype);
             let type_len = qtype.len();
             let summary = format!("{qtype} {name}");
@@ -89,7 +96,11 @@ impl DnsMatcher {
                 return;
             };
             cx.counters.pending -= 1;
-            let summary = format!("{} {}", query.summary, rcode_name(msg.rcode));
+            let summary = &mut self.scratch;
+            summary.clear();
+            summary.push_str(&query.summary);
+            summary.push(' ');
+            summary.push_str(rcode_name(msg.rcode));
             cx.sink.exchange(&Exchange {
                 client,
                 server,
