@@ -10,7 +10,7 @@ use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
 };
-use crate::matcher::dns::DnsMatcher;
+use crate::matcher::dns::{DnsMatcher, DnsTcpConnection};
 use crate::matcher::{
     Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, MemcachedConnection,
     RedisConnection, Unanswered,
@@ -97,6 +97,25 @@ impl Connection for MemcachedConnection {
     }
 }
 
+impl Connection for DnsTcpConnection {
+    fn on_data(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, Sinks>,
+    ) {
+        DnsTcpConnection::on_data(self, key, dir, ts_us, bytes, cx);
+    }
+    fn on_gap(&mut self, _: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        DnsTcpConnection::on_gap(self, cx);
+    }
+    fn on_close(&mut self, _: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+        DnsTcpConnection::on_close(self, cx);
+    }
+}
+
 impl Connection for RedisConnection {
     fn on_data(
         &mut self,
@@ -128,6 +147,8 @@ pub enum MultiConnection {
     Redis(Box<RedisConnection>),
     /// A memcached port.
     Memcached(Box<MemcachedConnection>),
+    /// A DNS port (over TCP; its UDP datagrams go to the pipeline's DNS matcher).
+    Dns(Box<DnsTcpConnection>),
 }
 
 impl Connection for MultiConnection {
@@ -136,7 +157,8 @@ impl Connection for MultiConnection {
             *self = match modes.of(server_port) {
                 Mode::Redis => Self::Redis(Box::default()),
                 Mode::Memcached => Self::Memcached(Box::default()),
-                Mode::Raw | Mode::Dns => Self::Raw,
+                Mode::Dns => Self::Dns(Box::default()),
+                Mode::Raw => Self::Raw,
             };
         }
     }
@@ -151,6 +173,7 @@ impl Connection for MultiConnection {
         match self {
             Self::Redis(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
             Self::Memcached(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
+            Self::Dns(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
             Self::Unset | Self::Raw => {}
         }
     }
@@ -158,6 +181,7 @@ impl Connection for MultiConnection {
         match self {
             Self::Redis(c) => Connection::on_gap(c.as_mut(), key, cx),
             Self::Memcached(c) => Connection::on_gap(c.as_mut(), key, cx),
+            Self::Dns(c) => Connection::on_gap(c.as_mut(), key, cx),
             Self::Unset | Self::Raw => {}
         }
     }
@@ -165,6 +189,7 @@ impl Connection for MultiConnection {
         match self {
             Self::Redis(c) => Connection::on_close(c.as_mut(), key, cx),
             Self::Memcached(c) => Connection::on_close(c.as_mut(), key, cx),
+            Self::Dns(c) => Connection::on_close(c.as_mut(), key, cx),
             Self::Unset | Self::Raw => {}
         }
     }

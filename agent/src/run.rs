@@ -13,6 +13,7 @@ use crate::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::cli::{Args, Mode, SummaryFormat};
 use crate::decode::LinkType;
 use crate::flow::{DirectionRule, FlowLimits};
+use crate::matcher::dns::DnsTcpConnection;
 use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
 use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
 use crate::reassembly::ReassemblyLimits;
@@ -26,9 +27,6 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
     let modes = args.port_modes();
-    if modes.iter().any(|(_, mode)| *mode == Mode::Dns) && !args.udp {
-        bail!("DNS over TCP is not available yet: add -u for DNS over UDP");
-    }
     if args.script.is_some() {
         bail!("Lua scripts (-S) are not available yet in this build");
     }
@@ -101,8 +99,10 @@ pub fn run(args: Args) -> Result<()> {
     let result = match single {
         Some(Mode::Redis) => run_with!(RedisConnection),
         Some(Mode::Memcached) => run_with!(MemcachedConnection),
-        // DNS rides on UDP datagrams, which every pipeline hands to its DNS matcher.
-        Some(Mode::Raw | Mode::Dns) => run_with!(()),
+        // DNS over UDP rides on datagrams, which every pipeline hands to its DNS matcher.
+        Some(Mode::Dns) if args.udp => run_with!(()),
+        Some(Mode::Dns) => run_with!(DnsTcpConnection),
+        Some(Mode::Raw) => run_with!(()),
         None => run_with!(MultiConnection),
     };
     if let Some((thread, shutdown)) = stats_thread {

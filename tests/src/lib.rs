@@ -137,6 +137,7 @@ pub const FIXTURES: &[&str] = &[
     "memcached-text",
     "memcached-meta",
     "memcached-binary",
+    "dns-tcp",
 ];
 
 /// The fixtures of Redis traffic.

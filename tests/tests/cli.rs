@@ -111,11 +111,6 @@ fn bad_filter_and_unwritable_outputs_exit_1() {
 fn modes_of_later_issues_say_so() {
     let pcap = tcpkit_tests::fixture("redis-pipelined-sll.pcap");
     refused(
-        &["-p", "6379", "-r", pcap.to_str().unwrap(), "-m", "dns"],
-        1,
-        "DNS over TCP is not available yet: add -u",
-    );
-    refused(
         &["-p", "6379", "-r", pcap.to_str().unwrap(), "-S", "x.lua"],
         1,
         "Lua scripts",

@@ -1,5 +1,5 @@
-//! DNS mode on a capture of real queries to dnsmasq over UDP: exchanges per response code and
-//! unanswered queries exactly as the client saw them; timeouts in the slow log.
+//! DNS mode on captures of real queries to dnsmasq over UDP and TCP: exchanges per response
+//! code and unanswered queries exactly as the client saw them; timeouts in the slow log.
 
 use tcpkit_tests::{run_on_fixture, Expected};
 
@@ -64,18 +64,26 @@ fn slow_log_names_type_name_and_rcode_and_prints_timeouts() {
 }
 
 #[test]
-fn dns_over_tcp_is_refused_for_now() {
-    let out = std::process::Command::new(tcpkit_tests::tcpkit_bin())
-        .args([
-            "-r",
-            tcpkit_tests::fixture("dns-udp.pcap").to_str().unwrap(),
-            "-p",
-            "5300",
-            "-m",
-            "dns",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("add -u"));
+fn dns_over_tcp_pairs_length_prefixed_messages_pipelined_or_not() {
+    let name = "dns-tcp";
+    let e = Expected::of(name);
+    let out = run_on_fixture(name, &["-m", "dns", "-t", "100000", "--summary", "json"]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let stats = &json[0][e.port.to_string()];
+    assert_eq!(
+        stats["total_reqs"],
+        e.extra("exchanges").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["rcodes"]["NOERROR"],
+        e.extra("noerror").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["rcodes"]["NXDOMAIN"],
+        e.extra("nxdomain").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(stats["timeouts"], 0, "{stats}");
 }

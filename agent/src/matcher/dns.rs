@@ -140,6 +140,17 @@ impl DnsMatcher {
         }
     }
 
+    /// Drops every pending query (a desynchronised stream), counting them.
+    pub fn drop_all<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+        self.order.clear();
+        for (key, query) in self.pending.drain() {
+            cx.counters.pending -= 1;
+            let command = &query.summary.as_bytes()[..query.type_len];
+            cx.sink
+                .unanswered(key.1, command, super::Unanswered::Desync);
+        }
+    }
+
     /// Reports every pending query as expired, at the end of the capture.
     pub fn finish<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
         self.order.clear();
@@ -249,5 +260,119 @@ mod tests {
         );
         assert_eq!(sink.1, ["A lost.test.", "A b.test."]);
         assert_eq!((counters.noreply, counters.pending), (1, 0));
+    }
+}
+
+/// Splits a TCP stream into DNS messages: a 2-byte length, then the message. Keeps at most
+/// [`KEPT_MESSAGE`] bytes of each (header and question are at its start).
+#[derive(Debug, Default)]
+struct Framer {
+    len: [u8; 2],
+    have_len: usize,
+    left: usize,
+    msg: Vec<u8>,
+}
+
+/// Bytes of a DNS-over-TCP message kept for parsing.
+const KEPT_MESSAGE: usize = 4096;
+
+impl Framer {
+    /// True when part of a message has been read.
+    fn in_message(&self) -> bool {
+        self.have_len > 0
+    }
+
+    /// Consumes `data`, calling `on_message` with each message (its first bytes).
+    fn feed(&mut self, mut data: &[u8], on_message: &mut impl FnMut(&[u8])) {
+        while !data.is_empty() {
+            if self.have_len < 2 {
+                self.len[self.have_len] = data[0];
+                self.have_len += 1;
+                data = &data[1..];
+                if self.have_len == 2 {
+                    self.left = usize::from(u16::from_be_bytes(self.len));
+                    self.msg.clear();
+                }
+            } else {
+                let n = self.left.min(data.len());
+                let room = KEPT_MESSAGE.saturating_sub(self.msg.len());
+                self.msg.extend_from_slice(&data[..n.min(room)]);
+                self.left -= n;
+                data = &data[n..];
+            }
+            if self.have_len == 2 && self.left == 0 {
+                on_message(&self.msg);
+                self.have_len = 0;
+            }
+        }
+    }
+}
+
+/// The state of one DNS-over-TCP connection: a framer per direction and the matcher of its
+/// queries (several may be pending: DNS over TCP pipelines by id).
+#[derive(Debug)]
+pub struct DnsTcpConnection {
+    queries: Framer,
+    responses: Framer,
+    rsp_clock: super::ChunkClock,
+    matcher: DnsMatcher,
+}
+
+impl Default for DnsTcpConnection {
+    fn default() -> Self {
+        Self {
+            queries: Framer::default(),
+            responses: Framer::default(),
+            rsp_clock: super::ChunkClock::default(),
+            matcher: DnsMatcher::new(DEFAULT_TIMEOUT_US),
+        }
+    }
+}
+
+/// How long a query over TCP waits for its response.
+const DEFAULT_TIMEOUT_US: u64 = 5_000_000;
+
+impl DnsTcpConnection {
+    /// Takes the next reassembled bytes of one direction.
+    pub fn on_data<S: ExchangeSink>(
+        &mut self,
+        key: &crate::flow::FlowKey,
+        dir: crate::flow::Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let Self {
+            queries,
+            responses,
+            rsp_clock,
+            matcher,
+        } = self;
+        match dir {
+            crate::flow::Direction::Request => queries.feed(bytes, &mut |msg| {
+                matcher.on_datagram(key.client, key.server, true, ts_us, msg, cx);
+            }),
+            crate::flow::Direction::Response => {
+                let mut timer = rsp_clock.begin(ts_us, responses.in_message());
+                responses.feed(bytes, &mut |msg| {
+                    let start = timer.next_start();
+                    matcher.on_datagram(key.client, key.server, false, start, msg, cx);
+                });
+                rsp_clock.end(&timer, responses.in_message());
+            }
+        }
+    }
+
+    /// Bytes are missing: the framing is lost; pending queries are dropped.
+    pub fn on_gap<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+        cx.counters.desyncs += 1;
+        self.matcher.drop_all(cx);
+        self.queries = Framer::default();
+        self.responses = Framer::default();
+    }
+
+    /// The connection ended: pending queries time out.
+    pub fn on_close<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+        self.matcher.finish(cx);
     }
 }
