@@ -387,17 +387,27 @@ pub fn local_addresses() -> Vec<std::net::IpAddr> {
         .unwrap_or_default()
 }
 
-/// Builds the BPF expression for monitored ports and servers, ANDed with the user's own
-/// expression: `tcp and (port 6379 or port 6380) and (host 10.0.0.2) and (<extra>)`.
-pub fn build_filter(ports: &[u16], servers: &[std::net::IpAddr], udp: bool, extra: &str) -> String {
-    let mut parts = vec![if udp {
-        "udp".to_string()
-    } else {
-        "tcp".to_string()
-    }];
-    if !ports.is_empty() {
-        let ports: Vec<String> = ports.iter().map(|p| format!("port {p}")).collect();
-        parts.push(format!("({})", ports.join(" or ")));
+/// Builds the BPF expression for monitored ports (each over TCP, or UDP when its flag is
+/// set) and servers, ANDed with the user's own expression:
+/// `tcp and (port 6379 or port 6380) and (host 10.0.0.2) and (<extra>)`, or
+/// `((tcp and port 6379) or (udp and port 53))` when the transports differ.
+pub fn build_filter(ports: &[(u16, bool)], servers: &[std::net::IpAddr], extra: &str) -> String {
+    let transport = |udp: bool| if udp { "udp" } else { "tcp" };
+    let mut parts = Vec::new();
+    match ports.first() {
+        Some(&(_, udp)) if ports.iter().all(|(_, u)| *u == udp) => {
+            parts.push(transport(udp).to_string());
+            let ports: Vec<String> = ports.iter().map(|(p, _)| format!("port {p}")).collect();
+            parts.push(format!("({})", ports.join(" or ")));
+        }
+        Some(_) => {
+            let each: Vec<String> = ports
+                .iter()
+                .map(|(p, udp)| format!("({} and port {p})", transport(*udp)))
+                .collect();
+            parts.push(format!("({})", each.join(" or ")));
+        }
+        None => parts.push("tcp".to_string()),
     }
     if !servers.is_empty() {
         let hosts: Vec<String> = servers.iter().map(|h| format!("host {h}")).collect();
@@ -426,15 +436,21 @@ mod tests {
 
     #[test]
     fn filters_are_built_from_ports_servers_and_extra() {
-        assert_eq!(build_filter(&[6379], &[], false, ""), "tcp and (port 6379)");
+        assert_eq!(
+            build_filter(&[(6379, false)], &[], ""),
+            "tcp and (port 6379)"
+        );
         assert_eq!(
             build_filter(
-                &[53, 5353],
+                &[(53, true), (5353, true)],
                 &["10.0.0.1".parse().unwrap()],
-                true,
                 "not host 1.1.1.1"
             ),
             "udp and (port 53 or port 5353) and (host 10.0.0.1) and (not host 1.1.1.1)"
+        );
+        assert_eq!(
+            build_filter(&[(6379, false), (53, true)], &[], ""),
+            "((tcp and port 6379) or (udp and port 53))"
         );
     }
 

@@ -53,13 +53,14 @@ pub struct Args {
     pub servers: Vec<IpAddr>,
 
     /// Server ports to monitor, comma separated (1-65535); PORT:MODE gives a port its own
-    /// protocol, e.g. 6379:redis,11211:memcached (ports without one use -m)
+    /// protocol and PORT:MODE/udp its transport, e.g. 6379:redis,11211:memcached,53:dns/udp
+    /// (ports without them use -m and -u)
     #[arg(
         short = 'p',
         long = "ports",
         value_delimiter = ',',
         required = true,
-        value_name = "PORT[:MODE],...",
+        value_name = "PORT[:MODE[/udp]],...",
         value_parser = parse_port_spec
     )]
     pub ports: Vec<PortSpec>,
@@ -171,9 +172,17 @@ pub struct PortSpec {
     pub port: u16,
     /// Its protocol, when given.
     pub mode: Option<Mode>,
+    /// UDP, when given as `/udp`.
+    pub udp: bool,
 }
 
 fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
+    let (text, udp) = match text.rsplit_once('/') {
+        Some((rest, "udp")) => (rest, true),
+        Some((rest, "tcp")) => (rest, false),
+        Some((_, other)) => return Err(format!("unknown transport '{other}' (tcp or udp)")),
+        None => (text, false),
+    };
     let (port, mode) = match text.split_once(':') {
         Some((port, mode)) => {
             let mode = Mode::from_str(mode, true).map_err(|_| {
@@ -184,7 +193,7 @@ fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
         None => (text, None),
     };
     match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(PortSpec { port: p, mode }),
+        Ok(p) if p > 0 => Ok(PortSpec { port: p, mode, udp }),
         _ => Err(format!("{port} is not a port in 1..=65535")),
     }
 }
@@ -193,6 +202,14 @@ impl Args {
     /// The monitored port numbers, in the order given.
     pub fn port_numbers(&self) -> Vec<u16> {
         self.ports.iter().map(|p| p.port).collect()
+    }
+
+    /// Each port with its transport: true for UDP (`/udp`, or `-u` for all).
+    pub fn port_transports(&self) -> Vec<(u16, bool)> {
+        self.ports
+            .iter()
+            .map(|p| (p.port, p.udp || self.udp))
+            .collect()
     }
 
     /// Each port with its protocol (`-m` where none was given).
@@ -289,6 +306,9 @@ mod tests {
             ]
         );
         assert!(parse(&["-p", "6379:http"]).is_err());
+        let a = parse(&["-p", "6379:redis,53:dns/udp"]).unwrap();
+        assert_eq!(a.port_transports(), vec![(6379, false), (53, true)]);
+        assert!(parse(&["-p", "53:dns/sctp"]).is_err());
         assert!(parse(&["-p", "0:redis"]).is_err());
     }
 

@@ -38,9 +38,8 @@ pub fn run(args: Args) -> Result<()> {
         },
     };
     let filter = capture::build_filter(
-        &args.port_numbers(),
+        &args.port_transports(),
         &args.servers,
-        args.udp,
         &args.filter.join(" "),
     );
     let mut capture = Capture::open(&CaptureConfig {

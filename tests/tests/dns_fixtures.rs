@@ -87,3 +87,53 @@ fn dns_over_tcp_pairs_length_prefixed_messages_pipelined_or_not() {
     );
     assert_eq!(stats["timeouts"], 0, "{stats}");
 }
+
+#[test]
+fn redis_over_tcp_and_dns_over_udp_in_one_agent() {
+    if !tcpkit_tests::requirement(
+        tcpkit_tests::have("mergecap"),
+        "mergecap (wireshark-common)",
+    ) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tcpkit-tcp-udp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mixed = dir.join("mixed.pcap");
+    let status = std::process::Command::new("mergecap")
+        .args(["-F", "pcap", "-w"])
+        .arg(&mixed)
+        .arg(tcpkit_tests::fixture("redis-multi.pcap"))
+        .arg(tcpkit_tests::fixture("dns-udp.pcap"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (redis, dns) = (Expected::of("redis-multi"), Expected::of("dns-udp"));
+    let ports = format!("{}:redis,{}:dns/udp", redis.port, dns.port);
+    let out = tcpkit_tests::run_tcpkit(&[
+        "-r",
+        mixed.to_str().unwrap(),
+        "-p",
+        &ports,
+        "-t",
+        "100000",
+        "--summary",
+        "json",
+    ]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        json[0][redis.port.to_string()]["total_reqs"],
+        redis.exchanges(),
+        "{json}"
+    );
+    assert_eq!(
+        json[1][dns.port.to_string()]["total_reqs"],
+        dns.extra("exchanges").unwrap(),
+        "{json}"
+    );
+    assert_eq!(
+        json[1][dns.port.to_string()]["timeouts"],
+        dns.extra("timeouts").unwrap(),
+        "{json}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
