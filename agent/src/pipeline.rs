@@ -273,8 +273,6 @@ pub struct PipelineConfig {
     pub match_limits: MatchLimits,
     /// Slow threshold in ms; every exchange is slow when `None`.
     pub threshold_ms: Option<f64>,
-    /// How long a DNS query waits for its response.
-    pub dns_timeout_us: u64,
 }
 
 /// The per-packet state of the agent.
@@ -314,7 +312,7 @@ impl<C: Connection> Pipeline<C> {
             raw: RawFormatter::default(),
             last_ts_us: 0,
             modes,
-            dns: DnsMatcher::new(config.dns_timeout_us),
+            dns: DnsMatcher::default(),
         }
     }
 

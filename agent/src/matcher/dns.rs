@@ -22,28 +22,18 @@ struct Query {
     type_len: usize,
 }
 
-/// Pending DNS queries of all clients, bounded, expiring in capture time.
-#[derive(Debug)]
+/// Pending DNS queries of all clients, bounded, expiring in capture time (after
+/// [`MatchLimits::dns_timeout_us`](super::MatchLimits)).
+#[derive(Debug, Default)]
 pub struct DnsMatcher {
     pending: FxHashMap<QueryKey, Query>,
     /// Reused for the summary of each response.
     scratch: String,
     /// Queries in arrival order, for expiry (entries already answered are skipped).
     order: VecDeque<(u64, QueryKey)>,
-    timeout_us: u64,
 }
 
 impl DnsMatcher {
-    /// A matcher whose queries expire after `timeout_us` of capture time.
-    pub fn new(timeout_us: u64) -> Self {
-        Self {
-            pending: FxHashMap::default(),
-            scratch: String::new(),
-            order: VecDeque::new(),
-            timeout_us,
-        }
-    }
-
     /// Takes one datagram: a query when it goes to the server, else a response.
     #[allow(clippy::too_many_arguments)]
     pub fn on_datagram<S: ExchangeSink>(
@@ -126,7 +116,7 @@ impl DnsMatcher {
     /// Reports the queries older than the timeout at capture time `now_us` as expired.
     pub fn expire<S: ExchangeSink>(&mut self, now_us: u64, cx: &mut MatchContext<'_, S>) {
         while let Some(&(ts, key)) = self.order.front() {
-            if now_us.saturating_sub(ts) < self.timeout_us {
+            if now_us.saturating_sub(ts) < cx.limits.dns_timeout_us {
                 break;
             }
             self.order.pop_front();
@@ -213,7 +203,7 @@ mod tests {
         let limits = MatchLimits::default();
         let mut counters = MatchCounters::default();
         let mut sink = Recorder::default();
-        let mut dns = DnsMatcher::new(5_000_000);
+        let mut dns = DnsMatcher::default();
         let mut cx = MatchContext {
             limits: &limits,
             counters: &mut counters,
@@ -310,27 +300,13 @@ impl Framer {
 
 /// The state of one DNS-over-TCP connection: a framer per direction and the matcher of its
 /// queries (several may be pending: DNS over TCP pipelines by id).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct DnsTcpConnection {
     queries: Framer,
     responses: Framer,
     rsp_clock: super::ChunkClock,
     matcher: DnsMatcher,
 }
-
-impl Default for DnsTcpConnection {
-    fn default() -> Self {
-        Self {
-            queries: Framer::default(),
-            responses: Framer::default(),
-            rsp_clock: super::ChunkClock::default(),
-            matcher: DnsMatcher::new(DEFAULT_TIMEOUT_US),
-        }
-    }
-}
-
-/// How long a query over TCP waits for its response.
-const DEFAULT_TIMEOUT_US: u64 = 5_000_000;
 
 impl DnsTcpConnection {
     /// Takes the next reassembled bytes of one direction.
@@ -374,5 +350,48 @@ impl DnsTcpConnection {
     /// The connection ended: pending queries time out.
     pub fn on_close<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
         self.matcher.finish(cx);
+    }
+}
+
+#[cfg(test)]
+mod framing_tests {
+    use super::*;
+    use crate::l7::dns::tests::message;
+
+    /// Two length-prefixed messages, one of them long enough to span segments.
+    fn stream() -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in [
+            message(1, 0x0100, "a.test", 1),
+            message(2, 0x0100, &"x".repeat(60), 28),
+        ] {
+            out.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            out.extend_from_slice(&m);
+        }
+        out
+    }
+
+    fn frame(pieces: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut framer = Framer::default();
+        let mut out = Vec::new();
+        for piece in pieces {
+            framer.feed(piece, &mut |m| out.push(m.to_vec()));
+        }
+        assert!(!framer.in_message());
+        out
+    }
+
+    #[test]
+    fn messages_whole_bytewise_and_split_at_every_offset() {
+        let s = stream();
+        let whole = frame(&[&s]);
+        assert_eq!(whole.len(), 2);
+        assert_eq!(whole[0], message(1, 0x0100, "a.test", 1));
+        let bytes: Vec<&[u8]> = s.chunks(1).collect();
+        assert_eq!(frame(&bytes), whole);
+        for at in 1..s.len() {
+            let (a, b) = s.split_at(at);
+            assert_eq!(frame(&[a, b]), whole, "split at {at}");
+        }
     }
 }

@@ -75,6 +75,8 @@ pub struct MatchLimits {
     pub max_pending_per_connection: usize,
     /// Pending requests over all connections; past it new requests are not tracked.
     pub max_pending_total: usize,
+    /// How long a DNS query waits for its response, µs.
+    pub dns_timeout_us: u64,
 }
 
 impl Default for MatchLimits {
@@ -82,6 +84,7 @@ impl Default for MatchLimits {
         Self {
             max_pending_per_connection: 4096,
             max_pending_total: 1 << 20,
+            dns_timeout_us: 5_000_000,
         }
     }
 }
