@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod raw;
 pub mod reassembly;
 pub mod run;
+pub mod script;
 pub mod slowlog;
 pub mod stats;
 pub mod stats_server;

@@ -16,6 +16,7 @@ use crate::matcher::{
     RedisConnection, Unanswered,
 };
 use crate::raw::RawFormatter;
+use crate::script::Script;
 use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
 
@@ -277,6 +278,7 @@ pub struct PipelineConfig {
 
 /// The per-packet state of the agent.
 pub struct Pipeline<C: Connection> {
+    script: Option<Script>,
     link: LinkType,
     modes: PortModes,
     dns: DnsMatcher,
@@ -297,6 +299,7 @@ impl<C: Connection> Pipeline<C> {
         let numbers: Vec<u16> = config.ports.iter().map(|(p, _)| *p).collect();
         let modes = PortModes::new(config.ports);
         Self {
+            script: None,
             link: config.link,
             rule: config.rule,
             flows: FlowTable::new(config.flow_limits),
@@ -336,7 +339,9 @@ impl<C: Connection> Pipeline<C> {
         self.sinks
             .ports
             .count_packet(server_port, dir, packet.payload.len());
-        if self.modes.of(server_port) == Mode::Raw {
+        if let Some(script) = self.script.as_mut() {
+            script.packet(frame.ts_sec, frame.ts_usec, &packet, dir);
+        } else if self.modes.of(server_port) == Mode::Raw {
             self.raw
                 .format(frame.ts_sec, &packet, dir, &mut self.sinks.out);
         }
@@ -384,6 +389,12 @@ impl<C: Connection> Pipeline<C> {
         }
     }
 
+    /// Hands every packet to a Lua script instead of printing raw lines.
+    pub fn with_script(mut self, script: Script) -> Self {
+        self.script = Some(script);
+        self
+    }
+
     /// Output produced since the last call, to be written out; the caller clears it.
     pub fn output(&mut self) -> &mut Vec<u8> {
         &mut self.sinks.out
@@ -404,6 +415,9 @@ impl<C: Connection> Pipeline<C> {
             sink: &mut self.sinks,
         };
         self.dns.finish(&mut cx);
+        if let Some(script) = self.script.as_mut() {
+            script.finish();
+        }
     }
 
     /// The stats JSON document.
@@ -426,6 +440,7 @@ impl<C: Connection> Pipeline<C> {
             ports: &self.sinks.ports,
             matching: (!self.modes.all_raw()).then_some(&self.match_counters),
             threshold_us: self.sinks.slowlog.threshold_us(),
+            script_errors: self.script.as_ref().map(Script::errors),
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::matcher::dns::DnsTcpConnection;
 use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
 use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
 use crate::reassembly::ReassemblyLimits;
+use crate::script::Script;
 use crate::stats_server::{self, StatsSnapshot};
 
 /// How often the stats document is republished, the log flushed and progress shown.
@@ -27,9 +28,14 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
     let modes = args.port_modes();
-    if args.script.is_some() {
-        bail!("Lua scripts (-S) are not available yet in this build");
-    }
+    // The script loads (and its init() runs) before capture starts: a bad one stops here.
+    let script = match &args.script {
+        Some(_) if modes.iter().any(|(_, m)| *m != Mode::Raw) => {
+            bail!("Lua scripts (-S) run in raw mode only in this build (on_exchange is to come)")
+        }
+        Some(path) => Some(Script::load(path)?),
+        None => None,
+    };
     let source = match &args.read {
         Some(path) => Source::File(path.clone()),
         None => Source::Live {
@@ -101,7 +107,17 @@ pub fn run(args: Args) -> Result<()> {
         // DNS over UDP rides on datagrams, which every pipeline hands to its DNS matcher.
         Some(Mode::Dns) if args.udp => run_with!(()),
         Some(Mode::Dns) => run_with!(DnsTcpConnection),
-        Some(Mode::Raw) => run_with!(()),
+        Some(Mode::Raw) => match script {
+            Some(script) => drive(
+                Pipeline::<()>::new(config).with_script(script),
+                &args,
+                &mut capture,
+                &mut log,
+                &stop,
+                &snapshot,
+            ),
+            None => run_with!(()),
+        },
         None => run_with!(MultiConnection),
     };
     if let Some((thread, shutdown)) = stats_thread {

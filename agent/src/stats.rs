@@ -353,6 +353,8 @@ pub struct Summary<'a> {
     pub matching: Option<&'a MatchCounters>,
     /// The slow threshold, µs, in a protocol mode.
     pub threshold_us: u64,
+    /// Lua callbacks that failed, and those over their instruction budget (with `-S`).
+    pub script_errors: Option<(u64, u64)>,
 }
 
 impl Summary<'_> {
@@ -388,6 +390,11 @@ impl Summary<'_> {
             r.gaps,
             r.held_overflows
         ));
+        if let Some((errors, overruns)) = self.script_errors {
+            line(format!(
+                "script: {errors} callback errors ({overruns} over the instruction budget)"
+            ));
+        }
         if let Some(m) = self.matching {
             line(format!(
                 "matching: {} desyncs ({} bytes skipped), {} no-reply requests, {} unsolicited, {} unmatched replies",

@@ -108,12 +108,27 @@ fn bad_filter_and_unwritable_outputs_exit_1() {
 }
 
 #[test]
-fn modes_of_later_issues_say_so() {
+fn scripts_that_cannot_run_say_so() {
     let pcap = tcpkit_tests::fixture("redis-pipelined-sll.pcap");
+    let pcap = pcap.to_str().unwrap();
     refused(
-        &["-p", "6379", "-r", pcap.to_str().unwrap(), "-S", "x.lua"],
+        &["-p", "6379", "-r", pcap, "-S", "/nonexistent/x.lua"],
         1,
-        "Lua scripts",
+        "cannot read script /nonexistent/x.lua",
+    );
+    refused(
+        &[
+            "-p",
+            "6379",
+            "-r",
+            pcap,
+            "-m",
+            "redis",
+            "-S",
+            "scripts/example.lua",
+        ],
+        1,
+        "run in raw mode only",
     );
 }
 

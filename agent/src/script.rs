@@ -1,0 +1,350 @@
+//! Lua scripts (`-S`), with the C tool's contract: the global `process(packet)` is called for
+//! every packet, with a table holding `tv_sec, tv_usec, sip, sport, dip, dport, seq, ack,
+//! flags, request, payload, size` (`seq`, `ack`, `flags` for TCP only). Optional `init()` and
+//! `finish()` run before the first packet and at exit.
+//!
+//! Lua 5.4 (vendored) has no `bit32`; scripts written for the C tool use it, so a `bit32` with
+//! Lua 5.2's results is installed when the Lua has none. A callback that errors is reported
+//! (at most once a second, with the script's file and line) and counted; capture goes on. A
+//! callback that runs past its instruction budget is stopped the same way.
+
+use std::cell::Cell;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, HookTriggers, Lua, Table, VmState};
+
+use crate::decode::{Packet, Transport};
+use crate::flow::Direction;
+
+/// Instructions a callback may run, in units of [`HOOK_EVERY`].
+const BUDGET_TICKS: u32 = 10_000;
+/// The budget hook runs every this many instructions (so the budget is 100M instructions).
+const HOOK_EVERY: u32 = 10_000;
+/// Errors are reported at most this often.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Lua 5.2's `bit32`, for Lua 5.4: arguments are taken modulo 2^32, results are in
+/// [0, 2^32 - 1].
+const BIT32: &str = r#"
+local M = {}
+local MASK = 0xffffffff
+local function u(x) return math.tointeger(math.floor(x) % 4294967296) end
+function M.band(...) local r = MASK for _, v in ipairs({...}) do r = r & u(v) end return r end
+function M.bor(...) local r = 0 for _, v in ipairs({...}) do r = r | u(v) end return r end
+function M.bxor(...) local r = 0 for _, v in ipairs({...}) do r = r ~ u(v) end return r end
+function M.bnot(x) return (~u(x)) & MASK end
+function M.btest(...) return M.band(...) ~= 0 end
+function M.lshift(x, n)
+  if n < 0 then return M.rshift(x, -n) end
+  if n >= 32 then return 0 end
+  return (u(x) << n) & MASK
+end
+function M.rshift(x, n)
+  if n < 0 then return M.lshift(x, -n) end
+  if n >= 32 then return 0 end
+  return u(x) >> n
+end
+function M.arshift(x, n)
+  x = u(x)
+  if n <= 0 then return M.lshift(x, -n) end
+  if x & 0x80000000 == 0 then return M.rshift(x, n) end
+  if n >= 32 then return MASK end
+  return ((x >> n) | ~(MASK >> n)) & MASK
+end
+function M.lrotate(x, n) n = n % 32 x = u(x) return ((x << n) | (x >> (32 - n))) & MASK end
+function M.rrotate(x, n) return M.lrotate(x, -n) end
+function M.extract(x, f, w) w = w or 1 return (u(x) >> f) & ((1 << w) - 1) end
+function M.replace(x, v, f, w)
+  w = w or 1
+  local m = ((1 << w) - 1) << f
+  return ((u(x) & ~m) | ((u(v) << f) & m)) & MASK
+end
+return M
+"#;
+
+/// Why a script cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// The file cannot be read.
+    #[error("cannot read script {path}: {detail}")]
+    Read {
+        /// The script.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// Syntax or load-time error.
+    #[error("script {path}: {detail}")]
+    Load {
+        /// The script.
+        path: String,
+        /// Lua's message.
+        detail: String,
+    },
+    /// No global `process` function.
+    #[error("script {0} defines no process(packet) function")]
+    NoProcess(String),
+}
+
+/// A loaded script.
+pub struct Script {
+    lua: Lua,
+    process: Function,
+    finish: Option<Function>,
+    ticks: Rc<Cell<u32>>,
+    errors: u64,
+    overruns: u64,
+    last_report: Option<Instant>,
+    unreported: u64,
+}
+
+impl Script {
+    /// Loads the script, installs `bit32` when missing and the instruction budget, and runs
+    /// its `init()` when it has one.
+    pub fn load(path: &Path) -> Result<Self, ScriptError> {
+        let name = path.display().to_string();
+        let source = std::fs::read(path).map_err(|e| ScriptError::Read {
+            path: name.clone(),
+            detail: e.to_string(),
+        })?;
+        let lua = Lua::new();
+        let load_err = |e: mlua::Error| ScriptError::Load {
+            path: name.clone(),
+            detail: e.to_string(),
+        };
+        if lua
+            .globals()
+            .get::<Option<Table>>("bit32")
+            .map_err(load_err)?
+            .is_none()
+        {
+            let bit32: Table = lua
+                .load(BIT32)
+                .set_name("=bit32")
+                .eval()
+                .map_err(load_err)?;
+            lua.globals().set("bit32", bit32).map_err(load_err)?;
+        }
+        lua.load(&source)
+            .set_name(format!("@{name}"))
+            .exec()
+            .map_err(load_err)?;
+        let globals = lua.globals();
+        let process = globals
+            .get::<Option<Function>>("process")
+            .map_err(load_err)?
+            .ok_or_else(|| ScriptError::NoProcess(name.clone()))?;
+        let init = globals.get::<Option<Function>>("init").map_err(load_err)?;
+        let finish = globals
+            .get::<Option<Function>>("finish")
+            .map_err(load_err)?;
+        let ticks = Rc::new(Cell::new(0u32));
+        let counter = Rc::clone(&ticks);
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+            move |_, _| {
+                counter.set(counter.get() + 1);
+                if counter.get() > BUDGET_TICKS {
+                    return Err(mlua::Error::runtime("instruction budget exceeded"));
+                }
+                Ok(VmState::Continue)
+            },
+        )
+        .map_err(load_err)?;
+        let mut script = Self {
+            lua,
+            process,
+            finish,
+            ticks,
+            errors: 0,
+            overruns: 0,
+            last_report: None,
+            unreported: 0,
+        };
+        if let Some(init) = init {
+            script.call(&init, ());
+        }
+        Ok(script)
+    }
+
+    /// Calls `process(packet)` for one packet.
+    pub fn packet(&mut self, ts_sec: i64, ts_usec: u32, p: &Packet<'_>, dir: Direction) {
+        let table = match self.packet_table(ts_sec, ts_usec, p, dir) {
+            Ok(t) => t,
+            Err(e) => return self.failed(&e),
+        };
+        let process = self.process.clone();
+        self.call(&process, table);
+    }
+
+    /// Runs `finish()` when the script has one.
+    pub fn finish(&mut self) {
+        if let Some(finish) = self.finish.take() {
+            self.call(&finish, ());
+        }
+        if self.unreported > 0 {
+            eprintln!("tcpkit: script: {} more errors not shown", self.unreported);
+        }
+    }
+
+    /// Callbacks that failed, and those stopped by the instruction budget.
+    pub fn errors(&self) -> (u64, u64) {
+        (self.errors, self.overruns)
+    }
+
+    fn packet_table(
+        &self,
+        ts_sec: i64,
+        ts_usec: u32,
+        p: &Packet<'_>,
+        dir: Direction,
+    ) -> mlua::Result<Table> {
+        let t = self.lua.create_table_with_capacity(0, 12)?;
+        t.raw_set("tv_sec", ts_sec)?;
+        t.raw_set("tv_usec", ts_usec)?;
+        t.raw_set("sip", p.src.to_string())?;
+        t.raw_set("sport", p.sport)?;
+        t.raw_set("dip", p.dst.to_string())?;
+        t.raw_set("dport", p.dport)?;
+        if let Transport::Tcp { seq, ack, flags } = p.transport {
+            t.raw_set("seq", seq)?;
+            t.raw_set("ack", ack)?;
+            t.raw_set("flags", flags)?;
+        }
+        t.raw_set("request", dir == Direction::Request)?;
+        t.raw_set("payload", self.lua.create_string(p.payload)?)?;
+        t.raw_set("size", p.payload.len())?;
+        Ok(t)
+    }
+
+    fn call(&mut self, f: &Function, args: impl mlua::IntoLuaMulti) {
+        self.ticks.set(0);
+        if let Err(e) = f.call::<()>(args) {
+            self.failed(&e);
+        }
+    }
+
+    fn failed(&mut self, e: &mlua::Error) {
+        self.errors += 1;
+        let message = e.to_string();
+        if message.contains("instruction budget exceeded") {
+            self.overruns += 1;
+        }
+        let now = Instant::now();
+        if self
+            .last_report
+            .is_some_and(|t| now.duration_since(t) < REPORT_EVERY)
+        {
+            self.unreported += 1;
+            return;
+        }
+        self.last_report = Some(now);
+        let first_line = message.lines().next().unwrap_or_default();
+        eprintln!(
+            "tcpkit: script error ({} so far): {first_line}",
+            self.errors
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(source: &str) -> Result<Script, ScriptError> {
+        let dir = std::env::temp_dir().join(format!("tcpkit-script-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("script-{n}.lua"));
+        std::fs::write(&path, source).unwrap();
+        Script::load(&path)
+    }
+
+    #[test]
+    fn bit32_gives_lua_5_2_results() {
+        let s = script("function process(p) end").unwrap();
+        let check = |expr: &str, want: i64| {
+            let got: i64 = s.lua.load(expr).eval().unwrap();
+            assert_eq!(got, want, "{expr}");
+        };
+        check("bit32.band(0xff0f, 0x0ff0)", 0x0f00);
+        check("bit32.bor(1, 2, 4)", 7);
+        check("bit32.bxor(5, 3)", 6);
+        check("bit32.bnot(0)", 0xffffffff);
+        check("bit32.lshift(1, 31)", 0x80000000);
+        check("bit32.lshift(1, 32)", 0);
+        check("bit32.rshift(0x80000000, 31)", 1);
+        check("bit32.rshift(-1, 28)", 15);
+        check("bit32.arshift(0x80000000, 4)", 0xf8000000);
+        check("bit32.band(-1)", 0xffffffff);
+        check("bit32.extract(0xabcd, 4, 8)", 0xbc);
+        check("bit32.lrotate(0x80000001, 1)", 3);
+    }
+
+    #[test]
+    fn load_errors_are_clear() {
+        assert!(matches!(
+            script("function process(p)"),
+            Err(ScriptError::Load { .. })
+        ));
+        assert!(matches!(script("x = 1"), Err(ScriptError::NoProcess(_))));
+        assert!(matches!(
+            Script::load(Path::new("/nonexistent/x.lua")),
+            Err(ScriptError::Read { .. })
+        ));
+    }
+
+    fn packet() -> Packet<'static> {
+        Packet {
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            sport: 40000,
+            dport: 6379,
+            transport: Transport::Tcp {
+                seq: 1,
+                ack: 2,
+                flags: 24,
+            },
+            payload: b"PING\r\n",
+        }
+    }
+
+    #[test]
+    fn the_packet_table_has_the_seed_fields() {
+        let mut s = script(
+            "seen = nil\nfunction process(p) seen = string.format('%d %d %s:%d %s:%d %d %d %d %s %s %d', \
+             p.tv_sec, p.tv_usec, p.sip, p.sport, p.dip, p.dport, p.seq, p.ack, p.flags, \
+             tostring(p.request), p.payload, p.size) end",
+        )
+        .unwrap();
+        s.packet(1_700_000_000, 42, &packet(), Direction::Request);
+        let seen: String = s.lua.globals().get("seen").unwrap();
+        assert_eq!(
+            seen,
+            "1700000000 42 10.0.0.1:40000 10.0.0.2:6379 1 2 24 true PING\r\n 6"
+        );
+        assert_eq!(s.errors(), (0, 0));
+    }
+
+    #[test]
+    fn errors_and_endless_loops_are_counted_and_capture_goes_on() {
+        let mut s = script("n = 0\nfunction process(p) n = n + 1 if n == 2 then while true do end end error('boom') end").unwrap();
+        for _ in 0..3 {
+            s.packet(0, 0, &packet(), Direction::Request);
+        }
+        assert_eq!(s.errors(), (3, 1));
+    }
+
+    #[test]
+    fn init_and_finish_run_once() {
+        let mut s = script("calls = ''\nfunction init() calls = calls .. 'i' end\nfunction process(p) calls = calls .. 'p' end\nfunction finish() calls = calls .. 'f' end").unwrap();
+        s.packet(0, 0, &packet(), Direction::Response);
+        s.finish();
+        s.finish();
+        let calls: String = s.lua.globals().get("calls").unwrap();
+        assert_eq!(calls, "ipf");
+    }
+}

@@ -1,0 +1,149 @@
+//! Lua scripts (`-S`) on the golden captures: the shipped example, and a C-era script that
+//! uses `bit32` and `finish()`.
+
+use std::process::Command;
+
+use tcpkit_tests::{fixture, tcpkit_bin, Expected};
+
+fn run_script(name: &str, script: &std::path::Path) -> (String, String) {
+    let e = Expected::of(name);
+    let out = Command::new(tcpkit_bin())
+        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
+        .args([
+            "-p",
+            &e.port.to_string(),
+            "-m",
+            "raw",
+            "--summary",
+            "none",
+            "-S",
+        ])
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+}
+
+#[test]
+fn example_lua_prints_every_payload_packet() {
+    let name = "redis-pipelined-sll";
+    let (out, _) = run_script(name, &repo_file("scripts/example.lua"));
+    assert_eq!(
+        out.lines().count() as u64,
+        Expected::of(name).payload_packets
+    );
+    assert!(out
+        .lines()
+        .all(|l| l.contains(" REQ ") || l.contains(" RSP ")));
+}
+
+#[test]
+fn a_c_era_script_with_bit32_runs_unchanged() {
+    let dir = std::env::temp_dir().join(format!("tcpkit-lua-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("syns.lua");
+    std::fs::write(
+        &script,
+        r#"
+local syns, acks = 0, 0
+function process(item)
+    if item.flags == nil then return end
+    if bit32.band(item.flags, 2) ~= 0 and bit32.band(item.flags, 16) == 0 then syns = syns + 1 end
+    if bit32.rshift(bit32.band(item.flags, 0x10), 4) == 1 then acks = acks + 1 end
+end
+function finish()
+    print("syn " .. syns .. " ack " .. acks .. " shifted " .. bit32.lshift(1, 4))
+end
+"#,
+    )
+    .unwrap();
+    let name = "redis-multi";
+    let e = Expected::of(name);
+    let (out, _) = run_script(name, &script);
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("syn {} ack ", e.connections)),
+        "{last}"
+    );
+    assert!(last.ends_with(" shifted 16"), "{last}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_scripts_stop_before_capture_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("tcpkit-lua-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, source, needle) in [
+        ("syntax.lua", "function process(p", "syntax.lua"),
+        (
+            "noprocess.lua",
+            "x = 1",
+            "defines no process(packet) function",
+        ),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, source).unwrap();
+        let out = Command::new(tcpkit_bin())
+            .args([
+                "-r",
+                fixture("redis-multi.pcap").to_str().unwrap(),
+                "-p",
+                "26379",
+                "-S",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(needle) && stderr.lines().count() == 1,
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_script_that_errors_on_every_packet_is_counted_not_fatal() {
+    let dir = std::env::temp_dir().join(format!("tcpkit-lua-err-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("boom.lua");
+    std::fs::write(&path, "function process(p) error('boom') end").unwrap();
+    let name = "redis-multi";
+    let out = Command::new(tcpkit_bin())
+        .args([
+            "-r",
+            fixture(&format!("{name}.pcap")).to_str().unwrap(),
+            "-p",
+            "26379",
+            "-S",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "script: {} callback errors (0 over",
+        Expected::of(name).packets
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("boom.lua:1: boom"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
