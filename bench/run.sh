@@ -76,3 +76,13 @@ for name in redis-small redis-pipelined memcached-small dns-udp; do
       "$(echo "$secs / $floor" | bc -l)"
   done
 done
+
+# Lua: a trivial process(packet) on the small-request capture.
+trivial=$(mktemp --suffix=.lua)
+echo 'function process(packet) end' >"$trivial"
+pcap="$out_dir/redis-small.pcap"
+packets=$(sed -n 's/.*"packets":\([0-9]*\),.*/\1/p' "$out_dir/redis-small.expected.json")
+lua=$(median_seconds "$tcpkit" -r "$pcap" -p 26379 -m raw -S "$trivial" --summary none)
+printf '%-16s %9d  %-30s %8.3f %12.0f\n' redis-small "$packets" "tcpkit -S (trivial process)" \
+  "$lua" "$(echo "$packets / $lua" | bc -l)"
+rm -f "$trivial"

@@ -9,6 +9,7 @@
 //! callback that runs past its instruction budget is stopped the same way.
 
 use std::cell::Cell;
+use std::net::IpAddr;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -98,7 +99,12 @@ pub struct Script {
     overruns: u64,
     last_report: Option<Instant>,
     unreported: u64,
+    /// Lua strings of recent addresses: formatting an address is the costly part of a table.
+    addresses: Vec<Option<(IpAddr, mlua::String)>>,
 }
+
+/// Slots of the address cache.
+const ADDRESS_SLOTS: usize = 64;
 
 impl Script {
     /// Loads the script, installs `bit32` when missing and the instruction budget, and runs
@@ -162,6 +168,7 @@ impl Script {
             overruns: 0,
             last_report: None,
             unreported: 0,
+            addresses: vec![None; ADDRESS_SLOTS],
         };
         if let Some(init) = init {
             script.call(&init, ());
@@ -194,8 +201,24 @@ impl Script {
         (self.errors, self.overruns)
     }
 
+    /// The Lua string of an address, from the cache when it was seen lately.
+    fn address(&mut self, ip: IpAddr) -> mlua::Result<mlua::String> {
+        let slot = match ip {
+            IpAddr::V4(v4) => usize::from(v4.octets()[3]),
+            IpAddr::V6(v6) => usize::from(v6.octets()[15]),
+        } % ADDRESS_SLOTS;
+        if let Some((cached, s)) = &self.addresses[slot] {
+            if *cached == ip {
+                return Ok(s.clone());
+            }
+        }
+        let s = self.lua.create_string(ip.to_string())?;
+        self.addresses[slot] = Some((ip, s.clone()));
+        Ok(s)
+    }
+
     fn packet_table(
-        &self,
+        &mut self,
         ts_sec: i64,
         ts_usec: u32,
         p: &Packet<'_>,
@@ -204,9 +227,9 @@ impl Script {
         let t = self.lua.create_table_with_capacity(0, 12)?;
         t.raw_set("tv_sec", ts_sec)?;
         t.raw_set("tv_usec", ts_usec)?;
-        t.raw_set("sip", p.src.to_string())?;
+        t.raw_set("sip", self.address(p.src)?)?;
         t.raw_set("sport", p.sport)?;
-        t.raw_set("dip", p.dst.to_string())?;
+        t.raw_set("dip", self.address(p.dst)?)?;
         t.raw_set("dport", p.dport)?;
         if let Transport::Tcp { seq, ack, flags } = p.transport {
             t.raw_set("seq", seq)?;
