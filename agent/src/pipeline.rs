@@ -16,7 +16,7 @@ use crate::matcher::{
     RedisConnection, Unanswered,
 };
 use crate::raw::RawFormatter;
-use crate::script::Script;
+use crate::script::{Script, ScriptOutput};
 use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
 
@@ -196,19 +196,75 @@ impl Connection for MultiConnection {
     }
 }
 
-/// Where exchanges go: the per-port stats and the slow log.
+/// Where exchanges go: the per-port stats, the slow log, and a Lua script's `on_exchange`.
 pub struct Sinks {
     ports: PortStats,
+    modes: PortModes,
+    script: Option<Script>,
     slowlog: SlowLog,
     out: Vec<u8>,
 }
 
-impl ExchangeSink for Sinks {
-    fn exchange(&mut self, e: &Exchange<'_>) {
+impl Sinks {
+    /// Counts an exchange and logs it when slow.
+    fn record(&mut self, e: &Exchange<'_>) {
         let slow = self.slowlog.is_slow(e.latency_us);
         self.ports.record_exchange(e, slow);
         if slow {
             self.slowlog.format(e, &mut self.out);
+        }
+    }
+
+    /// Applies what the script recorded and logged since the last call.
+    fn apply_script_outputs(&mut self) {
+        let Some(script) = self.script.as_mut() else {
+            return;
+        };
+        for output in script.take_outputs() {
+            match output {
+                ScriptOutput::Log(line) => {
+                    self.out.extend_from_slice(line.as_bytes());
+                    self.out.push(b'\n');
+                }
+                ScriptOutput::Record(r) => {
+                    let unspecified = std::net::IpAddr::from([0, 0, 0, 0]);
+                    let server = r.server.map_or(unspecified, |s| s.ip());
+                    self.record(&Exchange {
+                        client: r
+                            .client
+                            .unwrap_or(std::net::SocketAddr::new(unspecified, 0)),
+                        server: std::net::SocketAddr::new(server, r.port),
+                        req_start_us: r.ts_us,
+                        req_done_us: r.ts_us,
+                        rsp_start_us: r.ts_us + r.latency_us,
+                        latency_us: r.latency_us,
+                        command: r.command.as_bytes(),
+                        summary: r.summary.as_bytes(),
+                        truncated: false,
+                        req_bytes: 0,
+                        rsp_bytes: 0,
+                        error: r.error,
+                        hits: 0,
+                        misses: 0,
+                        rcode: None,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl ExchangeSink for Sinks {
+    fn exchange(&mut self, e: &Exchange<'_>) {
+        self.record(e);
+        if let Some(script) = self.script.as_mut() {
+            let proto = match self.modes.of(e.server.port()) {
+                Mode::Redis => "redis",
+                Mode::Memcached => "memcached",
+                Mode::Dns => "dns",
+                Mode::Raw => "raw",
+            };
+            script.exchange(e, proto);
         }
     }
 
@@ -278,7 +334,6 @@ pub struct PipelineConfig {
 
 /// The per-packet state of the agent.
 pub struct Pipeline<C: Connection> {
-    script: Option<Script>,
     link: LinkType,
     modes: PortModes,
     dns: DnsMatcher,
@@ -299,7 +354,6 @@ impl<C: Connection> Pipeline<C> {
         let numbers: Vec<u16> = config.ports.iter().map(|(p, _)| *p).collect();
         let modes = PortModes::new(config.ports);
         Self {
-            script: None,
             link: config.link,
             rule: config.rule,
             flows: FlowTable::new(config.flow_limits),
@@ -307,6 +361,8 @@ impl<C: Connection> Pipeline<C> {
             match_counters: MatchCounters::default(),
             sinks: Sinks {
                 ports: PortStats::new(&numbers, !modes.all_raw()),
+                modes: modes.clone(),
+                script: None,
                 slowlog: SlowLog::new(config.threshold_ms),
                 out: Vec::with_capacity(1 << 16),
             },
@@ -339,7 +395,7 @@ impl<C: Connection> Pipeline<C> {
         self.sinks
             .ports
             .count_packet(server_port, dir, packet.payload.len());
-        if let Some(script) = self.script.as_mut() {
+        if let Some(script) = self.sinks.script.as_mut() {
             script.packet(frame.ts_sec, frame.ts_usec, &packet, dir);
         } else if self.modes.of(server_port) == Mode::Raw {
             self.raw
@@ -387,11 +443,14 @@ impl<C: Connection> Pipeline<C> {
                 &mut streams,
             );
         }
+        self.sinks.apply_script_outputs();
     }
 
-    /// Hands every packet to a Lua script instead of printing raw lines.
+    /// Hands every packet to a Lua script instead of printing raw lines, and every exchange
+    /// to its `on_exchange`; what it records counts in the stats, so those keep latency.
     pub fn with_script(mut self, script: Script) -> Self {
-        self.script = Some(script);
+        self.sinks.ports.enable_latency();
+        self.sinks.script = Some(script);
         self
     }
 
@@ -415,9 +474,10 @@ impl<C: Connection> Pipeline<C> {
             sink: &mut self.sinks,
         };
         self.dns.finish(&mut cx);
-        if let Some(script) = self.script.as_mut() {
+        if let Some(script) = self.sinks.script.as_mut() {
             script.finish();
         }
+        self.sinks.apply_script_outputs();
     }
 
     /// The stats JSON document.
@@ -440,7 +500,7 @@ impl<C: Connection> Pipeline<C> {
             ports: &self.sinks.ports,
             matching: (!self.modes.all_raw()).then_some(&self.match_counters),
             threshold_us: self.sinks.slowlog.threshold_us(),
-            script_errors: self.script.as_ref().map(Script::errors),
+            script_errors: self.sinks.script.as_ref().map(Script::errors),
         }
     }
 }

@@ -29,11 +29,9 @@ const OUTPUT_CHUNK: usize = 1 << 16;
 pub fn run(args: Args) -> Result<()> {
     let modes = args.port_modes();
     // The script loads (and its init() runs) before capture starts: a bad one stops here.
+    let all_raw = modes.iter().all(|(_, m)| *m == Mode::Raw);
     let script = match &args.script {
-        Some(_) if modes.iter().any(|(_, m)| *m != Mode::Raw) => {
-            bail!("Lua scripts (-S) run in raw mode only in this build (on_exchange is to come)")
-        }
-        Some(path) => Some(Script::load(path)?),
+        Some(path) => Some(Script::load(path, all_raw)?),
         None => None,
     };
     let source = match &args.read {
@@ -90,16 +88,14 @@ pub fn run(args: Args) -> Result<()> {
         .all(|(_, m)| *m == modes[0].1)
         .then(|| modes[0].1);
     macro_rules! run_with {
-        ($connection:ty) => {
-            drive(
-                Pipeline::<$connection>::new(config),
-                &args,
-                &mut capture,
-                &mut log,
-                &stop,
-                &snapshot,
-            )
-        };
+        ($connection:ty) => {{
+            let pipeline = Pipeline::<$connection>::new(config);
+            let pipeline = match script {
+                Some(script) => pipeline.with_script(script),
+                None => pipeline,
+            };
+            drive(pipeline, &args, &mut capture, &mut log, &stop, &snapshot)
+        }};
     }
     let result = match single {
         Some(Mode::Redis) => run_with!(RedisConnection),
@@ -107,17 +103,7 @@ pub fn run(args: Args) -> Result<()> {
         // DNS over UDP rides on datagrams, which every pipeline hands to its DNS matcher.
         Some(Mode::Dns) if args.udp => run_with!(()),
         Some(Mode::Dns) => run_with!(DnsTcpConnection),
-        Some(Mode::Raw) => match script {
-            Some(script) => drive(
-                Pipeline::<()>::new(config).with_script(script),
-                &args,
-                &mut capture,
-                &mut log,
-                &stop,
-                &snapshot,
-            ),
-            None => run_with!(()),
-        },
+        Some(Mode::Raw) => run_with!(()),
         None => run_with!(MultiConnection),
     };
     if let Some((thread, shutdown)) = stats_thread {

@@ -3,6 +3,13 @@
 //! flags, request, payload, size` (`seq`, `ack`, `flags` for TCP only). Optional `init()` and
 //! `finish()` run before the first packet and at exit.
 //!
+//! In a protocol mode, `on_exchange(e)` is called, when defined, for every paired request,
+//! with `e.client, e.server, e.proto, e.command, e.summary, e.latency_us, e.ts_us,
+//! e.req_bytes, e.rsp_bytes, e.status`. The `tcpkit` library lets a script be a protocol
+//! parser of its own: `tcpkit.record{port=…, latency_us=…, command=…, summary=…, client=…,
+//! server=…, status=…}` adds an exchange to the port's stats (and the slow log), and
+//! `tcpkit.log(…)` writes a line to the log.
+//!
 //! Lua 5.4 (vendored) has no `bit32`; scripts written for the C tool use it, so a `bit32` with
 //! Lua 5.2's results is installed when the Lua has none. A callback that errors is reported
 //! (at most once a second, with the script's file and line) and counted; capture goes on. A
@@ -84,16 +91,48 @@ pub enum ScriptError {
         /// Lua's message.
         detail: String,
     },
-    /// No global `process` function.
+    /// No global `process` function (nor `on_exchange`, in a protocol mode).
     #[error("script {0} defines no process(packet) function")]
     NoProcess(String),
+}
+
+/// An exchange a script recorded with `tcpkit.record`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recorded {
+    /// The server port it counts for.
+    pub port: u16,
+    /// Its latency.
+    pub latency_us: u64,
+    /// Command name (per-command stats).
+    pub command: String,
+    /// The slow-log summary.
+    pub summary: String,
+    /// The client, when given as "ip:port".
+    pub client: Option<std::net::SocketAddr>,
+    /// The server, when given as "ip:port".
+    pub server: Option<std::net::SocketAddr>,
+    /// A status other than "ok" or "NOERROR".
+    pub error: bool,
+    /// Capture time of the request, µs (0 when not given).
+    pub ts_us: u64,
+}
+
+/// What a script asked for through the `tcpkit` library.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScriptOutput {
+    /// `tcpkit.record{…}`.
+    Record(Recorded),
+    /// `tcpkit.log(…)`: one line.
+    Log(String),
 }
 
 /// A loaded script.
 pub struct Script {
     lua: Lua,
-    process: Function,
+    process: Option<Function>,
+    on_exchange: Option<Function>,
     finish: Option<Function>,
+    outputs: Rc<std::cell::RefCell<Vec<ScriptOutput>>>,
     ticks: Rc<Cell<u32>>,
     errors: u64,
     overruns: u64,
@@ -107,9 +146,10 @@ pub struct Script {
 const ADDRESS_SLOTS: usize = 64;
 
 impl Script {
-    /// Loads the script, installs `bit32` when missing and the instruction budget, and runs
-    /// its `init()` when it has one.
-    pub fn load(path: &Path) -> Result<Self, ScriptError> {
+    /// Loads the script, installs `bit32` when missing, the `tcpkit` library and the
+    /// instruction budget, and runs its `init()` when it has one. In raw mode (`raw`) the
+    /// script must define `process`; otherwise `process` or `on_exchange`.
+    pub fn load(path: &Path, raw: bool) -> Result<Self, ScriptError> {
         let name = path.display().to_string();
         let source = std::fs::read(path).map_err(|e| ScriptError::Read {
             path: name.clone(),
@@ -133,6 +173,8 @@ impl Script {
                 .map_err(load_err)?;
             lua.globals().set("bit32", bit32).map_err(load_err)?;
         }
+        let outputs = Rc::new(std::cell::RefCell::new(Vec::new()));
+        install_library(&lua, &outputs).map_err(load_err)?;
         lua.load(&source)
             .set_name(format!("@{name}"))
             .exec()
@@ -140,8 +182,13 @@ impl Script {
         let globals = lua.globals();
         let process = globals
             .get::<Option<Function>>("process")
-            .map_err(load_err)?
-            .ok_or_else(|| ScriptError::NoProcess(name.clone()))?;
+            .map_err(load_err)?;
+        let on_exchange = globals
+            .get::<Option<Function>>("on_exchange")
+            .map_err(load_err)?;
+        if process.is_none() && (raw || on_exchange.is_none()) {
+            return Err(ScriptError::NoProcess(name));
+        }
         let init = globals.get::<Option<Function>>("init").map_err(load_err)?;
         let finish = globals
             .get::<Option<Function>>("finish")
@@ -162,7 +209,9 @@ impl Script {
         let mut script = Self {
             lua,
             process,
+            on_exchange,
             finish,
+            outputs,
             ticks,
             errors: 0,
             overruns: 0,
@@ -178,12 +227,44 @@ impl Script {
 
     /// Calls `process(packet)` for one packet.
     pub fn packet(&mut self, ts_sec: i64, ts_usec: u32, p: &Packet<'_>, dir: Direction) {
+        let Some(process) = self.process.clone() else {
+            return;
+        };
         let table = match self.packet_table(ts_sec, ts_usec, p, dir) {
             Ok(t) => t,
             Err(e) => return self.failed(&e),
         };
-        let process = self.process.clone();
         self.call(&process, table);
+    }
+
+    /// Calls `on_exchange(e)` for one paired request, when the script defines it.
+    pub fn exchange(&mut self, e: &crate::matcher::Exchange<'_>, proto: &str) {
+        let Some(on_exchange) = self.on_exchange.clone() else {
+            return;
+        };
+        let table = (|| -> mlua::Result<Table> {
+            let t = self.lua.create_table_with_capacity(0, 10)?;
+            t.raw_set("client", e.client.to_string())?;
+            t.raw_set("server", e.server.to_string())?;
+            t.raw_set("proto", proto)?;
+            t.raw_set("command", self.lua.create_string(e.command)?)?;
+            t.raw_set("summary", self.lua.create_string(e.summary)?)?;
+            t.raw_set("latency_us", e.latency_us)?;
+            t.raw_set("ts_us", e.req_start_us)?;
+            t.raw_set("req_bytes", e.req_bytes)?;
+            t.raw_set("rsp_bytes", e.rsp_bytes)?;
+            t.raw_set("status", if e.error { "error" } else { "ok" })?;
+            Ok(t)
+        })();
+        match table {
+            Ok(t) => self.call(&on_exchange, t),
+            Err(e) => self.failed(&e),
+        }
+    }
+
+    /// What the script asked for with `tcpkit.record` and `tcpkit.log` since the last call.
+    pub fn take_outputs(&mut self) -> Vec<ScriptOutput> {
+        std::mem::take(&mut *self.outputs.borrow_mut())
     }
 
     /// Runs `finish()` when the script has one.
@@ -272,6 +353,47 @@ impl Script {
     }
 }
 
+/// Installs the `tcpkit` table: `record{…}` and `log(…)` push to `outputs`.
+fn install_library(
+    lua: &Lua,
+    outputs: &Rc<std::cell::RefCell<Vec<ScriptOutput>>>,
+) -> mlua::Result<()> {
+    let library = lua.create_table()?;
+    let out = Rc::clone(outputs);
+    let record = lua.create_function(move |_, t: Table| {
+        let address = |key: &str| -> mlua::Result<Option<std::net::SocketAddr>> {
+            Ok(t.get::<Option<String>>(key)?.and_then(|s| s.parse().ok()))
+        };
+        let status: Option<String> = t.get("status")?;
+        let command: Option<String> = t.get("command")?;
+        let summary: Option<String> = t.get("summary")?;
+        let recorded = Recorded {
+            port: t.get("port")?,
+            latency_us: t.get("latency_us")?,
+            summary: summary.or_else(|| command.clone()).unwrap_or_default(),
+            command: command.unwrap_or_else(|| "OTHER".into()),
+            client: address("client")?,
+            server: address("server")?,
+            error: status.is_some_and(|s| s != "ok" && s != "NOERROR"),
+            ts_us: t.get::<Option<u64>>("ts_us")?.unwrap_or(0),
+        };
+        out.borrow_mut().push(ScriptOutput::Record(recorded));
+        Ok(())
+    })?;
+    library.set("record", record)?;
+    let out = Rc::clone(outputs);
+    let log = lua.create_function(move |_, args: mlua::Variadic<mlua::Value>| {
+        let words: Vec<String> = args
+            .iter()
+            .map(|v| v.to_string().unwrap_or_default())
+            .collect();
+        out.borrow_mut().push(ScriptOutput::Log(words.join(" ")));
+        Ok(())
+    })?;
+    library.set("log", log)?;
+    lua.globals().set("tcpkit", library)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,7 +405,7 @@ mod tests {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = dir.join(format!("script-{n}.lua"));
         std::fs::write(&path, source).unwrap();
-        Script::load(&path)
+        Script::load(&path, true)
     }
 
     #[test]
@@ -315,7 +437,7 @@ mod tests {
         ));
         assert!(matches!(script("x = 1"), Err(ScriptError::NoProcess(_))));
         assert!(matches!(
-            Script::load(Path::new("/nonexistent/x.lua")),
+            Script::load(Path::new("/nonexistent/x.lua"), true),
             Err(ScriptError::Read { .. })
         ));
     }

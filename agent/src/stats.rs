@@ -216,6 +216,13 @@ impl PortStats {
         }
     }
 
+    /// Keeps latency figures from now on (a script may record exchanges in raw mode).
+    pub fn enable_latency(&mut self) {
+        if self.latency.is_none() {
+            self.latency = Some(vec![PortLatency::default(); self.ports.len()]);
+        }
+    }
+
     fn port_latency(&mut self, port: u16) -> Option<&mut PortLatency> {
         let i = self.ports.iter().position(|&p| p == port)?;
         self.latency.as_mut().map(|l| &mut l[i])

@@ -116,20 +116,6 @@ fn scripts_that_cannot_run_say_so() {
         1,
         "cannot read script /nonexistent/x.lua",
     );
-    refused(
-        &[
-            "-p",
-            "6379",
-            "-r",
-            pcap,
-            "-m",
-            "redis",
-            "-S",
-            "scripts/example.lua",
-        ],
-        1,
-        "run in raw mode only",
-    );
 }
 
 #[test]

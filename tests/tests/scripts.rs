@@ -147,3 +147,88 @@ fn a_script_that_errors_on_every_packet_is_counted_not_fatal() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("boom.lua:1: boom"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn dns_lua_records_latency_into_the_stats() {
+    let name = "dns-udp";
+    let e = Expected::of(name);
+    let out = Command::new(tcpkit_bin())
+        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
+        .args(["-p", &e.port.to_string(), "-u", "-m", "raw", "-t", "100000"])
+        .args(["--summary", "json", "-S"])
+        .arg(repo_file("scripts/dns.lua"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let stats = &json[0][e.port.to_string()];
+    assert_eq!(
+        stats["total_reqs"],
+        e.extra("exchanges").unwrap(),
+        "{stats}"
+    );
+    assert_eq!(
+        stats["commands"]["QUERY"]["total_reqs"],
+        e.extra("exchanges").unwrap()
+    );
+    let want = format!(
+        "dns.lua: {} queries unanswered",
+        e.extra("timeouts").unwrap()
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+}
+
+#[test]
+fn on_exchange_sees_every_paired_request() {
+    let dir = std::env::temp_dir().join(format!("tcpkit-lua-ex-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("exchanges.lua");
+    std::fs::write(
+        &script,
+        r#"
+local n, slow = 0, 0
+function on_exchange(e)
+    n = n + 1
+    if e.latency_us >= 20000 and e.proto == "redis" and e.command == "DEBUG" then slow = slow + 1 end
+end
+function finish() tcpkit.log("exchanges", n, "slow", slow) end
+"#,
+    )
+    .unwrap();
+    let name = "redis-slow";
+    let e = Expected::of(name);
+    let out = Command::new(tcpkit_bin())
+        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
+        .args([
+            "-p",
+            &e.port.to_string(),
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+            "--summary",
+            "none",
+            "-S",
+        ])
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let want = format!(
+        "exchanges {} slow {}",
+        e.exchanges(),
+        e.extra("slow_20ms").unwrap()
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
