@@ -86,3 +86,9 @@ lua=$(median_seconds "$tcpkit" -r "$pcap" -p 26379 -m raw -S "$trivial" --summar
 printf '%-16s %9d  %-30s %8.3f %12.0f\n' redis-small "$packets" "tcpkit -S (trivial process)" \
   "$lua" "$(echo "$packets / $lua" | bc -l)"
 rm -f "$trivial"
+# Lua: scripts/dns.lua (DNS latency in Lua, through tcpkit.record) on the DNS capture.
+pcap="$out_dir/dns-udp.pcap"
+packets=$(sed -n 's/.*"packets":\([0-9]*\),.*/\1/p' "$out_dir/dns-udp.expected.json")
+lua=$(median_seconds "$tcpkit" -r "$pcap" -p 5300 -u -m raw -t 100000 -S "$root/scripts/dns.lua" --summary none)
+printf '%-16s %9d  %-30s %8.3f %12.0f\n' dns-udp "$packets" "tcpkit -S scripts/dns.lua" \
+  "$lua" "$(echo "$packets / $lua" | bc -l)"

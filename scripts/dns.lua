@@ -20,32 +20,40 @@ local function qname(s)
   return table.concat(labels, ".") .. "."
 end
 
+-- pending[client address][client port * 65536 + id] = { us, query payload }
 function process(p)
   if p.size < 12 then return end
-  local id = u16(p.payload, 1)
-  local flags = u16(p.payload, 3)
+  local payload = p.payload
+  local id = u16(payload, 1)
+  local flags = u16(payload, 3)
   local response = bit32.rshift(flags, 15) == 1
   local now = p.tv_sec * 1000000 + p.tv_usec
   if p.request and not response then
-    local key = p.sip .. ":" .. p.sport .. "/" .. id
-    if not pending[key] then
-      pending[key] = { us = now, name = qname(p.payload) }
+    local by_client = pending[p.sip]
+    if not by_client then
+      by_client = {}
+      pending[p.sip] = by_client
+    end
+    local key = p.sport * 65536 + id
+    if not by_client[key] then
+      by_client[key] = { now, payload }
     end
   elseif not p.request and response then
-    local key = p.dip .. ":" .. p.dport .. "/" .. id
-    local query = pending[key]
+    local by_client = pending[p.dip]
+    local key = p.dport * 65536 + id
+    local query = by_client and by_client[key]
     if query then
-      pending[key] = nil
+      by_client[key] = nil
       local rcode = bit32.band(flags, 15)
       tcpkit.record {
         port = p.sport,
-        latency_us = now - query.us,
+        latency_us = now - query[1],
         command = "QUERY",
-        summary = query.name .. " rcode " .. rcode,
+        summary = qname(query[2]) .. " rcode " .. rcode,
         client = p.dip .. ":" .. p.dport,
         server = p.sip .. ":" .. p.sport,
         status = (rcode == 0 or rcode == 3) and "ok" or "error",
-        ts_us = query.us,
+        ts_us = query[1],
       }
     end
   end
@@ -53,6 +61,8 @@ end
 
 function finish()
   local unanswered = 0
-  for _ in pairs(pending) do unanswered = unanswered + 1 end
+  for _, by_client in pairs(pending) do
+    for _ in pairs(by_client) do unanswered = unanswered + 1 end
+  end
   tcpkit.log("dns.lua: " .. unanswered .. " queries unanswered")
 end

@@ -232,3 +232,50 @@ function finish() tcpkit.log("exchanges", n, "slow", slow) end
     assert!(stdout.contains(&want), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn tcp_connect_lua_times_every_connection() {
+    let name = "redis-benchmark-lo";
+    let e = Expected::of(name);
+    let (out, _) = run_script(name, &repo_file("scripts/tcp-connect.lua"));
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("connections {}, avg ", e.connections)),
+        "{last}"
+    );
+    assert!(last.ends_with("SYN retransmissions 0"), "{last}");
+    let per_connection = out.lines().filter(|l| l.contains(" connect ")).count() as u64;
+    assert_eq!(per_connection, e.connections);
+}
+
+#[test]
+fn top_keys_lua_ranks_keys_from_exchanges() {
+    let name = "redis-benchmark-lo";
+    let e = Expected::of(name);
+    let out = Command::new(tcpkit_bin())
+        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
+        .args([
+            "-p",
+            &e.port.to_string(),
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+            "--summary",
+            "none",
+            "-S",
+        ])
+        .arg(repo_file("scripts/top-keys.lua"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    // LPUSH and LPOP on one list, SET and GET on one key pattern: each 2 x 2000 requests.
+    let list = e.commands["LPUSH"] + e.commands["LPOP"];
+    assert!(stdout.contains(&format!("{list:>8}  mylist")), "{stdout}");
+    assert!(stdout.starts_with("top keys by requests:"), "{stdout}");
+}
