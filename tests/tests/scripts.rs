@@ -279,3 +279,108 @@ fn top_keys_lua_ranks_keys_from_exchanges() {
     assert!(stdout.contains(&format!("{list:>8}  mylist")), "{stdout}");
     assert!(stdout.starts_with("top keys by requests:"), "{stdout}");
 }
+
+#[test]
+fn the_packet_table_on_a_crafted_capture_field_by_field() {
+    use etherparse::PacketBuilder;
+    use pcap::{Capture, Linktype, Packet, PacketHeader};
+    let dir = std::env::temp_dir().join(format!("tcpkit-lua-fields-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pcap_path = dir.join("crafted.pcap");
+    let mut tcp = Vec::new();
+    PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .tcp(40000, 6379, 1000, 512)
+        .ack(77)
+        .psh()
+        .write(&mut tcp, b"PING\r\n")
+        .unwrap();
+    let mut udp = Vec::new();
+    PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+        .udp(5300, 40001)
+        .write(&mut udp, b"x\x00y")
+        .unwrap();
+    let dead = Capture::dead(Linktype(12)).unwrap(); // DLT_RAW: bare IP
+    let mut out = dead.savefile(&pcap_path).unwrap();
+    for (i, data) in [tcp, udp].iter().enumerate() {
+        let header = PacketHeader {
+            ts: libc::timeval {
+                tv_sec: 1_700_000_000 + i as i64,
+                tv_usec: 250_000,
+            },
+            caplen: data.len() as u32,
+            len: data.len() as u32,
+        };
+        out.write(&Packet::new(&header, data));
+    }
+    out.flush().unwrap();
+    drop(out);
+    let script = dir.join("fields.lua");
+    std::fs::write(
+        &script,
+        r#"
+function process(p)
+  print(p.tv_sec, p.tv_usec, p.sip, p.sport, p.dip, p.dport, tostring(p.seq), tostring(p.ack),
+        tostring(p.flags), tostring(p.request),
+        (p.payload:gsub(".", function(c) return string.format("%02x", c:byte()) end)), p.size)
+end
+"#,
+    )
+    .unwrap();
+    let output = Command::new(tcpkit_bin())
+        .args([
+            "-r",
+            pcap_path.to_str().unwrap(),
+            "-p",
+            "6379,5300/udp",
+            "-m",
+            "raw",
+            "--summary",
+            "none",
+        ])
+        .arg("-S")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let lines: Vec<Vec<&str>> = stdout.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(
+        lines[0],
+        [
+            "1700000000",
+            "250000",
+            "10.0.0.1",
+            "40000",
+            "10.0.0.2",
+            "6379",
+            "1000",
+            "77",
+            "24",
+            "true",
+            "50494e470d0a",
+            "6"
+        ]
+    );
+    assert_eq!(
+        lines[1],
+        [
+            "1700000001",
+            "250000",
+            "10.0.0.2",
+            "5300",
+            "10.0.0.1",
+            "40001",
+            "nil",
+            "nil",
+            "nil",
+            "false",
+            "780079",
+            "3"
+        ]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
