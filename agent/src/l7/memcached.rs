@@ -209,8 +209,9 @@ impl McParser {
                 self.block_left -= n as u64;
                 data = &data[n..];
                 if self.block_left == 0 {
-                    let p = self.pending.take().expect("pending block");
-                    self.emit(p, on_message);
+                    if let Some(p) = self.pending.take() {
+                        self.emit(p, on_message);
+                    }
                 }
                 continue;
             }
