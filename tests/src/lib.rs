@@ -234,3 +234,16 @@ pub fn interrupt(child: &Child) {
     // SAFETY: signalling a child we started and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
 }
+
+/// Merges fixtures into one capture with mergecap (wireshark-common), in `dir`.
+pub fn merged_fixtures(dir: &Path, names: &[&str]) -> PathBuf {
+    let merged = dir.join("merged.pcap");
+    let status = Command::new("mergecap")
+        .args(["-F", "pcap", "-w"])
+        .arg(&merged)
+        .args(names.iter().map(|n| fixture(&format!("{n}.pcap"))))
+        .status()
+        .expect("run mergecap");
+    assert!(status.success(), "mergecap failed");
+    merged
+}

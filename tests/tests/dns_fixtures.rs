@@ -98,15 +98,7 @@ fn redis_over_tcp_and_dns_over_udp_in_one_agent() {
     }
     let dir = std::env::temp_dir().join(format!("tcpkit-tcp-udp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mixed = dir.join("mixed.pcap");
-    let status = std::process::Command::new("mergecap")
-        .args(["-F", "pcap", "-w"])
-        .arg(&mixed)
-        .arg(tcpkit_tests::fixture("redis-multi.pcap"))
-        .arg(tcpkit_tests::fixture("dns-udp.pcap"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let mixed = tcpkit_tests::merged_fixtures(&dir, &["redis-multi", "dns-udp"]);
     let (redis, dns) = (Expected::of("redis-multi"), Expected::of("dns-udp"));
     let ports = format!("{}:redis,{}:dns/udp", redis.port, dns.port);
     let out = tcpkit_tests::run_tcpkit(&[

@@ -89,15 +89,7 @@ fn one_agent_watches_redis_and_memcached_ports() {
     }
     let dir = std::env::temp_dir().join(format!("tcpkit-mixed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mixed = dir.join("mixed.pcap");
-    let status = std::process::Command::new("mergecap")
-        .args(["-F", "pcap", "-w"])
-        .arg(&mixed)
-        .arg(tcpkit_tests::fixture("redis-multi.pcap"))
-        .arg(tcpkit_tests::fixture("memcached-text.pcap"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let mixed = tcpkit_tests::merged_fixtures(&dir, &["redis-multi", "memcached-text"]);
     let (redis, memcached) = (Expected::of("redis-multi"), Expected::of("memcached-text"));
     let ports = format!("{}:redis,{}:memcached", redis.port, memcached.port);
     let out = tcpkit_tests::run_tcpkit(&[
