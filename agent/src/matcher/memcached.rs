@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 
 use super::memcached_binary::BinaryConnection;
-use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
 
@@ -39,6 +39,10 @@ struct Pending {
 }
 
 impl Pending {
+    fn command(&self) -> &[u8] {
+        &self.summary[..usize::from(self.command_len)]
+    }
+
     fn summary(&self) -> &[u8] {
         &self.summary[..usize::from(self.summary_len)]
     }
@@ -159,8 +163,7 @@ impl MemcachedConnection {
     ) {
         cx.counters.pending -= self.pending.len() as u64;
         for p in self.pending.drain(..) {
-            let command = &p.summary[..usize::from(p.command_len)];
-            cx.sink.unanswered(key.server, command, why);
+            cx.sink.unanswered(key.server, p.command(), why);
         }
     }
 
@@ -232,20 +235,10 @@ fn queue<S: ExchangeSink>(
         cx.counters.noreply += 1;
         return;
     }
-    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+    if !make_room(pending, key.server, Pending::command, cx) {
         cx.sink
             .unanswered(key.server, m.command, Unanswered::Timeout);
         return;
-    }
-    if pending.len() >= cx.limits.max_pending_per_connection {
-        if let Some(oldest) = pending.pop_front() {
-            cx.counters.pending -= 1;
-            cx.sink.unanswered(
-                key.server,
-                &oldest.summary[..usize::from(oldest.command_len)],
-                Unanswered::Timeout,
-            );
-        }
     }
     let mut summary = [0u8; KEPT_SUMMARY];
     let kept = m.summary.len().min(KEPT_SUMMARY);

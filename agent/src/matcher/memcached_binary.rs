@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached_binary::{
     is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
@@ -17,6 +17,12 @@ const KEY_NOT_FOUND: u16 = 0x0001;
 /// Statuses from here on are server errors (unknown command, out of memory, …).
 const FIRST_ERROR_STATUS: u16 = 0x0081;
 const SUMMARY: usize = 12 + KEY_BYTES;
+
+impl Pending {
+    fn command(&self) -> &[u8] {
+        opcode_name(self.opcode).as_bytes()
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Pending {
@@ -130,8 +136,7 @@ impl BinaryConnection {
     ) {
         cx.counters.pending -= self.pending.len() as u64;
         for p in self.pending.drain(..) {
-            cx.sink
-                .unanswered(key.server, opcode_name(p.opcode).as_bytes(), why);
+            cx.sink.unanswered(key.server, p.command(), why);
         }
     }
 }
@@ -149,20 +154,10 @@ fn queue<S: ExchangeSink>(
         cx.counters.noreply += 1; // QUIT, QUITQ: the server closes
         return;
     }
-    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+    if !make_room(pending, key.server, Pending::command, cx) {
         cx.sink
             .unanswered(key.server, name.as_bytes(), Unanswered::Timeout);
         return;
-    }
-    if pending.len() >= cx.limits.max_pending_per_connection {
-        if let Some(oldest) = pending.pop_front() {
-            cx.counters.pending -= 1;
-            cx.sink.unanswered(
-                key.server,
-                opcode_name(oldest.opcode).as_bytes(),
-                Unanswered::Timeout,
-            );
-        }
     }
     let mut summary = [0u8; SUMMARY];
     let mut len = name.len();
@@ -204,11 +199,8 @@ fn pair<S: ExchangeSink>(
         if is_quiet(skipped.opcode) {
             cx.counters.noreply += 1;
         } else {
-            cx.sink.unanswered(
-                key.server,
-                opcode_name(skipped.opcode).as_bytes(),
-                Unanswered::Timeout,
-            );
+            cx.sink
+                .unanswered(key.server, skipped.command(), Unanswered::Timeout);
         }
     }
     let Some(request) = pending.pop_front() else {

@@ -2,6 +2,7 @@
 //! requests. Each protocol has its own connection state ([`redis`], [`memcached`]); what they
 //! produce, and the caps and counters they share, are here.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 pub mod dns;
@@ -162,4 +163,26 @@ impl ChunkClock {
             self.partial_start_us = timer.ts_us;
         }
     }
+}
+
+/// Makes room for one more pending request under the caps. Returns false when the total over
+/// all connections is at its cap: the caller gives the new request up as a timeout. When this
+/// connection's own queue is full, its oldest request is given up as a timeout.
+pub(crate) fn make_room<T, S: ExchangeSink>(
+    pending: &mut VecDeque<T>,
+    server: SocketAddr,
+    command_of: impl Fn(&T) -> &[u8],
+    cx: &mut MatchContext<'_, S>,
+) -> bool {
+    if cx.counters.pending >= cx.limits.max_pending_total as u64 {
+        return false;
+    }
+    if pending.len() >= cx.limits.max_pending_per_connection {
+        if let Some(oldest) = pending.pop_front() {
+            cx.counters.pending -= 1;
+            cx.sink
+                .unanswered(server, command_of(&oldest), Unanswered::Timeout);
+        }
+    }
+    true
 }
