@@ -79,62 +79,32 @@ impl Connection for () {
     fn on_close(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
 }
 
-impl Connection for MemcachedConnection {
-    fn on_data(
-        &mut self,
-        key: &FlowKey,
-        dir: Direction,
-        ts_us: u64,
-        bytes: &[u8],
-        cx: &mut MatchContext<'_, Sinks>,
-    ) {
-        MemcachedConnection::on_data(self, key, dir, ts_us, bytes, cx);
-    }
-    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        MemcachedConnection::on_gap(self, key, cx);
-    }
-    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        MemcachedConnection::on_close(self, key, cx);
-    }
+/// The protocol connections implement [`Connection`] with their own methods of the same
+/// names.
+macro_rules! delegate_connection {
+    ($($connection:ty),*) => {$(
+        impl Connection for $connection {
+            fn on_data(
+                &mut self,
+                key: &FlowKey,
+                dir: Direction,
+                ts_us: u64,
+                bytes: &[u8],
+                cx: &mut MatchContext<'_, Sinks>,
+            ) {
+                <$connection>::on_data(self, key, dir, ts_us, bytes, cx);
+            }
+            fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+                <$connection>::on_gap(self, key, cx);
+            }
+            fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
+                <$connection>::on_close(self, key, cx);
+            }
+        }
+    )*};
 }
 
-impl Connection for DnsTcpConnection {
-    fn on_data(
-        &mut self,
-        key: &FlowKey,
-        dir: Direction,
-        ts_us: u64,
-        bytes: &[u8],
-        cx: &mut MatchContext<'_, Sinks>,
-    ) {
-        DnsTcpConnection::on_data(self, key, dir, ts_us, bytes, cx);
-    }
-    fn on_gap(&mut self, _: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        DnsTcpConnection::on_gap(self, cx);
-    }
-    fn on_close(&mut self, _: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        DnsTcpConnection::on_close(self, cx);
-    }
-}
-
-impl Connection for RedisConnection {
-    fn on_data(
-        &mut self,
-        key: &FlowKey,
-        dir: Direction,
-        ts_us: u64,
-        bytes: &[u8],
-        cx: &mut MatchContext<'_, Sinks>,
-    ) {
-        RedisConnection::on_data(self, key, dir, ts_us, bytes, cx);
-    }
-    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        RedisConnection::on_gap(self, key, cx);
-    }
-    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        RedisConnection::on_close(self, key, cx);
-    }
-}
+delegate_connection!(RedisConnection, MemcachedConnection, DnsTcpConnection);
 
 /// A connection of an agent watching ports of different protocols (`-p 6379:redis,…`).
 #[derive(Debug, Default)]

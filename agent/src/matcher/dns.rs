@@ -340,7 +340,11 @@ impl DnsTcpConnection {
     }
 
     /// Bytes are missing: the framing is lost; pending queries are dropped.
-    pub fn on_gap<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+    pub fn on_gap<S: ExchangeSink>(
+        &mut self,
+        _key: &crate::flow::FlowKey,
+        cx: &mut MatchContext<'_, S>,
+    ) {
         cx.counters.desyncs += 1;
         self.matcher.drop_all(cx);
         self.queries = Framer::default();
@@ -348,7 +352,11 @@ impl DnsTcpConnection {
     }
 
     /// The connection ended: pending queries time out.
-    pub fn on_close<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+    pub fn on_close<S: ExchangeSink>(
+        &mut self,
+        _key: &crate::flow::FlowKey,
+        cx: &mut MatchContext<'_, S>,
+    ) {
         self.matcher.finish(cx);
     }
 }
