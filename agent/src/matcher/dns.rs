@@ -92,21 +92,13 @@ impl DnsMatcher {
             summary.push(' ');
             summary.push_str(rcode_name(msg.rcode));
             cx.sink.exchange(&Exchange {
-                client,
-                server,
-                req_start_us: query.ts_us,
-                req_done_us: query.ts_us,
                 rsp_start_us: ts_us,
                 latency_us: ts_us.saturating_sub(query.ts_us),
-                command: &query.summary.as_bytes()[..query.type_len],
                 summary: summary.as_bytes(),
-                truncated: false,
-                req_bytes: query.bytes,
                 rsp_bytes: payload.len() as u64,
                 error: !matches!(msg.rcode, 0 | 3),
-                hits: 0,
-                misses: 0,
                 rcode: Some(msg.rcode),
+                ..query.unanswered(&key)
             });
         } else {
             cx.counters.unsolicited += 1;
@@ -152,23 +144,30 @@ impl DnsMatcher {
 }
 
 fn expired<S: ExchangeSink>(key: &QueryKey, query: &Query, cx: &mut MatchContext<'_, S>) {
-    cx.sink.expired(&Exchange {
-        client: key.0,
-        server: key.1,
-        req_start_us: query.ts_us,
-        req_done_us: query.ts_us,
-        rsp_start_us: query.ts_us,
-        latency_us: 0,
-        command: &query.summary.as_bytes()[..query.type_len],
-        summary: query.summary.as_bytes(),
-        truncated: false,
-        req_bytes: query.bytes,
-        rsp_bytes: 0,
-        error: false,
-        hits: 0,
-        misses: 0,
-        rcode: None,
-    });
+    cx.sink.expired(&query.unanswered(key));
+}
+
+impl Query {
+    /// The query as an exchange with no response yet (the fields a response fills are empty).
+    fn unanswered(&self, key: &QueryKey) -> Exchange<'_> {
+        Exchange {
+            client: key.0,
+            server: key.1,
+            req_start_us: self.ts_us,
+            req_done_us: self.ts_us,
+            rsp_start_us: self.ts_us,
+            latency_us: 0,
+            command: &self.summary.as_bytes()[..self.type_len],
+            summary: self.summary.as_bytes(),
+            truncated: false,
+            req_bytes: self.bytes,
+            rsp_bytes: 0,
+            error: false,
+            hits: 0,
+            misses: 0,
+            rcode: None,
+        }
+    }
 }
 
 #[cfg(test)]
