@@ -9,8 +9,8 @@
 pub mod capture;
 pub mod cli;
 pub mod decode;
+pub use tcpkit_histogram as histogram;
 pub mod flow;
-pub mod histogram;
 pub mod l7;
 pub mod matcher;
 pub mod pipeline;

@@ -1,1 +1,8 @@
+//! tcpkit's aggregator: stores what agents ship in SQLite ([`store`]), merges histograms
+//! across servers and time ([`merge`]), serves the Ingest and Query services ([`server`]),
+//! and the `tcpkit-query` side ([`report`] renders its answers).
 
+pub mod merge;
+pub mod server;
+pub mod store;
+pub mod units;

@@ -48,6 +48,21 @@ const SUB: u64 = 1 << SUB_BITS;
 /// Latencies are clamped to 2^40 µs (12.7 days).
 const MAX_EXPONENT: u32 = 40;
 
+/// Number of fine buckets: every index [`fine_index`] can return is below it.
+pub const FINE_BUCKETS: usize = (SUB + (MAX_EXPONENT + 1 - SUB_BITS) as u64 * SUB) as usize;
+
+/// A fine bucket index out of range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadBucket(pub u32);
+
+impl std::fmt::Display for BadBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "fine histogram bucket {} out of range", self.0)
+    }
+}
+
+impl std::error::Error for BadBucket {}
+
 /// The fine bucket index of a value.
 pub fn fine_index(value: u64) -> usize {
     if value < SUB {
@@ -110,6 +125,45 @@ impl FineHistogram {
         self.max_us
     }
 
+    /// The number of latencies counted.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The non-empty buckets as `(index, count)`, in index order: the form shipped over the
+    /// wire and stored.
+    pub fn nonzero(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(i, &c)| (i as u32, c))
+    }
+
+    /// Rebuilds a histogram from its non-empty buckets and its maximum; an index beyond the
+    /// last bucket is an error (it cannot come from [`FineHistogram::nonzero`]).
+    pub fn from_nonzero(
+        buckets: impl IntoIterator<Item = (u32, u64)>,
+        max_us: u64,
+    ) -> Result<Self, BadBucket> {
+        let mut h = FineHistogram {
+            max_us,
+            ..FineHistogram::default()
+        };
+        for (index, count) in buckets {
+            let i = index as usize;
+            if i >= FINE_BUCKETS {
+                return Err(BadBucket(index));
+            }
+            if i >= h.counts.len() {
+                h.counts.resize(i + 1, 0);
+            }
+            h.counts[i] += count;
+            h.total += count;
+        }
+        Ok(h)
+    }
+
     /// The `q` quantile (0 < q ≤ 1), within 1%; 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         if self.total == 0 {
@@ -147,6 +201,15 @@ mod tests {
     }
 
     #[test]
+    fn every_index_is_below_fine_buckets() {
+        assert_eq!(fine_index(u64::MAX), FINE_BUCKETS - 1);
+        assert_eq!(
+            FineHistogram::from_nonzero([(FINE_BUCKETS as u32, 1)], 0),
+            Err(BadBucket(FINE_BUCKETS as u32))
+        );
+    }
+
+    #[test]
     fn fine_buckets_are_monotonic_and_tight() {
         let mut last = 0;
         for v in (0..200_000u64).chain((1..2000).map(|i| i * 7_919_993)) {
@@ -170,6 +233,8 @@ mod tests {
             b.iter().for_each(|&v| { hb.record(v); all.record(v) });
             ha.merge(&hb);
             prop_assert_eq!(&ha, &all);
+            let rebuilt = FineHistogram::from_nonzero(all.nonzero(), all.max_us()).unwrap();
+            prop_assert_eq!(&rebuilt, &all);
             let mut sorted: Vec<u64> = a.iter().chain(&b).copied().collect();
             sorted.sort_unstable();
             for q in [0.5, 0.9, 0.99, 0.999, 1.0] {

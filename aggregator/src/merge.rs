@@ -1,0 +1,269 @@
+//! Merging histogram snapshots: a sum of counts, exact for both bucket forms (DESIGN.md,
+//! "Aggregator storage"), and the figures read off the merged fine histogram.
+
+use tcpkit_histogram::{BadBucket, FineHistogram, SEED_BUCKETS};
+use tcpkit_proto::v1;
+
+/// The sum of any number of histogram snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Exchanges.
+    pub count: u64,
+    /// Sum of their latencies, µs.
+    pub sum_us: u64,
+    /// Exchanges at or above the agent's slow threshold.
+    pub slow: u64,
+    /// Error replies.
+    pub errors: u64,
+    /// Requests never answered.
+    pub timeouts: u64,
+    /// The 18 seed buckets.
+    pub seed: [u64; SEED_BUCKETS],
+    /// The fine histogram (percentiles, the exact maximum).
+    pub fine: FineHistogram,
+}
+
+impl Merged {
+    /// Adds another sum to this one.
+    pub fn merge(&mut self, other: &Merged) {
+        self.count += other.count;
+        self.sum_us += other.sum_us;
+        self.slow += other.slow;
+        self.errors += other.errors;
+        self.timeouts += other.timeouts;
+        for (mine, theirs) in self.seed.iter_mut().zip(other.seed) {
+            *mine += theirs;
+        }
+        self.fine.merge(&other.fine);
+    }
+
+    /// A shipped snapshot as a sum of one; its buckets are checked.
+    pub fn from_snapshot(s: &v1::HistogramSnapshot) -> Result<Self, SnapshotError> {
+        if s.seed.len() != SEED_BUCKETS {
+            return Err(SnapshotError::SeedBuckets(s.seed.len()));
+        }
+        if s.fine_index.len() != s.fine_count.len() {
+            return Err(SnapshotError::FineLengths);
+        }
+        let fine = FineHistogram::from_nonzero(
+            s.fine_index
+                .iter()
+                .copied()
+                .zip(s.fine_count.iter().copied()),
+            s.max_us,
+        )?;
+        let seed_total: u64 = s.seed.iter().sum();
+        if fine.total() != s.count || seed_total != s.count {
+            return Err(SnapshotError::Counts {
+                count: s.count,
+                seed: seed_total,
+                fine: fine.total(),
+            });
+        }
+        let mut seed = [0; SEED_BUCKETS];
+        seed.copy_from_slice(&s.seed);
+        Ok(Self {
+            count: s.count,
+            sum_us: s.sum_us,
+            slow: s.slow,
+            errors: s.errors,
+            timeouts: s.timeouts,
+            seed,
+            fine,
+        })
+    }
+
+    /// The merged histogram as the Query service returns it, under `key`.
+    pub fn to_proto(&self, key: String) -> v1::Histogram {
+        let (fine_index, fine_count) = self.fine.nonzero().unzip();
+        v1::Histogram {
+            key,
+            count: self.count,
+            sum_us: self.sum_us,
+            max_us: self.fine.max_us(),
+            slow: self.slow,
+            errors: self.errors,
+            timeouts: self.timeouts,
+            p50_us: self.fine.quantile(0.5),
+            p90_us: self.fine.quantile(0.9),
+            p99_us: self.fine.quantile(0.99),
+            p999_us: self.fine.quantile(0.999),
+            seed: self.seed.to_vec(),
+            fine_index,
+            fine_count,
+        }
+    }
+
+    /// The seed buckets as stored: 18 little-endian u64.
+    pub fn seed_blob(&self) -> Vec<u8> {
+        self.seed.iter().flat_map(|c| c.to_le_bytes()).collect()
+    }
+
+    /// The fine buckets as stored: (u32 index, u64 count) pairs, little-endian.
+    pub fn fine_blob(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, c) in self.fine.nonzero() {
+            out.extend_from_slice(&i.to_le_bytes());
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        out
+    }
+
+    /// Rebuilds a stored sum from its columns.
+    pub fn from_stored(columns: StoredColumns<'_>) -> Result<Self, SnapshotError> {
+        let seed_bytes = columns.seed;
+        if seed_bytes.len() != SEED_BUCKETS * 8 {
+            return Err(SnapshotError::SeedBuckets(seed_bytes.len() / 8));
+        }
+        let mut seed = [0; SEED_BUCKETS];
+        for (slot, chunk) in seed.iter_mut().zip(seed_bytes.chunks_exact(8)) {
+            *slot = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        }
+        if columns.fine.len() % 12 != 0 {
+            return Err(SnapshotError::FineLengths);
+        }
+        let buckets = columns.fine.chunks_exact(12).map(|pair| {
+            let (i, c) = pair.split_at(4);
+            (
+                u32::from_le_bytes(i.try_into().unwrap_or_default()),
+                u64::from_le_bytes(c.try_into().unwrap_or_default()),
+            )
+        });
+        Ok(Self {
+            count: columns.count,
+            sum_us: columns.sum_us,
+            slow: columns.slow,
+            errors: columns.errors,
+            timeouts: columns.timeouts,
+            seed,
+            fine: FineHistogram::from_nonzero(buckets, columns.max_us)?,
+        })
+    }
+}
+
+/// The columns a stored sum is kept in.
+#[derive(Debug, Clone, Copy)]
+pub struct StoredColumns<'a> {
+    /// See [`Merged::count`].
+    pub count: u64,
+    /// See [`Merged::sum_us`].
+    pub sum_us: u64,
+    /// The largest latency.
+    pub max_us: u64,
+    /// See [`Merged::slow`].
+    pub slow: u64,
+    /// See [`Merged::errors`].
+    pub errors: u64,
+    /// See [`Merged::timeouts`].
+    pub timeouts: u64,
+    /// [`Merged::seed_blob`].
+    pub seed: &'a [u8],
+    /// [`Merged::fine_blob`].
+    pub fine: &'a [u8],
+}
+
+/// A histogram snapshot that does not add up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// Not 18 seed buckets.
+    #[error("{0} seed buckets, expected 18")]
+    SeedBuckets(usize),
+    /// Fine indexes and counts differ in number.
+    #[error("fine bucket indexes and counts differ in number")]
+    FineLengths,
+    /// A fine index out of range.
+    #[error(transparent)]
+    Bucket(#[from] BadBucket),
+    /// The buckets do not sum to the count.
+    #[error("count {count} but the seed buckets hold {seed} and the fine ones {fine}")]
+    Counts {
+        /// The snapshot's count.
+        count: u64,
+        /// The sum of its seed buckets.
+        seed: u64,
+        /// The sum of its fine buckets.
+        fine: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tcpkit_histogram::seed_bucket;
+
+    fn snapshot(latencies: &[u64]) -> v1::HistogramSnapshot {
+        let mut fine = FineHistogram::default();
+        let mut seed = vec![0; SEED_BUCKETS];
+        for &l in latencies {
+            fine.record(l);
+            seed[seed_bucket(l)] += 1;
+        }
+        let (fine_index, fine_count) = fine.nonzero().unzip();
+        v1::HistogramSnapshot {
+            count: latencies.len() as u64,
+            sum_us: latencies.iter().sum(),
+            max_us: fine.max_us(),
+            seed,
+            fine_index,
+            fine_count,
+            ..Default::default()
+        }
+    }
+
+    proptest! {
+        /// Merging per-host histograms equals the histogram of all samples, and its
+        /// percentiles are within 1% of the exact ones.
+        #[test]
+        fn merged_hosts_equal_all_samples(
+            hosts in proptest::collection::vec(proptest::collection::vec(1u64..10_000_000, 1..300), 1..6)
+        ) {
+            let mut merged = Merged::default();
+            for h in &hosts {
+                let one = Merged::from_snapshot(&snapshot(h)).unwrap();
+                let stored = Merged::from_stored(StoredColumns {
+                    count: one.count, sum_us: one.sum_us, max_us: one.fine.max_us(), slow: 0,
+                    errors: 0, timeouts: 0, seed: &one.seed_blob(), fine: &one.fine_blob(),
+                }).unwrap();
+                prop_assert_eq!(&stored, &one);
+                merged.merge(&stored);
+            }
+            let all: Vec<u64> = hosts.concat();
+            prop_assert_eq!(&merged, &Merged::from_snapshot(&snapshot(&all)).unwrap());
+            let mut sorted = all.clone();
+            sorted.sort_unstable();
+            let p = merged.to_proto(String::new());
+            for (q, got) in [(0.5, p.p50_us), (0.9, p.p90_us), (0.99, p.p99_us), (0.999, p.p999_us)] {
+                let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+                let exact = sorted[rank - 1];
+                prop_assert!(got.abs_diff(exact) as f64 <= exact as f64 * 0.01, "q{} exact {} got {}", q, exact, got);
+            }
+            prop_assert_eq!(p.max_us, *sorted.last().unwrap());
+        }
+    }
+
+    #[test]
+    fn inconsistent_snapshots_are_refused() {
+        let mut s = snapshot(&[10, 20]);
+        s.count = 3;
+        assert!(matches!(
+            Merged::from_snapshot(&s),
+            Err(SnapshotError::Counts { .. })
+        ));
+        let mut s = snapshot(&[10]);
+        s.seed.pop();
+        assert_eq!(
+            Merged::from_snapshot(&s),
+            Err(SnapshotError::SeedBuckets(17))
+        );
+        let mut s = snapshot(&[10]);
+        s.fine_index[0] = 1 << 30;
+        assert!(matches!(
+            Merged::from_snapshot(&s),
+            Err(SnapshotError::Bucket(_))
+        ));
+        let mut s = snapshot(&[10]);
+        s.fine_count.push(1);
+        assert_eq!(Merged::from_snapshot(&s), Err(SnapshotError::FineLengths));
+    }
+}

@@ -1,0 +1,515 @@
+//! The aggregator's services: Ingest (agents stream batches; each is acknowledged once
+//! committed) and Query, over one writer thread that owns the [`Store`] and a pool of
+//! [`Reader`]s.
+//!
+//! The writer commits whatever batches are waiting in one transaction (group commit), so
+//! several agents streaming at once share the cost of a commit. A batch that does not add up
+//! gets `InvalidArgument` and ends its stream; a store that cannot commit (disk full) ends
+//! the streams of the batches it refused with `Unavailable`, naming the cause, and the agents
+//! re-send them when they reconnect.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use tcpkit_proto::v1::{self, agent_message::Body, ingest_server, query_server};
+
+use crate::merge::Merged;
+use crate::store::{CheckedBatch, CheckedSnapshot, Group, Reader, SessionKey, Store, StoreError};
+
+/// Batches committed together at most.
+const GROUP_COMMIT: usize = 256;
+/// How often retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+
+/// Limits on what an agent may send.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest gRPC message, bytes.
+    pub max_message_bytes: usize,
+    /// Events per batch.
+    pub max_events: usize,
+    /// Histogram snapshots per batch.
+    pub max_histograms: usize,
+    /// Longest text field (summary), bytes.
+    pub max_text: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 16 << 20,
+            max_events: 100_000,
+            max_histograms: 100_000,
+            max_text: 4096,
+        }
+    }
+}
+
+/// The aggregator's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The SQLite file.
+    pub db: PathBuf,
+    /// Data older than this (capture time) is deleted.
+    pub retention: Option<Duration>,
+    /// The oldest data is deleted while the store is larger.
+    pub max_db_bytes: Option<u64>,
+    /// Limits on incoming messages.
+    pub limits: Limits,
+}
+
+/// Microseconds since the Unix epoch, now.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+enum Job {
+    Hello(
+        v1::Hello,
+        oneshot::Sender<Result<(SessionKey, u64), String>>,
+    ),
+    Batch(
+        SessionKey,
+        CheckedBatch,
+        oneshot::Sender<Result<bool, String>>,
+    ),
+    Retention,
+}
+
+/// Runs the services on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let store = Store::open(&config.db)
+        .with_context(|| format!("cannot open the database {}", config.db.display()))?;
+    let (jobs, queue) = mpsc::channel::<Job>(1024);
+    let writer = std::thread::Builder::new()
+        .name("writer".into())
+        .spawn({
+            let config = config.clone();
+            move || write_loop(store, queue, &config)
+        })
+        .context("cannot start the writer thread")?;
+    let retention_timer = tokio::spawn({
+        let jobs = jobs.clone();
+        async move {
+            let mut tick = tokio::time::interval(RETENTION_EVERY);
+            loop {
+                tick.tick().await;
+                if jobs.send(Job::Retention).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let ingest = IngestService {
+        jobs,
+        limits: config.limits,
+    };
+    let query = QueryService {
+        db: config.db.clone(),
+        readers: Arc::new(Mutex::new(Vec::new())),
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(
+            ingest_server::IngestServer::new(ingest)
+                .max_decoding_message_size(config.limits.max_message_bytes),
+        )
+        .add_service(
+            query_server::QueryServer::new(query)
+                .max_decoding_message_size(1 << 20)
+                .max_encoding_message_size(config.limits.max_message_bytes.max(64 << 20)),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    retention_timer.abort();
+    let _ = retention_timer.await;
+    // The services are gone, and with them every sender: the writer finishes its queue.
+    tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .ok();
+    result.context("the gRPC server failed")
+}
+
+/// The writer thread: hellos one by one, batches in groups, retention when asked.
+fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config) {
+    let mut pending: Vec<(
+        SessionKey,
+        CheckedBatch,
+        oneshot::Sender<Result<bool, String>>,
+    )> = Vec::new();
+    while let Some(job) = queue.blocking_recv() {
+        let mut next = Some(job);
+        while let Some(job) = next.take() {
+            match job {
+                Job::Hello(hello, reply) => {
+                    let _ = reply.send(store.hello(&hello, now_us()).map_err(describe));
+                }
+                Job::Batch(key, batch, reply) => pending.push((key, batch, reply)),
+                Job::Retention => {
+                    if config.retention.is_some() || config.max_db_bytes.is_some() {
+                        match store.enforce_retention(
+                            config.retention,
+                            config.max_db_bytes,
+                            now_us(),
+                        ) {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!("retention deleted {n} rows"),
+                            Err(e) => tracing::warn!("retention failed: {e}"),
+                        }
+                    }
+                }
+            }
+            if pending.len() < GROUP_COMMIT {
+                next = queue.try_recv().ok();
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        let refs: Vec<(SessionKey, &CheckedBatch)> =
+            pending.iter().map(|(k, b, _)| (*k, b)).collect();
+        match store.commit(&refs, now_us()) {
+            Ok(stored) => {
+                for ((_, _, reply), stored) in pending.drain(..).zip(stored) {
+                    let _ = reply.send(Ok(stored));
+                }
+            }
+            Err(e) => {
+                let why = describe(e);
+                tracing::error!("cannot store {} batches: {why}", pending.len());
+                for (_, _, reply) in pending.drain(..) {
+                    let _ = reply.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn describe(e: StoreError) -> String {
+    e.to_string()
+}
+
+struct IngestService {
+    jobs: mpsc::Sender<Job>,
+    limits: Limits,
+}
+
+type AckStream = ReceiverStream<Result<v1::Ack, Status>>;
+
+#[tonic::async_trait]
+impl ingest_server::Ingest for IngestService {
+    type StreamStream = AckStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<AckStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let (acks, out) = mpsc::channel(256);
+        let jobs = self.jobs.clone();
+        let limits = self.limits;
+        tokio::spawn(async move {
+            if let Err(status) = ingest(&mut inbound, &jobs, &acks, limits).await {
+                tracing::warn!("agent stream from {peer:?} ended: {}", status.message());
+                let _ = acks.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(out)))
+    }
+}
+
+/// One agent's stream: its hello, then batches, each acknowledged in order once durable.
+async fn ingest(
+    inbound: &mut Streaming<v1::AgentMessage>,
+    jobs: &mpsc::Sender<Job>,
+    acks: &mpsc::Sender<Result<v1::Ack, Status>>,
+    limits: Limits,
+) -> Result<(), Status> {
+    let hello = match inbound.message().await? {
+        Some(v1::AgentMessage {
+            body: Some(Body::Hello(h)),
+        }) => h,
+        Some(_) => {
+            return Err(Status::invalid_argument(
+                "the first message must be a hello",
+            ))
+        }
+        None => return Ok(()),
+    };
+    if hello.agent_id.is_empty() || hello.agent_id.len() > 256 {
+        return Err(Status::invalid_argument(
+            "the agent id must have 1 to 256 bytes",
+        ));
+    }
+    let session = hello.session;
+    let (reply, answer) = oneshot::channel();
+    jobs.send(Job::Hello(hello, reply))
+        .await
+        .map_err(|_| Status::unavailable("the aggregator is stopping"))?;
+    let (key, last_seq) = answer
+        .await
+        .map_err(|_| Status::unavailable("the aggregator is stopping"))?
+        .map_err(|e| Status::unavailable(format!("cannot store: {e}")))?;
+    send_ack(acks, session, last_seq).await?;
+
+    // Batches go to the writer as they come; their acknowledgements follow in order.
+    let (committed_tx, mut committed) =
+        mpsc::channel::<(u64, oneshot::Receiver<Result<bool, String>>)>(64);
+    let ack_sender = {
+        let acks = acks.clone();
+        tokio::spawn(async move {
+            while let Some((seq, done)) = committed.recv().await {
+                match done.await {
+                    Ok(Ok(_)) => send_ack(&acks, session, seq).await?,
+                    Ok(Err(e)) => return Err(Status::unavailable(format!("cannot store: {e}"))),
+                    Err(_) => return Err(Status::unavailable("the aggregator is stopping")),
+                }
+            }
+            Ok::<(), Status>(())
+        })
+    };
+    let mut last_sent = last_seq;
+    let received = async {
+        while let Some(message) = inbound.message().await? {
+            let batch = match message.body {
+                Some(Body::Batch(b)) => b,
+                Some(Body::Hello(_)) => return Err(Status::invalid_argument("a second hello")),
+                None => return Err(Status::invalid_argument("an empty message")),
+            };
+            let batch = check_batch(batch, &limits)
+                .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+            if batch.seq <= last_sent {
+                // Already stored, or sent twice on this stream: acknowledge without storing.
+                let (reply, done) = oneshot::channel();
+                let _ = reply.send(Ok(false));
+                committed_tx.send((last_sent, done)).await.ok();
+                continue;
+            }
+            last_sent = batch.seq;
+            let (reply, done) = oneshot::channel();
+            let seq = batch.seq;
+            jobs.send(Job::Batch(key, batch, reply))
+                .await
+                .map_err(|_| Status::unavailable("the aggregator is stopping"))?;
+            if committed_tx.send((seq, done)).await.is_err() {
+                break; // the acknowledgements stopped: their task says why
+            }
+        }
+        Ok(())
+    };
+    let received: Result<(), Status> = received.await;
+    drop(committed_tx);
+    let acked = ack_sender
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("acknowledgements failed: {e}"))));
+    received.and(acked)
+}
+
+async fn send_ack(
+    acks: &mpsc::Sender<Result<v1::Ack, Status>>,
+    session: u64,
+    seq: u64,
+) -> Result<(), Status> {
+    acks.send(Ok(v1::Ack { session, seq }))
+        .await
+        .map_err(|_| Status::cancelled("the agent went away"))
+}
+
+/// Checks that a batch is storable: bounded sizes, histograms that add up.
+pub fn check_batch(batch: v1::Batch, limits: &Limits) -> Result<CheckedBatch, String> {
+    if batch.seq == 0 {
+        return Err("sequence numbers start at 1".into());
+    }
+    if batch.events.len() > limits.max_events {
+        return Err(format!(
+            "{} events, at most {}",
+            batch.events.len(),
+            limits.max_events
+        ));
+    }
+    if batch.histograms.len() > limits.max_histograms {
+        return Err(format!(
+            "{} histograms, at most {}",
+            batch.histograms.len(),
+            limits.max_histograms
+        ));
+    }
+    let too_long = |what: &str, s: &str| -> Result<(), String> {
+        if s.len() > limits.max_text {
+            Err(format!(
+                "{what} of {} bytes, at most {}",
+                s.len(),
+                limits.max_text
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    for e in &batch.events {
+        for (what, text) in [
+            ("client", &e.client),
+            ("server", &e.server),
+            ("proto", &e.proto),
+            ("command", &e.command),
+            ("summary", &e.summary),
+        ] {
+            too_long(what, text)?;
+        }
+        if e.port > u32::from(u16::MAX) {
+            return Err(format!("port {}", e.port));
+        }
+    }
+    let histograms = batch
+        .histograms
+        .into_iter()
+        .map(|h| {
+            for (what, text) in [
+                ("server", &h.server),
+                ("proto", &h.proto),
+                ("command", &h.command),
+            ] {
+                too_long(what, text)?;
+            }
+            let merged = Merged::from_snapshot(&h).map_err(|e| e.to_string())?;
+            Ok(CheckedSnapshot {
+                ts_us: h.ts_us,
+                interval_us: h.interval_us,
+                server: h.server,
+                port: h.port,
+                proto: h.proto,
+                command: h.command,
+                merged,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(CheckedBatch {
+        seq: batch.seq,
+        events: batch.events,
+        histograms,
+        counters: batch.counters,
+    })
+}
+
+struct QueryService {
+    db: PathBuf,
+    readers: Arc<Mutex<Vec<Reader>>>,
+}
+
+impl QueryService {
+    /// Runs `f` on a pooled reader on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let db = self.db.clone();
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().ok().and_then(|mut r| r.pop());
+            let reader = match pooled {
+                Some(r) => r,
+                None => Reader::open(&db).map_err(|e| Status::unavailable(e.to_string()))?,
+            };
+            let result = f(&reader).map_err(|e| Status::internal(e.to_string()));
+            if let Ok(mut r) = readers.lock() {
+                r.push(reader);
+            }
+            result
+        })
+        .await
+        .map_err(|e| Status::internal(format!("query failed: {e}")))?
+    }
+}
+
+fn group_of(by: i32) -> Result<Group, Status> {
+    Ok(match v1::GroupBy::try_from(by) {
+        Ok(v1::GroupBy::None) => Group::None,
+        Ok(v1::GroupBy::Server) => Group::Server,
+        Ok(v1::GroupBy::Agent) => Group::Agent,
+        Ok(v1::GroupBy::Command) => Group::Command,
+        Ok(v1::GroupBy::Port) => Group::Port,
+        Err(_) => return Err(Status::invalid_argument(format!("unknown grouping {by}"))),
+    })
+}
+
+#[tonic::async_trait]
+impl query_server::Query for QueryService {
+    async fn slow(
+        &self,
+        request: Request<v1::SlowRequest>,
+    ) -> Result<Response<v1::SlowReply>, Status> {
+        let req = request.into_inner();
+        let events = self.read(move |r| r.slow(&req)).await?;
+        Ok(Response::new(v1::SlowReply { events }))
+    }
+
+    async fn hist(
+        &self,
+        request: Request<v1::HistRequest>,
+    ) -> Result<Response<v1::HistReply>, Status> {
+        let req = request.into_inner();
+        let group = group_of(req.by)?;
+        let filter = req.filter.unwrap_or_default();
+        let groups = self.read(move |r| r.merged(&filter, group)).await?;
+        let mut all = Merged::default();
+        groups.values().for_each(|m| all.merge(m));
+        let groups = if group == Group::None {
+            Vec::new()
+        } else {
+            groups.into_iter().map(|(k, m)| m.to_proto(k)).collect()
+        };
+        Ok(Response::new(v1::HistReply {
+            all: Some(all.to_proto(String::new())),
+            groups,
+        }))
+    }
+
+    async fn top(
+        &self,
+        request: Request<v1::TopRequest>,
+    ) -> Result<Response<v1::TopReply>, Status> {
+        let req = request.into_inner();
+        let group = match group_of(req.of)? {
+            Group::None => Group::Command,
+            g => g,
+        };
+        let by = v1::TopBy::try_from(req.by)
+            .map_err(|_| Status::invalid_argument(format!("unknown ranking {}", req.by)))?;
+        let filter = req.filter.unwrap_or_default();
+        let groups = self.read(move |r| r.merged(&filter, group)).await?;
+        let mut rows: Vec<v1::Histogram> = groups.into_iter().map(|(k, m)| m.to_proto(k)).collect();
+        rows.sort_by_key(|h| {
+            std::cmp::Reverse(match by {
+                v1::TopBy::Slow => h.slow,
+                v1::TopBy::P99 => h.p99_us,
+                v1::TopBy::Total => h.sum_us,
+            })
+        });
+        rows.truncate(if req.limit == 0 {
+            10
+        } else {
+            req.limit as usize
+        });
+        Ok(Response::new(v1::TopReply { rows }))
+    }
+
+    async fn agents(
+        &self,
+        _: Request<v1::AgentsRequest>,
+    ) -> Result<Response<v1::AgentsReply>, Status> {
+        let agents = self.read(|r| r.agents()).await?;
+        Ok(Response::new(v1::AgentsReply { agents }))
+    }
+}

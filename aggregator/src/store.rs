@@ -1,0 +1,764 @@
+//! The aggregator's SQLite store (DESIGN.md, "Aggregator storage"): agents and their
+//! sessions, slow-request events, histogram snapshots and their hourly roll-up.
+//!
+//! One [`Store`] writes (the writer task owns it); [`Reader`]s answer queries on their own
+//! connections. WAL mode lets them read while it writes. A batch is stored whole in one
+//! transaction or not at all, and a batch already stored (same agent session, sequence
+//! number not above the last stored) is skipped, so re-sent batches count once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
+use tcpkit_proto::v1;
+
+use crate::merge::{Merged, SnapshotError, StoredColumns};
+
+/// Snapshots are rolled up per hour of their start time.
+pub const HOUR_US: u64 = 3_600_000_000;
+
+/// The schema, one step per version; `PRAGMA user_version` says how many have run.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE agents (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    hostname TEXT NOT NULL,
+    version TEXT NOT NULL,
+    ports TEXT NOT NULL,
+    first_seen_us INTEGER NOT NULL,
+    last_seen_us INTEGER NOT NULL
+);
+CREATE TABLE sessions (
+    agent INTEGER NOT NULL REFERENCES agents(id),
+    session INTEGER NOT NULL,
+    started_us INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    events INTEGER NOT NULL DEFAULT 0,
+    kernel_drops INTEGER NOT NULL DEFAULT 0,
+    interface_drops INTEGER NOT NULL DEFAULT 0,
+    decode_errors INTEGER NOT NULL DEFAULT 0,
+    gaps INTEGER NOT NULL DEFAULT 0,
+    desyncs INTEGER NOT NULL DEFAULT 0,
+    timeouts INTEGER NOT NULL DEFAULT 0,
+    flows_evicted INTEGER NOT NULL DEFAULT 0,
+    shipper_dropped_events INTEGER NOT NULL DEFAULT 0,
+    shipper_dropped_histograms INTEGER NOT NULL DEFAULT 0,
+    shipper_buffered INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (agent, session)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    ts_us INTEGER NOT NULL,
+    req_start_us INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    server TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    proto TEXT NOT NULL,
+    command TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    latency_us INTEGER NOT NULL,
+    req_bytes INTEGER NOT NULL,
+    rsp_bytes INTEGER NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE INDEX events_by_time ON events (ts_us);
+CREATE INDEX events_by_latency ON events (latency_us);
+CREATE TABLE histograms (
+    id INTEGER PRIMARY KEY,
+    ts_us INTEGER NOT NULL,
+    interval_us INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    server TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    proto TEXT NOT NULL,
+    command TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    sum_us INTEGER NOT NULL,
+    max_us INTEGER NOT NULL,
+    slow INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    timeouts INTEGER NOT NULL,
+    seed BLOB NOT NULL,
+    fine BLOB NOT NULL
+);
+CREATE INDEX histograms_by_time ON histograms (ts_us);
+CREATE TABLE histograms_hourly (
+    hour INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    server TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    proto TEXT NOT NULL,
+    command TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    sum_us INTEGER NOT NULL,
+    max_us INTEGER NOT NULL,
+    slow INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    timeouts INTEGER NOT NULL,
+    seed BLOB NOT NULL,
+    fine BLOB NOT NULL,
+    PRIMARY KEY (hour, agent, server, port, proto, command)
+) WITHOUT ROWID;
+"#];
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored histogram does not decode (the file was altered).
+    #[error("stored histogram: {0}")]
+    Histogram(#[from] SnapshotError),
+    /// The file was written by a newer tcpkit.
+    #[error("database schema version {found} is newer than this aggregator's {known}")]
+    NewerSchema {
+        /// The file's version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One agent's session, as the store knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionKey {
+    /// The agent's row.
+    pub agent: i64,
+    /// The session the agent chose.
+    pub session: u64,
+}
+
+/// A histogram snapshot checked to add up.
+#[derive(Debug, Clone)]
+pub struct CheckedSnapshot {
+    /// Its start, µs.
+    pub ts_us: u64,
+    /// Its length, µs.
+    pub interval_us: u64,
+    /// Server address.
+    pub server: String,
+    /// Server port.
+    pub port: u32,
+    /// Protocol.
+    pub proto: String,
+    /// Command.
+    pub command: String,
+    /// Its figures.
+    pub merged: Merged,
+}
+
+/// A batch checked to be storable.
+#[derive(Debug, Clone, Default)]
+pub struct CheckedBatch {
+    /// Its sequence number in the session.
+    pub seq: u64,
+    /// Slow exchanges.
+    pub events: Vec<v1::Event>,
+    /// Histogram snapshots.
+    pub histograms: Vec<CheckedSnapshot>,
+    /// The agent's counters when it sent the batch.
+    pub counters: Option<v1::Counters>,
+}
+
+/// Opens a connection with the settings every connection shares.
+fn connect(path: &Path, flags: OpenFlags) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    Ok(conn)
+}
+
+/// The writing side of the store.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating it when missing) the database at `path` and migrates its schema.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = connect(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Durable across a crash of the process; an OS crash may lose the last commits,
+        // which the agents then re-send (they are not acknowledged until committed).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut store = Self { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = MIGRATIONS.len() as i64;
+        if version > known {
+            return Err(StoreError::NewerSchema {
+                found: version,
+                known,
+            });
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Records an agent's hello; returns its session and the last sequence number stored for
+    /// it (0 for a new session).
+    pub fn hello(&mut self, hello: &v1::Hello, now_us: u64) -> Result<(SessionKey, u64)> {
+        let ports = hello
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}", p.port, p.proto))
+            .collect::<Vec<_>>()
+            .join(",");
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO agents (name, hostname, version, ports, first_seen_us, last_seen_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+             ON CONFLICT (name) DO UPDATE SET hostname = ?2, version = ?3, ports = ?4,
+                 last_seen_us = ?5",
+            params![
+                hello.agent_id,
+                hello.hostname,
+                hello.version,
+                ports,
+                now_us as i64
+            ],
+        )?;
+        let agent: i64 = tx.query_row(
+            "SELECT id FROM agents WHERE name = ?1",
+            [&hello.agent_id],
+            |r| r.get(0),
+        )?;
+        tx.execute(
+            "INSERT OR IGNORE INTO sessions (agent, session, started_us) VALUES (?1, ?2, ?3)",
+            params![agent, hello.session as i64, now_us as i64],
+        )?;
+        let last_seq: i64 = tx.query_row(
+            "SELECT last_seq FROM sessions WHERE agent = ?1 AND session = ?2",
+            params![agent, hello.session as i64],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        Ok((
+            SessionKey {
+                agent,
+                session: hello.session,
+            },
+            last_seq as u64,
+        ))
+    }
+
+    /// Stores batches in one transaction; for each, true when stored, false when it was
+    /// already (a re-sent batch). Nothing is stored when this fails.
+    pub fn commit(
+        &mut self,
+        batches: &[(SessionKey, &CheckedBatch)],
+        now_us: u64,
+    ) -> Result<Vec<bool>> {
+        let tx = self.conn.transaction()?;
+        let mut stored = Vec::with_capacity(batches.len());
+        for (key, batch) in batches {
+            stored.push(store_batch(&tx, *key, batch, now_us)?);
+        }
+        tx.commit()?;
+        Ok(stored)
+    }
+
+    /// Deletes what is older than `max_age` (by capture time, before `now_us`), then the
+    /// oldest data while the live data exceeds `max_bytes`. Returns the rows deleted.
+    pub fn enforce_retention(
+        &mut self,
+        max_age: Option<Duration>,
+        max_bytes: Option<u64>,
+        now_us: u64,
+    ) -> Result<u64> {
+        let mut deleted = 0;
+        if let Some(age) = max_age {
+            let cutoff = now_us.saturating_sub(age.as_micros() as u64);
+            deleted += self.delete_before(cutoff)?;
+        }
+        if let Some(limit) = max_bytes {
+            while self.live_bytes()? > limit {
+                // The oldest hour still stored goes first.
+                let oldest: Option<i64> = self.conn.query_row(
+                    "SELECT min(t) FROM (SELECT min(ts_us) AS t FROM events
+                     UNION ALL SELECT min(ts_us) FROM histograms
+                     UNION ALL SELECT min(hour) * ?1 FROM histograms_hourly)",
+                    [HOUR_US as i64],
+                    |r| r.get(0),
+                )?;
+                let Some(oldest) = oldest else { break };
+                let n = self.delete_before((oldest as u64 / HOUR_US + 1) * HOUR_US)?;
+                if n == 0 {
+                    break;
+                }
+                deleted += n;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Bytes of the pages in use (the file keeps freed pages for reuse).
+    pub fn live_bytes(&self) -> Result<u64> {
+        let q =
+            |p: &str| -> Result<i64> { Ok(self.conn.pragma_query_value(None, p, |r| r.get(0))?) };
+        let pages = q("page_count")? - q("freelist_count")?;
+        Ok(pages.max(0) as u64 * q("page_size")? as u64)
+    }
+
+    fn delete_before(&mut self, cutoff_us: u64) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let cutoff = cutoff_us as i64;
+        let mut n = tx.execute("DELETE FROM events WHERE ts_us < ?1", [cutoff])?;
+        n += tx.execute("DELETE FROM histograms WHERE ts_us < ?1", [cutoff])?;
+        // An hour goes with its last snapshot.
+        n += tx.execute(
+            "DELETE FROM histograms_hourly WHERE (hour + 1) * ?1 <= ?2",
+            [HOUR_US as i64, cutoff],
+        )?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+}
+
+fn store_batch(
+    tx: &rusqlite::Transaction<'_>,
+    key: SessionKey,
+    batch: &CheckedBatch,
+    now_us: u64,
+) -> Result<bool> {
+    let session = key.session as i64;
+    let last_seq: i64 = tx
+        .prepare_cached("SELECT last_seq FROM sessions WHERE agent = ?1 AND session = ?2")?
+        .query_row(params![key.agent, session], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    if batch.seq as i64 <= last_seq {
+        return Ok(false);
+    }
+    let mut insert_event = tx.prepare_cached(
+        "INSERT INTO events (ts_us, req_start_us, agent, client, server, port, proto, command,
+             summary, latency_us, req_bytes, rsp_bytes, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?;
+    for e in &batch.events {
+        insert_event.execute(params![
+            e.ts_us as i64,
+            e.req_start_us as i64,
+            key.agent,
+            e.client,
+            e.server,
+            e.port,
+            e.proto,
+            e.command,
+            e.summary,
+            e.latency_us as i64,
+            e.req_bytes as i64,
+            e.rsp_bytes as i64,
+            e.status,
+        ])?;
+    }
+    for h in &batch.histograms {
+        insert_histogram(tx, key.agent, h)?;
+    }
+    let c = batch.counters.unwrap_or_default();
+    tx.prepare_cached(
+        "UPDATE sessions SET last_seq = ?3, events = events + ?4, kernel_drops = ?5,
+             interface_drops = ?6, decode_errors = ?7, gaps = ?8, desyncs = ?9, timeouts = ?10,
+             flows_evicted = ?11, shipper_dropped_events = ?12,
+             shipper_dropped_histograms = ?13, shipper_buffered = ?14
+         WHERE agent = ?1 AND session = ?2",
+    )?
+    .execute(params![
+        key.agent,
+        session,
+        batch.seq as i64,
+        batch.events.len() as i64,
+        c.kernel_drops as i64,
+        c.interface_drops as i64,
+        c.decode_errors as i64,
+        c.gaps as i64,
+        c.desyncs as i64,
+        c.timeouts as i64,
+        c.flows_evicted as i64,
+        c.shipper_dropped_events as i64,
+        c.shipper_dropped_histograms as i64,
+        c.shipper_buffered as i64,
+    ])?;
+    tx.prepare_cached("UPDATE agents SET last_seen_us = ?2 WHERE id = ?1")?
+        .execute(params![key.agent, now_us as i64])?;
+    Ok(true)
+}
+
+/// Stores a snapshot and adds it to its hour's roll-up.
+fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnapshot) -> Result<()> {
+    let m = &h.merged;
+    tx.prepare_cached(
+        "INSERT INTO histograms (ts_us, interval_us, agent, server, port, proto, command, count,
+             sum_us, max_us, slow, errors, timeouts, seed, fine)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    )?
+    .execute(params![
+        h.ts_us as i64,
+        h.interval_us as i64,
+        agent,
+        h.server,
+        h.port,
+        h.proto,
+        h.command,
+        m.count as i64,
+        m.sum_us as i64,
+        m.fine.max_us() as i64,
+        m.slow as i64,
+        m.errors as i64,
+        m.timeouts as i64,
+        m.seed_blob(),
+        m.fine_blob(),
+    ])?;
+    let hour = (h.ts_us / HOUR_US) as i64;
+    let key = params![hour, agent, h.server, h.port, h.proto, h.command];
+    let mut hourly = tx
+        .prepare_cached(
+            "SELECT count, sum_us, max_us, slow, errors, timeouts, seed, fine
+             FROM histograms_hourly
+             WHERE hour = ?1 AND agent = ?2 AND server = ?3 AND port = ?4 AND proto = ?5
+                 AND command = ?6",
+        )?
+        .query_row(key, |r| merged_from_row(r, 0))
+        .optional()?
+        .transpose()?
+        .unwrap_or_default();
+    hourly.merge(m);
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO histograms_hourly (hour, agent, server, port, proto, command,
+             count, sum_us, max_us, slow, errors, timeouts, seed, fine)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+    )?
+    .execute(params![
+        hour,
+        agent,
+        h.server,
+        h.port,
+        h.proto,
+        h.command,
+        hourly.count as i64,
+        hourly.sum_us as i64,
+        hourly.fine.max_us() as i64,
+        hourly.slow as i64,
+        hourly.errors as i64,
+        hourly.timeouts as i64,
+        hourly.seed_blob(),
+        hourly.fine_blob(),
+    ])?;
+    Ok(())
+}
+
+/// Reads the 8 columns `count, sum_us, max_us, slow, errors, timeouts, seed, fine` from
+/// `first` on.
+fn merged_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Result<Merged>> {
+    let int = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(first + i)? as u64) };
+    let seed = r.get_ref(first + 6)?.as_blob()?;
+    let fine = r.get_ref(first + 7)?.as_blob()?;
+    Ok(Merged::from_stored(StoredColumns {
+        count: int(0)?,
+        sum_us: int(1)?,
+        max_us: int(2)?,
+        slow: int(3)?,
+        errors: int(4)?,
+        timeouts: int(5)?,
+        seed,
+        fine,
+    })
+    .map_err(StoreError::from))
+}
+
+/// A read-only connection for queries.
+pub struct Reader {
+    conn: Connection,
+}
+
+/// What to group merged histograms by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// One group.
+    None,
+    /// Server address and port.
+    Server,
+    /// Agent id.
+    Agent,
+    /// Command.
+    Command,
+    /// Port.
+    Port,
+}
+
+impl Group {
+    fn column(self) -> &'static str {
+        match self {
+            Group::None => "''",
+            Group::Server => "server || ':' || port",
+            Group::Agent => "(SELECT name FROM agents WHERE id = agent)",
+            Group::Command => "command",
+            Group::Port => "CAST(port AS TEXT)",
+        }
+    }
+}
+
+/// A filter rendered as SQL conditions (on the columns events and histograms share).
+struct Conditions {
+    sql: Vec<String>,
+    values: Vec<rusqlite::types::Value>,
+}
+
+impl Conditions {
+    fn new(f: &v1::Filter) -> Self {
+        use rusqlite::types::Value;
+        let mut c = Conditions {
+            sql: Vec::new(),
+            values: Vec::new(),
+        };
+        let text = |column: &str, value: &str, c: &mut Conditions| {
+            if !value.is_empty() {
+                c.values.push(Value::Text(value.to_string()));
+                c.sql.push(format!("{column} = ?{}", c.values.len()));
+            }
+        };
+        text("server", &f.server, &mut c);
+        text("proto", &f.proto, &mut c);
+        text("command", &f.command, &mut c);
+        if !f.agent.is_empty() {
+            c.values.push(Value::Text(f.agent.clone()));
+            c.sql.push(format!(
+                "agent = (SELECT id FROM agents WHERE name = ?{})",
+                c.values.len()
+            ));
+        }
+        if f.port != 0 {
+            c.push("port = ?", Value::Integer(i64::from(f.port)));
+        }
+        c
+    }
+
+    fn push(&mut self, sql: &str, value: rusqlite::types::Value) {
+        self.values.push(value);
+        self.sql
+            .push(sql.replace('?', &format!("?{}", self.values.len())));
+    }
+
+    fn time(&mut self, column: &str, from_us: u64, to_us: u64) {
+        use rusqlite::types::Value;
+        if from_us > 0 {
+            self.push(&format!("{column} >= ?"), Value::Integer(from_us as i64));
+        }
+        if to_us > 0 {
+            self.push(&format!("{column} < ?"), Value::Integer(to_us as i64));
+        }
+    }
+
+    fn where_clause(&self) -> String {
+        if self.sql.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", self.sql.join(" AND "))
+        }
+    }
+}
+
+impl Reader {
+    /// Opens `path` for reading.
+    pub fn open(path: &Path) -> Result<Self> {
+        Ok(Self {
+            conn: connect(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?,
+        })
+    }
+
+    /// Slow events matching the request, newest (or slowest) first.
+    pub fn slow(&self, req: &v1::SlowRequest) -> Result<Vec<v1::StoredEvent>> {
+        use rusqlite::types::Value;
+        let f = req.filter.clone().unwrap_or_default();
+        let mut c = Conditions::new(&f);
+        c.time("ts_us", f.from_us, f.to_us);
+        if req.min_latency_us > 0 {
+            c.push("latency_us >= ?", Value::Integer(req.min_latency_us as i64));
+        }
+        if !req.grep.is_empty() {
+            c.push("summary GLOB ?", Value::Text(format!("*{}*", req.grep)));
+        }
+        let order = if req.slowest_first {
+            "latency_us DESC, ts_us DESC"
+        } else {
+            "ts_us DESC, id DESC"
+        };
+        let limit = if req.limit == 0 {
+            -1
+        } else {
+            i64::from(req.limit)
+        };
+        let sql = format!(
+            "SELECT (SELECT name FROM agents WHERE id = agent), ts_us, req_start_us, client,
+                 server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status
+             FROM events {} ORDER BY {order} LIMIT {limit}",
+            c.where_clause()
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params_from_iter(c.values.iter()), |r| {
+            Ok(v1::StoredEvent {
+                agent: r.get(0)?,
+                event: Some(v1::Event {
+                    ts_us: r.get::<_, i64>(1)? as u64,
+                    req_start_us: r.get::<_, i64>(2)? as u64,
+                    client: r.get(3)?,
+                    server: r.get(4)?,
+                    port: r.get(5)?,
+                    proto: r.get(6)?,
+                    command: r.get(7)?,
+                    summary: r.get(8)?,
+                    latency_us: r.get::<_, i64>(9)? as u64,
+                    req_bytes: r.get::<_, i64>(10)? as u64,
+                    rsp_bytes: r.get::<_, i64>(11)? as u64,
+                    status: r.get(12)?,
+                }),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The histograms matching `filter`, merged per group (one group with [`Group::None`]),
+    /// in key order. Whole hours inside the range are read from the roll-up, the partial
+    /// hours at its ends from the snapshots.
+    pub fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
+        let (from, to) = (filter.from_us, filter.to_us);
+        let first_full_hour = from.div_ceil(HOUR_US);
+        let end_full_hour = if to == 0 {
+            u64::MAX / HOUR_US
+        } else {
+            to / HOUR_US
+        };
+        let mut groups = BTreeMap::new();
+        if first_full_hour < end_full_hour {
+            let mut c = Conditions::new(filter);
+            if first_full_hour > 0 {
+                c.push(
+                    "hour >= ?",
+                    rusqlite::types::Value::Integer(first_full_hour as i64),
+                );
+            }
+            if to != 0 {
+                c.push(
+                    "hour < ?",
+                    rusqlite::types::Value::Integer(end_full_hour as i64),
+                );
+            }
+            self.merge_rows("histograms_hourly", &c, group, &mut groups)?;
+            let mut edges = vec![(from, first_full_hour * HOUR_US)];
+            if to != 0 {
+                edges.push((end_full_hour * HOUR_US, to));
+            }
+            for (edge_from, edge_to) in edges {
+                if edge_from < edge_to {
+                    let mut c = Conditions::new(filter);
+                    c.time("ts_us", edge_from, edge_to);
+                    self.merge_rows("histograms", &c, group, &mut groups)?;
+                }
+            }
+        } else {
+            let mut c = Conditions::new(filter);
+            c.time("ts_us", from, to);
+            self.merge_rows("histograms", &c, group, &mut groups)?;
+        }
+        Ok(groups)
+    }
+
+    fn merge_rows(
+        &self,
+        table: &str,
+        c: &Conditions,
+        group: Group,
+        groups: &mut BTreeMap<String, Merged>,
+    ) -> Result<()> {
+        let sql = format!(
+            "SELECT {}, count, sum_us, max_us, slow, errors, timeouts, seed, fine FROM {table} {}",
+            group.column(),
+            c.where_clause()
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query(params_from_iter(c.values.iter()))?;
+        while let Some(r) = rows.next()? {
+            let key: String = r.get(0)?;
+            let m = merged_from_row(r, 1)??;
+            match groups.get_mut(&key) {
+                Some(g) => g.merge(&m),
+                None => {
+                    groups.insert(key, m);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every agent, with its sessions' counters summed.
+    pub fn agents(&self) -> Result<Vec<v1::AgentInfo>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT a.name, a.hostname, a.version, a.ports, a.first_seen_us, a.last_seen_us,
+                 count(s.session), sum(s.events), sum(s.kernel_drops), sum(s.interface_drops),
+                 sum(s.decode_errors), sum(s.gaps), sum(s.desyncs), sum(s.timeouts),
+                 sum(s.flows_evicted), sum(s.shipper_dropped_events),
+                 sum(s.shipper_dropped_histograms), sum(s.shipper_buffered)
+             FROM agents a LEFT JOIN sessions s ON s.agent = a.id
+             GROUP BY a.id ORDER BY a.name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let n = |i: usize| -> rusqlite::Result<u64> {
+                Ok(r.get::<_, Option<i64>>(i)?.unwrap_or(0) as u64)
+            };
+            let ports: String = r.get(3)?;
+            Ok(v1::AgentInfo {
+                id: r.get(0)?,
+                hostname: r.get(1)?,
+                version: r.get(2)?,
+                first_seen_us: n(4)?,
+                last_seen_us: n(5)?,
+                ports: ports
+                    .split(',')
+                    .filter_map(|p| {
+                        let (port, proto) = p.split_once('/')?;
+                        Some(v1::MonitoredPort {
+                            port: port.parse().ok()?,
+                            proto: proto.to_string(),
+                        })
+                    })
+                    .collect(),
+                sessions: n(6)?,
+                events: n(7)?,
+                counters: Some(v1::Counters {
+                    kernel_drops: n(8)?,
+                    interface_drops: n(9)?,
+                    decode_errors: n(10)?,
+                    gaps: n(11)?,
+                    desyncs: n(12)?,
+                    timeouts: n(13)?,
+                    flows_evicted: n(14)?,
+                    shipper_dropped_events: n(15)?,
+                    shipper_dropped_histograms: n(16)?,
+                    shipper_buffered: n(17)?,
+                }),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
