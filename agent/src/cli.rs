@@ -18,6 +18,18 @@ pub enum Mode {
     Dns,
 }
 
+impl Mode {
+    /// The protocol's name, as the aggregator and scripts know it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Raw => "raw",
+            Mode::Redis => "redis",
+            Mode::Memcached => "memcached",
+            Mode::Dns => "dns",
+        }
+    }
+}
+
 /// How the exit summary is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum SummaryFormat {
@@ -155,6 +167,34 @@ pub struct Args {
     /// Requests waiting for a reply per connection; past it the oldest counts as a timeout
     #[arg(long = "max-pending", default_value_t = 4096, value_name = "N")]
     pub max_pending: usize,
+
+    /// Ship slow requests and latency histograms to this tcpkit-aggregator
+    /// (http://host:50051); with none the agent works alone
+    #[arg(long = "aggregator", value_name = "URL", help_heading = "Fleet")]
+    pub aggregator: Option<String>,
+
+    /// This agent's name at the aggregator [default: the host name]
+    #[arg(long = "agent-id", value_name = "ID", help_heading = "Fleet")]
+    pub agent_id: Option<String>,
+
+    /// Seconds of capture time per shipped histogram snapshot
+    #[arg(long = "ship-interval", default_value_t = 10, value_name = "SECS", help_heading = "Fleet",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub ship_interval_secs: u64,
+
+    /// Bytes of unacknowledged batches kept for re-sending; past it slow-request events are
+    /// dropped (counted) before histograms
+    #[arg(long = "ship-buffer", default_value_t = 64 << 20, value_name = "BYTES", help_heading = "Fleet")]
+    pub ship_buffer_bytes: usize,
+
+    /// Seconds to wait at exit for the aggregator to acknowledge what was shipped
+    #[arg(
+        long = "ship-timeout",
+        default_value_t = 5.0,
+        value_name = "SECS",
+        help_heading = "Fleet"
+    )]
+    pub ship_timeout_secs: f64,
 
     /// Print version
     #[arg(short = 'v', long = "version", action = ArgAction::Version)]

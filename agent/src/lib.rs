@@ -18,6 +18,8 @@ pub mod raw;
 pub mod reassembly;
 pub mod run;
 pub mod script;
+pub mod ship;
+pub mod shipper;
 pub mod slowlog;
 pub mod stats;
 pub mod stats_server;

@@ -4,7 +4,7 @@
 //! Pure: it does no I/O. Output lines are appended to a buffer that the caller drains. The
 //! protocol is a type parameter ([`Connection`]), so each mode is its own monomorphic loop.
 
-use crate::capture::Frame;
+use crate::capture::{Frame, KernelStats};
 use crate::cli::Mode;
 use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
@@ -17,6 +17,7 @@ use crate::matcher::{
 };
 use crate::raw::RawFormatter;
 use crate::script::{Script, ScriptOutput};
+use crate::shipper::ShipSink;
 use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
 
@@ -173,6 +174,7 @@ pub struct Sinks {
     script: Option<Script>,
     slowlog: SlowLog,
     out: Vec<u8>,
+    ship: Option<ShipSink>,
 }
 
 impl Sinks {
@@ -182,6 +184,9 @@ impl Sinks {
         self.ports.record_exchange(e, slow);
         if slow {
             self.slowlog.format(e, &mut self.out);
+        }
+        if let Some(ship) = self.ship.as_mut() {
+            ship.exchange(e, slow, self.modes.of(e.server.port()).name());
         }
     }
 
@@ -228,24 +233,24 @@ impl ExchangeSink for Sinks {
     fn exchange(&mut self, e: &Exchange<'_>) {
         self.record(e);
         if let Some(script) = self.script.as_mut() {
-            let proto = match self.modes.of(e.server.port()) {
-                Mode::Redis => "redis",
-                Mode::Memcached => "memcached",
-                Mode::Dns => "dns",
-                Mode::Raw => "raw",
-            };
-            script.exchange(e, proto);
+            script.exchange(e, self.modes.of(e.server.port()).name());
         }
     }
 
     fn unanswered(&mut self, server: std::net::SocketAddr, command: &[u8], why: Unanswered) {
         self.ports.record_unanswered(server.port(), command, why);
+        if let Some(ship) = self.ship.as_mut() {
+            ship.unanswered(server, self.modes.of(server.port()).name(), command, why);
+        }
     }
 
     fn expired(&mut self, e: &Exchange<'_>) {
         self.ports
             .record_unanswered(e.server.port(), e.command, Unanswered::Timeout);
         self.slowlog.format_timeout(e, &mut self.out);
+        if let Some(ship) = self.ship.as_mut() {
+            ship.expired(e, self.modes.of(e.server.port()).name());
+        }
     }
 }
 
@@ -316,6 +321,7 @@ pub struct Pipeline<C: Connection> {
     captured: u64,
     raw: RawFormatter,
     last_ts_us: u64,
+    kernel: Option<KernelStats>,
 }
 
 impl<C: Connection> Pipeline<C> {
@@ -335,11 +341,13 @@ impl<C: Connection> Pipeline<C> {
                 script: None,
                 slowlog: SlowLog::new(config.threshold_ms),
                 out: Vec::with_capacity(1 << 16),
+                ship: None,
             },
             decode_counters: DecodeCounters::default(),
             captured: 0,
             raw: RawFormatter::default(),
             last_ts_us: 0,
+            kernel: None,
             modes,
             dns: DnsMatcher::default(),
         }
@@ -358,6 +366,9 @@ impl<C: Connection> Pipeline<C> {
         };
         let ts_us = frame.ts_us();
         self.last_ts_us = self.last_ts_us.max(ts_us);
+        if self.sinks.ship.is_some() {
+            self.ship_interval(false);
+        }
         let server_port = match dir {
             Direction::Request => packet.dport,
             Direction::Response => packet.sport,
@@ -448,6 +459,68 @@ impl<C: Connection> Pipeline<C> {
             script.finish();
         }
         self.sinks.apply_script_outputs();
+        self.ship_interval(true);
+    }
+
+    /// Ships exchanges to an aggregator too: slow ones as events, all of them in histogram
+    /// snapshots of `interval_us` of capture time.
+    pub fn with_shipping(mut self, ship: ShipSink) -> Self {
+        self.sinks.ship = Some(ship);
+        self
+    }
+
+    /// The shell's periodic call: libpcap's counters, the wall clock when capturing live (an
+    /// idle capture still ends its intervals), and slow events shipped without waiting for
+    /// a full batch.
+    pub fn tick(&mut self, kernel: Option<KernelStats>, wall_us: Option<u64>) {
+        self.kernel = kernel;
+        if let Some(wall) = wall_us {
+            self.last_ts_us = self.last_ts_us.max(wall);
+        }
+        if self.sinks.ship.is_some() {
+            self.ship_interval(false);
+        }
+        if let Some(ship) = self.sinks.ship.as_mut() {
+            ship.send_events();
+        }
+    }
+
+    /// Ends the shipping interval when capture time has passed it (or `now`).
+    fn ship_interval(&mut self, now: bool) {
+        let at = self.last_ts_us;
+        let due = self
+            .sinks
+            .ship
+            .as_mut()
+            .is_some_and(|s| s.interval_due(at) || now);
+        if due {
+            let counters = self.counters();
+            if let Some(ship) = self.sinks.ship.as_mut() {
+                ship.end_interval(at, counters);
+            }
+        }
+    }
+
+    /// The data-quality counters the aggregator keeps.
+    fn counters(&self) -> tcpkit_proto::v1::Counters {
+        let f = self.flows.counters();
+        let timeouts = self
+            .sinks
+            .ports
+            .latency()
+            .flat_map(|(_, l)| l.commands.iter())
+            .map(|(_, s)| s.timeouts)
+            .sum();
+        tcpkit_proto::v1::Counters {
+            kernel_drops: self.kernel.map_or(0, |k| k.dropped),
+            interface_drops: self.kernel.map_or(0, |k| k.if_dropped),
+            decode_errors: self.decode_counters.truncated + self.decode_counters.malformed,
+            gaps: f.reassembly.gaps,
+            desyncs: self.match_counters.desyncs,
+            timeouts,
+            flows_evicted: f.flows_idle_evicted + f.flows_cap_evicted,
+            ..Default::default()
+        }
     }
 
     /// The stats JSON document.

@@ -18,6 +18,7 @@ use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
 use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
 use crate::reassembly::ReassemblyLimits;
 use crate::script::Script;
+use crate::shipper::{ShipSink, Shipper, ShipperConfig};
 use crate::stats_server::{self, StatsSnapshot};
 
 /// How often the stats document is republished, the log flushed and progress shown.
@@ -79,6 +80,14 @@ pub fn run(args: Args) -> Result<()> {
 
     let snapshot = StatsSnapshot::default();
     let stats_thread = stats_listener.map(|l| spawn_stats_server(l, snapshot.clone()));
+    let shipper = match &args.aggregator {
+        Some(url) => Some(Shipper::start(ShipperConfig {
+            url: url.clone(),
+            hello: hello(&args),
+            buffer_bytes: args.ship_buffer_bytes,
+        })?),
+        None => None,
+    };
 
     let config = pipeline_config(&args, capture.link());
     // One monomorphic loop per protocol; ports of different protocols share the loop of
@@ -94,6 +103,13 @@ pub fn run(args: Args) -> Result<()> {
                 Some(script) => pipeline.with_script(script),
                 None => pipeline,
             };
+            let pipeline = match &shipper {
+                Some(s) => pipeline.with_shipping(ShipSink::new(
+                    s.tap(),
+                    args.ship_interval_secs.saturating_mul(1_000_000),
+                )),
+                None => pipeline,
+            };
             drive(pipeline, &args, &mut capture, &mut log, &stop, &snapshot)
         }};
     }
@@ -106,11 +122,49 @@ pub fn run(args: Args) -> Result<()> {
         Some(Mode::Raw) => run_with!(()),
         None => run_with!(MultiConnection),
     };
+    if let Some(shipper) = shipper {
+        let report = shipper.finish(Duration::from_secs_f64(args.ship_timeout_secs.max(0.0)));
+        eprintln!("tcpkit: {report}");
+    }
     if let Some((thread, shutdown)) = stats_thread {
         let _ = shutdown.send(());
         let _ = thread.join();
     }
     result
+}
+
+/// Who this agent is, for the aggregator.
+fn hello(args: &Args) -> tcpkit_proto::v1::Hello {
+    let hostname = host_name();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    tcpkit_proto::v1::Hello {
+        agent_id: args.agent_id.clone().unwrap_or_else(|| hostname.clone()),
+        hostname,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        // Distinct per start: the clock in ns, and the process id in the high bits.
+        session: (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 40),
+        ports: args
+            .port_modes()
+            .into_iter()
+            .map(|(port, mode)| tcpkit_proto::v1::MonitoredPort {
+                port: u32::from(port),
+                proto: mode.name().to_string(),
+            })
+            .collect(),
+    }
+}
+
+/// The host's name (`localhost` when it has none).
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "localhost".to_string();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The log: `-o FILE` (appended), or standard output.
@@ -169,6 +223,7 @@ fn drive<C: Connection>(
         eprint!("\r\x1b[K");
     }
 
+    pipeline.tick(capture.kernel_stats(), None);
     pipeline.finish();
     let mut summary = pipeline.summary();
     summary.kernel = capture.kernel_stats();
@@ -218,6 +273,12 @@ fn capture_loop<C: Connection>(
         }
         if (idle || pipeline.captured() % 4096 == 0) && Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
+            let wall_us = capture.is_live().then(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64)
+            });
+            pipeline.tick(capture.kernel_stats(), wall_us);
             snapshot.publish(pipeline.stats_json().to_string());
             if let Err(e) = write_out(log, pipeline.output()).and_then(|_| log.flush()) {
                 return closed_output(e);

@@ -71,7 +71,7 @@ impl LatencyStats {
         }
     }
 
-    fn record(&mut self, e: &Exchange<'_>, slow: bool) {
+    pub(crate) fn record(&mut self, e: &Exchange<'_>, slow: bool) {
         self.total_reqs += 1;
         self.total_costs += e.latency_us;
         self.slow_reqs += u64::from(slow);
@@ -87,7 +87,7 @@ impl LatencyStats {
         }
     }
 
-    fn give_up(&mut self, why: Unanswered) {
+    pub(crate) fn give_up(&mut self, why: Unanswered) {
         match why {
             Unanswered::Timeout => self.timeouts += 1,
             Unanswered::Desync => self.dropped += 1,

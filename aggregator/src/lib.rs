@@ -3,6 +3,7 @@
 //! and the `tcpkit-query` side ([`report`] renders its answers).
 
 pub mod merge;
+pub mod report;
 pub mod server;
 pub mod store;
 pub mod units;

@@ -50,7 +50,7 @@ CREATE TABLE sessions (
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
     ts_us INTEGER NOT NULL,
-    req_start_us INTEGER NOT NULL,
+    req_done_us INTEGER NOT NULL,
     agent INTEGER NOT NULL,
     client TEXT NOT NULL,
     server TEXT NOT NULL,
@@ -349,14 +349,14 @@ fn store_batch(
         return Ok(false);
     }
     let mut insert_event = tx.prepare_cached(
-        "INSERT INTO events (ts_us, req_start_us, agent, client, server, port, proto, command,
+        "INSERT INTO events (ts_us, req_done_us, agent, client, server, port, proto, command,
              summary, latency_us, req_bytes, rsp_bytes, status)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?;
     for e in &batch.events {
         insert_event.execute(params![
             e.ts_us as i64,
-            e.req_start_us as i64,
+            e.req_done_us as i64,
             key.agent,
             e.client,
             e.server,
@@ -610,7 +610,7 @@ impl Reader {
             i64::from(req.limit)
         };
         let sql = format!(
-            "SELECT (SELECT name FROM agents WHERE id = agent), ts_us, req_start_us, client,
+            "SELECT (SELECT name FROM agents WHERE id = agent), ts_us, req_done_us, client,
                  server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status
              FROM events {} ORDER BY {order} LIMIT {limit}",
             c.where_clause()
@@ -621,7 +621,7 @@ impl Reader {
                 agent: r.get(0)?,
                 event: Some(v1::Event {
                     ts_us: r.get::<_, i64>(1)? as u64,
-                    req_start_us: r.get::<_, i64>(2)? as u64,
+                    req_done_us: r.get::<_, i64>(2)? as u64,
                     client: r.get(3)?,
                     server: r.get(4)?,
                     port: r.get(5)?,

@@ -1,1 +1,281 @@
-fn main() {}
+//! `tcpkit-query`: asks a tcpkit-aggregator about the whole fleet.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use tcpkit_aggregator::report;
+use tcpkit_aggregator::server::now_us;
+use tcpkit_aggregator::units::{parse_duration, parse_time};
+use tcpkit_proto::v1::{self, query_client::QueryClient};
+
+/// Fleet-wide slow-request search, merged latency histograms and percentiles, and the
+/// health of every agent, from a tcpkit-aggregator.
+#[derive(Debug, Parser)]
+#[command(
+    name = "tcpkit-query",
+    version,
+    after_help = "EXAMPLES:\n  tcpkit-query slow --since 1h --min-ms 10 --command GET\n  tcpkit-query slow --grep 'user:*' --slowest --limit 20\n  tcpkit-query hist --since 24h --port 6379 --by server\n  tcpkit-query top --of server --by p99\n  tcpkit-query agents --json"
+)]
+struct Cli {
+    /// The aggregator
+    #[arg(
+        long,
+        global = true,
+        default_value = "http://127.0.0.1:50051",
+        value_name = "URL"
+    )]
+    aggregator: String,
+    /// JSON instead of tables
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Slow requests over the fleet, newest first (slow-log lines after the agent)
+    Slow {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only requests whose summary matches this glob, anywhere (e.g. 'user:*')
+        #[arg(long, value_name = "GLOB")]
+        grep: Option<String>,
+        /// Only requests at least this slow
+        #[arg(long, value_name = "MS")]
+        min_ms: Option<f64>,
+        /// At most this many
+        #[arg(long, default_value_t = 100, value_name = "N")]
+        limit: u32,
+        /// Slowest first instead of newest first
+        #[arg(long)]
+        slowest: bool,
+    },
+    /// The latency histogram merged over every matching server and the time range
+    Hist {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One row per group, side by side
+        #[arg(long, value_enum)]
+        by: Option<GroupArg>,
+    },
+    /// Commands or servers ranked by slow count, p99 or total time
+    Top {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// What to rank
+        #[arg(long, value_enum, default_value = "command")]
+        of: GroupArg,
+        /// How to rank
+        #[arg(long, value_enum, default_value = "slow")]
+        by: RankArg,
+        /// At most this many
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        limit: u32,
+    },
+    /// Every agent: last seen, version, ports and its data-quality counters
+    Agents,
+}
+
+/// What every query can select; with no --since/--from it covers everything stored.
+#[derive(Debug, ClapArgs)]
+struct FilterArgs {
+    /// The last DURATION (90s, 15m, 1h, 7d)
+    #[arg(long, value_parser = parse_duration, conflicts_with = "from", value_name = "DURATION")]
+    since: Option<Duration>,
+    /// From this time (Unix seconds, RFC 3339, or local YYYY-MM-DD[ HH:MM[:SS]])
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    from: Option<u64>,
+    /// Up to this time (excluded)
+    #[arg(long, value_parser = parse_time, value_name = "TIME")]
+    to: Option<u64>,
+    /// Server address
+    #[arg(long, value_name = "IP")]
+    server: Option<String>,
+    /// Server port
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
+    /// Protocol (redis, memcached, dns)
+    #[arg(long, value_name = "PROTO")]
+    proto: Option<String>,
+    /// Agent id
+    #[arg(long, value_name = "ID")]
+    agent: Option<String>,
+    /// Command (GET, SET, …; as the agent names it)
+    #[arg(long, value_name = "NAME")]
+    command: Option<String>,
+}
+
+impl FilterArgs {
+    fn to_proto(&self) -> Result<v1::Filter> {
+        let from_us = match (self.since, self.from) {
+            (Some(d), _) => now_us().saturating_sub(d.as_micros() as u64),
+            (None, Some(t)) => t,
+            (None, None) => 0,
+        };
+        let to_us = self.to.unwrap_or(0);
+        if to_us != 0 && to_us <= from_us {
+            bail!("--to must be after the start of the range");
+        }
+        Ok(v1::Filter {
+            from_us,
+            to_us,
+            server: self.server.clone().unwrap_or_default(),
+            port: self.port.map_or(0, u32::from),
+            proto: self.proto.clone().unwrap_or_default(),
+            agent: self.agent.clone().unwrap_or_default(),
+            command: self.command.clone().unwrap_or_default(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum GroupArg {
+    Server,
+    Agent,
+    Command,
+    Port,
+}
+
+impl From<GroupArg> for v1::GroupBy {
+    fn from(g: GroupArg) -> Self {
+        match g {
+            GroupArg::Server => v1::GroupBy::Server,
+            GroupArg::Agent => v1::GroupBy::Agent,
+            GroupArg::Command => v1::GroupBy::Command,
+            GroupArg::Port => v1::GroupBy::Port,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum RankArg {
+    Slow,
+    P99,
+    Total,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tcpkit-query: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let output = runtime.block_on(query(&cli))?;
+    print!("{output}");
+    Ok(())
+}
+
+async fn query(cli: &Cli) -> Result<String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(cli.aggregator.clone())
+        .with_context(|| format!("bad aggregator address '{}'", cli.aggregator))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the aggregator at {}", cli.aggregator))?;
+    let mut client = QueryClient::new(channel).max_decoding_message_size(256 << 20);
+    let json = |v: serde_json::Value| format!("{v:#}\n");
+    Ok(match &cli.command {
+        Command::Slow {
+            filter,
+            grep,
+            min_ms,
+            limit,
+            slowest,
+        } => {
+            let reply = client
+                .slow(v1::SlowRequest {
+                    filter: Some(filter.to_proto()?),
+                    grep: grep.clone().unwrap_or_default(),
+                    min_latency_us: min_ms.map_or(0, |ms| (ms.max(0.0) * 1000.0).round() as u64),
+                    limit: *limit,
+                    slowest_first: *slowest,
+                })
+                .await
+                .context("slow")?
+                .into_inner();
+            if cli.json {
+                json(report::slow_json(&reply.events))
+            } else {
+                reply
+                    .events
+                    .iter()
+                    .map(|e| report::slow_line(e) + "\n")
+                    .collect()
+            }
+        }
+        Command::Hist { filter, by } => {
+            let reply = client
+                .hist(v1::HistRequest {
+                    filter: Some(filter.to_proto()?),
+                    by: by.map_or(v1::GroupBy::None, v1::GroupBy::from) as i32,
+                })
+                .await
+                .context("hist")?
+                .into_inner();
+            if cli.json {
+                json(report::hist_json(&reply, by.is_some()))
+            } else {
+                report::hist_text(&reply, by.is_some())
+            }
+        }
+        Command::Top {
+            filter,
+            of,
+            by,
+            limit,
+        } => {
+            let rank = match by {
+                RankArg::Slow => v1::TopBy::Slow,
+                RankArg::P99 => v1::TopBy::P99,
+                RankArg::Total => v1::TopBy::Total,
+            };
+            let reply = client
+                .top(v1::TopRequest {
+                    filter: Some(filter.to_proto()?),
+                    of: v1::GroupBy::from(*of) as i32,
+                    by: rank as i32,
+                    limit: *limit,
+                })
+                .await
+                .context("top")?
+                .into_inner();
+            if cli.json {
+                json(serde_json::Value::Array(
+                    reply
+                        .rows
+                        .iter()
+                        .map(|r| report::histogram_json(r, true))
+                        .collect(),
+                ))
+            } else {
+                report::top_text(&reply.rows)
+            }
+        }
+        Command::Agents => {
+            let reply = client
+                .agents(v1::AgentsRequest {})
+                .await
+                .context("agents")?
+                .into_inner();
+            if cli.json {
+                json(report::agents_json(&reply.agents))
+            } else {
+                report::agents_text(&reply.agents, now_us())
+            }
+        }
+    })
+}

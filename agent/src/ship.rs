@@ -1,0 +1,372 @@
+//! What the agent ships to an aggregator, pure: the per-interval histograms of each (server,
+//! port, command) ([`IntervalHistograms`]), slow exchanges as events ([`event_of`]), and the
+//! bounded buffer of batches waiting for their acknowledgement ([`ShipBuffer`]).
+//!
+//! The shell around them (a thread, the gRPC stream, reconnects) is [`crate::shipper`].
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+
+use prost::Message;
+use rustc_hash::FxHashMap;
+use tcpkit_proto::v1;
+
+use crate::matcher::{Exchange, Unanswered};
+use crate::stats::LatencyStats;
+use crate::text::push_escaped;
+
+/// The figures of one interval, per server address and port (with its protocol), per
+/// command.
+#[derive(Debug, Default)]
+pub struct IntervalHistograms {
+    series: FxHashMap<(IpAddr, u16), (&'static str, FxHashMap<Box<[u8]>, LatencyStats>)>,
+}
+
+impl IntervalHistograms {
+    fn stats(
+        &mut self,
+        server: IpAddr,
+        port: u16,
+        proto: &'static str,
+        command: &[u8],
+    ) -> &mut LatencyStats {
+        let (_, commands) = self
+            .series
+            .entry((server, port))
+            .or_insert_with(|| (proto, FxHashMap::default()));
+        if !commands.contains_key(command) {
+            commands.insert(command.into(), LatencyStats::default());
+        }
+        commands.get_mut(command).expect("inserted above")
+    }
+
+    /// Counts one exchange.
+    pub fn record(&mut self, e: &Exchange<'_>, slow: bool, proto: &'static str) {
+        self.stats(e.server.ip(), e.server.port(), proto, e.command)
+            .record(e, slow);
+    }
+
+    /// Counts one request that will never be answered.
+    pub fn give_up(
+        &mut self,
+        server: std::net::SocketAddr,
+        proto: &'static str,
+        command: &[u8],
+        why: Unanswered,
+    ) {
+        self.stats(server.ip(), server.port(), proto, command)
+            .give_up(why);
+    }
+
+    /// The snapshots of the interval `[start_us, start_us + interval_us)`, emptying it.
+    pub fn take(&mut self, start_us: u64, interval_us: u64) -> Vec<v1::HistogramSnapshot> {
+        let mut out = Vec::new();
+        for ((server, port), (proto, commands)) in self.series.drain() {
+            for (command, s) in commands {
+                let (fine_index, fine_count) = s.fine.nonzero().unzip();
+                out.push(v1::HistogramSnapshot {
+                    ts_us: start_us,
+                    interval_us,
+                    server: server.to_string(),
+                    port: u32::from(port),
+                    proto: proto.to_string(),
+                    command: String::from_utf8_lossy(&command).into_owned(),
+                    count: s.total_reqs,
+                    sum_us: s.total_costs,
+                    max_us: s.fine.max_us(),
+                    slow: s.slow_reqs,
+                    errors: s.errors,
+                    timeouts: s.timeouts + s.dropped,
+                    seed: s.latencies.to_vec(),
+                    fine_index,
+                    fine_count,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A slow exchange as the aggregator stores it; `timeout` for a request that expired.
+pub fn event_of(e: &Exchange<'_>, proto: &str, timeout: bool) -> v1::Event {
+    let mut summary = Vec::with_capacity(e.summary.len() + 3);
+    push_escaped(&mut summary, e.summary);
+    if e.truncated {
+        summary.extend_from_slice(b"...");
+    }
+    let status = if timeout {
+        v1::Status::Timeout
+    } else if e.error {
+        v1::Status::Error
+    } else {
+        v1::Status::Ok
+    };
+    let client = match e.client {
+        std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        a => a.to_string(),
+    };
+    v1::Event {
+        ts_us: e.req_start_us,
+        req_done_us: e.req_done_us,
+        client,
+        server: e.server.ip().to_string(),
+        port: u32::from(e.server.port()),
+        proto: proto.to_string(),
+        command: String::from_utf8_lossy(e.command).into_owned(),
+        // Escaped: ASCII only.
+        summary: String::from_utf8_lossy(&summary).into_owned(),
+        latency_us: if timeout { 0 } else { e.latency_us },
+        req_bytes: e.req_bytes,
+        rsp_bytes: e.rsp_bytes,
+        status: status as i32,
+    }
+}
+
+/// Events per batch at most.
+pub const MAX_BATCH_EVENTS: usize = 4096;
+
+/// What was given up to stay within the buffer.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    /// Slow-request events.
+    pub events: u64,
+    /// Histogram snapshots.
+    pub histograms: u64,
+}
+
+/// Batches waiting for their acknowledgement, bounded in bytes; the batch being filled.
+///
+/// Sequence numbers count from 1. Over the bound, the oldest batch holding events loses them
+/// first; only when no batch holds events does the oldest batch go whole. What is dropped is
+/// counted, and the counters ride on every batch (the last counters the pipeline sent, plus
+/// the drops), so the aggregator learns of them with the next batch that arrives.
+#[derive(Debug)]
+pub struct ShipBuffer {
+    pending: VecDeque<(v1::Batch, usize)>,
+    bytes: usize,
+    cap_bytes: usize,
+    /// Batches at the front already sent on the current stream.
+    sent: usize,
+    open: v1::Batch,
+    next_seq: u64,
+    counters: v1::Counters,
+    dropped: Dropped,
+    acked_batches: u64,
+    acked_events: u64,
+}
+
+impl ShipBuffer {
+    /// An empty buffer holding at most `cap_bytes` of encoded batches.
+    pub fn new(cap_bytes: usize) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            bytes: 0,
+            cap_bytes,
+            sent: 0,
+            open: v1::Batch::default(),
+            next_seq: 1,
+            counters: v1::Counters::default(),
+            dropped: Dropped::default(),
+            acked_batches: 0,
+            acked_events: 0,
+        }
+    }
+
+    /// Adds slow-request events to the open batch, closing it when full.
+    pub fn add_events(&mut self, events: Vec<v1::Event>) {
+        for e in events {
+            self.open.events.push(e);
+            if self.open.events.len() >= MAX_BATCH_EVENTS {
+                self.close(false);
+            }
+        }
+    }
+
+    /// Adds an interval's snapshots and the pipeline's counters, and closes the batch.
+    pub fn add_interval(&mut self, histograms: Vec<v1::HistogramSnapshot>, counters: v1::Counters) {
+        self.counters = counters;
+        self.open.histograms.extend(histograms);
+        self.close(true);
+    }
+
+    /// Counts what could not even reach the buffer (the pipeline's channel was full).
+    pub fn count_dropped(&mut self, dropped: Dropped) {
+        self.dropped.events += dropped.events;
+        self.dropped.histograms += dropped.histograms;
+    }
+
+    /// True when the open batch holds anything.
+    pub fn has_open(&self) -> bool {
+        !self.open.events.is_empty() || !self.open.histograms.is_empty()
+    }
+
+    /// Closes the open batch: it gets the next sequence number and the counters and joins
+    /// the pending batches. An empty batch is closed only when `always` (it carries the
+    /// counters).
+    pub fn close(&mut self, always: bool) {
+        if !always && !self.has_open() {
+            return;
+        }
+        let mut batch = std::mem::take(&mut self.open);
+        batch.seq = self.next_seq;
+        self.next_seq += 1;
+        batch.counters = Some(self.stamped_counters());
+        let size = batch.encoded_len();
+        self.bytes += size;
+        self.pending.push_back((batch, size));
+        self.enforce_cap();
+    }
+
+    fn stamped_counters(&self) -> v1::Counters {
+        v1::Counters {
+            shipper_dropped_events: self.dropped.events,
+            shipper_dropped_histograms: self.dropped.histograms,
+            shipper_buffered: self.bytes as u64,
+            ..self.counters
+        }
+    }
+
+    fn enforce_cap(&mut self) {
+        while self.bytes > self.cap_bytes && !self.pending.is_empty() {
+            if let Some((batch, size)) = self.pending.iter_mut().find(|(b, _)| !b.events.is_empty())
+            {
+                self.dropped.events += batch.events.len() as u64;
+                batch.events = Vec::new();
+                let new_size = batch.encoded_len();
+                self.bytes -= *size - new_size;
+                *size = new_size;
+            } else if let Some((batch, size)) = self.pending.pop_front() {
+                self.dropped.histograms += batch.histograms.len() as u64;
+                self.bytes -= size;
+                self.sent = self.sent.saturating_sub(1);
+            }
+        }
+    }
+
+    /// The acknowledgement of every batch up to `seq`.
+    pub fn ack(&mut self, seq: u64) {
+        while let Some((batch, size)) = self.pending.front() {
+            if batch.seq > seq {
+                break;
+            }
+            self.acked_batches += 1;
+            self.acked_events += batch.events.len() as u64;
+            self.bytes -= size;
+            self.pending.pop_front();
+            self.sent = self.sent.saturating_sub(1);
+        }
+    }
+
+    /// A new stream: every pending batch is to be sent again.
+    pub fn rewind(&mut self) {
+        self.sent = 0;
+    }
+
+    /// The pending batches not yet sent on this stream, now counted as sent.
+    pub fn unsent(&mut self) -> Vec<v1::Batch> {
+        let out = self
+            .pending
+            .iter()
+            .skip(self.sent)
+            .map(|(b, _)| b.clone())
+            .collect();
+        self.sent = self.pending.len();
+        out
+    }
+
+    /// True when nothing waits for an acknowledgement and nothing is open.
+    pub fn is_drained(&self) -> bool {
+        self.pending.is_empty() && !self.has_open()
+    }
+
+    /// Batches and events waiting for their acknowledgement.
+    pub fn unacked(&self) -> (usize, usize) {
+        (
+            self.pending.len(),
+            self.pending.iter().map(|(b, _)| b.events.len()).sum(),
+        )
+    }
+
+    /// Batches and events acknowledged so far.
+    pub fn acked(&self) -> (u64, u64) {
+        (self.acked_batches, self.acked_events)
+    }
+
+    /// What was dropped so far.
+    pub fn dropped(&self) -> Dropped {
+        self.dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: u64) -> v1::Event {
+        v1::Event {
+            ts_us: n,
+            summary: "x".repeat(100),
+            ..Default::default()
+        }
+    }
+
+    fn snapshot() -> v1::HistogramSnapshot {
+        v1::HistogramSnapshot {
+            count: 1,
+            seed: vec![1; 18],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_are_numbered_acked_and_resent() {
+        let mut b = ShipBuffer::new(1 << 20);
+        b.add_events((0..10).map(event).collect());
+        b.close(false);
+        b.close(false); // nothing open: no batch
+        b.add_interval(vec![snapshot()], v1::Counters::default());
+        let sent = b.unsent();
+        assert_eq!(sent.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(sent[0].events.len(), 10);
+        assert!(b.unsent().is_empty());
+        b.ack(1);
+        assert_eq!(b.unacked(), (1, 0));
+        b.rewind();
+        assert_eq!(b.unsent().iter().map(|b| b.seq).collect::<Vec<_>>(), [2]);
+        b.ack(2);
+        assert!(b.is_drained());
+        assert_eq!(b.acked(), (2, 10));
+    }
+
+    #[test]
+    fn full_batches_close_themselves() {
+        let mut b = ShipBuffer::new(usize::MAX);
+        b.add_events((0..MAX_BATCH_EVENTS as u64 * 2 + 1).map(event).collect());
+        assert_eq!(b.unacked(), (2, 2 * MAX_BATCH_EVENTS));
+        assert!(b.has_open());
+    }
+
+    #[test]
+    fn over_the_cap_events_go_before_histograms_and_are_counted() {
+        let mut b = ShipBuffer::new(4000);
+        for _ in 0..5 {
+            b.add_events((0..10).map(event).collect());
+            b.add_interval(vec![snapshot()], v1::Counters::default());
+        }
+        // 50 events of ~110 bytes cannot fit in 4000 bytes; every histogram can.
+        let d = b.dropped();
+        assert!(d.events > 0 && d.histograms == 0, "{d:?}");
+        let kept: usize = b.unsent().iter().map(|b| b.events.len()).sum();
+        assert_eq!(kept as u64 + d.events, 50);
+        assert!(b.bytes <= 4000);
+        // The drops ride on the next batch.
+        b.close(true);
+        let last = b.unsent().pop().unwrap();
+        assert_eq!(last.counters.unwrap().shipper_dropped_events, d.events);
+
+        let mut tiny = ShipBuffer::new(10);
+        tiny.add_interval(vec![snapshot(); 3], v1::Counters::default());
+        assert_eq!(tiny.dropped().histograms, 3);
+        assert!(tiny.unsent().is_empty());
+    }
+}

@@ -1,0 +1,401 @@
+//! The shipper: a thread of its own that streams the agent's batches to an aggregator, and
+//! the [`ShipTap`] through which the capture thread hands them over without ever blocking.
+//!
+//! One gRPC stream at a time: a hello, every pending batch, then new batches as they close;
+//! the aggregator acknowledges batches once durable and the buffer forgets them. A broken
+//! stream is re-opened with backoff (0.1 s doubling to 5 s) and every unacknowledged batch
+//! is sent again (the aggregator skips those it already stored).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Endpoint;
+
+use tcpkit_proto::v1::{self, agent_message::Body, ingest_client::IngestClient};
+
+use crate::matcher::{Exchange, Unanswered};
+use crate::ship::{event_of, Dropped, IntervalHistograms, ShipBuffer};
+
+/// Commands queued from the capture thread at most; past it what is sent is dropped
+/// (counted).
+const QUEUE: usize = 1024;
+/// An open batch is closed after this long, so that slow requests reach the aggregator soon.
+const BATCH_AGE: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the shipper needs to know.
+#[derive(Debug, Clone)]
+pub struct ShipperConfig {
+    /// The aggregator, `http://host:port`.
+    pub url: String,
+    /// Who this agent is.
+    pub hello: v1::Hello,
+    /// Bytes of unacknowledged batches kept.
+    pub buffer_bytes: usize,
+}
+
+enum Command {
+    Events(Vec<v1::Event>),
+    Interval(Vec<v1::HistogramSnapshot>, v1::Counters),
+    Finish(Duration),
+}
+
+/// The capture thread's end: hands events and intervals to the shipper, never blocking.
+#[derive(Debug, Clone)]
+pub struct ShipTap {
+    commands: mpsc::Sender<Command>,
+    dropped_events: Arc<AtomicU64>,
+    dropped_histograms: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Events(_) => "Events",
+            Command::Interval(..) => "Interval",
+            Command::Finish(_) => "Finish",
+        })
+    }
+}
+
+impl ShipTap {
+    /// Queues slow-request events; counted as dropped when the queue is full.
+    pub fn events(&self, events: Vec<v1::Event>) {
+        let n = events.len() as u64;
+        if self.commands.try_send(Command::Events(events)).is_err() {
+            self.dropped_events.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues an interval's snapshots with the pipeline's counters.
+    pub fn interval(&self, histograms: Vec<v1::HistogramSnapshot>, counters: v1::Counters) {
+        let n = histograms.len() as u64;
+        if self
+            .commands
+            .try_send(Command::Interval(histograms, counters))
+            .is_err()
+        {
+            self.dropped_histograms.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How the shipping went, at exit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShipReport {
+    /// Batches and events the aggregator acknowledged.
+    pub acked: (u64, u64),
+    /// Batches and events left unacknowledged.
+    pub unacked: (usize, usize),
+    /// What was dropped to stay within the buffer.
+    pub dropped: Dropped,
+}
+
+impl std::fmt::Display for ShipReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shipped {} batches ({} events) acknowledged, {} batches ({} events) unacknowledged, {} events and {} histograms dropped",
+            self.acked.0,
+            self.acked.1,
+            self.unacked.0,
+            self.unacked.1,
+            self.dropped.events,
+            self.dropped.histograms
+        )
+    }
+}
+
+/// The running shipper thread.
+pub struct Shipper {
+    tap: ShipTap,
+    thread: std::thread::JoinHandle<ShipReport>,
+}
+
+impl Shipper {
+    /// Starts the shipper thread; it connects in the background.
+    pub fn start(config: ShipperConfig) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(config.url.clone())
+            .with_context(|| format!("bad aggregator address '{}'", config.url))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true);
+        let (commands, queue) = mpsc::channel(QUEUE);
+        let tap = ShipTap {
+            commands,
+            dropped_events: Arc::new(AtomicU64::new(0)),
+            dropped_histograms: Arc::new(AtomicU64::new(0)),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the shipper's runtime")?;
+        let drops = (
+            Arc::clone(&tap.dropped_events),
+            Arc::clone(&tap.dropped_histograms),
+        );
+        let thread = std::thread::Builder::new()
+            .name("shipper".into())
+            .spawn(move || runtime.block_on(ship(endpoint, config, queue, drops)))
+            .context("cannot start the shipper thread")?;
+        Ok(Self { tap, thread })
+    }
+
+    /// The capture thread's end.
+    pub fn tap(&self) -> ShipTap {
+        self.tap.clone()
+    }
+
+    /// Ships what is left and waits up to `timeout` for its acknowledgement.
+    pub fn finish(self, timeout: Duration) -> ShipReport {
+        let _ = self.tap.commands.blocking_send(Command::Finish(timeout));
+        drop(self.tap);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+type Drops = (Arc<AtomicU64>, Arc<AtomicU64>);
+
+/// The open stream: where batches go, where acknowledgements come from.
+struct Stream {
+    out: mpsc::UnboundedSender<v1::AgentMessage>,
+    acks: tonic::Streaming<v1::Ack>,
+}
+
+async fn open_stream(endpoint: &Endpoint, hello: &v1::Hello) -> Result<Stream, tonic::Status> {
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
+    let mut client = IngestClient::new(channel);
+    let (out, outbound) = mpsc::unbounded_channel();
+    let _ = out.send(v1::AgentMessage {
+        body: Some(Body::Hello(hello.clone())),
+    });
+    let acks = client
+        .stream(UnboundedReceiverStream::new(outbound))
+        .await?
+        .into_inner();
+    Ok(Stream { out, acks })
+}
+
+async fn ship(
+    endpoint: Endpoint,
+    config: ShipperConfig,
+    mut queue: mpsc::Receiver<Command>,
+    drops: Drops,
+) -> ShipReport {
+    let mut buffer = ShipBuffer::new(config.buffer_bytes);
+    let mut stream: Option<Stream> = None;
+    let mut backoff = BACKOFF_MIN;
+    let mut connect_at = Instant::now();
+    let mut deadline: Option<Instant> = None;
+    let mut batch_deadline = Instant::now() + BATCH_AGE;
+    let mut warned = false;
+    let take_drops = |buffer: &mut ShipBuffer| {
+        buffer.count_dropped(Dropped {
+            events: drops.0.swap(0, Ordering::Relaxed),
+            histograms: drops.1.swap(0, Ordering::Relaxed),
+        });
+    };
+    loop {
+        let now = Instant::now();
+        if let Some(d) = deadline {
+            if buffer.is_drained() || now >= d {
+                break;
+            }
+        }
+        if stream.is_none() && now >= connect_at {
+            let attempt = tokio::time::timeout(
+                Duration::from_secs(5),
+                open_stream(&endpoint, &config.hello),
+            );
+            match attempt.await {
+                Ok(Ok(s)) => {
+                    if warned {
+                        tracing::warn!("connected to the aggregator {}", config.url);
+                    }
+                    stream = Some(s);
+                    buffer.rewind();
+                    backoff = BACKOFF_MIN;
+                    warned = false;
+                }
+                Ok(Err(e)) => {
+                    if !warned {
+                        tracing::warn!("aggregator {}: {}; retrying", config.url, e.message());
+                        warned = true;
+                    }
+                    connect_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Err(_) => {
+                    connect_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        if let Some(s) = &stream {
+            for batch in buffer.unsent() {
+                let _ = s.out.send(v1::AgentMessage {
+                    body: Some(Body::Batch(batch)),
+                });
+            }
+        }
+        let waiting_for_queue = deadline.is_none();
+        let until = deadline.unwrap_or(batch_deadline).min(if stream.is_none() {
+            connect_at
+        } else {
+            batch_deadline
+        });
+        tokio::select! {
+            command = queue.recv(), if waiting_for_queue => {
+                take_drops(&mut buffer);
+                match command {
+                    Some(Command::Events(events)) => buffer.add_events(events),
+                    Some(Command::Interval(histograms, counters)) => buffer.add_interval(histograms, counters),
+                    Some(Command::Finish(timeout)) => {
+                        buffer.close(true);
+                        deadline = Some(Instant::now() + timeout);
+                    }
+                    None => {
+                        buffer.close(true);
+                        deadline = Some(Instant::now());
+                    }
+                }
+            }
+            ack = async { stream.as_mut().expect("checked by the guard").acks.message().await }, if stream.is_some() => {
+                match ack {
+                    Ok(Some(ack)) if ack.session == config.hello.session => buffer.ack(ack.seq),
+                    Ok(Some(ack)) => tracing::warn!("acknowledgement for another session {}", ack.session),
+                    Ok(None) | Err(_) => {
+                        if let Err(e) = &ack {
+                            tracing::warn!("aggregator {}: {}; reconnecting", config.url, e.message());
+                            warned = true;
+                        }
+                        stream = None;
+                        connect_at = Instant::now() + backoff;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(until) => {
+                if Instant::now() >= batch_deadline {
+                    take_drops(&mut buffer);
+                    buffer.close(false);
+                    batch_deadline = Instant::now() + BATCH_AGE;
+                }
+            }
+        }
+    }
+    // End the stream cleanly: no more batches, then the aggregator closes its side.
+    if let Some(Stream { out, mut acks }) = stream {
+        drop(out);
+        let closing = async {
+            while let Ok(Some(ack)) = acks.message().await {
+                buffer.ack(ack.seq)
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
+    }
+    ShipReport {
+        acked: buffer.acked(),
+        unacked: buffer.unacked(),
+        dropped: buffer.dropped(),
+    }
+}
+
+/// The pipeline's shipping sink: accumulates the interval's histograms and slow events and
+/// hands them to the [`ShipTap`].
+#[derive(Debug)]
+pub struct ShipSink {
+    tap: ShipTap,
+    interval_us: u64,
+    /// Start of the current interval (aligned to a multiple of its length), once a packet
+    /// came.
+    start_us: Option<u64>,
+    histograms: IntervalHistograms,
+    events: Vec<v1::Event>,
+}
+
+/// Events handed to the shipper together.
+const EVENT_CHUNK: usize = 512;
+
+impl ShipSink {
+    /// A sink shipping through `tap`, with intervals of `interval_us`.
+    pub fn new(tap: ShipTap, interval_us: u64) -> Self {
+        Self {
+            tap,
+            interval_us: interval_us.max(1),
+            start_us: None,
+            histograms: IntervalHistograms::default(),
+            events: Vec::new(),
+        }
+    }
+
+    fn aligned(&self, ts_us: u64) -> u64 {
+        ts_us - ts_us % self.interval_us
+    }
+
+    /// True when capture time `ts_us` is past the current interval (the first call starts
+    /// the first interval).
+    pub fn interval_due(&mut self, ts_us: u64) -> bool {
+        let start = *self
+            .start_us
+            .get_or_insert(ts_us - ts_us % self.interval_us);
+        ts_us >= start + self.interval_us
+    }
+
+    /// Counts an exchange; a slow one becomes an event too.
+    pub fn exchange(&mut self, e: &Exchange<'_>, slow: bool, proto: &'static str) {
+        self.histograms.record(e, slow, proto);
+        if slow {
+            self.push_event(event_of(e, proto, false));
+        }
+    }
+
+    /// Counts a request that will never be answered.
+    pub fn unanswered(
+        &mut self,
+        server: std::net::SocketAddr,
+        proto: &'static str,
+        command: &[u8],
+        why: Unanswered,
+    ) {
+        self.histograms.give_up(server, proto, command, why);
+    }
+
+    /// Counts a request that expired, and ships it as a timeout event.
+    pub fn expired(&mut self, e: &Exchange<'_>, proto: &'static str) {
+        self.histograms
+            .give_up(e.server, proto, e.command, Unanswered::Timeout);
+        self.push_event(event_of(e, proto, true));
+    }
+
+    fn push_event(&mut self, event: v1::Event) {
+        self.events.push(event);
+        if self.events.len() >= EVENT_CHUNK {
+            self.send_events();
+        }
+    }
+
+    /// Hands the events gathered so far to the shipper.
+    pub fn send_events(&mut self) {
+        if !self.events.is_empty() {
+            self.tap.events(std::mem::take(&mut self.events));
+        }
+    }
+
+    /// Ends the current interval at capture time `ts_us`: its snapshots go with `counters`.
+    pub fn end_interval(&mut self, ts_us: u64, counters: v1::Counters) {
+        self.send_events();
+        let start = self.start_us.unwrap_or_else(|| self.aligned(ts_us));
+        let snapshots = self.histograms.take(start, self.interval_us);
+        self.tap.interval(snapshots, counters);
+        self.start_us = Some(self.aligned(ts_us));
+    }
+}

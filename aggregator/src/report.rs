@@ -1,0 +1,382 @@
+//! How `tcpkit-query` shows the aggregator's answers: aligned tables and bars for people,
+//! JSON for scripts (the key names are a contract: see the fleet issue and README).
+
+use serde_json::{json, Value};
+use tcpkit_histogram::SEED_LABELS;
+use tcpkit_proto::v1;
+
+use crate::units::format_local;
+
+/// Milliseconds with three decimals.
+fn ms(us: u64) -> String {
+    format!("{}.{:03}", us / 1000, us % 1000)
+}
+
+/// A slow event in the slow log's format, after the agent in brackets.
+pub fn slow_line(e: &v1::StoredEvent) -> String {
+    let ev = e.event.clone().unwrap_or_default();
+    let latency = if ev.status == v1::Status::Timeout as i32 {
+        "timeout".to_string()
+    } else {
+        format!("{} ms", ms(ev.latency_us))
+    };
+    let server = if ev.server.contains(':') {
+        format!("[{}]:{}", ev.server, ev.port)
+    } else {
+        format!("{}:{}", ev.server, ev.port)
+    };
+    format!(
+        "[{}] {} {} => {} | {} | {}",
+        e.agent,
+        format_local(ev.ts_us),
+        ev.client,
+        server,
+        latency,
+        ev.summary
+    )
+}
+
+/// The slow events as JSON.
+pub fn slow_json(events: &[v1::StoredEvent]) -> Value {
+    Value::Array(
+        events
+            .iter()
+            .map(|e| {
+                let ev = e.event.clone().unwrap_or_default();
+                let status = v1::Status::try_from(ev.status).map_or("unknown", |s| match s {
+                    v1::Status::Ok => "ok",
+                    v1::Status::Error => "error",
+                    v1::Status::Timeout => "timeout",
+                });
+                json!({
+                    "ts_us": ev.ts_us,
+                    "agent": e.agent,
+                    "client": ev.client,
+                    "server": ev.server,
+                    "port": ev.port,
+                    "proto": ev.proto,
+                    "command": ev.command,
+                    "summary": ev.summary,
+                    "latency_us": ev.latency_us,
+                    "req_bytes": ev.req_bytes,
+                    "rsp_bytes": ev.rsp_bytes,
+                    "status": status,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A merged histogram as JSON.
+pub fn histogram_json(h: &v1::Histogram, with_key: bool) -> Value {
+    let mut v = json!({
+        "count": h.count,
+        "sum_us": h.sum_us,
+        "avg_us": h.sum_us.checked_div(h.count).unwrap_or(0),
+        "p50_us": h.p50_us,
+        "p90_us": h.p90_us,
+        "p99_us": h.p99_us,
+        "p999_us": h.p999_us,
+        "max_us": h.max_us,
+        "slow": h.slow,
+        "errors": h.errors,
+        "timeouts": h.timeouts,
+        "latencies": h.seed,
+    });
+    if with_key {
+        v["key"] = json!(h.key);
+    }
+    v
+}
+
+/// The `hist` answer as JSON: the merged histogram, and its groups with `--by`.
+pub fn hist_json(reply: &v1::HistReply, grouped: bool) -> Value {
+    let mut v = histogram_json(&reply.all.clone().unwrap_or_default(), false);
+    if grouped {
+        v["groups"] = Value::Array(
+            reply
+                .groups
+                .iter()
+                .map(|g| histogram_json(g, true))
+                .collect(),
+        );
+    }
+    v
+}
+
+/// Lays out rows as columns padded to their widest cell; the first row is the header.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                // The first column (a name) to the left, figures to the right.
+                if c == 0 {
+                    format!("{cell:<w$}", w = widths[c])
+                } else {
+                    format!("{cell:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn figures_row(name: &str, h: &v1::Histogram) -> Vec<String> {
+    vec![
+        name.to_string(),
+        h.count.to_string(),
+        ms(h.sum_us.checked_div(h.count).unwrap_or(0)),
+        ms(h.p50_us),
+        ms(h.p90_us),
+        ms(h.p99_us),
+        ms(h.p999_us),
+        ms(h.max_us),
+        h.slow.to_string(),
+        h.errors.to_string(),
+        h.timeouts.to_string(),
+    ]
+}
+
+const FIGURES_HEADER: [&str; 11] = [
+    "", "count", "avg ms", "p50 ms", "p90 ms", "p99 ms", "p999 ms", "max ms", "slow", "errors",
+    "timeouts",
+];
+
+/// Width of the longest bar.
+const BAR: usize = 40;
+
+/// The `hist` answer for people: the figures, then the seed buckets as bars (one column of
+/// counts per group with `--by`).
+pub fn hist_text(reply: &v1::HistReply, grouped: bool) -> String {
+    let all = reply.all.clone().unwrap_or_default();
+    let mut rows = vec![FIGURES_HEADER.iter().map(|s| s.to_string()).collect()];
+    if grouped {
+        rows.extend(reply.groups.iter().map(|g| figures_row(&g.key, g)));
+    }
+    rows.push(figures_row("all", &all));
+    let mut out = table(&rows);
+    out.push('\n');
+    let max = all.seed.iter().copied().max().unwrap_or(0).max(1);
+    let mut buckets = vec![{
+        let mut header = vec!["latency".to_string()];
+        if grouped {
+            header.extend(reply.groups.iter().map(|g| g.key.clone()));
+        }
+        header.push("all".to_string());
+        header.push(String::new());
+        header
+    }];
+    for (i, label) in SEED_LABELS.iter().enumerate() {
+        let count = all.seed.get(i).copied().unwrap_or(0);
+        let mut row = vec![label.to_string()];
+        if grouped {
+            row.extend(
+                reply
+                    .groups
+                    .iter()
+                    .map(|g| g.seed.get(i).copied().unwrap_or(0).to_string()),
+            );
+        }
+        row.push(count.to_string());
+        let len = (count as u128 * BAR as u128).div_ceil(max as u128) as usize;
+        row.push(format!("{:<BAR$}", "#".repeat(len)));
+        buckets.push(row);
+    }
+    out.push_str(&table(&buckets));
+    out
+}
+
+/// The `top` answer for people.
+pub fn top_text(rows: &[v1::Histogram]) -> String {
+    let mut t = vec![vec![
+        "#".to_string(),
+        "key".to_string(),
+        "count".to_string(),
+        "slow".to_string(),
+        "p99 ms".to_string(),
+        "total ms".to_string(),
+    ]];
+    for (i, r) in rows.iter().enumerate() {
+        t.push(vec![
+            (i + 1).to_string(),
+            r.key.clone(),
+            r.count.to_string(),
+            r.slow.to_string(),
+            ms(r.p99_us),
+            ms(r.sum_us),
+        ]);
+    }
+    table(&t)
+}
+
+fn counters_json(c: &v1::Counters) -> Value {
+    json!({
+        "kernel_drops": c.kernel_drops,
+        "interface_drops": c.interface_drops,
+        "decode_errors": c.decode_errors,
+        "gaps": c.gaps,
+        "desyncs": c.desyncs,
+        "timeouts": c.timeouts,
+        "flows_evicted": c.flows_evicted,
+        "shipper_dropped_events": c.shipper_dropped_events,
+        "shipper_dropped_histograms": c.shipper_dropped_histograms,
+        "shipper_buffered": c.shipper_buffered,
+    })
+}
+
+fn ports_text(a: &v1::AgentInfo) -> String {
+    a.ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.proto))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The agents as JSON.
+pub fn agents_json(agents: &[v1::AgentInfo]) -> Value {
+    Value::Array(
+        agents
+            .iter()
+            .map(|a| {
+                let mut v = json!({
+                    "id": a.id,
+                    "hostname": a.hostname,
+                    "version": a.version,
+                    "first_seen_us": a.first_seen_us,
+                    "last_seen_us": a.last_seen_us,
+                    "ports": a.ports.iter().map(|p| json!({"port": p.port, "proto": p.proto})).collect::<Vec<_>>(),
+                    "sessions": a.sessions,
+                    "events": a.events,
+                });
+                if let (Value::Object(m), Value::Object(c)) =
+                    (&mut v, counters_json(&a.counters.unwrap_or_default()))
+                {
+                    m.extend(c);
+                }
+                v
+            })
+            .collect(),
+    )
+}
+
+/// The agents for people; `now_us` says how long ago each was last seen.
+pub fn agents_text(agents: &[v1::AgentInfo], now_us: u64) -> String {
+    let mut t = vec![[
+        "agent",
+        "hostname",
+        "version",
+        "last seen",
+        "ago",
+        "ports",
+        "sessions",
+        "events",
+        "kernel drops",
+        "gaps",
+        "desyncs",
+        "timeouts",
+        "evicted",
+        "shipper drops",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for a in agents {
+        let c = a.counters.unwrap_or_default();
+        let ago = now_us.saturating_sub(a.last_seen_us) / 1_000_000;
+        t.push(vec![
+            a.id.clone(),
+            a.hostname.clone(),
+            a.version.clone(),
+            format_local(a.last_seen_us)[..19].to_string(),
+            format!("{ago}s"),
+            ports_text(a),
+            a.sessions.to_string(),
+            a.events.to_string(),
+            (c.kernel_drops + c.interface_drops).to_string(),
+            c.gaps.to_string(),
+            c.desyncs.to_string(),
+            c.timeouts.to_string(),
+            c.flows_evicted.to_string(),
+            (c.shipper_dropped_events + c.shipper_dropped_histograms).to_string(),
+        ]);
+    }
+    table(&t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_bars_scale() {
+        let t = table(&[
+            vec!["a".into(), "count".into()],
+            vec!["longer".into(), "7".into()],
+        ]);
+        assert_eq!(t, "a       count\nlonger      7\n");
+        let reply = v1::HistReply {
+            all: Some(v1::Histogram {
+                count: 3,
+                sum_us: 3000,
+                seed: {
+                    let mut s = vec![0; 18];
+                    s[0] = 2;
+                    s[3] = 1;
+                    s
+                },
+                ..Default::default()
+            }),
+            groups: vec![],
+        };
+        let text = hist_text(&reply, false);
+        assert!(
+            text.contains(&format!("0ms~0.1ms      2  {}", "#".repeat(40))),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("0.5ms~1ms      1  {}", "#".repeat(20))),
+            "{text}"
+        );
+        let json = hist_json(&reply, false);
+        assert_eq!(json["count"], 3);
+        assert_eq!(json["latencies"][3], 1);
+        assert!(json.get("groups").is_none());
+    }
+
+    #[test]
+    fn slow_lines_follow_the_slow_log() {
+        let e = v1::StoredEvent {
+            agent: "a1".into(),
+            event: Some(v1::Event {
+                ts_us: 1_700_000_000_123_456,
+                client: "10.0.0.1:5000".into(),
+                server: "10.0.0.2".into(),
+                port: 6379,
+                latency_us: 11_204,
+                summary: "set foo bar".into(),
+                ..Default::default()
+            }),
+        };
+        let line = slow_line(&e);
+        assert!(line.starts_with("[a1] "), "{line}");
+        assert!(
+            line.ends_with(".123456 10.0.0.1:5000 => 10.0.0.2:6379 | 11.204 ms | set foo bar"),
+            "{line}"
+        );
+    }
+}
