@@ -19,8 +19,11 @@ use crate::text::push_escaped;
 /// command.
 #[derive(Debug, Default)]
 pub struct IntervalHistograms {
-    series: FxHashMap<(IpAddr, u16), (&'static str, FxHashMap<Box<[u8]>, LatencyStats>)>,
+    series: FxHashMap<(IpAddr, u16), (&'static str, Commands)>,
 }
+
+/// The figures per command.
+type Commands = FxHashMap<Box<[u8]>, LatencyStats>;
 
 impl IntervalHistograms {
     fn stats(

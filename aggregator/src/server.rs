@@ -71,16 +71,12 @@ pub fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
+/// Where the writer answers a job: its result, or why the store refused.
+type Reply<T> = oneshot::Sender<Result<T, String>>;
+
 enum Job {
-    Hello(
-        v1::Hello,
-        oneshot::Sender<Result<(SessionKey, u64), String>>,
-    ),
-    Batch(
-        SessionKey,
-        CheckedBatch,
-        oneshot::Sender<Result<bool, String>>,
-    ),
+    Hello(v1::Hello, Reply<(SessionKey, u64)>),
+    Batch(SessionKey, CheckedBatch, Reply<bool>),
     Retention,
 }
 
@@ -144,11 +140,7 @@ pub async fn serve(
 
 /// The writer thread: hellos one by one, batches in groups, retention when asked.
 fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config) {
-    let mut pending: Vec<(
-        SessionKey,
-        CheckedBatch,
-        oneshot::Sender<Result<bool, String>>,
-    )> = Vec::new();
+    let mut pending: Vec<(SessionKey, CheckedBatch, Reply<bool>)> = Vec::new();
     while let Some(job) = queue.blocking_recv() {
         let mut next = Some(job);
         while let Some(job) = next.take() {

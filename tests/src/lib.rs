@@ -8,13 +8,18 @@ use std::time::{Duration, Instant};
 
 /// The `tcpkit` binary of this build (`cargo build --workspace` makes it).
 pub fn tcpkit_bin() -> PathBuf {
+    bin("tcpkit")
+}
+
+/// A binary of this build: `tcpkit`, `tcpkit-aggregator`, `tcpkit-query`.
+pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/tcpkit
+    // target/<profile>/deps/<test> → target/<profile>/<name>
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("tcpkit");
+        .join(name);
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build --workspace` before the tests",
@@ -246,4 +251,145 @@ pub fn merged_fixtures(dir: &Path, names: &[&str]) -> PathBuf {
         .expect("run mergecap");
     assert!(status.success(), "mergecap failed");
     merged
+}
+
+/// A real `tcpkit-aggregator` on 127.0.0.1:`port` with its SQLite file in `dir`, stopped
+/// (SIGKILL) when dropped. `prefix` runs it through another command (`ip netns exec NS`).
+pub struct Aggregator {
+    /// The process.
+    pub guard: Guard,
+    /// Its port.
+    pub port: u16,
+    /// Its database file.
+    pub db: PathBuf,
+}
+
+impl Aggregator {
+    /// Starts an aggregator on `port` (of 127.0.0.1, or of every address of the namespace
+    /// `prefix` enters) with more arguments, and waits until it answers.
+    pub fn start(dir: &Path, port: u16, prefix: &[&str], extra: &[&str]) -> Self {
+        let db = dir.join("fleet.db");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("aggregator.log"))
+            .expect("aggregator log");
+        let listen = format!(
+            "{}:{port}",
+            if prefix.is_empty() {
+                "127.0.0.1"
+            } else {
+                "0.0.0.0"
+            }
+        );
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("tcpkit-aggregator"));
+                c
+            }
+            None => Command::new(bin("tcpkit-aggregator")),
+        };
+        let child = command
+            .args(["--listen", &listen, "--db"])
+            .arg(&db)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tcpkit-aggregator");
+        let guard = Guard(child);
+        let up = if prefix.is_empty() {
+            wait_for_port(port, Duration::from_secs(10))
+        } else {
+            // In a namespace of its own: ask it, from there.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let url = format!("http://127.0.0.1:{port}");
+                let ok = Command::new(prefix[0])
+                    .args(&prefix[1..])
+                    .arg(bin("tcpkit-query"))
+                    .args(["--aggregator", &url, "agents"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if ok || Instant::now() > deadline {
+                    break ok;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        };
+        assert!(
+            up,
+            "tcpkit-aggregator did not start: see {}",
+            dir.join("aggregator.log").display()
+        );
+        Self { guard, port, db }
+    }
+
+    /// Its address for agents and queries on this host.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Runs `tcpkit-query --aggregator URL --json ARGS…` (through `prefix`) and parses its answer.
+pub fn query_json(prefix: &[&str], url: &str, args: &[&str]) -> serde_json::Value {
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin("tcpkit-query"));
+            c
+        }
+        None => Command::new(bin("tcpkit-query")),
+    };
+    let out = command
+        .args(["--aggregator", url, "--json"])
+        .args(args)
+        .output()
+        .expect("run tcpkit-query");
+    assert!(
+        out.status.success(),
+        "tcpkit-query {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("tcpkit-query prints JSON")
+}
+
+/// A network namespace of the test's own, deleted when dropped.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Creates the namespace `name` with its loopback up.
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        sh(&format!(
+            "ip netns add {name} && ip -n {name} link set lo up"
+        ));
+        Self(name.to_string())
+    }
+
+    /// The command prefix that runs a program inside it.
+    pub fn prefix(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", &self.0]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs a shell command, asserting that it succeeds.
+pub fn sh(command: &str) {
+    let status = Command::new("sh")
+        .args(["-c", command])
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "`{command}` failed");
 }

@@ -1,0 +1,372 @@
+//! The fleet, end to end: real agents replaying real Redis fixtures stream to a real
+//! aggregator (SQLite file in a temp dir), and `tcpkit-query` must answer exactly what the
+//! fixtures contain — also when the aggregator is killed mid-stream, and when every process
+//! sits on a host (network namespace) of its own.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tcpkit_tests::*;
+
+/// An agent replaying `fixture` to the aggregator at `url` as `id`, slow at `threshold_ms`.
+fn start_agent(
+    prefix: &[&str],
+    fixture_name: &str,
+    id: &str,
+    threshold_ms: &str,
+    url: &str,
+) -> Child {
+    let pcap = fixture(&format!("{fixture_name}.pcap"));
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(tcpkit_bin());
+            c
+        }
+        None => Command::new(tcpkit_bin()),
+    };
+    command
+        .arg("-r")
+        .arg(pcap)
+        .args([
+            "-p",
+            "26379",
+            "-m",
+            "redis",
+            "-t",
+            threshold_ms,
+            "--summary",
+            "json",
+        ])
+        .args([
+            "--aggregator",
+            url,
+            "--agent-id",
+            id,
+            "--ship-timeout",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tcpkit")
+}
+
+/// What an agent printed: its slow-log lines, its stats JSON (port 26379), its stderr.
+struct AgentOutput {
+    slow_lines: Vec<String>,
+    port: Value,
+    stderr: String,
+}
+
+fn finish_agent(child: Child) -> AgentOutput {
+    let out = child.wait_with_output().expect("wait for tcpkit");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "tcpkit failed: {stderr}");
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    let mut lines: Vec<String> = stdout.lines().map(str::to_string).collect();
+    let json: Value =
+        serde_json::from_str(&lines.pop().expect("summary line")).expect("JSON summary");
+    AgentOutput {
+        slow_lines: lines,
+        port: json[0]["26379"].clone(),
+        stderr,
+    }
+}
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("{v} is not a count"))
+}
+
+fn sum_buckets(a: &Value, b: &Value) -> Vec<u64> {
+    (0..18)
+        .map(|i| u(&a["latencies"][i]) + u(&b["latencies"][i]))
+        .collect()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Two agents, each replaying a different fixture: every query equals the fixtures.
+#[test]
+fn two_agents_queries_equal_the_fixtures() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let url = agg.url();
+    let a1 = start_agent(&[], "redis-benchmark-lo", "a1", "1", &url);
+    let a2 = start_agent(&[], "redis-slow", "a2", "20", &url);
+    let (a1, a2) = (finish_agent(a1), finish_agent(a2));
+    for a in [&a1, &a2] {
+        assert!(
+            a.stderr.contains("0 batches (0 events) unacknowledged"),
+            "{}",
+            a.stderr
+        );
+    }
+    check_fleet(&[], &url, &a1, &a2);
+
+    // The merged histogram is the histogram of all requests: one agent reading both
+    // captures at once has the very same percentiles.
+    if requirement(have("mergecap"), "mergecap (wireshark-common)") {
+        let merged = merged_fixtures(dir.path(), &["redis-benchmark-lo", "redis-slow"]);
+        let out = run_tcpkit(&[
+            "-r",
+            merged.to_str().expect("utf-8"),
+            "-p",
+            "26379",
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+            "--summary",
+            "json",
+        ]);
+        let one: Value = serde_json::from_str(out.lines().last().expect("summary")).expect("JSON");
+        let one = &one[0]["26379"];
+        let hist = query_json(&[], &url, &["hist"]);
+        for key in ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert_eq!(hist[key], one[key], "{key}");
+        }
+        assert_eq!(hist["count"], one["total_reqs"]);
+    }
+}
+
+/// What the aggregator must answer after agents `a1` (redis-benchmark-lo, -t 1) and `a2`
+/// (redis-slow, -t 20) have shipped.
+fn check_fleet(prefix: &[&str], url: &str, a1: &AgentOutput, a2: &AgentOutput) {
+    let exchanges =
+        Expected::of("redis-benchmark-lo").exchanges() + Expected::of("redis-slow").exchanges();
+    assert_eq!(
+        u(&a1.port["total_reqs"]) + u(&a2.port["total_reqs"]),
+        exchanges
+    );
+
+    // hist: the sum of both agents' histograms.
+    let hist = query_json(prefix, url, &["hist"]);
+    assert_eq!(u(&hist["count"]), exchanges);
+    assert_eq!(
+        u(&hist["sum_us"]),
+        u(&a1.port["total_costs"]) + u(&a2.port["total_costs"])
+    );
+    let latencies: Vec<u64> = hist["latencies"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(u)
+        .collect();
+    assert_eq!(latencies, sum_buckets(&a1.port, &a2.port));
+    assert_eq!(
+        u(&hist["max_us"]),
+        u(&a1.port["max_us"]).max(u(&a2.port["max_us"]))
+    );
+    // --by agent: each agent's own histogram, and its percentiles.
+    let by_agent = query_json(prefix, url, &["hist", "--by", "agent"]);
+    let groups = by_agent["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 2);
+    for (group, agent) in groups.iter().zip([a1, a2]) {
+        for key in ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+            assert_eq!(group[key], agent.port[key], "{key} of {}", group["key"]);
+        }
+        assert_eq!(group["count"], agent.port["total_reqs"]);
+        assert_eq!(group["latencies"], agent.port["latencies"]);
+    }
+    // --by command: the per-command figures of both agents, added.
+    let by_command = query_json(prefix, url, &["hist", "--by", "command"]);
+    for group in by_command["groups"].as_array().expect("groups") {
+        let command = group["key"].as_str().expect("key");
+        let count = |a: &AgentOutput| {
+            a.port["commands"][command]["total_reqs"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        assert_eq!(u(&group["count"]), count(a1) + count(a2), "{command}");
+    }
+
+    // slow: every slow exchange once, and its line is the agent's own slow-log line.
+    let slow = query_json(prefix, url, &["slow", "--limit", "100000"]);
+    let slow = slow.as_array().expect("array");
+    let slow_count = u(&a1.port["slow_reqs"]) + u(&a2.port["slow_reqs"]);
+    assert_eq!(slow.len() as u64, slow_count);
+    assert_eq!(a1.slow_lines.len() + a2.slow_lines.len(), slow.len());
+    let sleeps = query_json(
+        prefix,
+        url,
+        &[
+            "slow",
+            "--agent",
+            "a2",
+            "--min-ms",
+            "20",
+            "--grep",
+            "SLEEP 0.*",
+        ],
+    );
+    assert_eq!(
+        sleeps.as_array().expect("array").len() as u64,
+        Expected::of("redis-slow")
+            .extra("slow_20ms")
+            .expect("slow_20ms")
+    );
+    let lines = query_text(prefix, url, &["slow", "--limit", "100000"]);
+    for (agent, output) in [("a1", a1), ("a2", a2)] {
+        let tag = format!("[{agent}] ");
+        let mut mine: Vec<&str> = lines.lines().filter_map(|l| l.strip_prefix(&tag)).collect();
+        let mut expected: Vec<&str> = output.slow_lines.iter().map(String::as_str).collect();
+        mine.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(mine, expected, "slow lines of {agent}");
+    }
+
+    // agents: both, their events, their ports, clean counters.
+    let agents = query_json(prefix, url, &["agents"]);
+    let agents = agents.as_array().expect("array");
+    assert_eq!(agents.len(), 2);
+    for (a, output) in agents.iter().zip([a1, a2]) {
+        assert_eq!(a["events"], output.port["slow_reqs"]);
+        assert_eq!(a["ports"][0]["port"], 26379);
+        assert_eq!(a["ports"][0]["proto"], "redis");
+        assert_eq!(a["sessions"], 1);
+        for counter in [
+            "kernel_drops",
+            "gaps",
+            "desyncs",
+            "shipper_dropped_events",
+            "shipper_dropped_histograms",
+        ] {
+            assert_eq!(a[counter], 0, "{counter} of {}", a["id"]);
+        }
+        assert!(u(&a["last_seen_us"]) > 0);
+    }
+
+    // top: commands by slow count, the largest first.
+    let top = query_json(prefix, url, &["top", "--by", "slow"]);
+    let slows: Vec<u64> = top
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| u(&r["slow"]))
+        .collect();
+    assert!(slows.windows(2).all(|w| w[0] >= w[1]), "{slows:?}");
+    assert_eq!(slows.iter().sum::<u64>(), slow_count);
+}
+
+fn query_text(prefix: &[&str], url: &str, args: &[&str]) -> String {
+    let mut command = match prefix.split_first() {
+        Some((program, rest)) => {
+            let mut c = Command::new(program);
+            c.args(rest).arg(bin("tcpkit-query"));
+            c
+        }
+        None => Command::new(bin("tcpkit-query")),
+    };
+    let out = command
+        .args(["--aggregator", url])
+        .args(args)
+        .output()
+        .expect("tcpkit-query");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The aggregator is killed (SIGKILL) again and again while agents stream every exchange
+/// as an event, and restarted on the same file: in the end each event is stored once.
+#[test]
+fn killed_aggregator_loses_and_duplicates_nothing() {
+    let dir = tempdir();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    // The agents start first: they buffer and retry until the aggregator is up.
+    let agents: Vec<(Child, &str)> = [("redis-benchmark-lo", "k1"), ("redis-pipelined-sll", "k2")]
+        .into_iter()
+        .map(|(f, id)| (start_agent(&[], f, id, "0", &url), f))
+        .collect();
+    for round in 0..4 {
+        let agg = Aggregator::start(dir.path(), port, &[], &[]);
+        std::thread::sleep(Duration::from_millis(150 + 100 * round));
+        drop(agg); // SIGKILL
+    }
+    let agg = Aggregator::start(dir.path(), port, &[], &[]);
+    let mut expected_events = 0;
+    for (child, fixture_name) in agents {
+        let out = finish_agent(child);
+        assert!(
+            out.stderr.contains("0 batches (0 events) unacknowledged"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(
+            u(&out.port["total_reqs"]),
+            Expected::of(fixture_name).exchanges()
+        );
+        expected_events += u(&out.port["slow_reqs"]);
+    }
+    let events = query_json(&[], &agg.url(), &["slow", "--limit", "1000000"]);
+    assert_eq!(
+        events.as_array().expect("array").len() as u64,
+        expected_events
+    );
+    let hist = query_json(&[], &agg.url(), &["hist"]);
+    assert_eq!(u(&hist["count"]), expected_events);
+    let agents = query_json(&[], &agg.url(), &["agents"]);
+    let stored: u64 = agents
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|a| u(&a["events"]))
+        .sum();
+    assert_eq!(stored, expected_events);
+    assert!(Path::new(&agg.db).exists());
+}
+
+/// The same as the first test with every process on a host of its own: the aggregator in
+/// one network namespace, each agent in another, linked by veth pairs.
+#[test]
+fn agents_on_other_hosts() {
+    if !requirement(
+        is_root() && have("ip"),
+        "root and iproute2 (network namespaces)",
+    ) {
+        return;
+    }
+    let tag = std::process::id() % 10_000;
+    let hub = Netns::new(&format!("tkagg{tag}"));
+    let hosts: Vec<(Netns, String)> = (1..=2)
+        .map(|i| {
+            let ns = Netns::new(&format!("tkh{i}x{tag}"));
+            let (a, b) = (format!("tka{i}x{tag}"), format!("tkb{i}x{tag}"));
+            sh(&format!(
+                "ip link add {a} type veth peer name {b} && \
+                 ip link set {a} netns {hub} && ip link set {b} netns {host} && \
+                 ip -n {hub} addr add 10.201.{i}.1/30 dev {a} && ip -n {hub} link set {a} up && \
+                 ip -n {host} addr add 10.201.{i}.2/30 dev {b} && ip -n {host} link set {b} up",
+                hub = hub.0,
+                host = ns.0
+            ));
+            (ns, format!("10.201.{i}.1"))
+        })
+        .collect();
+    let dir = tempdir();
+    let port = 50_051;
+    let agg = Aggregator::start(dir.path(), port, &hub.prefix(), &[]);
+    let agents: Vec<Child> = hosts
+        .iter()
+        .zip([
+            ("redis-benchmark-lo", "a1", "1"),
+            ("redis-slow", "a2", "20"),
+        ])
+        .map(|((ns, ip), (f, id, t))| {
+            start_agent(&ns.prefix(), f, id, t, &format!("http://{ip}:{port}"))
+        })
+        .collect();
+    let mut outputs = agents.into_iter().map(finish_agent);
+    let (a1, a2) = (outputs.next().expect("a1"), outputs.next().expect("a2"));
+    check_fleet(&hub.prefix(), &agg.url(), &a1, &a2);
+    drop(agg);
+}
