@@ -373,30 +373,39 @@ fn store_batch(
     for h in &batch.histograms {
         insert_histogram(tx, key.agent, h)?;
     }
-    let c = batch.counters.unwrap_or_default();
     tx.prepare_cached(
-        "UPDATE sessions SET last_seq = ?3, events = events + ?4, kernel_drops = ?5,
-             interface_drops = ?6, decode_errors = ?7, gaps = ?8, desyncs = ?9, timeouts = ?10,
-             flows_evicted = ?11, shipper_dropped_events = ?12,
-             shipper_dropped_histograms = ?13, shipper_buffered = ?14
-         WHERE agent = ?1 AND session = ?2",
+        "UPDATE sessions SET last_seq = ?3, events = events + ?4 WHERE agent = ?1 AND session = ?2",
     )?
     .execute(params![
         key.agent,
         session,
         batch.seq as i64,
-        batch.events.len() as i64,
-        c.kernel_drops as i64,
-        c.interface_drops as i64,
-        c.decode_errors as i64,
-        c.gaps as i64,
-        c.desyncs as i64,
-        c.timeouts as i64,
-        c.flows_evicted as i64,
-        c.shipper_dropped_events as i64,
-        c.shipper_dropped_histograms as i64,
-        c.shipper_buffered as i64,
+        batch.events.len() as i64
     ])?;
+    // Counters are cumulative over the session: the latest replace the earlier.
+    if let Some(c) = batch.counters {
+        tx.prepare_cached(
+            "UPDATE sessions SET kernel_drops = ?3, interface_drops = ?4, decode_errors = ?5,
+                 gaps = ?6, desyncs = ?7, timeouts = ?8, flows_evicted = ?9,
+                 shipper_dropped_events = ?10, shipper_dropped_histograms = ?11,
+                 shipper_buffered = ?12
+             WHERE agent = ?1 AND session = ?2",
+        )?
+        .execute(params![
+            key.agent,
+            session,
+            c.kernel_drops as i64,
+            c.interface_drops as i64,
+            c.decode_errors as i64,
+            c.gaps as i64,
+            c.desyncs as i64,
+            c.timeouts as i64,
+            c.flows_evicted as i64,
+            c.shipper_dropped_events as i64,
+            c.shipper_dropped_histograms as i64,
+            c.shipper_buffered as i64,
+        ])?;
+    }
     tx.prepare_cached("UPDATE agents SET last_seen_us = ?2 WHERE id = ?1")?
         .execute(params![key.agent, now_us as i64])?;
     Ok(true)
@@ -760,5 +769,205 @@ impl Reader {
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tcpkit_histogram::{seed_bucket, FineHistogram, SEED_BUCKETS};
+
+    fn snapshot(ts_us: u64, command: &str, latencies: &[u64]) -> CheckedSnapshot {
+        let mut fine = FineHistogram::default();
+        let mut seed = [0; SEED_BUCKETS];
+        latencies.iter().for_each(|&l| {
+            fine.record(l);
+            seed[seed_bucket(l)] += 1;
+        });
+        CheckedSnapshot {
+            ts_us,
+            interval_us: 10_000_000,
+            server: "10.0.0.2".into(),
+            port: 6379,
+            proto: "redis".into(),
+            command: command.into(),
+            merged: Merged {
+                count: latencies.len() as u64,
+                sum_us: latencies.iter().sum(),
+                seed,
+                fine,
+                ..Merged::default()
+            },
+        }
+    }
+
+    fn event(ts_us: u64, latency_us: u64, summary: &str) -> v1::Event {
+        v1::Event {
+            ts_us,
+            latency_us,
+            summary: summary.into(),
+            command: summary.split(' ').next().unwrap_or_default().into(),
+            server: "10.0.0.2".into(),
+            port: 6379,
+            proto: "redis".into(),
+            ..Default::default()
+        }
+    }
+
+    fn hello(id: &str, session: u64) -> v1::Hello {
+        v1::Hello {
+            agent_id: id.into(),
+            session,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_once_and_resume_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut store = Store::open(&path).unwrap();
+        let (key, last) = store.hello(&hello("a1", 7), 1).unwrap();
+        assert_eq!(last, 0);
+        let batch = CheckedBatch {
+            seq: 1,
+            events: vec![event(5, 12_000, "GET user:1"), event(6, 30_000, "SET x 1")],
+            histograms: vec![snapshot(0, "GET", &[10, 20, 12_000])],
+            counters: Some(v1::Counters {
+                gaps: 2,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(store.commit(&[(key, &batch)], 2).unwrap(), [true]);
+        // Re-sent: skipped, in the same commit as a new batch, which is stored.
+        let next = CheckedBatch {
+            seq: 2,
+            ..CheckedBatch::default()
+        };
+        assert_eq!(
+            store.commit(&[(key, &batch), (key, &next)], 3).unwrap(),
+            [false, true]
+        );
+        drop(store);
+
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.hello(&hello("a1", 7), 4).unwrap().1, 2);
+        assert_eq!(
+            store.hello(&hello("a1", 8), 4).unwrap().1,
+            0,
+            "a new session"
+        );
+        let reader = Reader::open(&path).unwrap();
+        let all = reader.slow(&v1::SlowRequest::default()).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(
+            all[0].event.as_ref().unwrap().summary,
+            "SET x 1",
+            "newest first"
+        );
+        let grep = reader
+            .slow(&v1::SlowRequest {
+                grep: "user:*".into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(grep.len(), 1);
+        let agents = reader.agents().unwrap();
+        assert_eq!(agents.len(), 1);
+        assert_eq!((agents[0].sessions, agents[0].events), (2, 2));
+        assert_eq!(agents[0].counters.unwrap().gaps, 2);
+        let merged = reader.merged(&v1::Filter::default(), Group::None).unwrap();
+        assert_eq!(merged[""].count, 3);
+    }
+
+    /// Whatever the range, roll-up and snapshots together give the sum of the snapshots in it.
+    #[test]
+    fn ranges_merge_whole_hours_and_edges_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut store = Store::open(&path).unwrap();
+        let (key, _) = store.hello(&hello("a1", 1), 0).unwrap();
+        let interval = 600_000_000; // 10 min: 6 per hour, over 5 hours
+        let snapshots: Vec<CheckedSnapshot> = (0..30u64)
+            .map(|i| {
+                snapshot(
+                    HOUR_US * 10 + i * interval,
+                    if i % 2 == 0 { "GET" } else { "SET" },
+                    &[i + 1, 1000 * (i + 1)],
+                )
+            })
+            .collect();
+        let batch = CheckedBatch {
+            seq: 1,
+            histograms: snapshots.clone(),
+            ..CheckedBatch::default()
+        };
+        store.commit(&[(key, &batch)], 0).unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let start = HOUR_US * 10;
+        for (from, to) in [
+            (0, 0),
+            (start + 1, 0),
+            (0, start + 2 * HOUR_US + 1),
+            (start + interval, start + 4 * HOUR_US + 3 * interval),
+            (start + HOUR_US, start + 2 * HOUR_US),
+            (start + 5, start + 7),
+        ] {
+            let filter = v1::Filter {
+                from_us: from,
+                to_us: to,
+                ..Default::default()
+            };
+            let mut expected: BTreeMap<String, Merged> = BTreeMap::new();
+            for s in &snapshots {
+                if s.ts_us >= from && (to == 0 || s.ts_us < to) {
+                    expected
+                        .entry(s.command.clone())
+                        .or_default()
+                        .merge(&s.merged);
+                }
+            }
+            assert_eq!(
+                reader.merged(&filter, Group::Command).unwrap(),
+                expected,
+                "{from}..{to}"
+            );
+        }
+    }
+
+    #[test]
+    fn retention_deletes_by_age_and_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut store = Store::open(&path).unwrap();
+        let (key, _) = store.hello(&hello("a1", 1), 0).unwrap();
+        let day = 24 * HOUR_US;
+        for (seq, t) in [(1, day), (2, 5 * day), (3, 9 * day)] {
+            let batch = CheckedBatch {
+                seq,
+                events: (0..2000)
+                    .map(|i| event(t + i, 20_000, &"GET key ".repeat(20)))
+                    .collect(),
+                histograms: vec![snapshot(t, "GET", &[5])],
+                ..CheckedBatch::default()
+            };
+            store.commit(&[(key, &batch)], 0).unwrap();
+        }
+        store
+            .enforce_retention(Some(Duration::from_secs(6 * 86_400)), None, 10 * day)
+            .unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let left = |r: &Reader| r.slow(&v1::SlowRequest::default()).unwrap().len();
+        assert_eq!(left(&reader), 4000);
+        assert_eq!(
+            reader.merged(&v1::Filter::default(), Group::None).unwrap()[""].count,
+            2
+        );
+        let size = store.live_bytes().unwrap();
+        store
+            .enforce_retention(None, Some(size * 2 / 3), 10 * day)
+            .unwrap();
+        assert_eq!(left(&reader), 2000, "the oldest day went first");
+        assert!(store.live_bytes().unwrap() <= size * 2 / 3);
     }
 }
