@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use tcpkit_proto::v1::{self, agent_message::Body, ingest_server, query_server};
@@ -127,7 +127,12 @@ pub async fn serve(
                 .max_decoding_message_size(1 << 20)
                 .max_encoding_message_size(config.limits.max_message_bytes.max(64 << 20)),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+            shutdown,
+        )
         .await;
     retention_timer.abort();
     let _ = retention_timer.await;

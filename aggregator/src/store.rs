@@ -1,5 +1,6 @@
 //! The aggregator's SQLite store (DESIGN.md, "Aggregator storage"): agents and their
-//! sessions, slow-request events, histogram snapshots and their hourly roll-up.
+//! sessions, slow-request events, histogram snapshots and their roll-ups (per hour and per
+//! 10 minutes).
 //!
 //! One [`Store`] writes (the writer task owns it); [`Reader`]s answer queries on their own
 //! connections. WAL mode lets them read while it writes. A batch is stored whole in one
@@ -15,8 +16,11 @@ use tcpkit_proto::v1;
 
 use crate::merge::{Merged, SnapshotError, StoredColumns};
 
-/// Snapshots are rolled up per hour of their start time.
+/// An hour, µs.
 pub const HOUR_US: u64 = 3_600_000_000;
+/// Snapshots are rolled up per hour and per 10 minutes of their start time (coarsest
+/// first): a range reads whole hours, then whole 10 minutes at its ends, then snapshots.
+pub const ROLLUP_SPANS_US: [u64; 2] = [HOUR_US, HOUR_US / 6];
 
 /// The schema, one step per version; `PRAGMA user_version` says how many have run.
 const MIGRATIONS: &[&str] = &[r#"
@@ -84,8 +88,9 @@ CREATE TABLE histograms (
     fine BLOB NOT NULL
 );
 CREATE INDEX histograms_by_time ON histograms (ts_us);
-CREATE TABLE histograms_hourly (
-    hour INTEGER NOT NULL,
+CREATE TABLE rollups (
+    span_us INTEGER NOT NULL,
+    bucket_us INTEGER NOT NULL,
     agent INTEGER NOT NULL,
     server TEXT NOT NULL,
     port INTEGER NOT NULL,
@@ -99,7 +104,7 @@ CREATE TABLE histograms_hourly (
     timeouts INTEGER NOT NULL,
     seed BLOB NOT NULL,
     fine BLOB NOT NULL,
-    PRIMARY KEY (hour, agent, server, port, proto, command)
+    PRIMARY KEY (span_us, bucket_us, agent, server, port, proto, command)
 ) WITHOUT ROWID;
 "#];
 
@@ -188,6 +193,8 @@ impl Store {
         // Durable across a crash of the process; an OS crash may lose the last commits,
         // which the agents then re-send (they are not acknowledged until committed).
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // 64 MiB of page cache: the indexes of a large store stay in memory while writing.
+        conn.pragma_update(None, "cache_size", -65_536)?;
         let mut store = Self { conn };
         store.migrate()?;
         Ok(store)
@@ -295,8 +302,8 @@ impl Store {
                 let oldest: Option<i64> = self.conn.query_row(
                     "SELECT min(t) FROM (SELECT min(ts_us) AS t FROM events
                      UNION ALL SELECT min(ts_us) FROM histograms
-                     UNION ALL SELECT min(hour) * ?1 FROM histograms_hourly)",
-                    [HOUR_US as i64],
+                     UNION ALL SELECT min(bucket_us) FROM rollups)",
+                    [],
                     |r| r.get(0),
                 )?;
                 let Some(oldest) = oldest else { break };
@@ -323,10 +330,10 @@ impl Store {
         let cutoff = cutoff_us as i64;
         let mut n = tx.execute("DELETE FROM events WHERE ts_us < ?1", [cutoff])?;
         n += tx.execute("DELETE FROM histograms WHERE ts_us < ?1", [cutoff])?;
-        // An hour goes with its last snapshot.
+        // A roll-up goes with its last snapshot.
         n += tx.execute(
-            "DELETE FROM histograms_hourly WHERE (hour + 1) * ?1 <= ?2",
-            [HOUR_US as i64, cutoff],
+            "DELETE FROM rollups WHERE bucket_us + span_us <= ?1",
+            [cutoff],
         )?;
         tx.commit()?;
         Ok(n as u64)
@@ -411,7 +418,7 @@ fn store_batch(
     Ok(true)
 }
 
-/// Stores a snapshot and adds it to its hour's roll-up.
+/// Stores a snapshot and adds it to its roll-ups.
 fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnapshot) -> Result<()> {
     let m = &h.merged;
     tx.prepare_cached(
@@ -436,41 +443,51 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         m.seed_blob(),
         m.fine_blob(),
     ])?;
-    let hour = (h.ts_us / HOUR_US) as i64;
-    let key = params![hour, agent, h.server, h.port, h.proto, h.command];
-    let mut hourly = tx
-        .prepare_cached(
-            "SELECT count, sum_us, max_us, slow, errors, timeouts, seed, fine
-             FROM histograms_hourly
-             WHERE hour = ?1 AND agent = ?2 AND server = ?3 AND port = ?4 AND proto = ?5
-                 AND command = ?6",
+    for span in ROLLUP_SPANS_US {
+        let bucket = (h.ts_us - h.ts_us % span) as i64;
+        let key = params![
+            span as i64,
+            bucket,
+            agent,
+            h.server,
+            h.port,
+            h.proto,
+            h.command
+        ];
+        let mut sum = tx
+            .prepare_cached(
+                "SELECT count, sum_us, max_us, slow, errors, timeouts, seed, fine FROM rollups
+                 WHERE span_us = ?1 AND bucket_us = ?2 AND agent = ?3 AND server = ?4
+                     AND port = ?5 AND proto = ?6 AND command = ?7",
+            )?
+            .query_row(key, |r| merged_from_row(r, 0))
+            .optional()?
+            .transpose()?
+            .unwrap_or_default();
+        sum.merge(m);
+        tx.prepare_cached(
+            "INSERT OR REPLACE INTO rollups (span_us, bucket_us, agent, server, port, proto,
+                 command, count, sum_us, max_us, slow, errors, timeouts, seed, fine)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?
-        .query_row(key, |r| merged_from_row(r, 0))
-        .optional()?
-        .transpose()?
-        .unwrap_or_default();
-    hourly.merge(m);
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO histograms_hourly (hour, agent, server, port, proto, command,
-             count, sum_us, max_us, slow, errors, timeouts, seed, fine)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-    )?
-    .execute(params![
-        hour,
-        agent,
-        h.server,
-        h.port,
-        h.proto,
-        h.command,
-        hourly.count as i64,
-        hourly.sum_us as i64,
-        hourly.fine.max_us() as i64,
-        hourly.slow as i64,
-        hourly.errors as i64,
-        hourly.timeouts as i64,
-        hourly.seed_blob(),
-        hourly.fine_blob(),
-    ])?;
+        .execute(params![
+            span as i64,
+            bucket,
+            agent,
+            h.server,
+            h.port,
+            h.proto,
+            h.command,
+            sum.count as i64,
+            sum.sum_us as i64,
+            sum.fine.max_us() as i64,
+            sum.slow as i64,
+            sum.errors as i64,
+            sum.timeouts as i64,
+            sum.seed_blob(),
+            sum.fine_blob(),
+        ])?;
+    }
     Ok(())
 }
 
@@ -648,49 +665,47 @@ impl Reader {
     }
 
     /// The histograms matching `filter`, merged per group (one group with [`Group::None`]),
-    /// in key order. Whole hours inside the range are read from the roll-up, the partial
-    /// hours at its ends from the snapshots.
+    /// in key order.
     pub fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
-        let (from, to) = (filter.from_us, filter.to_us);
-        let first_full_hour = from.div_ceil(HOUR_US);
-        let end_full_hour = if to == 0 {
-            u64::MAX / HOUR_US
-        } else {
-            to / HOUR_US
-        };
         let mut groups = BTreeMap::new();
-        if first_full_hour < end_full_hour {
-            let mut c = Conditions::new(filter);
-            if first_full_hour > 0 {
-                c.push(
-                    "hour >= ?",
-                    rusqlite::types::Value::Integer(first_full_hour as i64),
-                );
-            }
-            if to != 0 {
-                c.push(
-                    "hour < ?",
-                    rusqlite::types::Value::Integer(end_full_hour as i64),
-                );
-            }
-            self.merge_rows("histograms_hourly", &c, group, &mut groups)?;
-            let mut edges = vec![(from, first_full_hour * HOUR_US)];
-            if to != 0 {
-                edges.push((end_full_hour * HOUR_US, to));
-            }
-            for (edge_from, edge_to) in edges {
-                if edge_from < edge_to {
-                    let mut c = Conditions::new(filter);
-                    c.time("ts_us", edge_from, edge_to);
-                    self.merge_rows("histograms", &c, group, &mut groups)?;
-                }
-            }
-        } else {
+        self.merge_range(filter, filter.from_us, filter.to_us, 0, group, &mut groups)?;
+        Ok(groups)
+    }
+
+    /// Merges `[from, to)` (`to` 0: no end): the whole spans of roll-up `level` inside it
+    /// from that roll-up, the parts at its ends from the next finer level, and from the
+    /// snapshots past the finest.
+    fn merge_range(
+        &self,
+        filter: &v1::Filter,
+        from: u64,
+        to: u64,
+        level: usize,
+        group: Group,
+        groups: &mut BTreeMap<String, Merged>,
+    ) -> Result<()> {
+        use rusqlite::types::Value;
+        let Some(&span) = ROLLUP_SPANS_US.get(level) else {
             let mut c = Conditions::new(filter);
             c.time("ts_us", from, to);
-            self.merge_rows("histograms", &c, group, &mut groups)?;
+            return self.merge_rows("histograms", &c, group, groups);
+        };
+        let first = from.div_ceil(span) * span;
+        let end = if to == 0 { u64::MAX } else { to - to % span };
+        if first >= end {
+            return self.merge_range(filter, from, to, level + 1, group, groups);
         }
-        Ok(groups)
+        let mut c = Conditions::new(filter);
+        c.push("span_us = ?", Value::Integer(span as i64));
+        c.time("bucket_us", first, if to == 0 { 0 } else { end });
+        self.merge_rows("rollups", &c, group, groups)?;
+        if from < first {
+            self.merge_range(filter, from, first, level + 1, group, groups)?;
+        }
+        if to != 0 && end < to {
+            self.merge_range(filter, end, to, level + 1, group, groups)?;
+        }
+        Ok(())
     }
 
     fn merge_rows(
@@ -887,8 +902,8 @@ mod tests {
         let path = dir.path().join("t.db");
         let mut store = Store::open(&path).unwrap();
         let (key, _) = store.hello(&hello("a1", 1), 0).unwrap();
-        let interval = 600_000_000; // 10 min: 6 per hour, over 5 hours
-        let snapshots: Vec<CheckedSnapshot> = (0..30u64)
+        let interval = 240_000_000; // 4 min: 15 per hour, over 5 hours
+        let snapshots: Vec<CheckedSnapshot> = (0..75u64)
             .map(|i| {
                 snapshot(
                     HOUR_US * 10 + i * interval,
@@ -912,6 +927,11 @@ mod tests {
             (start + interval, start + 4 * HOUR_US + 3 * interval),
             (start + HOUR_US, start + 2 * HOUR_US),
             (start + 5, start + 7),
+            (
+                start + 13 * 60_000_000,
+                start + 3 * HOUR_US + 47 * 60_000_000,
+            ),
+            (start + 59 * 60_000_000, start + 61 * 60_000_000),
         ] {
             let filter = v1::Filter {
                 from_us: from,
