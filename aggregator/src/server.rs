@@ -510,3 +510,64 @@ impl query_server::Query for QueryService {
         Ok(Response::new(v1::AgentsReply { agents }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_batches_are_refused_with_a_reason() {
+        let limits = Limits {
+            max_events: 2,
+            max_text: 8,
+            ..Limits::default()
+        };
+        let ok = v1::Batch {
+            seq: 1,
+            events: vec![v1::Event::default()],
+            ..Default::default()
+        };
+        assert!(check_batch(ok.clone(), &limits).is_ok());
+        let cases = [
+            (
+                v1::Batch {
+                    seq: 0,
+                    ..ok.clone()
+                },
+                "start at 1",
+            ),
+            (
+                v1::Batch {
+                    events: vec![v1::Event::default(); 3],
+                    ..ok.clone()
+                },
+                "3 events",
+            ),
+            (
+                v1::Batch {
+                    events: vec![v1::Event {
+                        summary: "x".repeat(9),
+                        ..Default::default()
+                    }],
+                    ..ok.clone()
+                },
+                "summary of 9 bytes",
+            ),
+            (
+                v1::Batch {
+                    histograms: vec![v1::HistogramSnapshot {
+                        count: 1,
+                        seed: vec![0; 18],
+                        ..Default::default()
+                    }],
+                    ..ok.clone()
+                },
+                "count 1",
+            ),
+        ];
+        for (batch, why) in cases {
+            let err = check_batch(batch, &limits).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+}
