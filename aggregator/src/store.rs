@@ -69,6 +69,7 @@ CREATE TABLE events (
 );
 CREATE INDEX events_by_time ON events (ts_us);
 CREATE INDEX events_by_latency ON events (latency_us);
+CREATE INDEX events_by_server ON events (server, port, ts_us);
 CREATE TABLE histograms (
     id INTEGER PRIMARY KEY,
     ts_us INTEGER NOT NULL,
