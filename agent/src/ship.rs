@@ -12,18 +12,15 @@ use rustc_hash::FxHashMap;
 use tcpkit_proto::v1;
 
 use crate::matcher::{Exchange, Unanswered};
-use crate::stats::LatencyStats;
+use crate::stats::{LatencyStats, PortLatency};
 use crate::text::push_escaped;
 
 /// The figures of one interval, per server address and port (with its protocol), per
 /// command.
 #[derive(Debug, Default)]
 pub struct IntervalHistograms {
-    series: FxHashMap<(IpAddr, u16), (&'static str, Commands)>,
+    series: FxHashMap<(IpAddr, u16), (&'static str, PortLatency)>,
 }
-
-/// The figures per command.
-type Commands = FxHashMap<Box<[u8]>, LatencyStats>;
 
 impl IntervalHistograms {
     fn stats(
@@ -36,11 +33,8 @@ impl IntervalHistograms {
         let (_, commands) = self
             .series
             .entry((server, port))
-            .or_insert_with(|| (proto, FxHashMap::default()));
-        if !commands.contains_key(command) {
-            commands.insert(command.into(), LatencyStats::default());
-        }
-        commands.get_mut(command).expect("inserted above")
+            .or_insert_with(|| (proto, PortLatency::default()));
+        commands.command(command)
     }
 
     /// Counts one exchange.
@@ -64,8 +58,8 @@ impl IntervalHistograms {
     /// The snapshots of the interval `[start_us, start_us + interval_us)`, emptying it.
     pub fn take(&mut self, start_us: u64, interval_us: u64) -> Vec<v1::HistogramSnapshot> {
         let mut out = Vec::new();
-        for ((server, port), (proto, commands)) in self.series.drain() {
-            for (command, s) in commands {
+        for ((server, port), (proto, latency)) in self.series.drain() {
+            for (command, s) in latency.commands {
                 let (fine_index, fine_count) = s.fine.nonzero().unzip();
                 out.push(v1::HistogramSnapshot {
                     ts_us: start_us,

@@ -161,6 +161,24 @@ impl Shipper {
 
 type Drops = (Arc<AtomicU64>, Arc<AtomicU64>);
 
+/// Waits between connection attempts: 0.1 s, doubling up to 5 s.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(BACKOFF_MIN)
+    }
+}
+
+impl Backoff {
+    /// When to try again, and a longer wait for the time after.
+    fn next_attempt(&mut self) -> Instant {
+        let at = Instant::now() + self.0;
+        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        at
+    }
+}
+
 /// The open stream: where batches go, where acknowledgements come from.
 struct Stream {
     out: mpsc::UnboundedSender<v1::AgentMessage>,
@@ -192,7 +210,7 @@ async fn ship(
 ) -> ShipReport {
     let mut buffer = ShipBuffer::new(config.buffer_bytes);
     let mut stream: Option<Stream> = None;
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::default();
     let mut connect_at = Instant::now();
     let mut deadline: Option<Instant> = None;
     let mut batch_deadline = Instant::now() + BATCH_AGE;
@@ -222,7 +240,7 @@ async fn ship(
                     }
                     stream = Some(s);
                     buffer.rewind();
-                    backoff = BACKOFF_MIN;
+                    backoff = Backoff::default();
                     warned = false;
                 }
                 Ok(Err(e)) => {
@@ -230,12 +248,10 @@ async fn ship(
                         tracing::warn!("aggregator {}: {}; retrying", config.url, e.message());
                         warned = true;
                     }
-                    connect_at = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    connect_at = backoff.next_attempt();
                 }
                 Err(_) => {
-                    connect_at = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    connect_at = backoff.next_attempt();
                 }
             }
         }
@@ -278,8 +294,7 @@ async fn ship(
                             warned = true;
                         }
                         stream = None;
-                        connect_at = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        connect_at = backoff.next_attempt();
                     }
                 }
             }

@@ -155,7 +155,7 @@ impl PortLatency {
         all
     }
 
-    fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
+    pub(crate) fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
         if self
             .commands
             .get(self.last)

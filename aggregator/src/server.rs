@@ -151,7 +151,7 @@ fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config)
         while let Some(job) = next.take() {
             match job {
                 Job::Hello(hello, reply) => {
-                    let _ = reply.send(store.hello(&hello, now_us()).map_err(describe));
+                    let _ = reply.send(store.hello(&hello, now_us()).map_err(|e| e.to_string()));
                 }
                 Job::Batch(key, batch, reply) => pending.push((key, batch, reply)),
                 Job::Retention => {
@@ -184,7 +184,7 @@ fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config)
                 }
             }
             Err(e) => {
-                let why = describe(e);
+                let why = e.to_string();
                 tracing::error!("cannot store {} batches: {why}", pending.len());
                 for (_, _, reply) in pending.drain(..) {
                     let _ = reply.send(Err(why.clone()));
@@ -192,10 +192,6 @@ fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config)
             }
         }
     }
-}
-
-fn describe(e: StoreError) -> String {
-    e.to_string()
 }
 
 struct IngestService {

@@ -282,14 +282,7 @@ impl Aggregator {
                 "0.0.0.0"
             }
         );
-        let mut command = match prefix.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin("tcpkit-aggregator"));
-                c
-            }
-            None => Command::new(bin("tcpkit-aggregator")),
-        };
+        let mut command = command_in(prefix, &bin("tcpkit-aggregator"));
         let child = command
             .args(["--listen", &listen, "--db"])
             .arg(&db)
@@ -306,9 +299,7 @@ impl Aggregator {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let url = format!("http://127.0.0.1:{port}");
-                let ok = Command::new(prefix[0])
-                    .args(&prefix[1..])
-                    .arg(bin("tcpkit-query"))
+                let ok = command_in(prefix, &bin("tcpkit-query"))
                     .args(["--aggregator", &url, "agents"])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -336,14 +327,7 @@ impl Aggregator {
 
 /// Runs `tcpkit-query --aggregator URL --json ARGS…` (through `prefix`) and parses its answer.
 pub fn query_json(prefix: &[&str], url: &str, args: &[&str]) -> serde_json::Value {
-    let mut command = match prefix.split_first() {
-        Some((program, rest)) => {
-            let mut c = Command::new(program);
-            c.args(rest).arg(bin("tcpkit-query"));
-            c
-        }
-        None => Command::new(bin("tcpkit-query")),
-    };
+    let mut command = command_in(prefix, &bin("tcpkit-query"));
     let out = command
         .args(["--aggregator", url, "--json"])
         .args(args)
@@ -392,4 +376,16 @@ pub fn sh(command: &str) {
         .status()
         .expect("run sh");
     assert!(status.success(), "`{command}` failed");
+}
+
+/// A command running `program`, through `prefix` when one is given (`ip netns exec NS`).
+pub fn command_in(prefix: &[&str], program: &Path) -> Command {
+    match prefix.split_first() {
+        Some((wrapper, args)) => {
+            let mut c = Command::new(wrapper);
+            c.args(args).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }

@@ -4,7 +4,7 @@
 //! sits on a host (network namespace) of its own.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -19,14 +19,7 @@ fn start_agent(
     url: &str,
 ) -> Child {
     let pcap = fixture(&format!("{fixture_name}.pcap"));
-    let mut command = match prefix.split_first() {
-        Some((program, rest)) => {
-            let mut c = Command::new(program);
-            c.args(rest).arg(tcpkit_bin());
-            c
-        }
-        None => Command::new(tcpkit_bin()),
-    };
+    let mut command = command_in(prefix, &tcpkit_bin());
     command
         .arg("-r")
         .arg(pcap)
@@ -254,14 +247,7 @@ fn check_fleet(prefix: &[&str], url: &str, a1: &AgentOutput, a2: &AgentOutput) {
 }
 
 fn query_text(prefix: &[&str], url: &str, args: &[&str]) -> String {
-    let mut command = match prefix.split_first() {
-        Some((program, rest)) => {
-            let mut c = Command::new(program);
-            c.args(rest).arg(bin("tcpkit-query"));
-            c
-        }
-        None => Command::new(bin("tcpkit-query")),
-    };
+    let mut command = command_in(prefix, &bin("tcpkit-query"));
     let out = command
         .args(["--aggregator", url])
         .args(args)
