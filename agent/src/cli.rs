@@ -168,6 +168,15 @@ pub struct Args {
     #[arg(long = "max-pending", default_value_t = 4096, value_name = "N")]
     pub max_pending: usize,
 
+    /// Serve Prometheus metrics (latency histograms, counters) on this address, e.g.
+    /// 127.0.0.1:9100
+    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
+    /// Switch to this user once the capture, listeners and files are open (needs root)
+    #[arg(long = "user", value_name = "NAME")]
+    pub user: Option<String>,
+
     /// Ship slow requests and latency histograms to this tcpkit-aggregator
     /// (http://host:50051); with none the agent works alone
     #[arg(long = "aggregator", value_name = "URL", help_heading = "Fleet")]
@@ -195,6 +204,14 @@ pub struct Args {
         help_heading = "Fleet"
     )]
     pub ship_timeout_secs: f64,
+
+    /// How to reach the aggregator securely
+    #[command(flatten, next_help_heading = "Fleet")]
+    pub client: tcpkit_proto::client::ClientFlags,
+
+    /// Read settings from this TOML file (keys are the long flag names; flags override them)
+    #[arg(long = "config", value_name = "FILE")]
+    pub config: Option<PathBuf>,
 
     /// Print version
     #[arg(short = 'v', long = "version", action = ArgAction::Version)]
@@ -271,10 +288,21 @@ impl Args {
     }
 }
 
-/// Parses the command line. Help and version are printed and exit 0; any other problem is
-/// one line on stderr and exit code 2.
+/// Parses the command line, after the settings of `--config FILE` (flags override them).
+/// Help and version are printed and exit 0; any other problem is one line on stderr and exit
+/// code 2.
 pub fn parse() -> Args {
-    match Args::try_parse() {
+    use clap::CommandFactory;
+    let argv =
+        match tcpkit_ops::config::with_config_file(&Args::command(), std::env::args_os().collect())
+        {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("tcpkit: {e:#}");
+                std::process::exit(2);
+            }
+        };
+    match Args::try_parse_from(argv) {
         Ok(args) => args,
         Err(e) => {
             use clap::error::ErrorKind;

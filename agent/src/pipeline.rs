@@ -17,7 +17,7 @@ use crate::matcher::{
 };
 use crate::raw::RawFormatter;
 use crate::script::{Script, ScriptOutput};
-use crate::shipper::ShipSink;
+use crate::shipper::{ShipSink, ShipStatusNow};
 use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
 
@@ -501,8 +501,20 @@ impl<C: Connection> Pipeline<C> {
         }
     }
 
+    /// The Prometheus page, with libpcap's counters.
+    pub fn metrics(&self, kernel: Option<KernelStats>) -> String {
+        let mut summary = self.summary();
+        summary.kernel = kernel;
+        crate::metrics::render(&summary, &self.modes, self.ship_status())
+    }
+
+    /// The shipper's state, when shipping.
+    pub fn ship_status(&self) -> Option<ShipStatusNow> {
+        self.sinks.ship.as_ref().map(ShipSink::status)
+    }
+
     /// The data-quality counters the aggregator keeps.
-    fn counters(&self) -> tcpkit_proto::v1::Counters {
+    pub fn counters(&self) -> tcpkit_proto::v1::Counters {
         let f = self.flows.counters();
         let timeouts = self
             .sinks

@@ -16,10 +16,13 @@ use crate::flow::{DirectionRule, FlowLimits};
 use crate::matcher::dns::DnsTcpConnection;
 use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
 use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
+use crate::privileges;
 use crate::reassembly::ReassemblyLimits;
 use crate::script::Script;
 use crate::shipper::{ShipSink, Shipper, ShipperConfig};
 use crate::stats_server::{self, StatsSnapshot};
+use tcpkit_ops::prometheus;
+use tcpkit_proto::client::Connector;
 
 /// How often the stats document is republished, the log flushed and progress shown.
 const TICK: Duration = Duration::from_secs(1);
@@ -33,6 +36,11 @@ pub fn run(args: Args) -> Result<()> {
     let all_raw = modes.iter().all(|(_, m)| *m == Mode::Raw);
     let script = match &args.script {
         Some(path) => Some(Script::load(path, all_raw)?),
+        None => None,
+    };
+    // Looked up before anything starts, so that a wrong name stops here.
+    let account = match &args.user {
+        Some(name) => Some((name, privileges::lookup(name)?)),
         None => None,
     };
     let source = match &args.read {
@@ -61,6 +69,13 @@ pub fn run(args: Args) -> Result<()> {
         ),
         None => None,
     };
+    let metrics_listener = match args.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr} (--metrics-listen)"))?,
+        ),
+        None => None,
+    };
     let mut log = open_log(&args)?;
     // Before the pid file exists, so that a signal sent as soon as it does stops cleanly.
     let stop = Arc::new(AtomicBool::new(false));
@@ -77,12 +92,22 @@ pub fn run(args: Args) -> Result<()> {
         std::fs::write(path, format!("{}\n", std::process::id()))
             .with_context(|| format!("cannot write pid file {}", path.display()))?;
     }
+    // Everything that needs root is open: the capture, the listeners, the files.
+    if let Some((name, account)) = account {
+        privileges::become_user(name, account)?;
+    }
 
-    let snapshot = StatsSnapshot::default();
-    let stats_thread = stats_listener.map(|l| spawn_stats_server(l, snapshot.clone()));
+    let documents = Documents {
+        stats: StatsSnapshot::default(),
+        metrics: metrics_listener.is_some().then(StatsSnapshot::default),
+    };
+    let servers = spawn_servers(
+        stats_listener.map(|l| (l, documents.stats.clone())),
+        metrics_listener.zip(documents.metrics.clone()),
+    );
     let shipper = match &args.aggregator {
         Some(url) => Some(Shipper::start(ShipperConfig {
-            url: url.clone(),
+            connector: Connector::new(url, &args.client, Duration::from_secs(3))?,
             hello: hello(&args),
             buffer_bytes: args.ship_buffer_bytes,
         })?),
@@ -110,7 +135,7 @@ pub fn run(args: Args) -> Result<()> {
                 )),
                 None => pipeline,
             };
-            drive(pipeline, &args, &mut capture, &mut log, &stop, &snapshot)
+            drive(pipeline, &args, &mut capture, &mut log, &stop, &documents)
         }};
     }
     let result = match single {
@@ -126,8 +151,8 @@ pub fn run(args: Args) -> Result<()> {
         let report = shipper.finish(Duration::from_secs_f64(args.ship_timeout_secs.max(0.0)));
         eprintln!("tcpkit: {report}");
     }
-    if let Some((thread, shutdown)) = stats_thread {
-        let _ = shutdown.send(());
+    if let Some((thread, shutdown)) = servers {
+        let _ = shutdown.send(true);
         let _ = thread.join();
     }
     result
@@ -213,12 +238,12 @@ fn drive<C: Connection>(
     capture: &mut Capture,
     log: &mut Box<dyn Write>,
     stop: &AtomicBool,
-    snapshot: &StatsSnapshot,
+    documents: &Documents,
 ) -> Result<()> {
-    snapshot.publish(pipeline.stats_json().to_string());
+    documents.publish(&pipeline, capture);
 
     let show_progress = !capture.is_live() && io::stderr().is_terminal();
-    let loop_result = capture_loop(capture, &mut pipeline, log, stop, snapshot, show_progress);
+    let loop_result = capture_loop(capture, &mut pipeline, log, stop, documents, show_progress);
     if show_progress {
         eprint!("\r\x1b[K");
     }
@@ -232,7 +257,7 @@ fn drive<C: Connection>(
         SummaryFormat::Json => format!("{}\n", pipeline.stats_json()),
         SummaryFormat::None => String::new(),
     };
-    snapshot.publish(pipeline.stats_json().to_string());
+    documents.publish(&pipeline, capture);
     let written = write_out(log, pipeline.output())
         .and_then(|_| log.write_all(summary_text.as_bytes()))
         .and_then(|_| log.flush());
@@ -250,7 +275,7 @@ fn capture_loop<C: Connection>(
     pipeline: &mut Pipeline<C>,
     log: &mut dyn Write,
     stop: &AtomicBool,
-    snapshot: &StatsSnapshot,
+    documents: &Documents,
     show_progress: bool,
 ) -> Result<()> {
     let mut next_tick = Instant::now() + TICK;
@@ -279,7 +304,7 @@ fn capture_loop<C: Connection>(
                     .map_or(0, |d| d.as_micros() as u64)
             });
             pipeline.tick(capture.kernel_stats(), wall_us);
-            snapshot.publish(pipeline.stats_json().to_string());
+            documents.publish(pipeline, capture);
             if let Err(e) = write_out(log, pipeline.output()).and_then(|_| log.flush()) {
                 return closed_output(e);
             }
@@ -306,14 +331,44 @@ fn write_out(log: &mut dyn Write, out: &mut Vec<u8>) -> io::Result<()> {
     result
 }
 
-type StatsThread = (
+/// The documents the agent serves, republished every tick.
+struct Documents {
+    /// The stats JSON (the stats port).
+    stats: StatsSnapshot,
+    /// The Prometheus page, with `--metrics-listen`.
+    metrics: Option<StatsSnapshot>,
+}
+
+impl Documents {
+    fn publish<C: Connection>(&self, pipeline: &Pipeline<C>, capture: &mut Capture) {
+        self.stats.publish(pipeline.stats_json().to_string());
+        if let Some(metrics) = &self.metrics {
+            metrics.publish(pipeline.metrics(capture.kernel_stats()));
+        }
+    }
+}
+
+type ServerThread = (
     std::thread::JoinHandle<()>,
-    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::watch::Sender<bool>,
 );
 
-/// Runs the stats server on a thread of its own with a single-threaded tokio runtime.
-fn spawn_stats_server(listener: std::net::TcpListener, snapshot: StatsSnapshot) -> StatsThread {
-    let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+/// Runs the stats server and the metrics endpoint (those asked for) on a thread of their own
+/// with a single-threaded tokio runtime.
+fn spawn_servers(
+    stats: Option<(std::net::TcpListener, StatsSnapshot)>,
+    metrics: Option<(std::net::TcpListener, StatsSnapshot)>,
+) -> Option<ServerThread> {
+    if stats.is_none() && metrics.is_none() {
+        return None;
+    }
+    let (shutdown, stopped) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }
+    };
     let thread = std::thread::spawn(move || {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -326,19 +381,33 @@ fn spawn_stats_server(listener: std::net::TcpListener, snapshot: StatsSnapshot) 
             }
         };
         runtime.block_on(async move {
-            let listener = listener
-                .set_nonblocking(true)
-                .and_then(|_| tokio::net::TcpListener::from_std(listener));
-            match listener {
-                Ok(l) => {
-                    stats_server::serve(l, snapshot, async {
-                        let _ = stopped.await;
-                    })
-                    .await
+            let stats = async {
+                if let Some((listener, snapshot)) = stats {
+                    match tokio_listener(listener) {
+                        Ok(l) => stats_server::serve(l, snapshot, stopped()).await,
+                        Err(e) => tracing::error!("stats server: {e}"),
+                    }
                 }
-                Err(e) => tracing::error!("stats server: {e}"),
-            }
+            };
+            let metrics = async {
+                if let Some((listener, page)) = metrics {
+                    match tokio_listener(listener) {
+                        Ok(l) => {
+                            let render: prometheus::Render =
+                                Arc::new(move || page.current().as_str().to_owned());
+                            prometheus::serve(l, render, stopped()).await
+                        }
+                        Err(e) => tracing::error!("metrics endpoint: {e}"),
+                    }
+                }
+            };
+            tokio::join!(stats, metrics);
         });
     });
-    (thread, shutdown)
+    Some((thread, shutdown))
+}
+
+fn tokio_listener(listener: std::net::TcpListener) -> io::Result<tokio::net::TcpListener> {
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
 }

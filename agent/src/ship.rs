@@ -284,6 +284,11 @@ impl ShipBuffer {
         )
     }
 
+    /// Bytes of the batches kept.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Batches and events acknowledged so far.
     pub fn acked(&self) -> (u64, u64) {
         (self.acked_batches, self.acked_events)

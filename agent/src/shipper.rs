@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tcpkit_proto::client::{error_chain, Connector};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::Endpoint;
 
-use tcpkit_proto::v1::{self, agent_message::Body, ingest_client::IngestClient};
+use tcpkit_proto::v1::{self, agent_message::Body};
 
 use crate::matcher::{Exchange, Unanswered};
 use crate::ship::{event_of, Dropped, IntervalHistograms, ShipBuffer};
@@ -32,8 +32,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// What the shipper needs to know.
 #[derive(Debug, Clone)]
 pub struct ShipperConfig {
-    /// The aggregator, `http://host:port`.
-    pub url: String,
+    /// The aggregator, its TLS settings and token.
+    pub connector: Connector,
     /// Who this agent is.
     pub hello: v1::Hello,
     /// Bytes of unacknowledged batches kept.
@@ -52,6 +52,38 @@ pub struct ShipTap {
     commands: mpsc::Sender<Command>,
     dropped_events: Arc<AtomicU64>,
     dropped_histograms: Arc<AtomicU64>,
+    status: Arc<ShipStatus>,
+}
+
+/// The shipper's state as the capture thread may read it (metrics): updated by the shipper
+/// thread after everything it does.
+#[derive(Debug, Default)]
+pub struct ShipStatus {
+    /// Bytes of batches kept for (re-)sending.
+    pub buffered_bytes: AtomicU64,
+    /// Batches the aggregator acknowledged.
+    pub acked_batches: AtomicU64,
+    /// Events dropped (buffer over its cap, or the hand-over queue full).
+    pub dropped_events: AtomicU64,
+    /// Histogram snapshots dropped.
+    pub dropped_histograms: AtomicU64,
+    /// 1 while a stream to the aggregator is open.
+    pub connected: AtomicU64,
+}
+
+impl ShipStatus {
+    fn update(&self, buffer: &ShipBuffer, connected: bool) {
+        let dropped = buffer.dropped();
+        self.buffered_bytes
+            .store(buffer.bytes() as u64, Ordering::Relaxed);
+        self.acked_batches
+            .store(buffer.acked().0, Ordering::Relaxed);
+        self.dropped_events.store(dropped.events, Ordering::Relaxed);
+        self.dropped_histograms
+            .store(dropped.histograms, Ordering::Relaxed);
+        self.connected
+            .store(u64::from(connected), Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -65,6 +97,20 @@ impl std::fmt::Debug for Command {
 }
 
 impl ShipTap {
+    /// The shipper's state; drops still in the hand-over queue's counters are added.
+    pub fn status(&self) -> ShipStatusNow {
+        let s = &self.status;
+        ShipStatusNow {
+            buffered_bytes: s.buffered_bytes.load(Ordering::Relaxed),
+            acked_batches: s.acked_batches.load(Ordering::Relaxed),
+            dropped_events: s.dropped_events.load(Ordering::Relaxed)
+                + self.dropped_events.load(Ordering::Relaxed),
+            dropped_histograms: s.dropped_histograms.load(Ordering::Relaxed)
+                + self.dropped_histograms.load(Ordering::Relaxed),
+            connected: s.connected.load(Ordering::Relaxed) == 1,
+        }
+    }
+
     /// Queues slow-request events; counted as dropped when the queue is full.
     pub fn events(&self, events: Vec<v1::Event>) {
         let n = events.len() as u64;
@@ -84,6 +130,21 @@ impl ShipTap {
             self.dropped_histograms.fetch_add(n, Ordering::Relaxed);
         }
     }
+}
+
+/// The shipper's state at one moment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ShipStatusNow {
+    /// Bytes of batches kept for (re-)sending.
+    pub buffered_bytes: u64,
+    /// Batches the aggregator acknowledged.
+    pub acked_batches: u64,
+    /// Events dropped.
+    pub dropped_events: u64,
+    /// Histogram snapshots dropped.
+    pub dropped_histograms: u64,
+    /// A stream to the aggregator is open.
+    pub connected: bool,
 }
 
 /// How the shipping went, at exit.
@@ -121,15 +182,12 @@ pub struct Shipper {
 impl Shipper {
     /// Starts the shipper thread; it connects in the background.
     pub fn start(config: ShipperConfig) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(config.url.clone())
-            .with_context(|| format!("bad aggregator address '{}'", config.url))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true);
         let (commands, queue) = mpsc::channel(QUEUE);
         let tap = ShipTap {
             commands,
             dropped_events: Arc::new(AtomicU64::new(0)),
             dropped_histograms: Arc::new(AtomicU64::new(0)),
+            status: Arc::new(ShipStatus::default()),
         };
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -139,9 +197,10 @@ impl Shipper {
             Arc::clone(&tap.dropped_events),
             Arc::clone(&tap.dropped_histograms),
         );
+        let status = Arc::clone(&tap.status);
         let thread = std::thread::Builder::new()
             .name("shipper".into())
-            .spawn(move || runtime.block_on(ship(endpoint, config, queue, drops)))
+            .spawn(move || runtime.block_on(ship(config, queue, drops, &status)))
             .context("cannot start the shipper thread")?;
         Ok(Self { tap, thread })
     }
@@ -185,12 +244,11 @@ struct Stream {
     acks: tonic::Streaming<v1::Ack>,
 }
 
-async fn open_stream(endpoint: &Endpoint, hello: &v1::Hello) -> Result<Stream, tonic::Status> {
-    let channel = endpoint
-        .connect()
+async fn open_stream(connector: &Connector, hello: &v1::Hello) -> Result<Stream, tonic::Status> {
+    let mut client = connector
+        .ingest()
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {e}")))?;
-    let mut client = IngestClient::new(channel);
+        .map_err(|e| tonic::Status::unavailable(format!("cannot connect: {}", error_chain(&e))))?;
     let (out, outbound) = mpsc::unbounded_channel();
     let _ = out.send(v1::AgentMessage {
         body: Some(Body::Hello(hello.clone())),
@@ -203,10 +261,10 @@ async fn open_stream(endpoint: &Endpoint, hello: &v1::Hello) -> Result<Stream, t
 }
 
 async fn ship(
-    endpoint: Endpoint,
     config: ShipperConfig,
     mut queue: mpsc::Receiver<Command>,
     drops: Drops,
+    status: &ShipStatus,
 ) -> ShipReport {
     let mut buffer = ShipBuffer::new(config.buffer_bytes);
     let mut stream: Option<Stream> = None;
@@ -222,6 +280,7 @@ async fn ship(
         });
     };
     loop {
+        status.update(&buffer, stream.is_some());
         let now = Instant::now();
         if let Some(d) = deadline {
             if buffer.is_drained() || now >= d {
@@ -231,12 +290,12 @@ async fn ship(
         if stream.is_none() && now >= connect_at {
             let attempt = tokio::time::timeout(
                 Duration::from_secs(5),
-                open_stream(&endpoint, &config.hello),
+                open_stream(&config.connector, &config.hello),
             );
             match attempt.await {
                 Ok(Ok(s)) => {
                     if warned {
-                        tracing::warn!("connected to the aggregator {}", config.url);
+                        tracing::warn!("connected to the aggregator {}", config.connector.uri());
                     }
                     stream = Some(s);
                     buffer.rewind();
@@ -245,7 +304,11 @@ async fn ship(
                 }
                 Ok(Err(e)) => {
                     if !warned {
-                        tracing::warn!("aggregator {}: {}; retrying", config.url, e.message());
+                        tracing::warn!(
+                            "aggregator {}: {}; retrying",
+                            config.connector.uri(),
+                            e.message()
+                        );
                         warned = true;
                     }
                     connect_at = backoff.next_attempt();
@@ -290,7 +353,7 @@ async fn ship(
                     Ok(Some(ack)) => tracing::warn!("acknowledgement for another session {}", ack.session),
                     Ok(None) | Err(_) => {
                         if let Err(e) = &ack {
-                            tracing::warn!("aggregator {}: {}; reconnecting", config.url, e.message());
+                            tracing::warn!("aggregator {}: {}; reconnecting", config.connector.uri(), e.message());
                             warned = true;
                         }
                         stream = None;
@@ -341,6 +404,11 @@ pub struct ShipSink {
 const EVENT_CHUNK: usize = 512;
 
 impl ShipSink {
+    /// The shipper's state now.
+    pub fn status(&self) -> ShipStatusNow {
+        self.tap.status()
+    }
+
     /// A sink shipping through `tap`, with intervals of `interval_us`.
     pub fn new(tap: ShipTap, interval_us: u64) -> Self {
         Self {

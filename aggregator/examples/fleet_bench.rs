@@ -111,9 +111,11 @@ async fn start_server(
         retention: None,
         max_db_bytes: None,
         limits: Limits::default(),
+        token: None,
+        tls: None,
     };
     let task = tokio::spawn(async move {
-        server::serve(listener, config, async {
+        server::serve(listener, config, Default::default(), async {
             let _ = stopped.await;
         })
         .await

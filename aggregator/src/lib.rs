@@ -2,7 +2,9 @@
 //! across servers and time ([`merge`]), serves the Ingest and Query services ([`server`]),
 //! and the `tcpkit-query` side ([`report`] renders its answers).
 
+pub mod auth;
 pub mod merge;
+pub mod metrics;
 pub mod report;
 pub mod server;
 pub mod store;

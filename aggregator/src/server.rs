@@ -10,16 +10,20 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::InterceptorLayer;
 use tonic::{Request, Response, Status, Streaming};
 
 use tcpkit_proto::v1::{self, agent_message::Body, ingest_server, query_server};
 
+use crate::auth::{TlsFiles, TokenCheck};
 use crate::merge::Merged;
+use crate::metrics::Telemetry;
 use crate::store::{CheckedBatch, CheckedSnapshot, Group, Reader, SessionKey, Store, StoreError};
 
 /// Batches committed together at most.
@@ -62,6 +66,10 @@ pub struct Config {
     pub max_db_bytes: Option<u64>,
     /// Limits on incoming messages.
     pub limits: Limits,
+    /// The shared token every call must carry, if any.
+    pub token: Option<String>,
+    /// TLS for the listener, if any.
+    pub tls: Option<TlsFiles>,
 }
 
 /// Microseconds since the Unix epoch, now.
@@ -76,14 +84,15 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Job {
     Hello(v1::Hello, Reply<(SessionKey, u64)>),
-    Batch(SessionKey, CheckedBatch, Reply<bool>),
+    Batch(SessionKey, Arc<str>, CheckedBatch, Reply<bool>),
     Retention,
 }
 
-/// Runs the services on `listener` until `shutdown` completes.
+/// Runs the services on `listener` until `shutdown` completes, counting into `telemetry`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     config: Config,
+    telemetry: Arc<Telemetry>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
@@ -94,7 +103,8 @@ pub async fn serve(
         .name("writer".into())
         .spawn({
             let config = config.clone();
-            move || write_loop(store, queue, &config)
+            let telemetry = Arc::clone(&telemetry);
+            move || write_loop(store, queue, &config, &telemetry)
         })
         .context("cannot start the writer thread")?;
     let retention_timer = tokio::spawn({
@@ -112,12 +122,21 @@ pub async fn serve(
     let ingest = IngestService {
         jobs,
         limits: config.limits,
+        telemetry: Arc::clone(&telemetry),
     };
     let query = QueryService {
         db: config.db.clone(),
         readers: Arc::new(Mutex::new(Vec::new())),
     };
-    let result = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.load()?)
+            .context("bad TLS certificate or key")?;
+    }
+    let token_check = TokenCheck::new(config.token.as_deref(), Arc::clone(&telemetry.auth_refused));
+    let result = builder
+        .layer(InterceptorLayer::new(token_check))
         .add_service(
             ingest_server::IngestServer::new(ingest)
                 .max_decoding_message_size(config.limits.max_message_bytes),
@@ -144,8 +163,13 @@ pub async fn serve(
 }
 
 /// The writer thread: hellos one by one, batches in groups, retention when asked.
-fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config) {
-    let mut pending: Vec<(SessionKey, CheckedBatch, Reply<bool>)> = Vec::new();
+fn write_loop(
+    mut store: Store,
+    mut queue: mpsc::Receiver<Job>,
+    config: &Config,
+    telemetry: &Telemetry,
+) {
+    let mut pending: Vec<(SessionKey, Arc<str>, CheckedBatch, Reply<bool>)> = Vec::new();
     while let Some(job) = queue.blocking_recv() {
         let mut next = Some(job);
         while let Some(job) = next.take() {
@@ -153,7 +177,7 @@ fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config)
                 Job::Hello(hello, reply) => {
                     let _ = reply.send(store.hello(&hello, now_us()).map_err(|e| e.to_string()));
                 }
-                Job::Batch(key, batch, reply) => pending.push((key, batch, reply)),
+                Job::Batch(key, agent, batch, reply) => pending.push((key, agent, batch, reply)),
                 Job::Retention => {
                     if config.retention.is_some() || config.max_db_bytes.is_some() {
                         match store.enforce_retention(
@@ -176,17 +200,23 @@ fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config)
             continue;
         }
         let refs: Vec<(SessionKey, &CheckedBatch)> =
-            pending.iter().map(|(k, b, _)| (*k, b)).collect();
+            pending.iter().map(|(k, _, b, _)| (*k, b)).collect();
         match store.commit(&refs, now_us()) {
             Ok(stored) => {
-                for ((_, _, reply), stored) in pending.drain(..).zip(stored) {
+                for ((_, agent, batch, reply), stored) in pending.drain(..).zip(stored) {
+                    if stored {
+                        telemetry.stored(&agent, &batch);
+                    } else {
+                        telemetry.duplicate_batches.fetch_add(1, Ordering::Relaxed);
+                    }
                     let _ = reply.send(Ok(stored));
                 }
             }
             Err(e) => {
                 let why = e.to_string();
                 tracing::error!("cannot store {} batches: {why}", pending.len());
-                for (_, _, reply) in pending.drain(..) {
+                telemetry.store_failures.fetch_add(1, Ordering::Relaxed);
+                for (_, _, _, reply) in pending.drain(..) {
                     let _ = reply.send(Err(why.clone()));
                 }
             }
@@ -197,6 +227,7 @@ fn write_loop(mut store: Store, mut queue: mpsc::Receiver<Job>, config: &Config)
 struct IngestService {
     jobs: mpsc::Sender<Job>,
     limits: Limits,
+    telemetry: Arc<Telemetry>,
 }
 
 type AckStream = ReceiverStream<Result<v1::Ack, Status>>;
@@ -214,8 +245,12 @@ impl ingest_server::Ingest for IngestService {
         let (acks, out) = mpsc::channel(256);
         let jobs = self.jobs.clone();
         let limits = self.limits;
+        let telemetry = Arc::clone(&self.telemetry);
         tokio::spawn(async move {
-            if let Err(status) = ingest(&mut inbound, &jobs, &acks, limits).await {
+            telemetry.streams.fetch_add(1, Ordering::Relaxed);
+            let result = ingest(&mut inbound, &jobs, &acks, limits, &telemetry).await;
+            telemetry.streams.fetch_sub(1, Ordering::Relaxed);
+            if let Err(status) = result {
                 tracing::warn!("agent stream from {peer:?} ended: {}", status.message());
                 let _ = acks.send(Err(status)).await;
             }
@@ -230,6 +265,7 @@ async fn ingest(
     jobs: &mpsc::Sender<Job>,
     acks: &mpsc::Sender<Result<v1::Ack, Status>>,
     limits: Limits,
+    telemetry: &Telemetry,
 ) -> Result<(), Status> {
     let hello = match inbound.message().await? {
         Some(v1::AgentMessage {
@@ -248,6 +284,7 @@ async fn ingest(
         ));
     }
     let session = hello.session;
+    let agent: Arc<str> = hello.agent_id.as_str().into();
     let (reply, answer) = oneshot::channel();
     jobs.send(Job::Hello(hello, reply))
         .await
@@ -282,10 +319,13 @@ async fn ingest(
                 Some(Body::Hello(_)) => return Err(Status::invalid_argument("a second hello")),
                 None => return Err(Status::invalid_argument("an empty message")),
             };
-            let batch = check_batch(batch, &limits)
-                .map_err(|e| Status::invalid_argument(format!("bad batch: {e}")))?;
+            let batch = check_batch(batch, &limits).map_err(|e| {
+                telemetry.invalid_batches.fetch_add(1, Ordering::Relaxed);
+                Status::invalid_argument(format!("bad batch: {e}"))
+            })?;
             if batch.seq <= last_sent {
                 // Already stored, or sent twice on this stream: acknowledge without storing.
+                telemetry.duplicate_batches.fetch_add(1, Ordering::Relaxed);
                 let (reply, done) = oneshot::channel();
                 let _ = reply.send(Ok(false));
                 committed_tx.send((last_sent, done)).await.ok();
@@ -294,7 +334,7 @@ async fn ingest(
             last_sent = batch.seq;
             let (reply, done) = oneshot::channel();
             let seq = batch.seq;
-            jobs.send(Job::Batch(key, batch, reply))
+            jobs.send(Job::Batch(key, Arc::clone(&agent), batch, reply))
                 .await
                 .map_err(|_| Status::unavailable("the aggregator is stopping"))?;
             if committed_tx.send((seq, done)).await.is_err() {

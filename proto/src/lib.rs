@@ -1,9 +1,10 @@
 //! The gRPC contract between tcpkit agents, the aggregator and `tcpkit-query`: the code
-//! tonic and prost generate from `proto/tcpkit.proto`, and nothing else.
+//! tonic and prost generate from `proto/tcpkit.proto`, and how clients connect (TLS, token).
 
-#![allow(clippy::all, missing_docs)]
+pub mod client;
 
 /// Version 1 of the contract.
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("tcpkit.v1");
 }

@@ -5,9 +5,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+use std::sync::Arc;
+use tcpkit_aggregator::auth::TlsFiles;
+use tcpkit_aggregator::metrics::Telemetry;
 use tcpkit_aggregator::server::{self, Config, Limits};
 use tcpkit_aggregator::units::{parse_duration, parse_size};
+use tcpkit_ops::prometheus;
+use tcpkit_proto::client::read_token_file;
 
 /// Stores what tcpkit agents send (slow requests, latency histograms, their health) in a
 /// SQLite file, merges histograms across servers and time, and answers tcpkit-query.
@@ -29,6 +34,41 @@ struct Args {
     /// Largest message an agent may send.
     #[arg(long, value_parser = parse_size, default_value = "16MiB", value_name = "SIZE")]
     max_message_size: u64,
+    /// File holding the shared token every agent and tcpkit-query must send; without it,
+    /// anyone who reaches the port may call
+    #[arg(long, value_name = "FILE", help_heading = "Security")]
+    token_file: Option<PathBuf>,
+    /// TLS certificate chain (PEM); with --tls-key, the port speaks TLS only
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        help_heading = "Security"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        help_heading = "Security"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        help_heading = "Security"
+    )]
+    tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics (the fleet-merged histograms, every agent's counters) on
+    /// this address, e.g. 127.0.0.1:9101
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Read settings from this TOML file (keys are the long flag names; flags override them)
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,7 +79,16 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(Args::parse()) {
+    let argv =
+        match tcpkit_ops::config::with_config_file(&Args::command(), std::env::args_os().collect())
+        {
+            Ok(argv) => argv,
+            Err(e) => {
+                eprintln!("tcpkit-aggregator: {e:#}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+    match run(Args::parse_from(argv)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tcpkit-aggregator: {e:#}");
@@ -49,6 +98,19 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    let token = match &args.token_file {
+        Some(path) => Some(read_token_file(path)?),
+        None => None,
+    };
+    let tls = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca.clone(),
+        });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,22 +127,37 @@ fn run(args: Args) -> anyhow::Result<()> {
                 max_message_bytes: usize::try_from(args.max_message_size).unwrap_or(usize::MAX),
                 ..Limits::default()
             },
+            token,
+            tls,
         };
-        let shutdown = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("SIGTERM handler");
+        let telemetry = Arc::new(Telemetry::default());
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(addr) = args.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve metrics on {addr} (--metrics-listen)"))?;
+            let telemetry = Arc::clone(&telemetry);
+            let render: prometheus::Render = Arc::new(move || telemetry.render());
+            tokio::spawn(prometheus::serve(listener, render, async {
+                let _ = metrics_stopped.await;
+            }));
+        }
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot handle SIGTERM")?;
+        let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
             }
             tracing::info!("stopping");
+            let _ = stop_metrics.send(());
         };
         eprintln!(
-            "tcpkit-aggregator listening on {}, database {}",
+            "tcpkit-aggregator listening on {}{}, database {}",
             listener.local_addr()?,
+            if config.tls.is_some() { " (TLS)" } else { "" },
             args.db.display()
         );
-        server::serve(listener, config, shutdown).await
+        server::serve(listener, config, telemetry, shutdown).await
     })
 }

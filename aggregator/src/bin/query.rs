@@ -8,7 +8,8 @@ use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use tcpkit_aggregator::report;
 use tcpkit_aggregator::server::now_us;
 use tcpkit_aggregator::units::{parse_duration, parse_time};
-use tcpkit_proto::v1::{self, query_client::QueryClient};
+use tcpkit_proto::client::{error_chain, ClientFlags, Connector};
+use tcpkit_proto::v1;
 
 /// Fleet-wide slow-request search, merged latency histograms and percentiles, and the
 /// health of every agent, from a tcpkit-aggregator.
@@ -30,6 +31,8 @@ struct Cli {
     /// JSON instead of tables
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    client: ClientFlags,
     #[command(subcommand)]
     command: Command,
 }
@@ -179,14 +182,18 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 async fn query(cli: &Cli) -> Result<String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(cli.aggregator.clone())
-        .with_context(|| format!("bad aggregator address '{}'", cli.aggregator))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint
-        .connect()
+    let connector = Connector::new(&cli.aggregator, &cli.client, Duration::from_secs(5))?;
+    let mut client = connector
+        .query()
         .await
-        .with_context(|| format!("cannot reach the aggregator at {}", cli.aggregator))?;
-    let mut client = QueryClient::new(channel).max_decoding_message_size(256 << 20);
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the aggregator at {}: {}",
+                cli.aggregator,
+                error_chain(&e)
+            )
+        })?
+        .max_decoding_message_size(256 << 20);
     let json = |v: serde_json::Value| format!("{v:#}\n");
     Ok(match &cli.command {
         Command::Slow {
