@@ -389,3 +389,32 @@ pub fn command_in(prefix: &[&str], program: &Path) -> Command {
         None => Command::new(program),
     }
 }
+
+/// `GET path` from 127.0.0.1:`port`; the body, after checking for 200 OK.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(socket, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
+    let mut reply = String::new();
+    socket.read_to_string(&mut reply).expect("reply");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "GET {path}: {head}");
+    body.to_owned()
+}
+
+/// The sum of every sample of the metric `name` whose labels contain all of `labels`
+/// (`key="value"` pairs), on a Prometheus page.
+pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name && labels.iter().all(|want| series.contains(want)))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}

@@ -578,3 +578,105 @@ fn live_dns_mode_over_udp_with_timeouts() {
     assert_eq!(stats["timeouts"], 2 + 40 - answered, "{stats}");
     assert_eq!(stats["rcodes"]["NOERROR"], answered, "{stats}");
 }
+
+/// A field of `/proc/PID/status`, e.g. `Uid:`.
+fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn live_redis_as_nobody_with_metrics_and_a_config_file() {
+    if !requirement(is_root(), "root (live capture, --user)")
+        || !requirement(have("redis-server"), "redis-server")
+    {
+        return;
+    }
+    let (_redis, redis_port) = start_redis();
+    let (stats_port, metrics_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"redis\"\nthreshold = 1000\nmetrics-listen = \"127.0.0.1:{metrics_port}\"\nuser = \"nobody\"\nstats-port = 1\n"
+        ),
+    )
+    .unwrap();
+    let agent = Command::new(tcpkit_bin())
+        .args(["--config", config.to_str().unwrap()])
+        .args(["-i", "lo", "-p", &redis_port.to_string()])
+        .args(["-P", &stats_port.to_string()]) // overrides the file's stats-port
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut agent = Guard(agent);
+    assert!(
+        wait_for_port(metrics_port, Duration::from_secs(10))
+            && wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    // Root is gone: every id is nobody's, no capability is left.
+    let nobody = Command::new("id").args(["-u", "nobody"]).output().unwrap();
+    let nobody = String::from_utf8_lossy(&nobody.stdout).trim().to_owned();
+    let pid = agent.0.id();
+    assert_eq!(proc_status(pid, "Uid:"), [nobody.as_str(); 4].join(" "));
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
+
+    // Garbage on the stats port and the metrics port changes nothing.
+    for port in [stats_port, metrics_port] {
+        let mut junk = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _ = junk.write_all(&[0xff, 0x00, 0x13, 0x37, b'\n', b'\n', 0xfe]);
+        let mut ignored = Vec::new();
+        let _ = junk.read_to_end(&mut ignored);
+    }
+
+    drive(redis_port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let page = loop {
+        let page = tcpkit_tests::http_get(metrics_port, "/metrics");
+        let count = tcpkit_tests::metric_sum(
+            &page,
+            "tcpkit_request_duration_seconds_count",
+            &["command=\"SET\""],
+        );
+        if count as usize == REQUESTS || std::time::Instant::now() > deadline {
+            break page;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let port_label = format!("port=\"{redis_port}\"");
+    let sum = |name: &str| tcpkit_tests::metric_sum(&page, name, &[&port_label, "command=\"SET\""]);
+    assert_eq!(
+        sum("tcpkit_request_duration_seconds_count") as usize,
+        REQUESTS,
+        "{page}"
+    );
+    assert_eq!(
+        sum("tcpkit_request_duration_seconds_bucket") as usize > REQUESTS,
+        true
+    );
+    assert_eq!(sum("tcpkit_request_errors_total"), 0.0);
+    assert_eq!(
+        tcpkit_tests::metric_sum(&page, "tcpkit_kernel_dropped_packets_total", &[]),
+        0.0
+    );
+    assert!(page.contains("proto=\"redis\""), "{page}");
+    let stats = stats_document(stats_port);
+    assert_eq!(
+        stats[0][redis_port.to_string()]["total_reqs"],
+        REQUESTS as u64
+    );
+
+    interrupt(&agent.0);
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "tcpkit exit: {status}");
+}
