@@ -196,6 +196,15 @@ pub struct Args {
     #[arg(long = "ship-buffer", default_value_t = 64 << 20, value_name = "BYTES", help_heading = "Fleet")]
     pub ship_buffer_bytes: usize,
 
+    /// Also keep unacknowledged batches in this directory, so that they survive a restart
+    /// (the next run sends them); must be writable after --user
+    #[arg(long = "spool-dir", value_name = "DIR", help_heading = "Fleet")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Bytes the spool directory may hold; batches past it stay in memory only
+    #[arg(long = "spool-size", default_value_t = 256 << 20, value_name = "BYTES", help_heading = "Fleet")]
+    pub spool_bytes: u64,
+
     /// Seconds to wait at exit for the aggregator to acknowledge what was shipped
     #[arg(
         long = "ship-timeout",

@@ -23,6 +23,7 @@ pub mod script;
 pub mod ship;
 pub mod shipper;
 pub mod slowlog;
+pub mod spool;
 pub mod stats;
 pub mod stats_server;
 pub mod text;

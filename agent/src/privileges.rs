@@ -35,6 +35,14 @@ pub fn lookup(name: &str) -> Result<Account> {
     Ok(Account { uid, gid })
 }
 
+/// Creates `dir` (if missing) and makes it `account`'s, so that it stays writable after
+/// [`become_user`].
+pub fn give_directory(dir: &std::path::Path, account: Account) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))
+        .with_context(|| format!("cannot give {} to the --user", dir.display()))
+}
+
 /// Becomes `account` for good: no supplementary groups, its group, its user, and no way to
 /// gain privileges again (no set-uid executables, no capabilities kept).
 pub fn become_user(name: &str, account: Account) -> Result<()> {

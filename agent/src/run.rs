@@ -38,6 +38,12 @@ pub fn run(args: Args) -> Result<()> {
         Some(path) => Some(Script::load(path, all_raw)?),
         None => None,
     };
+    // Read before privileges are dropped (the token file may be root's alone), and before
+    // capture starts, so that a bad address, token or certificate stops here.
+    let connector = match &args.aggregator {
+        Some(url) => Some(Connector::new(url, &args.client, Duration::from_secs(3))?),
+        None => None,
+    };
     // Looked up before anything starts, so that a wrong name stops here.
     let account = match &args.user {
         Some(name) => Some((name, privileges::lookup(name)?)),
@@ -94,6 +100,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     // Everything that needs root is open: the capture, the listeners, the files.
     if let Some((name, account)) = account {
+        if let Some(dir) = &args.spool_dir {
+            privileges::give_directory(dir, account)?;
+        }
         privileges::become_user(name, account)?;
     }
 
@@ -105,11 +114,12 @@ pub fn run(args: Args) -> Result<()> {
         stats_listener.map(|l| (l, documents.stats.clone())),
         metrics_listener.zip(documents.metrics.clone()),
     );
-    let shipper = match &args.aggregator {
-        Some(url) => Some(Shipper::start(ShipperConfig {
-            connector: Connector::new(url, &args.client, Duration::from_secs(3))?,
+    let shipper = match connector {
+        Some(connector) => Some(Shipper::start(ShipperConfig {
+            connector,
             hello: hello(&args),
             buffer_bytes: args.ship_buffer_bytes,
+            spool: args.spool_dir.clone().map(|dir| (dir, args.spool_bytes)),
         })?),
         None => None,
     };

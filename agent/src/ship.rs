@@ -284,6 +284,11 @@ impl ShipBuffer {
         )
     }
 
+    /// The batches waiting for their acknowledgement, oldest first.
+    pub fn pending(&self) -> impl Iterator<Item = &v1::Batch> {
+        self.pending.iter().map(|(b, _)| b)
+    }
+
     /// Bytes of the batches kept.
     pub fn bytes(&self) -> usize {
         self.bytes

@@ -6,6 +6,7 @@
 //! stream is re-opened with backoff (0.1 s doubling to 5 s) and every unacknowledged batch
 //! is sent again (the aggregator skips those it already stored).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tcpkit_proto::v1::{self, agent_message::Body};
 
 use crate::matcher::{Exchange, Unanswered};
 use crate::ship::{event_of, Dropped, IntervalHistograms, ShipBuffer};
+use crate::spool::{LeftSession, Spool};
 
 /// Commands queued from the capture thread at most; past it what is sent is dropped
 /// (counted).
@@ -38,6 +40,8 @@ pub struct ShipperConfig {
     pub hello: v1::Hello,
     /// Bytes of unacknowledged batches kept.
     pub buffer_bytes: usize,
+    /// The on-disk spool's directory and its size cap, if any.
+    pub spool: Option<(std::path::PathBuf, u64)>,
 }
 
 enum Command {
@@ -152,6 +156,10 @@ pub struct ShipStatusNow {
 pub struct ShipReport {
     /// Batches and events the aggregator acknowledged.
     pub acked: (u64, u64),
+    /// Batches and events of earlier runs, found in the spool and acknowledged.
+    pub recovered: (u64, u64),
+    /// Batches kept in memory only because the spool was full or would not take them.
+    pub not_spooled: u64,
     /// Batches and events left unacknowledged.
     pub unacked: (usize, usize),
     /// What was dropped to stay within the buffer.
@@ -169,7 +177,18 @@ impl std::fmt::Display for ShipReport {
             self.unacked.1,
             self.dropped.events,
             self.dropped.histograms
-        )
+        )?;
+        if self.recovered.0 > 0 {
+            write!(
+                f,
+                "; {} batches ({} events) of earlier runs recovered from the spool",
+                self.recovered.0, self.recovered.1
+            )?;
+        }
+        if self.not_spooled > 0 {
+            write!(f, "; {} batches did not fit the spool", self.not_spooled)?;
+        }
+        Ok(())
     }
 }
 
@@ -198,9 +217,13 @@ impl Shipper {
             Arc::clone(&tap.dropped_histograms),
         );
         let status = Arc::clone(&tap.status);
+        let spool = match &config.spool {
+            Some((dir, cap)) => Some(Spool::open(dir, *cap, &config.hello)?),
+            None => None,
+        };
         let thread = std::thread::Builder::new()
             .name("shipper".into())
-            .spawn(move || runtime.block_on(ship(config, queue, drops, &status)))
+            .spawn(move || runtime.block_on(ship(config, queue, drops, &status, spool)))
             .context("cannot start the shipper thread")?;
         Ok(Self { tap, thread })
     }
@@ -265,7 +288,17 @@ async fn ship(
     mut queue: mpsc::Receiver<Command>,
     drops: Drops,
     status: &ShipStatus,
+    spool: Option<(Spool, Vec<LeftSession>)>,
 ) -> ShipReport {
+    let (mut spool, left) = spool.unzip();
+    let recovered = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+    let recovery = left.filter(|l| !l.is_empty()).map(|left| {
+        tokio::spawn(recover(
+            config.connector.clone(),
+            left,
+            Arc::clone(&recovered),
+        ))
+    });
     let mut buffer = ShipBuffer::new(config.buffer_bytes);
     let mut stream: Option<Stream> = None;
     let mut backoff = Backoff::default();
@@ -281,6 +314,9 @@ async fn ship(
     };
     loop {
         status.update(&buffer, stream.is_some());
+        if let Some(spool) = spool.as_mut() {
+            spool.sync(buffer.pending());
+        }
         let now = Instant::now();
         if let Some(d) = deadline {
             if buffer.is_drained() || now >= d {
@@ -380,11 +416,109 @@ async fn ship(
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
     }
+    if let Some(task) = recovery {
+        // What is not recovered by now stays in the spool for the next run.
+        let left = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        let mut task = task;
+        if tokio::time::timeout(left, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+    let mut not_spooled = 0;
+    if let Some(mut spool) = spool {
+        spool.sync(buffer.pending());
+        not_spooled = spool.skipped;
+        spool.close();
+    }
     ShipReport {
+        recovered: (
+            recovered.0.load(Ordering::Relaxed),
+            recovered.1.load(Ordering::Relaxed),
+        ),
+        not_spooled,
         acked: buffer.acked(),
         unacked: buffer.unacked(),
         dropped: buffer.dropped(),
     }
+}
+
+/// Delivers the sessions earlier runs left in the spool, each under its own hello, retrying
+/// until the aggregator has acknowledged all of them; files go as their batches are acknowledged.
+async fn recover(
+    connector: Connector,
+    left: Vec<LeftSession>,
+    recovered: Arc<(AtomicU64, AtomicU64)>,
+) {
+    let mut backoff = Backoff::default();
+    for mut session in left {
+        let (batches, _) = session.load();
+        let last = batches.last().map_or(0, |b| b.seq);
+        let events: BTreeMap<u64, u64> = batches
+            .iter()
+            .map(|b| (b.seq, b.events.len() as u64))
+            .collect();
+        let mut acked = 0;
+        while acked < last {
+            match deliver(&connector, &session.hello, &batches, acked, last).await {
+                Ok(seq) => acked = seq,
+                Err(e) => {
+                    tracing::warn!(
+                        "spool: session {}: {}; retrying",
+                        session.hello.session,
+                        e.message()
+                    );
+                    tokio::time::sleep_until(backoff.next_attempt()).await;
+                }
+            }
+        }
+        recovered
+            .0
+            .fetch_add(batches.len() as u64, Ordering::Relaxed);
+        recovered
+            .1
+            .fetch_add(events.values().sum::<u64>(), Ordering::Relaxed);
+        session.forget(last, true);
+        tracing::info!(
+            "spool: session {} recovered ({} batches)",
+            session.hello.session,
+            batches.len()
+        );
+    }
+}
+
+/// One attempt to deliver a left session: the batches after the aggregator's last durable one
+/// (and after `acked`); returns the highest acknowledged sequence number.
+async fn deliver(
+    connector: &Connector,
+    hello: &v1::Hello,
+    batches: &[v1::Batch],
+    acked: u64,
+    last: u64,
+) -> Result<u64, tonic::Status> {
+    let mut stream = open_stream(connector, hello).await?;
+    let mut durable = acked;
+    // The first acknowledgement tells what the aggregator already holds.
+    if let Some(ack) = stream.acks.message().await? {
+        durable = durable.max(ack.seq);
+    }
+    for batch in batches.iter().filter(|b| b.seq > durable) {
+        let _ = stream.out.send(v1::AgentMessage {
+            body: Some(Body::Batch(batch.clone())),
+        });
+    }
+    while durable < last {
+        match stream.acks.message().await? {
+            Some(ack) => durable = durable.max(ack.seq),
+            None => {
+                return Err(tonic::Status::unavailable(
+                    "the aggregator closed the stream",
+                ))
+            }
+        }
+    }
+    Ok(durable)
 }
 
 /// The pipeline's shipping sink: accumulates the interval's histograms and slow events and

@@ -44,7 +44,11 @@ fuzz_target!(|data: &[u8]| {
         client: SocketAddr::from(([10, 0, 0, 1], 40000)),
         server: SocketAddr::from(([10, 0, 0, 2], 6379)),
     };
-    let limits = MatchLimits { max_pending_per_connection: 64, max_pending_total: 128 };
+    let limits = MatchLimits {
+        max_pending_per_connection: 64,
+        max_pending_total: 128,
+        ..MatchLimits::default()
+    };
     let mut counters = MatchCounters::default();
     let mut sink = Count(0);
     let mut conn = RedisConnection::default();
