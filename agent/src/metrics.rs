@@ -193,6 +193,13 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
             ],
         );
     }
+    if let Some(kib) = summary.peak_rss_kib {
+        page.gauge(
+            "tcpkit_peak_resident_memory_bytes",
+            "The agent's peak resident memory.",
+            [(none, (kib * 1024) as f64)],
+        );
+    }
     if let Some(s) = ship {
         page.gauge(
             "tcpkit_shipper_connected",

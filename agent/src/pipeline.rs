@@ -556,6 +556,7 @@ impl<C: Connection> Pipeline<C> {
             matching: (!self.modes.all_raw()).then_some(&self.match_counters),
             threshold_us: self.sinks.slowlog.threshold_us(),
             script_errors: self.sinks.script.as_ref().map(Script::errors),
+            peak_rss_kib: crate::stats::peak_rss_kib(),
         }
     }
 }

@@ -26,6 +26,9 @@ use tcpkit_proto::client::Connector;
 
 /// How often the stats document is republished, the log flushed and progress shown.
 const TICK: Duration = Duration::from_secs(1);
+/// How long a live capture keeps reading after a stop signal: longer than the ring's block
+/// timeout (100 ms), so that the packets before the signal are all taken.
+const STOP_DRAIN: Duration = Duration::from_millis(250);
 /// Output is written out once this much is buffered.
 const OUTPUT_CHUNK: usize = 1 << 16;
 
@@ -289,16 +292,31 @@ fn capture_loop<C: Connection>(
     show_progress: bool,
 ) -> Result<()> {
     let mut next_tick = Instant::now() + TICK;
+    // After a stop signal, a live capture still takes what the kernel holds: packets wait in
+    // a ring block until it fills or its timeout retires it.
+    let mut drain_until: Option<Instant> = None;
     loop {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(());
+        if drain_until.is_none() && stop.load(Ordering::Relaxed) {
+            if !capture.is_live() {
+                return Ok(());
+            }
+            drain_until = Some(Instant::now() + STOP_DRAIN);
         }
         let idle = match capture.next_frame()? {
             Next::Frame(frame) => {
                 pipeline.on_frame(&frame);
+                // Under endless traffic the ring never runs dry: stop anyway, a bit later.
+                if drain_until.is_some_and(|until| Instant::now() >= until + 3 * STOP_DRAIN) {
+                    return Ok(());
+                }
                 false
             }
-            Next::Idle => true,
+            Next::Idle => {
+                if drain_until.is_some_and(|until| Instant::now() >= until) {
+                    return Ok(());
+                }
+                true
+            }
             Next::End => return Ok(()),
         };
         if pipeline.output().len() >= OUTPUT_CHUNK {

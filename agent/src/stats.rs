@@ -362,6 +362,8 @@ pub struct Summary<'a> {
     pub threshold_us: u64,
     /// Lua callbacks that failed, and those over their instruction budget (with `-S`).
     pub script_errors: Option<(u64, u64)>,
+    /// The process' peak resident memory, KiB (the caller adds it).
+    pub peak_rss_kib: Option<u64>,
 }
 
 impl Summary<'_> {
@@ -407,6 +409,9 @@ impl Summary<'_> {
                 "matching: {} desyncs ({} bytes skipped), {} no-reply requests, {} unsolicited, {} unmatched replies",
                 m.desyncs, m.resync_skipped_bytes, m.noreply, m.unsolicited, m.unmatched
             ));
+        }
+        if let Some(kib) = self.peak_rss_kib {
+            line(format!("memory: peak RSS {:.1} MiB", kib as f64 / 1024.0));
         }
         for (port, t) in self.ports.ports() {
             line(format!(
@@ -523,4 +528,12 @@ mod latency_tests {
         assert_eq!(port["commands"]["GET"]["timeouts"], 1);
         assert_eq!(port["commands"]["SET"]["p50_us"], 99);
     }
+}
+
+/// The process' peak resident memory so far, KiB.
+pub fn peak_rss_kib() -> Option<u64> {
+    // SAFETY: getrusage fills the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0;
+    ok.then_some(usage.ru_maxrss as u64)
 }
