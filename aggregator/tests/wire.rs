@@ -1,0 +1,207 @@
+//! Bad input over the wire to a real aggregator (127.0.0.1:0, SQLite in a temp dir): bytes
+//! that are not protobuf, a message over the size limit, a stream that does not start with a
+//! hello, HTTP/1 and garbage on the gRPC port. Each gets a clear status or a closed
+//! connection, is counted, and the aggregator goes on serving well-behaved agents.
+
+use std::io::{Read, Write};
+
+use bytes::{Buf, BufMut};
+use prost::Message;
+use tcpkit_aggregator::metrics::Telemetry;
+use tcpkit_aggregator::server::{self, Config, Limits};
+use tcpkit_proto::v1::{self, agent_message::Body};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::{Code, Status};
+
+/// Sends raw bytes as gRPC messages; reads replies as raw bytes.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw;
+
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+/// Opens an Ingest stream, sends `messages` as they are, and returns how the stream ended.
+async fn raw_stream(url: &str, messages: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Status> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
+    grpc.ready().await.unwrap();
+    let outbound = tokio_stream::iter(messages);
+    let replies = grpc
+        .streaming(
+            tonic::Request::new(outbound),
+            PathAndQuery::from_static("/tcpkit.v1.Ingest/Stream"),
+            Raw,
+        )
+        .await?;
+    let mut inbound = replies.into_inner();
+    let mut got = Vec::new();
+    while let Some(reply) = inbound.message().await? {
+        got.push(reply);
+    }
+    Ok(got)
+}
+
+fn hello(session: u64) -> Vec<u8> {
+    v1::AgentMessage {
+        body: Some(Body::Hello(v1::Hello {
+            agent_id: "wire".into(),
+            session,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+fn batch(seq: u64, events: usize, summary_len: usize) -> Vec<u8> {
+    let event = v1::Event {
+        ts_us: 1_700_000_000_000_000,
+        client: "10.0.0.1:40000".into(),
+        server: "10.0.0.2".into(),
+        port: 6379,
+        proto: "redis".into(),
+        command: "GET".into(),
+        summary: "x".repeat(summary_len),
+        latency_us: 1000,
+        ..Default::default()
+    };
+    v1::AgentMessage {
+        body: Some(Body::Batch(v1::Batch {
+            seq,
+            events: vec![event; events],
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+#[test]
+fn bad_messages_get_clear_statuses_and_the_aggregator_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
+        let config = Config {
+            db: dir.path().join("wire.db"),
+            retention: None,
+            max_db_bytes: None,
+            limits: Limits {
+                max_message_bytes: 64 << 10,
+                ..Limits::default()
+            },
+            token: None,
+            tls: None,
+        };
+        let telemetry = std::sync::Arc::new(Telemetry::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(server::serve(listener, config, telemetry.clone(), async {
+            let _ = stopped.await;
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+        // Not protobuf at all.
+        let garbage: Vec<u8> = (0..4000u32)
+            .map(|i| (i * 7919 % 251) as u8 | 0x80)
+            .collect();
+        let status = raw_stream(&url, vec![garbage]).await.unwrap_err();
+        assert_eq!(status.code(), Code::Internal, "{status:?}");
+        assert!(status.message().contains("decode"), "{status:?}");
+
+        // Over the size limit (64 KiB here): refused before it is decoded.
+        let status = raw_stream(&url, vec![hello(1), batch(1, 100, 1000)])
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        assert!(
+            status.message().contains("message length too large"),
+            "{status:?}"
+        );
+
+        // Well-formed protobuf, wrong conversation: a batch before the hello, a second
+        // hello, a batch whose summary is over the text cap.
+        for (messages, says) in [
+            (vec![batch(1, 1, 10)], "the first message must be a hello"),
+            (vec![hello(2), hello(2)], "a second hello"),
+            (vec![hello(3), batch(1, 1, 5000)], "bad batch"),
+        ] {
+            let status = raw_stream(&url, messages).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            assert!(status.message().contains(says), "{status:?}");
+        }
+
+        // Not even HTTP/2: HTTP/1 and noise on the port, the connection is just closed.
+        for noise in [
+            &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+            &[0xffu8; 3000][..],
+        ] {
+            let mut socket = std::net::TcpStream::connect(addr).unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let _ = socket.write_all(noise);
+            let mut answer = Vec::new();
+            let _ = socket.read_to_end(&mut answer);
+        }
+
+        // And a well-behaved agent is served as before.
+        let acks = raw_stream(&url, vec![hello(4), batch(1, 10, 20), batch(2, 10, 20)])
+            .await
+            .unwrap();
+        let acks: Vec<v1::Ack> = acks
+            .iter()
+            .map(|a| v1::Ack::decode(a.as_slice()).unwrap())
+            .collect();
+        assert_eq!(
+            acks.last().map(|a| (a.session, a.seq)),
+            Some((4, 2)),
+            "{acks:?}"
+        );
+        let page = telemetry.render();
+        assert!(
+            page.contains("tcpkit_aggregator_batches_total{outcome=\"invalid\"} 1"),
+            "{page}"
+        );
+        assert!(
+            page.contains("tcpkit_aggregator_stored_total{kind=\"events\"} 20"),
+            "{page}"
+        );
+
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+    });
+}
