@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tcpkit_proto::client::{error_chain, Connector};
+use tcpkit_proto::client::{describe_status, error_chain, Connector};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -343,7 +343,7 @@ async fn ship(
                         tracing::warn!(
                             "aggregator {}: {}; retrying",
                             config.connector.uri(),
-                            e.message()
+                            describe_status(&e)
                         );
                         warned = true;
                     }
@@ -389,7 +389,7 @@ async fn ship(
                     Ok(Some(ack)) => tracing::warn!("acknowledgement for another session {}", ack.session),
                     Ok(None) | Err(_) => {
                         if let Err(e) = &ack {
-                            tracing::warn!("aggregator {}: {}; reconnecting", config.connector.uri(), e.message());
+                            tracing::warn!("aggregator {}: {}; reconnecting", config.connector.uri(), describe_status(e));
                             warned = true;
                         }
                         stream = None;
@@ -467,7 +467,7 @@ async fn recover(
                     tracing::warn!(
                         "spool: session {}: {}; retrying",
                         session.hello.session,
-                        e.message()
+                        describe_status(&e)
                     );
                     tokio::time::sleep_until(backoff.next_attempt()).await;
                 }

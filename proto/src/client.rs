@@ -168,3 +168,41 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// A failed call in words: the status message, its causes, and what to check for the
+/// usual TLS and token mistakes.
+pub fn describe_status(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    if let Some(source) = std::error::Error::source(status) {
+        let causes = error_chain(source);
+        text = if causes.starts_with(&text) {
+            causes
+        } else if text.ends_with(&causes) {
+            text
+        } else {
+            format!("{text}: {causes}")
+        };
+    }
+    with_hint(text, status.code() == tonic::Code::Unauthenticated)
+}
+
+/// `text`, with what to check when it is one of the usual TLS and token mistakes.
+pub fn with_hint(text: String, unauthenticated: bool) -> String {
+    let hint = if text.contains("CertificateRequired") {
+        "the aggregator wants a client certificate: --tls-cert and --tls-key"
+    } else if text.contains("UnknownIssuer") || text.contains("invalid peer certificate") {
+        "the aggregator's certificate is not signed by the --tls-ca given"
+    } else if text.contains("frame with invalid size") || text.contains("InvalidContentType") {
+        "TLS on one side only? https:// and --tls-ca for a TLS aggregator, http:// otherwise"
+    } else if text.contains("broken pipe")
+        || text.contains("connection closed")
+        || text.contains("operation was canceled")
+    {
+        "the aggregator closed the connection: does it want TLS (https://, --tls-ca) or a client certificate (--tls-cert, --tls-key)? Its log says why"
+    } else if unauthenticated {
+        "check --token-file: the aggregator's token is needed"
+    } else {
+        return text;
+    };
+    format!("{text} ({hint})")
+}

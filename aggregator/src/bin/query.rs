@@ -8,7 +8,7 @@ use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
 use tcpkit_aggregator::report;
 use tcpkit_aggregator::server::now_us;
 use tcpkit_aggregator::units::{parse_duration, parse_time};
-use tcpkit_proto::client::{error_chain, ClientFlags, Connector};
+use tcpkit_proto::client::{describe_status, error_chain, with_hint, ClientFlags, Connector};
 use tcpkit_proto::v1;
 
 /// Fleet-wide slow-request search, merged latency histograms and percentiles, and the
@@ -190,7 +190,7 @@ async fn query(cli: &Cli) -> Result<String> {
             anyhow::anyhow!(
                 "cannot reach the aggregator at {}: {}",
                 cli.aggregator,
-                error_chain(&e)
+                with_hint(error_chain(&e), false)
             )
         })?
         .max_decoding_message_size(256 << 20);
@@ -212,7 +212,7 @@ async fn query(cli: &Cli) -> Result<String> {
                     slowest_first: *slowest,
                 })
                 .await
-                .context("slow")?
+                .map_err(|e| anyhow::anyhow!("slow: {}", describe_status(&e)))?
                 .into_inner();
             if cli.json {
                 json(report::slow_json(&reply.events))
@@ -231,7 +231,7 @@ async fn query(cli: &Cli) -> Result<String> {
                     by: by.map_or(v1::GroupBy::None, v1::GroupBy::from) as i32,
                 })
                 .await
-                .context("hist")?
+                .map_err(|e| anyhow::anyhow!("hist: {}", describe_status(&e)))?
                 .into_inner();
             if cli.json {
                 json(report::hist_json(&reply, by.is_some()))
@@ -258,7 +258,7 @@ async fn query(cli: &Cli) -> Result<String> {
                     limit: *limit,
                 })
                 .await
-                .context("top")?
+                .map_err(|e| anyhow::anyhow!("top: {}", describe_status(&e)))?
                 .into_inner();
             if cli.json {
                 json(serde_json::Value::Array(
@@ -276,7 +276,7 @@ async fn query(cli: &Cli) -> Result<String> {
             let reply = client
                 .agents(v1::AgentsRequest {})
                 .await
-                .context("agents")?
+                .map_err(|e| anyhow::anyhow!("agents: {}", describe_status(&e)))?
                 .into_inner();
             if cli.json {
                 json(report::agents_json(&reply.agents))
