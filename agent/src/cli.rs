@@ -144,6 +144,12 @@ pub struct Args {
     #[arg(long = "summary", value_enum, default_value = "text")]
     pub summary: SummaryFormat,
 
+    /// Pipelines reading a capture file (-r) in a protocol mode, each with its share of the
+    /// connections [default: the number of cores, at most 4]; 1 with -S, --aggregator, -P or
+    /// --metrics-listen, and when capturing live
+    #[arg(long = "threads", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub threads: Option<u32>,
+
     /// TCP connections tracked at most; past it the least recently seen are evicted
     #[arg(long = "max-flows", default_value_t = 65_536, value_name = "N")]
     pub max_flows: usize,

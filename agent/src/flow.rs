@@ -172,6 +172,17 @@ pub struct FlowCounters {
     pub reassembly: ReassemblyCounters,
 }
 
+impl FlowCounters {
+    /// Adds another table's counters (tables of separate flows: the sums are exact).
+    pub fn merge(&mut self, other: &FlowCounters) {
+        self.flows_created += other.flows_created;
+        self.flows_closed += other.flows_closed;
+        self.flows_idle_evicted += other.flows_idle_evicted;
+        self.flows_cap_evicted += other.flows_cap_evicted;
+        self.reassembly.merge(&other.reassembly);
+    }
+}
+
 struct Flow<S> {
     last_seen_us: u64,
     request: Reassembler,
@@ -204,6 +215,11 @@ impl<S: Default> FlowTable<S> {
     /// The counters so far.
     pub fn counters(&self) -> &FlowCounters {
         &self.counters
+    }
+
+    /// Adds the counters of another table (a shard's) to this one's.
+    pub fn add_counters(&mut self, other: &FlowCounters) {
+        self.counters.merge(other);
     }
 
     /// Flows currently tracked.

@@ -20,6 +20,7 @@ pub mod raw;
 pub mod reassembly;
 pub mod run;
 pub mod script;
+pub mod shard;
 pub mod ship;
 pub mod shipper;
 pub mod slowlog;

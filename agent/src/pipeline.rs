@@ -8,7 +8,8 @@ use crate::capture::{Frame, KernelStats};
 use crate::cli::Mode;
 use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
-    CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
+    CloseReason, Direction, DirectionRule, FlowCounters, FlowKey, FlowLimits, FlowTable,
+    StreamHandler,
 };
 use crate::matcher::dns::{DnsMatcher, DnsTcpConnection};
 use crate::matcher::{
@@ -307,6 +308,18 @@ pub struct PipelineConfig {
     pub threshold_ms: Option<f64>,
 }
 
+/// What a pipeline counted: everything its summary and stats JSON report, without the
+/// per-connection state, to be added to another pipeline's ([`Pipeline::absorb`]).
+#[derive(Debug, Clone)]
+pub struct Totals {
+    captured: u64,
+    last_ts_us: u64,
+    decode: DecodeCounters,
+    flows: FlowCounters,
+    matching: MatchCounters,
+    ports: PortStats,
+}
+
 /// The per-packet state of the agent.
 pub struct Pipeline<C: Connection> {
     link: LinkType,
@@ -499,6 +512,28 @@ impl<C: Connection> Pipeline<C> {
                 ship.end_interval(at, counters);
             }
         }
+    }
+
+    /// Its counts, to add to another pipeline's.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            captured: self.captured,
+            last_ts_us: self.last_ts_us,
+            decode: self.decode_counters,
+            flows: *self.flows.counters(),
+            matching: self.match_counters,
+            ports: self.sinks.ports.clone(),
+        }
+    }
+
+    /// Adds the counts of a pipeline that saw other connections (a shard).
+    pub fn absorb(&mut self, totals: &Totals) {
+        self.captured += totals.captured;
+        self.last_ts_us = self.last_ts_us.max(totals.last_ts_us);
+        self.decode_counters.merge(&totals.decode);
+        self.flows.add_counters(&totals.flows);
+        self.match_counters.merge(&totals.matching);
+        self.sinks.ports.merge(&totals.ports);
     }
 
     /// The Prometheus page, with libpcap's counters.

@@ -51,6 +51,17 @@ pub struct ReassemblyCounters {
     pub held_overflows: u64,
 }
 
+impl ReassemblyCounters {
+    /// Adds another set of counters.
+    pub fn merge(&mut self, other: &ReassemblyCounters) {
+        self.retransmitted_segments += other.retransmitted_segments;
+        self.overlapping_segments += other.overlapping_segments;
+        self.out_of_order_segments += other.out_of_order_segments;
+        self.gaps += other.gaps;
+        self.held_overflows += other.held_overflows;
+    }
+}
+
 /// True when sequence number `a` comes before `b`, modulo 2^32.
 fn seq_before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0

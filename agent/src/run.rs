@@ -19,6 +19,7 @@ use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
 use crate::privileges;
 use crate::reassembly::ReassemblyLimits;
 use crate::script::Script;
+use crate::shard;
 use crate::shipper::{ShipSink, Shipper, ShipperConfig};
 use crate::stats_server::{self, StatsSnapshot};
 use tcpkit_ops::prometheus;
@@ -134,21 +135,48 @@ pub fn run(args: Args) -> Result<()> {
         .iter()
         .all(|(_, m)| *m == modes[0].1)
         .then(|| modes[0].1);
+    // A file in a protocol mode, with nothing that needs one pipeline, goes over the cores.
+    let shards = if args.read.is_some()
+        && !all_raw
+        && script.is_none()
+        && shipper.is_none()
+        && args.effective_stats_port().is_none()
+        && args.metrics_listen.is_none()
+    {
+        args.threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+            |n| n as usize,
+        )
+    } else {
+        1
+    };
     macro_rules! run_with {
         ($connection:ty) => {{
-            let pipeline = Pipeline::<$connection>::new(config);
-            let pipeline = match script {
-                Some(script) => pipeline.with_script(script),
-                None => pipeline,
-            };
-            let pipeline = match &shipper {
-                Some(s) => pipeline.with_shipping(ShipSink::new(
-                    s.tap(),
-                    args.ship_interval_secs.saturating_mul(1_000_000),
-                )),
-                None => pipeline,
-            };
-            drive(pipeline, &args, &mut capture, &mut log, &stop, &documents)
+            if shards > 1 {
+                drive_sharded::<$connection>(
+                    &config,
+                    shards,
+                    &args,
+                    &mut capture,
+                    &mut log,
+                    &stop,
+                    &documents,
+                )
+            } else {
+                let pipeline = Pipeline::<$connection>::new(config.clone());
+                let pipeline = match script {
+                    Some(script) => pipeline.with_script(script),
+                    None => pipeline,
+                };
+                let pipeline = match &shipper {
+                    Some(s) => pipeline.with_shipping(ShipSink::new(
+                        s.tap(),
+                        args.ship_interval_secs.saturating_mul(1_000_000),
+                    )),
+                    None => pipeline,
+                };
+                drive(pipeline, &args, &mut capture, &mut log, &stop, &documents)
+            }
         }};
     }
     let result = match single {
@@ -263,6 +291,41 @@ fn drive<C: Connection>(
 
     pipeline.tick(capture.kernel_stats(), None);
     pipeline.finish();
+    end_run(pipeline, args, capture, log, documents, loop_result)
+}
+
+/// Runs a capture file through `shards` pipelines (see [`shard`]), then prints the summary.
+fn drive_sharded<C: Connection>(
+    config: &PipelineConfig,
+    shards: usize,
+    args: &Args,
+    capture: &mut Capture,
+    log: &mut Box<dyn Write>,
+    stop: &AtomicBool,
+    documents: &Documents,
+) -> Result<()> {
+    let show_progress = io::stderr().is_terminal();
+    let run = shard::run::<C>(config, shards, capture, log.as_mut(), stop, show_progress);
+    if show_progress {
+        eprint!("\r\x1b[K");
+    }
+    let loop_result = match (run.capture, run.written) {
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), Err(e)) => closed_output(e),
+        (Ok(()), Ok(())) => Ok(()),
+    };
+    end_run(run.merged, args, capture, log, documents, loop_result)
+}
+
+/// The end of a run: the summary, the last of the log, the `-w` file, then how it went.
+fn end_run<C: Connection>(
+    mut pipeline: Pipeline<C>,
+    args: &Args,
+    capture: &mut Capture,
+    log: &mut Box<dyn Write>,
+    documents: &Documents,
+    loop_result: Result<()>,
+) -> Result<()> {
     let mut summary = pipeline.summary();
     summary.kernel = capture.kernel_stats();
     let summary_text = match args.summary {

@@ -155,6 +155,13 @@ impl PortLatency {
         all
     }
 
+    /// Adds another port's figures, command by command.
+    pub fn merge(&mut self, other: &PortLatency) {
+        for (name, stats) in &other.commands {
+            self.command(name).merge(stats);
+        }
+    }
+
     pub(crate) fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
         if self
             .commands
@@ -213,6 +220,23 @@ impl PortStats {
             ports: ports.to_vec(),
             traffic: vec![PortTraffic::default(); ports.len()],
             latency: with_latency.then(|| vec![PortLatency::default(); ports.len()]),
+        }
+    }
+
+    /// Adds the statistics of the same ports seen elsewhere (another shard's connections).
+    pub fn merge(&mut self, other: &PortStats) {
+        for (i, port) in other.ports.iter().enumerate() {
+            let Some(j) = self.ports.iter().position(|p| p == port) else {
+                continue;
+            };
+            let (mine, theirs) = (&mut self.traffic[j], &other.traffic[i]);
+            mine.req_packets += theirs.req_packets;
+            mine.req_bytes += theirs.req_bytes;
+            mine.rsp_packets += theirs.rsp_packets;
+            mine.rsp_bytes += theirs.rsp_bytes;
+            if let (Some(mine), Some(theirs)) = (self.latency.as_mut(), other.latency.as_ref()) {
+                mine[j].merge(&theirs[i]);
+            }
         }
     }
 
@@ -331,6 +355,16 @@ pub struct DecodeCounters {
 }
 
 impl DecodeCounters {
+    /// Adds another set of counters.
+    pub fn merge(&mut self, other: &DecodeCounters) {
+        self.truncated += other.truncated;
+        self.malformed += other.malformed;
+        self.not_ip += other.not_ip;
+        self.not_tcp_or_udp += other.not_tcp_or_udp;
+        self.fragments += other.fragments;
+        self.unmonitored += other.unmonitored;
+    }
+
     /// Counts one frame that did not decode.
     pub fn count(&mut self, e: DecodeError) {
         match e {

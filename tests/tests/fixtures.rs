@@ -1,6 +1,6 @@
 //! tcpkit on the golden captures: its counts must equal what tshark counted.
 
-use tcpkit_tests::{run_on_fixture, Expected, FIXTURES};
+use tcpkit_tests::{fixture, run_on_fixture, tcpkit_bin, Expected, FIXTURES};
 
 #[test]
 fn summary_json_equals_the_independent_counts() {
@@ -69,4 +69,65 @@ fn a_bpf_expression_narrows_the_capture() {
     let stats = &json[0][e.port.to_string()];
     assert_eq!(stats["req_packets"], e.req_packets);
     assert_eq!(stats["rsp_packets"], 0);
+}
+
+/// A capture file spread over several pipelines prints what one pipeline prints: the same
+/// slow-log lines in the same order, the same summary, for every fixture.
+#[test]
+fn sharded_runs_print_exactly_what_one_pipeline_prints() {
+    let mut cases: Vec<(String, Vec<String>)> = FIXTURES
+        .iter()
+        .map(|name| {
+            let e = Expected::of(name);
+            let mode = name.split('-').next().unwrap().to_owned();
+            (
+                name.to_string(),
+                vec!["-p".into(), e.port.to_string(), "-m".into(), mode],
+            )
+        })
+        .collect();
+    let dns_udp = Expected::of("dns-udp");
+    cases.push((
+        "dns-udp".into(),
+        vec![
+            "-p".into(),
+            dns_udp.port.to_string(),
+            "-u".into(),
+            "-m".into(),
+            "dns".into(),
+        ],
+    ));
+    for (name, args) in cases {
+        let pcap = fixture(&format!("{name}.pcap"));
+        let run = |threads: &str, summary: &str| {
+            let out = std::process::Command::new(tcpkit_bin())
+                .arg("-r")
+                .arg(&pcap)
+                .args(&args)
+                .args(["-t", "0", "--summary", summary, "--threads", threads])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = String::from_utf8(out.stdout).unwrap();
+            // The peak RSS is the process' own.
+            text.lines()
+                .filter(|l| !l.starts_with("memory: peak RSS"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        };
+        for summary in ["json", "text"] {
+            let one = run("1", summary);
+            assert!(one.lines().count() > 1, "{name}: no exchanges?");
+            for threads in ["2", "3", "4"] {
+                assert!(
+                    run(threads, summary) == one,
+                    "{name} with {threads} threads, {summary} summary"
+                );
+            }
+        }
+    }
 }

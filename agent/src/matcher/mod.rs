@@ -107,6 +107,18 @@ pub struct MatchCounters {
     pub pending: u64,
 }
 
+impl MatchCounters {
+    /// Adds another matcher's counters (of separate connections).
+    pub fn merge(&mut self, other: &MatchCounters) {
+        self.noreply += other.noreply;
+        self.unsolicited += other.unsolicited;
+        self.unmatched += other.unmatched;
+        self.desyncs += other.desyncs;
+        self.resync_skipped_bytes += other.resync_skipped_bytes;
+        self.pending += other.pending;
+    }
+}
+
 /// Everything a connection's matching reports to.
 pub struct MatchContext<'a, S: ExchangeSink> {
     /// The caps.
