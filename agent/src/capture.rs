@@ -6,9 +6,10 @@
 
 use std::path::PathBuf;
 
-use pcap::{Activated, Capture as PcapCapture, Device, Savefile};
+use pcap::{Activated, BpfProgram, Capture as PcapCapture, Device, Packet, PacketHeader, Savefile};
 
 use crate::decode::LinkType;
+use crate::pcapfile::MappedPcap;
 
 /// Where packets come from.
 #[derive(Debug, Clone)]
@@ -142,6 +143,11 @@ pub struct Capture {
     file_size: Option<u64>,
     /// The file read (offline), to name it in errors.
     file: Option<PathBuf>,
+    /// A classic pcap file, read in place rather than through libpcap; with its filter.
+    mapped: Option<MappedPcap>,
+    mapped_filter: Option<BpfProgram>,
+    /// Where the last frame of a mapped file starts in it.
+    mapped_offset: usize,
 }
 
 /// Live reads return at least this often, so that the caller can do periodic work and
@@ -189,16 +195,25 @@ impl Capture {
                 Source::File(path) => Some(path.clone()),
                 Source::Live { .. } => None,
             },
+            // libpcap has checked the file; a classic pcap is then read in place.
+            mapped: match &config.source {
+                Source::File(path) => MappedPcap::open(path),
+                Source::Live { .. } => None,
+            },
+            mapped_filter: None,
+            mapped_offset: 0,
         };
         if !config.filter.is_empty() {
             let filter = vlan_aware(&config.filter, link);
-            capture
-                .handle
-                .filter(&filter, true)
-                .map_err(|e| CaptureError::Filter {
-                    filter: config.filter.clone(),
-                    detail: e.to_string(),
-                })?;
+            let bad_filter = |e: pcap::Error| CaptureError::Filter {
+                filter: config.filter.clone(),
+                detail: e.to_string(),
+            };
+            capture.handle.filter(&filter, true).map_err(bad_filter)?;
+            if capture.mapped.is_some() {
+                capture.mapped_filter =
+                    Some(capture.handle.compile(&filter, true).map_err(bad_filter)?);
+            }
         }
         if let Some(path) = &config.write_to {
             capture.dump =
@@ -232,6 +247,9 @@ impl Capture {
     /// caller regains control even when no packet comes (libpcap's own timeout does not fire
     /// on an idle TPACKET_V3 ring).
     pub fn next_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+        if self.mapped.is_some() {
+            return self.next_mapped_frame();
+        }
         if self.drained {
             self.drained = false;
             if !wait_readable(self.selectable_fd, READ_TIMEOUT_MS) {
@@ -264,6 +282,61 @@ impl Capture {
                 None => CaptureError::Pcap(e.to_string()),
             }),
         }
+    }
+
+    /// The next frame of a mapped file that passes the filter.
+    fn next_mapped_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+        let mapped = self.mapped.as_mut().expect("checked by the caller");
+        let record = loop {
+            match mapped.next_record() {
+                None => return Ok(Next::End),
+                Some(Err(e)) => {
+                    return Err(CaptureError::File {
+                        path: self.file.clone().unwrap_or_default(),
+                        detail: format!("libpcap error: {e}"),
+                    })
+                }
+                Some(Ok(r)) => {
+                    let passes = self
+                        .mapped_filter
+                        .as_ref()
+                        .is_none_or(|f| f.filter(mapped.data(&r)));
+                    if passes {
+                        break r;
+                    }
+                }
+            }
+        };
+        self.file_bytes_read = mapped.position() as u64;
+        self.mapped_offset = record.start;
+        let mapped = self.mapped.as_ref().expect("checked by the caller");
+        let data = mapped.data(&record);
+        if let Some(dump) = self.dump.as_mut() {
+            let header = PacketHeader {
+                ts: libc::timeval {
+                    tv_sec: record.ts_sec as libc::time_t,
+                    tv_usec: record.ts_usec as libc::suseconds_t,
+                },
+                caplen: record.len as u32,
+                len: record.wire_len,
+            };
+            dump.write(&Packet::new(&header, data));
+        }
+        Ok(Next::Frame(Frame {
+            ts_sec: record.ts_sec,
+            ts_usec: record.ts_usec,
+            data,
+        }))
+    }
+
+    /// A mapped capture file, whole: other threads may read its frames in place.
+    pub fn mapped_file(&self) -> Option<std::sync::Arc<memmap2::Mmap>> {
+        self.mapped.as_ref().map(MappedPcap::bytes)
+    }
+
+    /// Where the last frame of a mapped capture file starts in it.
+    pub fn mapped_offset(&self) -> usize {
+        self.mapped_offset
     }
 
     /// libpcap's counters, for a live capture.

@@ -37,7 +37,8 @@ struct FrameAt {
     len: usize,
 }
 
-/// Frames for one shard: their bytes back to back, and where each is.
+/// Frames for one shard: where each is — in the mapped capture file, or in `bytes`, where the
+/// reader copied them when the file is not mapped.
 #[derive(Debug, Default)]
 struct Batch {
     bytes: Vec<u8>,
@@ -88,9 +89,14 @@ pub fn run<C: Connection>(
     stop: &AtomicBool,
     show_progress: bool,
 ) -> ShardedRun<C> {
+    // A mapped file is read in place by every shard: the reader copies nothing.
+    let file = capture.mapped_file();
+    let file: Option<&[u8]> = file.as_deref().map(|m| &m[..]);
     let mut shard_config = config.clone();
     shard_config.flow_limits.max_flows = (config.flow_limits.max_flows / shards).max(1);
     std::thread::scope(|scope| {
+        // Spent batches come back to the reader, so that their memory is reused.
+        let (spares_tx, spares) = std::sync::mpsc::channel::<Batch>();
         let mut inputs = Vec::with_capacity(shards);
         let mut outputs = Vec::with_capacity(shards);
         let mut workers = Vec::with_capacity(shards);
@@ -100,15 +106,20 @@ pub fn run<C: Connection>(
             inputs.push(to_shard);
             outputs.push(output);
             let config = shard_config.clone();
+            let spares = spares_tx.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
-                .spawn_scoped(scope, move || shard::<C>(config, &batches, &to_writer))
+                .spawn_scoped(scope, move || {
+                    shard::<C>(config, file, &batches, &to_writer, &spares)
+                })
                 .expect("start a shard thread");
             workers.push(worker);
         }
         let reader = std::thread::Builder::new()
             .name("reader".into())
-            .spawn_scoped(scope, move || read(capture, inputs, stop, show_progress))
+            .spawn_scoped(scope, move || {
+                read(capture, inputs, &spares, stop, show_progress)
+            })
             .expect("start the reader thread");
         let written = write_merged(&outputs, log);
         let capture_result = reader.join().expect("the reader thread panicked");
@@ -128,19 +139,22 @@ pub fn run<C: Connection>(
 fn read(
     capture: &mut Capture,
     inputs: Vec<SyncSender<Batch>>,
+    spares: &Receiver<Batch>,
     stop: &AtomicBool,
     show_progress: bool,
 ) -> Result<(), CaptureError> {
     let shards = inputs.len();
     let link = capture.link();
+    let mapped = capture.mapped_file().is_some();
     let mut batches: Vec<Batch> = (0..shards).map(|_| Batch::default()).collect();
     let mut in_epoch = 0;
     let mut seq = 0u64;
     let mut next_progress = Instant::now();
     let flush = |batches: &mut Vec<Batch>| {
         for (input, batch) in inputs.iter().zip(batches.iter_mut()) {
+            let spare = spares.try_recv().unwrap_or_default();
             // A shard that is gone has panicked; its join says so.
-            let _ = input.send(std::mem::take(batch));
+            let _ = input.send(std::mem::replace(batch, spare));
         }
     };
     let result = loop {
@@ -155,14 +169,20 @@ fn read(
         };
         let shard = shard_of(link, frame.data, shards);
         let batch = &mut batches[shard];
+        let (ts_sec, ts_usec, len) = (frame.ts_sec, frame.ts_usec, frame.data.len());
+        let start = if mapped {
+            capture.mapped_offset()
+        } else {
+            batch.bytes.extend_from_slice(frame.data);
+            batch.bytes.len() - len
+        };
         batch.frames.push(FrameAt {
             seq,
-            ts_sec: frame.ts_sec,
-            ts_usec: frame.ts_usec,
-            start: batch.bytes.len(),
-            len: frame.data.len(),
+            ts_sec,
+            ts_usec,
+            start,
+            len,
         });
-        batch.bytes.extend_from_slice(frame.data);
         seq += 1;
         in_epoch += 1;
         if in_epoch >= EPOCH_FRAMES || batch.bytes.len() >= EPOCH_BYTES {
@@ -182,18 +202,21 @@ fn read(
 /// A shard: its pipeline over the batches it is given, then the end of every connection.
 fn shard<C: Connection>(
     config: PipelineConfig,
+    file: Option<&[u8]>,
     batches: &Receiver<Batch>,
     to_writer: &SyncSender<Output>,
+    spares: &std::sync::mpsc::Sender<Batch>,
 ) -> Totals {
     let mut pipeline = Pipeline::<C>::new(config);
     for batch in batches {
         let mut marks = Vec::new();
         let mut written = pipeline.output().len();
+        let source = file.unwrap_or(&batch.bytes);
         for f in &batch.frames {
             pipeline.on_frame(&Frame {
                 ts_sec: f.ts_sec,
                 ts_usec: f.ts_usec,
-                data: &batch.bytes[f.start..f.start + f.len],
+                data: &source[f.start..f.start + f.len],
             });
             let now = pipeline.output().len();
             if now > written {
@@ -201,6 +224,10 @@ fn shard<C: Connection>(
                 written = now;
             }
         }
+        let mut batch = batch;
+        batch.bytes.clear();
+        batch.frames.clear();
+        let _ = spares.send(batch);
         let bytes = std::mem::take(pipeline.output());
         if to_writer.send(Output { bytes, marks }).is_err() {
             break; // the writer stopped: nothing more will be written

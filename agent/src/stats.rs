@@ -166,7 +166,7 @@ impl PortLatency {
         if self
             .commands
             .get(self.last)
-            .is_none_or(|(n, _)| &**n != name)
+            .is_none_or(|(n, _)| !same_bytes(n, name))
         {
             self.last = match self.index.get(name) {
                 Some(&i) => i,
@@ -570,4 +570,11 @@ pub fn peak_rss_kib() -> Option<u64> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let ok = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0;
     ok.then_some(usage.ru_maxrss as u64)
+}
+
+/// Equal slices, compared inline: command names are a few bytes, shorter than a call to
+/// memcmp, and this runs once per exchange.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
 }

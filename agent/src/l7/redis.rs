@@ -181,7 +181,7 @@ impl RespParser {
                     if self.collecting {
                         self.collect(&data[..n]);
                     }
-                    if &data[n..n + 2] != b"\r\n" {
+                    if !crlf_at(data, n) {
                         self.reset();
                         return Err(RespError::Unterminated);
                     }
@@ -271,7 +271,7 @@ impl RespParser {
                     return self.finish_whole(start, on_message);
                 }
                 let end = start.checked_add(usize::try_from(len).ok()?)?;
-                if data.get(end..end + 2)? != b"\r\n" {
+                if !crlf_at(data, end) {
                     return None;
                 }
                 self.kind = b'$';
@@ -301,7 +301,7 @@ impl RespParser {
             }
             let (len, start) = parse_header(data, pos + 1)?;
             let end = start.checked_add(usize::try_from(len).ok()?)?;
-            if data.get(end..end + 2)? != b"\r\n" {
+            if !crlf_at(data, end) {
                 return None;
             }
             self.element = i;
@@ -525,6 +525,13 @@ fn find_newline(data: &[u8]) -> Option<usize> {
     }
 }
 
+/// True when `data` holds `\r\n` at `at` (two byte compares: a slice compare would call
+/// memcmp, and this runs several times per message).
+#[inline]
+fn crlf_at(data: &[u8], at: usize) -> bool {
+    data.get(at) == Some(&b'\r') && data.get(at.wrapping_add(1)) == Some(&b'\n')
+}
+
 /// Reads the length that starts at `data[start]` and ends with `\r\n`: the length and
 /// where what follows it starts, or `None` when it is not all there or not a length.
 fn parse_header(data: &[u8], start: usize) -> Option<(i64, usize)> {
@@ -539,7 +546,7 @@ fn parse_header(data: &[u8], start: usize) -> Option<(i64, usize)> {
         n = n * 10 + i64::from(b - b'0');
         i += 1;
     }
-    if i == digits || data.get(i..i + 2) != Some(b"\r\n") {
+    if i == digits || !crlf_at(data, i) {
         return None;
     }
     match (negative, n) {
