@@ -10,8 +10,8 @@
 //! and DNS timeouts run on each shard's own capture clock, and at the very end the shards'
 //! remaining timeouts come shard by shard.
 
-use std::hash::{Hash, Hasher};
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, Instant};
@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::capture::{Capture, CaptureError, Frame, Next};
 use crate::decode::{decode, LinkType};
 use crate::pipeline::{Connection, Pipeline, PipelineConfig, Totals};
+use rustc_hash::FxHashMap;
 
 /// Frames per shard batch before every shard is handed its batch (an epoch).
 const EPOCH_FRAMES: usize = 8192;
@@ -63,20 +64,54 @@ pub struct ShardedRun<C: Connection> {
     pub written: io::Result<()>,
 }
 
-/// The shard of a frame: both directions of a connection hash alike; frames that do not
-/// decode go to shard 0, which counts them.
-fn shard_of(link: LinkType, data: &[u8], shards: usize) -> usize {
-    let Ok(p) = decode(link, data) else {
-        return 0;
-    };
-    let (a, b) = ((p.src, p.sport), (p.dst, p.dport));
-    let mut h = rustc_hash::FxHasher::default();
-    if a <= b {
-        (a, b).hash(&mut h);
-    } else {
-        (b, a).hash(&mut h);
+/// A connection, the same in both directions: its two endpoints, lower first.
+type ConnectionKey = ((IpAddr, u16), (IpAddr, u16));
+
+/// Which shard each connection's frames go to. New connections are dealt in turn, so that
+/// every shard gets as many (a hash leaves them uneven when there are few); a connection
+/// keeps its shard while it is among the connections seen lately: the router remembers two
+/// generations of `generation` connections (twice what the flow tables hold, which evict
+/// the least recently seen first). Frames that do not decode go to shard 0, which counts
+/// them.
+struct Router {
+    shards: usize,
+    next: usize,
+    generation: usize,
+    current: FxHashMap<ConnectionKey, usize>,
+    previous: FxHashMap<ConnectionKey, usize>,
+}
+
+impl Router {
+    fn new(shards: usize, generation: usize) -> Self {
+        Self {
+            shards,
+            next: 0,
+            generation: generation.max(1),
+            current: FxHashMap::default(),
+            previous: FxHashMap::default(),
+        }
     }
-    (h.finish() % shards as u64) as usize
+
+    fn route(&mut self, link: LinkType, data: &[u8]) -> usize {
+        let Ok(p) = decode(link, data) else {
+            return 0;
+        };
+        let (a, b) = ((p.src, p.sport), (p.dst, p.dport));
+        let key = if a <= b { (a, b) } else { (b, a) };
+        if let Some(&shard) = self.current.get(&key) {
+            return shard;
+        }
+        let shard = self.previous.remove(&key).unwrap_or_else(|| {
+            let shard = self.next;
+            self.next = (self.next + 1) % self.shards;
+            shard
+        });
+        if self.current.len() >= self.generation {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, shard);
+        shard
+    }
 }
 
 /// Reads the whole file (or until `stop`) through `shards` pipelines of `config`, writing
@@ -115,10 +150,13 @@ pub fn run<C: Connection>(
                 .expect("start a shard thread");
             workers.push(worker);
         }
+        // Twice the connections all the shards' tables hold: a connection the router has
+        // forgotten is one every table has evicted long before.
+        let router = Router::new(shards, config.flow_limits.max_flows.saturating_mul(2));
         let reader = std::thread::Builder::new()
             .name("reader".into())
             .spawn_scoped(scope, move || {
-                read(capture, inputs, &spares, stop, show_progress)
+                read(capture, router, inputs, &spares, stop, show_progress)
             })
             .expect("start the reader thread");
         let written = write_merged(&outputs, log);
@@ -138,6 +176,7 @@ pub fn run<C: Connection>(
 /// The reader: frames into per-shard batches, every shard handed one at each epoch.
 fn read(
     capture: &mut Capture,
+    mut router: Router,
     inputs: Vec<SyncSender<Batch>>,
     spares: &Receiver<Batch>,
     stop: &AtomicBool,
@@ -167,7 +206,7 @@ fn read(
             Ok(Next::End) => break Ok(()),
             Err(e) => break Err(e),
         };
-        let shard = shard_of(link, frame.data, shards);
+        let shard = router.route(link, frame.data);
         let batch = &mut batches[shard];
         let (ts_sec, ts_usec, len) = (frame.ts_sec, frame.ts_usec, frame.data.len());
         let start = if mapped {
@@ -309,7 +348,7 @@ mod tests {
     }
 
     #[test]
-    fn both_directions_of_a_connection_go_to_the_same_shard() {
+    fn a_connection_keeps_its_shard_and_shards_get_as_many() {
         use etherparse::PacketBuilder;
         let frame = |src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16| {
             let mut ip = Vec::new();
@@ -319,15 +358,28 @@ mod tests {
                 .unwrap();
             ip
         };
-        let mut seen = [false; 4];
-        for i in 0..64u16 {
+        // Generations of 8: connections are remembered across one turnover.
+        let mut router = Router::new(4, 8);
+        let mut per_shard = [0; 4];
+        let mut first = Vec::new();
+        for i in 0..12u16 {
             let request = frame([10, 0, 0, 1], [10, 0, 0, 2], 40_000 + i, 6379);
             let reply = frame([10, 0, 0, 2], [10, 0, 0, 1], 6379, 40_000 + i);
-            let shard = shard_of(LinkType::Raw, &request, 4);
-            assert_eq!(shard, shard_of(LinkType::Raw, &reply, 4));
-            seen[shard] = true;
+            let shard = router.route(LinkType::Raw, &request);
+            assert_eq!(shard, router.route(LinkType::Raw, &reply));
+            per_shard[shard] += 1;
+            first.push(shard);
         }
-        assert_eq!(seen, [true; 4], "connections spread over every shard");
-        assert_eq!(shard_of(LinkType::Raw, b"\x45garbage", 4), 0);
+        assert_eq!(per_shard, [3; 4], "connections dealt in turn");
+        // The last eight are still known (in one generation or the other): same shard.
+        for (i, shard) in first.iter().enumerate().skip(4) {
+            let reply = frame([10, 0, 0, 2], [10, 0, 0, 1], 6379, 40_000 + i as u16);
+            assert_eq!(
+                router.route(LinkType::Raw, &reply),
+                *shard,
+                "connection {i}"
+            );
+        }
+        assert_eq!(router.route(LinkType::Raw, b"\x45garbage"), 0);
     }
 }

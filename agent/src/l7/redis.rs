@@ -306,7 +306,7 @@ impl RespParser {
             }
             self.element = i;
             if i > 0 {
-                self.collect(b" ");
+                self.separate();
             }
             self.collect(&data[start..end]);
             pos = end + 2;
@@ -379,7 +379,7 @@ impl RespParser {
                 }
                 self.collecting = self.collects_here();
                 if self.collecting && self.role == Role::Request && self.element > 0 {
-                    self.collect(b" ");
+                    self.separate();
                 }
                 self.bulk_left = len as u64;
                 self.expect_crlf = len == 0;
@@ -418,6 +418,15 @@ impl RespParser {
         match self.role {
             Role::Request => self.stack.len() == 1,
             Role::Reply => self.stack.is_empty() || (self.stack.len() == 1 && self.element == 0),
+        }
+    }
+
+    /// The space between two words of a request's summary (a push, not a copy).
+    fn separate(&mut self) {
+        if self.summary.len() < SUMMARY_BYTES {
+            self.summary.push(b' ');
+        } else {
+            self.truncated = true;
         }
     }
 
@@ -480,7 +489,7 @@ impl RespParser {
         self.collect(first);
         self.element = 1;
         for word in words {
-            self.collect(b" ");
+            self.separate();
             self.collect(word);
             self.element += 1;
         }
