@@ -38,34 +38,24 @@ pub async fn serve(
     snapshot: StatsSnapshot,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
-        };
-        let document = snapshot.current();
-        tokio::spawn(async move {
-            let write = async {
-                socket.write_all(document.as_bytes()).await?;
-                socket.write_all(b"\n").await?;
-                socket.shutdown().await
-            };
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, write).await;
-            drop(permit);
-        });
-    }
+    tcpkit_ops::listener::serve_clients(
+        listener,
+        MAX_CLIENTS,
+        WRITE_TIMEOUT,
+        shutdown,
+        |mut socket| {
+            let document = snapshot.current();
+            async move {
+                let write = async {
+                    socket.write_all(document.as_bytes()).await?;
+                    socket.write_all(b"\n").await?;
+                    socket.shutdown().await
+                };
+                let _ = write.await;
+            }
+        },
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -138,29 +138,19 @@ const MAX_HEAD: usize = 8192;
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves; anything else gets 404,
 /// 405 or 400, and a client that sends garbage or nothing is cut off, never waited on.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
-    tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let accepted = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => accepted,
-        };
-        let Ok((mut socket, _)) = accepted else {
-            continue;
-        };
-        let render = Arc::clone(&render);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(CLIENT_TIMEOUT, answer(&mut socket, &render)).await;
-            drop(permit);
-        });
-    }
+    crate::listener::serve_clients(
+        listener,
+        MAX_CLIENTS,
+        CLIENT_TIMEOUT,
+        shutdown,
+        |mut socket| {
+            let render = Arc::clone(&render);
+            async move {
+                let _ = answer(&mut socket, &render).await;
+            }
+        },
+    )
+    .await
 }
 
 async fn answer(socket: &mut tokio::net::TcpStream, render: &Render) -> std::io::Result<()> {
