@@ -1,8 +1,8 @@
 //! A capture file on several cores (`-r` with `--threads`): a reader thread hands each
-//! connection's frames to one of N shards — a pipeline each, on its own thread, chosen by a
-//! hash of the connection's two endpoints so that both directions meet — and the calling
-//! thread writes their output in the order one pipeline would have written it: by the
-//! number of the frame whose processing produced it.
+//! connection's frames (both directions) to one of N shards — a pipeline each, on its own
+//! thread; new connections are dealt in turn ([`Router`]) — and the calling thread writes
+//! their output in the order one pipeline would have written it: by the number of the frame
+//! whose processing produced it. A mapped capture file is read by the shards in place.
 //!
 //! Frames go in batches, and every shard gets a batch at the same points of the file (an
 //! epoch), so the writer can merge epoch by epoch with bounded memory. Each shard's flow
