@@ -116,7 +116,10 @@ pub struct RespParser {
     elements: u64,
     /// Index of the top-level element being read.
     element: u64,
+    /// A reply's head (the first element of an array).
     head: Vec<u8>,
+    /// A request's head is the start of its summary (its first element): its length.
+    head_len: usize,
     summary: Vec<u8>,
     truncated: bool,
 }
@@ -137,6 +140,7 @@ impl RespParser {
             elements: 0,
             element: 0,
             head: Vec::with_capacity(COMMAND_BYTES),
+            head_len: 0,
             summary: Vec::with_capacity(SUMMARY_BYTES),
             truncated: false,
         }
@@ -434,8 +438,7 @@ impl RespParser {
         match self.role {
             Role::Request => {
                 if self.element == 0 {
-                    let room = COMMAND_BYTES - self.head.len();
-                    self.head.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    self.head_len = (self.head_len + bytes.len()).min(COMMAND_BYTES);
                 }
                 let room = SUMMARY_BYTES - self.summary.len();
                 if bytes.len() > room {
@@ -504,7 +507,10 @@ impl RespParser {
             bytes: self.bytes,
             kind: self.kind,
             error: self.error,
-            head: &self.head,
+            head: match self.role {
+                Role::Request => &self.summary[..self.head_len],
+                Role::Reply => &self.head,
+            },
             summary: &self.summary,
             truncated: self.truncated,
             elements: self.elements,
@@ -519,6 +525,7 @@ impl RespParser {
         self.elements = 0;
         self.element = 0;
         self.head.clear();
+        self.head_len = 0;
         self.summary.clear();
         self.truncated = false;
     }
