@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 
 use super::memcached_binary::BinaryConnection;
-use super::{make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
 
@@ -140,7 +140,13 @@ impl MemcachedConnection {
             return binary.on_gap(key, cx);
         }
         cx.counters.desyncs += 1;
-        self.give_up(key, Unanswered::Desync, cx);
+        give_up_all(
+            &mut self.pending,
+            key.server,
+            Pending::command,
+            Unanswered::Desync,
+            cx,
+        );
         self.requests.reset();
         self.replies.reset();
         self.requests_resyncing = true;
@@ -152,19 +158,13 @@ impl MemcachedConnection {
         if let Some(binary) = self.binary.as_mut() {
             return binary.on_close(key, cx);
         }
-        self.give_up(key, Unanswered::Timeout, cx);
-    }
-
-    fn give_up<S: ExchangeSink>(
-        &mut self,
-        key: &FlowKey,
-        why: Unanswered,
-        cx: &mut MatchContext<'_, S>,
-    ) {
-        cx.counters.pending -= self.pending.len() as u64;
-        for p in self.pending.drain(..) {
-            cx.sink.unanswered(key.server, p.command(), why);
-        }
+        give_up_all(
+            &mut self.pending,
+            key.server,
+            Pending::command,
+            Unanswered::Timeout,
+            cx,
+        );
     }
 
     fn on_request_bytes<S: ExchangeSink>(

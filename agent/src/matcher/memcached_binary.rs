@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 
-use super::{make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached_binary::{
     is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
@@ -116,7 +116,13 @@ impl BinaryConnection {
     /// Bytes are missing, or garbage came: pending requests are dropped.
     pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         cx.counters.desyncs += 1;
-        self.give_up(key, Unanswered::Desync, cx);
+        give_up_all(
+            &mut self.pending,
+            key.server,
+            Pending::command,
+            Unanswered::Desync,
+            cx,
+        );
         self.requests.reset();
         self.responses.reset();
         self.requests_resyncing = true;
@@ -125,19 +131,13 @@ impl BinaryConnection {
 
     /// The connection ended: pending requests will never be answered.
     pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
-        self.give_up(key, Unanswered::Timeout, cx);
-    }
-
-    fn give_up<S: ExchangeSink>(
-        &mut self,
-        key: &FlowKey,
-        why: Unanswered,
-        cx: &mut MatchContext<'_, S>,
-    ) {
-        cx.counters.pending -= self.pending.len() as u64;
-        for p in self.pending.drain(..) {
-            cx.sink.unanswered(key.server, p.command(), why);
-        }
+        give_up_all(
+            &mut self.pending,
+            key.server,
+            Pending::command,
+            Unanswered::Timeout,
+            cx,
+        );
     }
 }
 

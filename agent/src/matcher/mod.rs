@@ -177,6 +177,21 @@ impl ChunkClock {
     }
 }
 
+/// Gives up every pending request of a connection (it ended, or its stream desynchronised),
+/// each counted by the sink under `why`.
+pub(crate) fn give_up_all<T, S: ExchangeSink>(
+    pending: &mut VecDeque<T>,
+    server: SocketAddr,
+    command_of: impl Fn(&T) -> &[u8],
+    why: Unanswered,
+    cx: &mut MatchContext<'_, S>,
+) {
+    cx.counters.pending -= pending.len() as u64;
+    for p in pending.drain(..) {
+        cx.sink.unanswered(server, command_of(&p), why);
+    }
+}
+
 /// Makes room for one more pending request under the caps. Returns false when the total over
 /// all connections is at its cap: the caller gives the new request up as a timeout. When this
 /// connection's own queue is full, its oldest request is given up as a timeout.
