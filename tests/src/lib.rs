@@ -418,3 +418,24 @@ pub fn metric_sum(page: &str, name: &str, labels: &[&str]) -> f64 {
         })
         .sum()
 }
+
+/// A live agent: `tcpkit` with the arguments `configure` adds and `-P <a free port>`,
+/// stdout and stderr piped; returned once its stats port answers (the capture is running by
+/// then), with that port. Killed when dropped.
+pub fn start_live_agent(configure: impl FnOnce(&mut Command) -> &mut Command) -> (Guard, u16) {
+    let stats_port = free_port();
+    let mut command = Command::new(tcpkit_bin());
+    configure(&mut command);
+    let child = command
+        .args(["-P", &stats_port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tcpkit");
+    let agent = Guard(child);
+    assert!(
+        wait_for_port(stats_port, Duration::from_secs(10)),
+        "tcpkit did not start"
+    );
+    (agent, stats_port)
+}

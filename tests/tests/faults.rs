@@ -45,9 +45,8 @@ fn drive_sets(port: u16, n: usize, pause: Duration) {
 /// A live agent on `lo` watching `redis_port` in redis mode, every exchange an event, its
 /// log (slow lines, then the JSON summary) in `log`: a pipe nobody reads would stall it.
 fn live_agent(log: &Path, redis_port: u16, url: &str, id: &str, extra: &[&str]) -> Guard {
-    let stats_port = free_port();
-    let child = Command::new(tcpkit_bin())
-        .args([
+    let (agent, _) = start_live_agent(|c| {
+        c.args([
             "-i",
             "lo",
             "-p",
@@ -57,8 +56,7 @@ fn live_agent(log: &Path, redis_port: u16, url: &str, id: &str, extra: &[&str]) 
             "-t",
             "0",
         ])
-        .args(["-P", &stats_port.to_string(), "--summary", "json"])
-        .arg("-o")
+        .args(["--summary", "json", "-o"])
         .arg(log)
         .args([
             "--aggregator",
@@ -69,16 +67,8 @@ fn live_agent(log: &Path, redis_port: u16, url: &str, id: &str, extra: &[&str]) 
             "1",
         ])
         .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tcpkit");
-    let guard = Guard(child);
-    assert!(
-        wait_for_port(stats_port, Duration::from_secs(10)),
-        "tcpkit did not start"
-    );
-    guard
+    });
+    agent
 }
 
 /// Stops an agent with SIGINT; its stats JSON (last line of its log) and stderr.

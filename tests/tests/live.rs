@@ -7,7 +7,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tcpkit_tests::{
-    free_port, have, interrupt, is_root, requirement, start_redis, tcpkit_bin, wait_for_port, Guard,
+    free_port, have, interrupt, is_root, requirement, start_live_agent, start_redis, tcpkit_bin,
+    wait_for_port, Guard,
 };
 
 const REQUESTS: usize = 100;
@@ -51,23 +52,14 @@ fn live_raw_capture_of_redis_on_lo() {
         return;
     }
     let (_redis, redis_port) = start_redis();
-    let stats_port = free_port();
     let dir = std::env::temp_dir().join(format!("tcpkit-live-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let dump = dir.join("copy.pcap");
-    let agent = Command::new(tcpkit_bin())
-        .args(["-i", "lo", "-m", "raw", "-p", &redis_port.to_string()])
-        .args(["-P", &stats_port.to_string(), "-w", dump.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut agent = Guard(agent);
     // The stats port opens once the capture is running.
-    assert!(
-        wait_for_port(stats_port, Duration::from_secs(10)),
-        "tcpkit did not start"
-    );
+    let (mut agent, stats_port) = start_live_agent(|c| {
+        c.args(["-i", "lo", "-m", "raw", "-p", &redis_port.to_string()])
+            .args(["-w", dump.to_str().unwrap()])
+    });
     let before = stats_document(stats_port);
     assert_eq!(before[0][redis_port.to_string()]["req_bytes"], 0);
 
@@ -230,9 +222,8 @@ fn live_redis_mode_counts_every_command_sent() {
 
 fn redis_benchmark_counted_on(interface: &str) {
     let (_redis, port) = start_redis();
-    let stats_port = free_port();
-    let agent = Command::new(tcpkit_bin())
-        .args([
+    let (mut agent, _) = start_live_agent(|c| {
+        c.args([
             "-i",
             interface,
             "-m",
@@ -242,16 +233,8 @@ fn redis_benchmark_counted_on(interface: &str) {
             "-p",
             &port.to_string(),
         ])
-        .args(["-P", &stats_port.to_string(), "--summary", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut agent = Guard(agent);
-    assert!(
-        wait_for_port(stats_port, Duration::from_secs(10)),
-        "tcpkit did not start"
-    );
+        .args(["--summary", "json"])
+    });
     let reset = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "config", "resetstat"])
         .output()
@@ -323,19 +306,10 @@ fn live_redis_mode_over_ipv6_prints_bracketed_addresses() {
     ) {
         return;
     }
-    let stats_port = free_port();
-    let agent = Command::new(tcpkit_bin())
-        .args(["-i", "lo", "-m", "redis", "-p", &port.to_string()])
-        .args(["-P", &stats_port.to_string(), "--summary", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut agent = Guard(agent);
-    assert!(
-        wait_for_port(stats_port, Duration::from_secs(10)),
-        "tcpkit did not start"
-    );
+    let (mut agent, _) = start_live_agent(|c| {
+        c.args(["-i", "lo", "-m", "redis", "-p", &port.to_string()])
+            .args(["--summary", "json"])
+    });
     let mut conn = TcpStream::connect(("::1", port)).unwrap();
     let mut reply = [0u8; 7];
     for _ in 0..10 {
@@ -394,9 +368,8 @@ fn live_memcached_mode_counts_hits_and_misses() {
         wait_for_port(port, Duration::from_secs(10)),
         "memcached did not start"
     );
-    let stats_port = free_port();
-    let agent = Command::new(tcpkit_bin())
-        .args([
+    let (mut agent, _) = start_live_agent(|c| {
+        c.args([
             "-i",
             "lo",
             "-m",
@@ -406,16 +379,8 @@ fn live_memcached_mode_counts_hits_and_misses() {
             "-p",
             &port.to_string(),
         ])
-        .args(["-P", &stats_port.to_string(), "--summary", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut agent = Guard(agent);
-    assert!(
-        wait_for_port(stats_port, Duration::from_secs(10)),
-        "tcpkit did not start"
-    );
+        .args(["--summary", "json"])
+    });
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
     let mut line = String::new();
@@ -512,9 +477,8 @@ fn live_dns_mode_over_udp_with_timeouts() {
             && socket.recv_from(&mut buf).is_ok()
     });
     assert!(up, "dnsmasq did not answer");
-    let stats_port = free_port();
-    let agent = Command::new(tcpkit_bin())
-        .args([
+    let (mut agent, _) = start_live_agent(|c| {
+        c.args([
             "-i",
             "lo",
             "-m",
@@ -525,23 +489,8 @@ fn live_dns_mode_over_udp_with_timeouts() {
             "-p",
             &port.to_string(),
         ])
-        .args([
-            "--dns-timeout",
-            "300",
-            "-P",
-            &stats_port.to_string(),
-            "--summary",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut agent = Guard(agent);
-    assert!(
-        wait_for_port(stats_port, Duration::from_secs(10)),
-        "tcpkit did not start"
-    );
+        .args(["--dns-timeout", "300", "--summary", "json"])
+    });
     socket
         .set_read_timeout(Some(Duration::from_secs(2)))
         .unwrap();
