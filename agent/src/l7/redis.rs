@@ -116,11 +116,15 @@ pub struct RespParser {
     elements: u64,
     /// Index of the top-level element being read.
     element: u64,
-    /// A reply's head (the first element of an array).
-    head: Vec<u8>,
-    /// A request's head is the start of its summary (its first element): its length.
+    /// The bytes kept of the message: a request's arguments separated by spaces (its
+    /// summary), or a reply's first string (its head); `kept[..kept_len]`.
+    /// (16 spare bytes: short copies are made 16 bytes at once.)
+    kept: [u8; SUMMARY_BYTES + 16],
+    kept_len: usize,
+    /// How many bytes are kept: [`SUMMARY_BYTES`] of a request, [`HEAD_BYTES`] of a reply.
+    keep: usize,
+    /// The head is the start of the kept bytes (a request's first element): its length.
     head_len: usize,
-    summary: Vec<u8>,
     truncated: bool,
 }
 
@@ -139,9 +143,13 @@ impl RespParser {
             error: false,
             elements: 0,
             element: 0,
-            head: Vec::with_capacity(COMMAND_BYTES),
+            kept: [0; SUMMARY_BYTES + 16],
+            kept_len: 0,
+            keep: match role {
+                Role::Request => SUMMARY_BYTES,
+                Role::Reply => HEAD_BYTES,
+            },
             head_len: 0,
-            summary: Vec::with_capacity(SUMMARY_BYTES),
             truncated: false,
         }
     }
@@ -259,22 +267,21 @@ impl RespParser {
             (Role::Request, b'*') => self.whole_command(data),
             (Role::Reply, b'+' | b'-' | b':') => {
                 let end = find_newline(data)?;
-                let line = &data[1..end];
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                let line_len = end - 1 - usize::from(data[end - 1] == b'\r');
                 self.kind = data[0];
                 self.error = data[0] == b'-';
                 if data[0] != b'-' {
-                    self.collect(line);
+                    self.keep(&data[1..], line_len);
                 }
                 Some(end + 1)
             }
             (Role::Reply, b'$') => {
-                let (len, start) = parse_header(data, 1)?;
-                if len < 0 {
+                if data.get(1..5) == Some(b"-1\r\n") {
                     self.kind = b'$';
-                    return self.finish_whole(start, on_message);
+                    return self.finish_whole(5, on_message); // null bulk
                 }
-                let end = start.checked_add(usize::try_from(len).ok()?)?;
+                let (len, start) = parse_count(data, 1)?;
+                let end = start + len;
                 if !crlf_at(data, end) {
                     return None;
                 }
@@ -293,28 +300,43 @@ impl RespParser {
         }
     }
 
-    /// `*<n>\r\n` then n bulk strings, all buffered.
+    /// `*<n>\r\n` then n bulk strings, all buffered. The hot path of a busy server: the
+    /// summary is built in locals and short arguments are copied 16 bytes at once.
     fn whole_command(&mut self, data: &[u8]) -> Option<usize> {
-        let (n, mut pos) = parse_header(data, 1)?;
+        let (n, mut pos) = parse_count(data, 1)?;
         if !(1..=1024).contains(&n) {
             return None;
         }
-        for i in 0..n as u64 {
+        let mut kept = 0;
+        let mut truncated = false;
+        for i in 0..n {
             if data.get(pos) != Some(&b'$') {
                 return None;
             }
-            let (len, start) = parse_header(data, pos + 1)?;
-            let end = start.checked_add(usize::try_from(len).ok()?)?;
+            let (len, start) = parse_count(data, pos + 1)?;
+            let end = start + len;
             if !crlf_at(data, end) {
                 return None;
             }
-            self.element = i;
             if i > 0 {
-                self.separate();
+                if kept < SUMMARY_BYTES {
+                    self.kept[kept] = b' ';
+                    kept += 1;
+                } else {
+                    truncated = true;
+                }
             }
-            self.collect(&data[start..end]);
+            let take = len.min(SUMMARY_BYTES - kept);
+            truncated |= take < len;
+            copy_short(&mut self.kept, kept, &data[start..], take);
+            kept += take;
+            if i == 0 {
+                self.head_len = kept.min(COMMAND_BYTES);
+            }
             pos = end + 2;
         }
+        self.kept_len = kept;
+        self.truncated = truncated;
         self.kind = b'*';
         self.elements = n as u64;
         Some(pos)
@@ -425,32 +447,30 @@ impl RespParser {
         }
     }
 
-    /// The space between two words of a request's summary (a push, not a copy).
+    /// The space between two words of a request's summary.
     fn separate(&mut self) {
-        if self.summary.len() < SUMMARY_BYTES {
-            self.summary.push(b' ');
+        if self.kept_len < self.keep {
+            self.kept[self.kept_len] = b' ';
+            self.kept_len += 1;
         } else {
             self.truncated = true;
         }
     }
 
+    /// Keeps what fits of `bytes`; while the first element is read, it is the head.
     fn collect(&mut self, bytes: &[u8]) {
-        match self.role {
-            Role::Request => {
-                if self.element == 0 {
-                    self.head_len = (self.head_len + bytes.len()).min(COMMAND_BYTES);
-                }
-                let room = SUMMARY_BYTES - self.summary.len();
-                if bytes.len() > room {
-                    self.truncated = true;
-                }
-                self.summary
-                    .extend_from_slice(&bytes[..bytes.len().min(room)]);
-            }
-            Role::Reply => {
-                let room = HEAD_BYTES - self.head.len();
-                self.head.extend_from_slice(&bytes[..bytes.len().min(room)]);
-            }
+        self.keep(bytes, bytes.len());
+    }
+
+    /// Keeps what fits of the first `len` bytes of `src` (which may go on past them).
+    #[inline(always)]
+    fn keep(&mut self, src: &[u8], len: usize) {
+        let take = len.min(self.keep - self.kept_len);
+        self.truncated |= take < len;
+        copy_short(&mut self.kept, self.kept_len, src, take);
+        self.kept_len += take;
+        if self.element == 0 {
+            self.head_len = self.kept_len.min(COMMAND_BYTES);
         }
     }
 
@@ -507,11 +527,11 @@ impl RespParser {
             bytes: self.bytes,
             kind: self.kind,
             error: self.error,
-            head: match self.role {
-                Role::Request => &self.summary[..self.head_len],
-                Role::Reply => &self.head,
+            head: &self.kept[..self.head_len],
+            summary: match self.role {
+                Role::Request => &self.kept[..self.kept_len],
+                Role::Reply => &[],
             },
-            summary: &self.summary,
             truncated: self.truncated,
             elements: self.elements,
         });
@@ -524,9 +544,8 @@ impl RespParser {
         self.error = false;
         self.elements = 0;
         self.element = 0;
-        self.head.clear();
+        self.kept_len = 0;
         self.head_len = 0;
-        self.summary.clear();
         self.truncated = false;
     }
 }
@@ -548,27 +567,51 @@ fn crlf_at(data: &[u8], at: usize) -> bool {
     data.get(at) == Some(&b'\r') && data.get(at.wrapping_add(1)) == Some(&b'\n')
 }
 
-/// Reads the length that starts at `data[start]` and ends with `\r\n`: the length and
-/// where what follows it starts, or `None` when it is not all there or not a length.
-fn parse_header(data: &[u8], start: usize) -> Option<(i64, usize)> {
-    let negative = data.get(start) == Some(&b'-');
-    let digits = start + usize::from(negative);
-    let mut i = digits;
-    let mut n: i64 = 0;
-    while let Some(&b) = data.get(i) {
-        if !b.is_ascii_digit() || i - digits >= 13 {
+/// Reads the count or length that starts at `data[at]` and ends with `\r\n`: the number and
+/// where what follows it starts, or `None` when it is not all there, not a non-negative
+/// number, or over 2^40 (so that adding it to a position cannot overflow).
+#[inline(always)]
+fn parse_count(data: &[u8], at: usize) -> Option<(usize, usize)> {
+    let digits = data.get(at..)?;
+    // One or two digits: nearly every count and length on the wire.
+    if let Some(&[a, b, c, d]) = digits.get(..4) {
+        let (a, b) = (a.wrapping_sub(b'0'), b.wrapping_sub(b'0'));
+        if a <= 9 {
+            if b == b'\r'.wrapping_sub(b'0') && c == b'\n' {
+                return Some((usize::from(a), at + 3));
+            }
+            if b <= 9 && c == b'\r' && d == b'\n' {
+                return Some((usize::from(a) * 10 + usize::from(b), at + 4));
+            }
+        }
+    }
+    let mut n = 0usize;
+    let mut i = 0;
+    while let Some(&b) = digits.get(i) {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
             break;
         }
-        n = n * 10 + i64::from(b - b'0');
+        n = n * 10 + usize::from(d);
         i += 1;
+        if i > 13 {
+            return None;
+        }
     }
-    if i == digits || !crlf_at(data, i) {
+    if i == 0 || n > 1 << 40 || !crlf_at(digits, i) {
         return None;
     }
-    match (negative, n) {
-        (true, 1) => Some((-1, i + 2)),
-        (false, n) if n <= 1 << 40 => Some((n, i + 2)),
-        _ => None,
+    Some((n, at + i + 2))
+}
+
+/// Copies `n` bytes of `src` to `dst[at..]`: at most 16 in one fixed-size move when both
+/// sides have 16 bytes there (what follows the `n` in `dst` is scratch), or else exactly.
+#[inline(always)]
+fn copy_short(dst: &mut [u8; SUMMARY_BYTES + 16], at: usize, src: &[u8], n: usize) {
+    if n <= 16 && src.len() >= 16 && at + 16 <= dst.len() {
+        dst[at..at + 16].copy_from_slice(&src[..16]);
+    } else {
+        dst[at..at + n].copy_from_slice(&src[..n]);
     }
 }
 
@@ -743,7 +786,7 @@ mod tests {
         let mut out = Vec::new();
         for chunk in req.chunks(1448) {
             p.feed(chunk, &mut |m| out.push(got(m))).unwrap();
-            assert!(p.line.capacity() < 4096 && p.summary.capacity() <= 2 * SUMMARY_BYTES);
+            assert!(p.line.capacity() < 4096);
         }
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].summary.len(), SUMMARY_BYTES);

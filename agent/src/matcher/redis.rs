@@ -22,10 +22,13 @@ struct Pending {
     req_start_us: u64,
     req_done_us: u64,
     req_bytes: u64,
-    /// Where its text starts in [`PendingQueue::text`]: command (upper case), then summary.
+    /// Where its text starts in [`PendingQueue::text`]: the summary, then the command in
+    /// upper case unless the summary starts with it so.
     text_start: usize,
-    command_len: u8,
     summary_len: u8,
+    /// Where the upper-case command starts in the text: 0, or `summary_len`.
+    command_at: u8,
+    command_len: u8,
     truncated: bool,
     /// Subscribe-family commands: confirmations still to come (one per channel).
     confirmations_left: u32,
@@ -46,7 +49,8 @@ struct PendingQueue {
 const TEXT_COMPACT_AT: usize = 1 << 16;
 
 impl PendingQueue {
-    fn push(&mut self, mut p: Pending, command: &[u8], summary: &[u8]) {
+    /// Queues `p`; `summary` starts with the command name as sent, `command_len` bytes.
+    fn push(&mut self, mut p: Pending, command_len: usize, summary: &[u8]) {
         match self.entries.front() {
             None => self.text.clear(),
             Some(front) if front.text_start >= TEXT_COMPACT_AT => {
@@ -57,21 +61,28 @@ impl PendingQueue {
             Some(_) => {}
         }
         p.text_start = self.text.len();
-        p.command_len = command.len() as u8;
         p.summary_len = summary.len() as u8;
-        self.text.extend_from_slice(command);
-        self.text[p.text_start..].make_ascii_uppercase();
+        p.command_len = command_len as u8;
         self.text.extend_from_slice(summary);
+        let command = &summary[..command_len];
+        // Clients mostly send names in upper case: then the summary's start is the command.
+        p.command_at = if command.iter().any(u8::is_ascii_lowercase) {
+            self.text.extend_from_slice(command);
+            self.text[p.text_start + summary.len()..].make_ascii_uppercase();
+            p.summary_len
+        } else {
+            0
+        };
         self.entries.push_back(p);
     }
 
     fn command(&self, p: &Pending) -> &[u8] {
-        &self.text[p.text_start..p.text_start + usize::from(p.command_len)]
+        let start = p.text_start + usize::from(p.command_at);
+        &self.text[start..start + usize::from(p.command_len)]
     }
 
     fn summary(&self, p: &Pending) -> &[u8] {
-        let start = p.text_start + usize::from(p.command_len);
-        &self.text[start..start + usize::from(p.summary_len)]
+        &self.text[p.text_start..p.text_start + usize::from(p.summary_len)]
     }
 
     fn len(&self) -> usize {
@@ -368,8 +379,9 @@ fn queue_request<S: ExchangeSink>(
         req_done_us,
         req_bytes: m.bytes,
         text_start: 0,
-        command_len: 0,
         summary_len: 0,
+        command_at: 0,
+        command_len: 0,
         truncated: m.truncated,
         confirmations_left: if subscribe {
             m.elements.saturating_sub(1).max(1) as u32
@@ -385,7 +397,7 @@ fn queue_request<S: ExchangeSink>(
     };
     pending.push(
         entry,
-        name,
+        name.len(),
         &m.summary[..m.summary.len().min(SUMMARY_BYTES)],
     );
     cx.counters.pending += 1;
