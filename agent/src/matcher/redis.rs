@@ -516,6 +516,7 @@ mod tests {
     #[derive(Default)]
     struct Recorder {
         exchanges: Vec<(String, u64, bool)>,
+        commands: Vec<String>,
         unanswered: Vec<(String, Unanswered)>,
     }
 
@@ -526,6 +527,8 @@ mod tests {
                 e.latency_us,
                 e.error,
             ));
+            self.commands
+                .push(String::from_utf8_lossy(e.command).into_owned());
         }
         fn unanswered(&mut self, _: SocketAddr, command: &[u8], why: Unanswered) {
             self.unanswered
@@ -707,6 +710,30 @@ mod tests {
         h.rsp(6, b"+PONG\r\n");
         assert_eq!(h.summaries(), ["MONITOR", "RESET", "PING"]);
         assert_eq!(h.counters.unsolicited, 2);
+    }
+
+    #[test]
+    fn commands_are_counted_in_upper_case_and_summaries_kept_as_sent() {
+        let mut h = Harness::new();
+        h.req(0, &cmd(&["get", "Key"]));
+        h.req(1, &cmd(&["GET", "Key"]));
+        h.req(2, b"hSet h f v\r\n");
+        h.req(3, &cmd(&["lpush", "l", "x"]));
+        h.rsp(4, b"$-1\r\n$-1\r\n:1\r\n");
+        assert_eq!(h.summaries(), ["get Key", "GET Key", "hSet h f v"]);
+        assert_eq!(h.sink.commands, ["GET", "GET", "HSET"]);
+        h.conn.on_close(
+            &h.key,
+            &mut MatchContext {
+                limits: &h.limits,
+                counters: &mut h.counters,
+                sink: &mut h.sink,
+            },
+        );
+        assert_eq!(
+            h.sink.unanswered,
+            [("LPUSH".to_string(), Unanswered::Timeout)]
+        );
     }
 
     #[test]
