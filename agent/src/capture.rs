@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use pcap::{Activated, BpfProgram, Capture as PcapCapture, Device, Packet, PacketHeader, Savefile};
 
 use crate::decode::LinkType;
-use crate::pcapfile::MappedPcap;
+use crate::pcapfile::{Block, BlockPcap};
 
 /// Where packets come from.
 #[derive(Debug, Clone)]
@@ -143,11 +143,11 @@ pub struct Capture {
     file_size: Option<u64>,
     /// The file read (offline), to name it in errors.
     file: Option<PathBuf>,
-    /// A classic pcap file, read in place rather than through libpcap; with its filter.
-    mapped: Option<MappedPcap>,
-    mapped_filter: Option<BpfProgram>,
-    /// Where the last frame of a mapped file starts in it.
-    mapped_offset: usize,
+    /// A classic pcap file, read in blocks rather than through libpcap; with its filter.
+    blocks: Option<BlockPcap>,
+    blocks_filter: Option<BpfProgram>,
+    /// Where the last frame read in blocks starts in its block.
+    frame_offset: usize,
 }
 
 /// Live reads return at least this often, so that the caller can do periodic work and
@@ -195,13 +195,13 @@ impl Capture {
                 Source::File(path) => Some(path.clone()),
                 Source::Live { .. } => None,
             },
-            // libpcap has checked the file; a classic pcap is then read in place.
-            mapped: match &config.source {
-                Source::File(path) => MappedPcap::open(path),
+            // libpcap has checked the file; a classic pcap is then read in blocks.
+            blocks: match &config.source {
+                Source::File(path) => BlockPcap::open(path),
                 Source::Live { .. } => None,
             },
-            mapped_filter: None,
-            mapped_offset: 0,
+            blocks_filter: None,
+            frame_offset: 0,
         };
         if !config.filter.is_empty() {
             let filter = vlan_aware(&config.filter, link);
@@ -210,8 +210,8 @@ impl Capture {
                 detail: e.to_string(),
             };
             capture.handle.filter(&filter, true).map_err(bad_filter)?;
-            if capture.mapped.is_some() {
-                capture.mapped_filter =
+            if capture.blocks.is_some() {
+                capture.blocks_filter =
                     Some(capture.handle.compile(&filter, true).map_err(bad_filter)?);
             }
         }
@@ -247,8 +247,8 @@ impl Capture {
     /// caller regains control even when no packet comes (libpcap's own timeout does not fire
     /// on an idle TPACKET_V3 ring).
     pub fn next_frame(&mut self) -> Result<Next<'_>, CaptureError> {
-        if self.mapped.is_some() {
-            return self.next_mapped_frame();
+        if self.blocks.is_some() {
+            return self.next_block_frame();
         }
         if self.drained {
             self.drained = false;
@@ -284,11 +284,11 @@ impl Capture {
         }
     }
 
-    /// The next frame of a mapped file that passes the filter.
-    fn next_mapped_frame(&mut self) -> Result<Next<'_>, CaptureError> {
-        let mapped = self.mapped.as_mut().expect("checked by the caller");
+    /// The next frame of a file read in blocks that passes the filter.
+    fn next_block_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+        let blocks = self.blocks.as_mut().expect("checked by the caller");
         let record = loop {
-            match mapped.next_record() {
+            match blocks.next_record() {
                 None => return Ok(Next::End),
                 Some(Err(e)) => {
                     return Err(CaptureError::File {
@@ -298,19 +298,19 @@ impl Capture {
                 }
                 Some(Ok(r)) => {
                     let passes = self
-                        .mapped_filter
+                        .blocks_filter
                         .as_ref()
-                        .is_none_or(|f| f.filter(mapped.data(&r)));
+                        .is_none_or(|f| f.filter(blocks.data(&r)));
                     if passes {
                         break r;
                     }
                 }
             }
         };
-        self.file_bytes_read = mapped.position() as u64;
-        self.mapped_offset = record.start;
-        let mapped = self.mapped.as_ref().expect("checked by the caller");
-        let data = mapped.data(&record);
+        self.file_bytes_read = blocks.position();
+        self.frame_offset = record.start;
+        let blocks = self.blocks.as_ref().expect("checked by the caller");
+        let data = blocks.data(&record);
         if let Some(dump) = self.dump.as_mut() {
             let header = PacketHeader {
                 ts: libc::timeval {
@@ -329,14 +329,15 @@ impl Capture {
         }))
     }
 
-    /// A mapped capture file, whole: other threads may read its frames in place.
-    pub fn mapped_file(&self) -> Option<std::sync::Arc<memmap2::Mmap>> {
-        self.mapped.as_ref().map(MappedPcap::bytes)
+    /// For a file read in blocks, the block that holds the last frame: other threads may
+    /// read the frame there ([`Capture::frame_offset`]) while the capture reads on.
+    pub fn frame_block(&self) -> Option<&std::sync::Arc<Block>> {
+        self.blocks.as_ref().map(BlockPcap::block)
     }
 
-    /// Where the last frame of a mapped capture file starts in it.
-    pub fn mapped_offset(&self) -> usize {
-        self.mapped_offset
+    /// Where the last frame starts in its block ([`Capture::frame_block`]).
+    pub fn frame_offset(&self) -> usize {
+        self.frame_offset
     }
 
     /// libpcap's counters, for a live capture.

@@ -2,7 +2,8 @@
 //! connection's frames (both directions) to one of N shards — a pipeline each, on its own
 //! thread; new connections are dealt in turn ([`Router`]) — and the calling thread writes
 //! their output in the order one pipeline would have written it: by the number of the frame
-//! whose processing produced it. A mapped capture file is read by the shards in place.
+//! whose processing produced it. A classic pcap file is read in blocks that the shards read
+//! in place.
 //!
 //! Frames go in batches, and every shard gets a batch at the same points of the file (an
 //! epoch), so the writer can merge epoch by epoch with bounded memory. Each shard's flow
@@ -14,10 +15,12 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::capture::{Capture, CaptureError, Frame, Next};
 use crate::decode::{decode, LinkType};
+use crate::pcapfile::Block;
 use crate::pipeline::{Connection, Pipeline, PipelineConfig, Totals};
 use rustc_hash::FxHashMap;
 
@@ -38,10 +41,11 @@ struct FrameAt {
     len: usize,
 }
 
-/// Frames for one shard: where each is — in the mapped capture file, or in `bytes`, where the
-/// reader copied them when the file is not mapped.
+/// Frames for one shard: where each is — in `block`, one block of a file read in blocks, or
+/// in `bytes`, where the reader copied them when libpcap reads the file.
 #[derive(Debug, Default)]
 struct Batch {
+    block: Option<Arc<Block>>,
     bytes: Vec<u8>,
     frames: Vec<FrameAt>,
 }
@@ -124,9 +128,6 @@ pub fn run<C: Connection>(
     stop: &AtomicBool,
     show_progress: bool,
 ) -> ShardedRun<C> {
-    // A mapped file is read in place by every shard: the reader copies nothing.
-    let file = capture.mapped_file();
-    let file: Option<&[u8]> = file.as_deref().map(|m| &m[..]);
     let mut shard_config = config.clone();
     shard_config.flow_limits.max_flows = (config.flow_limits.max_flows / shards).max(1);
     std::thread::scope(|scope| {
@@ -145,7 +146,7 @@ pub fn run<C: Connection>(
             let worker = std::thread::Builder::new()
                 .name(format!("shard-{i}"))
                 .spawn_scoped(scope, move || {
-                    shard::<C>(config, file, &batches, &to_writer, &spares)
+                    shard::<C>(config, &batches, &to_writer, &spares)
                 })
                 .expect("start a shard thread");
             workers.push(worker);
@@ -184,7 +185,7 @@ fn read(
 ) -> Result<(), CaptureError> {
     let shards = inputs.len();
     let link = capture.link();
-    let mapped = capture.mapped_file().is_some();
+    let in_blocks = capture.frame_block().is_some();
     let mut batches: Vec<Batch> = (0..shards).map(|_| Batch::default()).collect();
     let mut in_epoch = 0;
     let mut seq = 0u64;
@@ -207,14 +208,27 @@ fn read(
             Err(e) => break Err(e),
         };
         let shard = router.route(link, frame.data);
-        let batch = &mut batches[shard];
         let (ts_sec, ts_usec, len) = (frame.ts_sec, frame.ts_usec, frame.data.len());
-        let start = if mapped {
-            capture.mapped_offset()
+        let start = if in_blocks {
+            let block = capture.frame_block().expect("a file read in blocks");
+            // Every batch of an epoch refers to one block: a new block starts a new epoch.
+            let current = batches[0].block.as_ref();
+            if current.is_some_and(|b| !Arc::ptr_eq(b, block)) {
+                flush(&mut batches);
+                in_epoch = 0;
+            }
+            if batches[0].block.is_none() {
+                batches
+                    .iter_mut()
+                    .for_each(|b| b.block = Some(Arc::clone(block)));
+            }
+            capture.frame_offset()
         } else {
-            batch.bytes.extend_from_slice(frame.data);
-            batch.bytes.len() - len
+            let bytes = &mut batches[shard].bytes;
+            bytes.extend_from_slice(frame.data);
+            bytes.len() - len
         };
+        let batch = &mut batches[shard];
         batch.frames.push(FrameAt {
             seq,
             ts_sec,
@@ -241,7 +255,6 @@ fn read(
 /// A shard: its pipeline over the batches it is given, then the end of every connection.
 fn shard<C: Connection>(
     config: PipelineConfig,
-    file: Option<&[u8]>,
     batches: &Receiver<Batch>,
     to_writer: &SyncSender<Output>,
     spares: &std::sync::mpsc::Sender<Batch>,
@@ -250,7 +263,7 @@ fn shard<C: Connection>(
     for batch in batches {
         let mut marks = Vec::new();
         let mut written = pipeline.output().len();
-        let source = file.unwrap_or(&batch.bytes);
+        let source = batch.block.as_deref().map_or(&batch.bytes[..], |b| &b[..]);
         for f in &batch.frames {
             pipeline.on_frame(&Frame {
                 ts_sec: f.ts_sec,
@@ -264,6 +277,7 @@ fn shard<C: Connection>(
             }
         }
         let mut batch = batch;
+        batch.block = None; // the reader reuses a block no batch holds
         batch.bytes.clear();
         batch.frames.clear();
         let _ = spares.send(batch);
