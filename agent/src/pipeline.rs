@@ -180,6 +180,7 @@ pub struct Sinks {
 
 impl Sinks {
     /// Counts an exchange and logs it when slow.
+    #[inline(always)]
     fn record(&mut self, e: &Exchange<'_>) {
         let slow = self.slowlog.is_slow(e.latency_us);
         self.ports.record_exchange(e, slow);

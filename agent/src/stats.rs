@@ -71,6 +71,7 @@ impl LatencyStats {
         }
     }
 
+    #[inline(always)]
     pub(crate) fn record(&mut self, e: &Exchange<'_>, slow: bool) {
         self.total_reqs += 1;
         self.total_costs += e.latency_us;
@@ -162,32 +163,37 @@ impl PortLatency {
         }
     }
 
+    /// The figures of one command (`OTHER` past [`MAX_COMMANDS`]). Consecutive exchanges are
+    /// mostly of the same command: that one is checked first, inline.
+    #[inline(always)]
     pub(crate) fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
         if self
             .commands
             .get(self.last)
             .is_none_or(|(n, _)| !same_bytes(n, name))
         {
-            self.last = match self.index.get(name) {
-                Some(&i) => i,
-                None => {
-                    let name: &[u8] = if self.commands.len() < MAX_COMMANDS {
-                        name
-                    } else {
-                        b"OTHER"
-                    };
-                    match self.index.get(name) {
-                        Some(&i) => i,
-                        None => {
-                            self.index.insert(name.into(), self.commands.len());
-                            self.commands.push((name.into(), LatencyStats::default()));
-                            self.commands.len() - 1
-                        }
-                    }
-                }
-            };
+            self.last = self.find_or_add(name);
         }
         &mut self.commands[self.last].1
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn find_or_add(&mut self, name: &[u8]) -> usize {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let name: &[u8] = if self.commands.len() < MAX_COMMANDS {
+            name
+        } else {
+            b"OTHER"
+        };
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        self.index.insert(name.into(), self.commands.len());
+        self.commands.push((name.into(), LatencyStats::default()));
+        self.commands.len() - 1
     }
 }
 
@@ -253,6 +259,7 @@ impl PortStats {
     }
 
     /// Counts one exchange on its server's port.
+    #[inline(always)]
     pub fn record_exchange(&mut self, e: &Exchange<'_>, slow: bool) {
         if let Some(port) = self.port_latency(e.server.port()) {
             port.command(e.command).record(e, slow);

@@ -480,6 +480,7 @@ fn front_effect(pending: &PendingQueue) -> ReplyEffect {
         .map_or(ReplyEffect::None, |p| p.effect)
 }
 
+#[inline(always)]
 fn complete<S: ExchangeSink>(
     key: &FlowKey,
     pending: &PendingQueue,
