@@ -69,6 +69,7 @@ impl std::fmt::Display for BadBucket {
 impl std::error::Error for BadBucket {}
 
 /// The fine bucket index of a value.
+#[inline]
 pub fn fine_index(value: u64) -> usize {
     if value < SUB {
         return value as usize;
@@ -103,6 +104,7 @@ pub struct FineHistogram {
 
 impl FineHistogram {
     /// Counts one latency.
+    #[inline]
     pub fn record(&mut self, latency_us: u64) {
         let i = fine_index(latency_us);
         if i >= self.counts.len() {
