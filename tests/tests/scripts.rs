@@ -6,18 +6,22 @@ use std::process::Command;
 use tcpkit_tests::{fixture, tcpkit_bin, Expected};
 
 fn run_script(name: &str, script: &std::path::Path) -> (String, String) {
+    run_script_in(name, &["-m", "raw"], script)
+}
+
+/// Runs `script` on a fixture in redis mode, pairing everything and printing no slow line.
+fn run_redis_script(name: &str, script: &std::path::Path) -> String {
+    run_script_in(name, &["-m", "redis", "-t", "100000"], script).0
+}
+
+/// Runs `script` on a fixture with the `mode` arguments: its stdout and stderr.
+fn run_script_in(name: &str, mode: &[&str], script: &std::path::Path) -> (String, String) {
     let e = Expected::of(name);
     let out = Command::new(tcpkit_bin())
         .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
-        .args([
-            "-p",
-            &e.port.to_string(),
-            "-m",
-            "raw",
-            "--summary",
-            "none",
-            "-S",
-        ])
+        .args(["-p", &e.port.to_string()])
+        .args(mode)
+        .args(["--summary", "none", "-S"])
         .arg(script)
         .output()
         .unwrap();
@@ -202,28 +206,7 @@ function finish() tcpkit.log("exchanges", n, "slow", slow) end
     .unwrap();
     let name = "redis-slow";
     let e = Expected::of(name);
-    let out = Command::new(tcpkit_bin())
-        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
-        .args([
-            "-p",
-            &e.port.to_string(),
-            "-m",
-            "redis",
-            "-t",
-            "100000",
-            "--summary",
-            "none",
-            "-S",
-        ])
-        .arg(&script)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = run_redis_script(name, &script);
     let want = format!(
         "exchanges {} slow {}",
         e.exchanges(),
@@ -252,28 +235,7 @@ fn tcp_connect_lua_times_every_connection() {
 fn top_keys_lua_ranks_keys_from_exchanges() {
     let name = "redis-benchmark-lo";
     let e = Expected::of(name);
-    let out = Command::new(tcpkit_bin())
-        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
-        .args([
-            "-p",
-            &e.port.to_string(),
-            "-m",
-            "redis",
-            "-t",
-            "100000",
-            "--summary",
-            "none",
-            "-S",
-        ])
-        .arg(repo_file("scripts/top-keys.lua"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = run_redis_script(name, &repo_file("scripts/top-keys.lua"));
     // LPUSH and LPOP on one list, SET and GET on one key pattern: each 2 x 2000 requests.
     let list = e.commands["LPUSH"] + e.commands["LPOP"];
     assert!(stdout.contains(&format!("{list:>8}  mylist")), "{stdout}");
