@@ -5,30 +5,7 @@ use std::path::PathBuf;
 
 use clap::{ArgAction, Parser, ValueEnum};
 
-/// What the agent parses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// One line per packet with payload (or a Lua script's `process(packet)` with -S).
-    Raw,
-    /// Redis (RESP2/RESP3) request latency.
-    Redis,
-    /// Memcached (text, meta, binary) request latency.
-    Memcached,
-    /// DNS query latency (UDP with -u, TCP otherwise).
-    Dns,
-}
-
-impl Mode {
-    /// The protocol's name, as the aggregator and scripts know it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Raw => "raw",
-            Mode::Redis => "redis",
-            Mode::Memcached => "memcached",
-            Mode::Dns => "dns",
-        }
-    }
-}
+pub use crate::modes::Mode;
 
 /// How the exit summary is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,7 +13,9 @@ use std::collections::hash_map::Entry;
 use rustc_hash::FxHashMap;
 
 use crate::decode::{tcp_flags, Packet};
-use crate::reassembly::{Chunk, Reassembler, ReassemblyCounters, ReassemblyLimits};
+use crate::reassembly::{
+    Chunk, Piece, Reassembler, ReassemblyCounters, ReassemblyLimits, SegmentMeta,
+};
 
 /// Which way a packet goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,15 +127,59 @@ pub enum CloseReason {
     Shutdown,
 }
 
+/// What one direction of a flow says to its consumer, in stream order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEvent<'a> {
+    /// A SYN: the direction's stream begins at position 0, at a message boundary.
+    Start,
+    /// A segment of this direction acknowledged the other direction's stream up to
+    /// `ack_pos` (given for every segment with an ACK, before its data).
+    Ack {
+        /// A position in the other direction's stream.
+        ack_pos: u64,
+    },
+    /// The next bytes, in order.
+    Data {
+        /// The bytes, their position and capture time.
+        piece: Piece<'a>,
+        /// The segment's acknowledgment as a position in the other direction's stream.
+        ack_pos: Option<u64>,
+    },
+    /// Bytes are missing up to `resume_pos`: whatever was being parsed there is lost.
+    Gap {
+        /// The position of the first byte after the hole.
+        resume_pos: u64,
+    },
+}
+
 /// Receives the reassembled streams of the flows in a [`FlowTable`], with the per-flow
 /// state `S` that it keeps.
 pub trait StreamHandler<S> {
-    /// The next bytes of one direction, in order.
-    fn on_data(&mut self, key: &FlowKey, state: &mut S, dir: Direction, ts_us: u64, bytes: &[u8]);
-    /// Bytes are missing in one direction: whatever was being parsed there is lost.
-    fn on_gap(&mut self, key: &FlowKey, state: &mut S, dir: Direction, ts_us: u64);
+    /// One direction of a flow said something; `ts_us` is the capture time of the segment
+    /// being processed.
+    fn on_event(
+        &mut self,
+        key: &FlowKey,
+        state: &mut S,
+        dir: Direction,
+        ts_us: u64,
+        event: StreamEvent<'_>,
+    );
     /// The flow ended; `state` is dropped after this.
     fn on_close(&mut self, key: &FlowKey, state: S, reason: CloseReason, ts_us: u64);
+}
+
+/// The event of a reassembled chunk; a piece's ack becomes a position of `peer`, the other
+/// direction.
+fn event_of<'a>(chunk: Chunk<'a>, peer: &Reassembler) -> StreamEvent<'a> {
+    match chunk {
+        Chunk::Start => StreamEvent::Start,
+        Chunk::Data(piece) => StreamEvent::Data {
+            piece,
+            ack_pos: piece.ack.and_then(|a| peer.position_of(a)),
+        },
+        Chunk::Gap { resume_pos } => StreamEvent::Gap { resume_pos },
+    }
 }
 
 /// Caps and timeouts of the flow table.
@@ -284,19 +330,28 @@ impl<S: Default> FlowTable<S> {
             Direction::Response => (&mut flow.response, &mut flow.request),
         };
         let state = &mut flow.state;
-        let mut deliver = |dir: Direction, chunk: Chunk<'_>| match chunk {
-            Chunk::Data(bytes) => handler.on_data(&key, state, dir, ts_us, bytes),
-            Chunk::Gap => handler.on_gap(&key, state, dir, ts_us),
+        let other_dir = match dir {
+            Direction::Request => Direction::Response,
+            Direction::Response => Direction::Request,
         };
-        if flags & tcp_flags::ACK != 0 {
-            let other_dir = match dir {
-                Direction::Request => Direction::Response,
-                Direction::Response => Direction::Request,
-            };
-            other.peer_ack(ack, counters, &mut |c| deliver(other_dir, c));
+        let mut emit = |dir: Direction, event: StreamEvent<'_>| {
+            handler.on_event(&key, state, dir, ts_us, event);
+        };
+        let ack = (flags & tcp_flags::ACK != 0).then_some(ack);
+        if let Some(ack) = ack {
+            if let Some(ack_pos) = other.position_of(ack) {
+                emit(dir, StreamEvent::Ack { ack_pos });
+            }
+            other.peer_ack(ack, counters, &mut |c| emit(other_dir, event_of(c, this)));
         }
-        this.segment(seq, flags, payload, limits, counters, &mut |c| {
-            deliver(dir, c)
+        let meta = SegmentMeta {
+            seq,
+            flags,
+            ack,
+            ts_us,
+        };
+        this.segment(meta, payload, limits, counters, &mut |c| {
+            emit(dir, event_of(c, other))
         });
 
         let reason = if flags & tcp_flags::RST != 0 {
@@ -411,16 +466,29 @@ mod tests {
     struct Recorder {
         data: Vec<(Direction, Vec<u8>)>,
         gaps: usize,
+        starts: usize,
+        acks: Vec<(Direction, u64)>,
         closes: Vec<(CloseReason, u32)>,
     }
 
     impl StreamHandler<u32> for Recorder {
-        fn on_data(&mut self, _: &FlowKey, state: &mut u32, dir: Direction, _: u64, b: &[u8]) {
-            *state += 1;
-            self.data.push((dir, b.to_vec()));
-        }
-        fn on_gap(&mut self, _: &FlowKey, _: &mut u32, _: Direction, _: u64) {
-            self.gaps += 1;
+        fn on_event(
+            &mut self,
+            _: &FlowKey,
+            state: &mut u32,
+            dir: Direction,
+            _: u64,
+            event: StreamEvent<'_>,
+        ) {
+            match event {
+                StreamEvent::Data { piece, .. } => {
+                    *state += 1;
+                    self.data.push((dir, piece.bytes.to_vec()));
+                }
+                StreamEvent::Gap { .. } => self.gaps += 1,
+                StreamEvent::Start => self.starts += 1,
+                StreamEvent::Ack { ack_pos } => self.acks.push((dir, ack_pos)),
+            }
         }
         fn on_close(&mut self, _: &FlowKey, state: u32, reason: CloseReason, _: u64) {
             self.closes.push((reason, state));
@@ -456,6 +524,19 @@ mod tests {
         );
         assert_eq!(h.closes, vec![(CloseReason::Fin, 2)]);
         assert!(table.is_empty());
+        assert_eq!(h.starts, 2);
+        // Acks are positions of the other direction: the SYN-ACK acks the request stream's
+        // start, each side acks the other's bytes, the FINs map to the streams' ends.
+        assert_eq!(
+            h.acks,
+            vec![
+                (Response, 0),
+                (Request, 0),
+                (Response, 6),
+                (Request, 7),
+                (Response, 6)
+            ]
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod flow;
 pub mod l7;
 pub mod matcher;
 pub mod metrics;
+pub mod modes;
 pub mod pcapfile;
 pub mod pipeline;
 pub mod privileges;

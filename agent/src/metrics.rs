@@ -4,7 +4,7 @@
 
 use tcpkit_ops::prometheus::{Exposition, Labels, SeedHistogram};
 
-use crate::pipeline::PortModes;
+use crate::modes::PortModes;
 use crate::shipper::ShipStatusNow;
 use crate::stats::{LatencyStats, Summary};
 
@@ -74,6 +74,31 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
         "tcpkit_requests_dropped_total",
         "Pending requests dropped when their stream desynchronised.",
         per_command(|s| s.dropped),
+    );
+    let untimed_labels: Vec<([(&str, &str); 4], u64)> = series
+        .iter()
+        .flat_map(|s| {
+            s.stats.untimed().map(|(reason, n)| {
+                let labels = [
+                    ("port", s.port.as_str()),
+                    ("proto", s.proto),
+                    ("command", s.command.as_str()),
+                    ("reason", reason),
+                ];
+                (labels, n)
+            })
+        })
+        .collect();
+    page.counter(
+        "tcpkit_requests_untimed_total",
+        "Exchanges not timed because the capture could not prove their latency, by reason \
+         (request_lost and reply_before_request under command \"?\").",
+        untimed_labels.iter().map(|(l, n)| (&l[..], *n)),
+    );
+    page.counter(
+        "tcpkit_clock_skew_total",
+        "Exchanges whose reply was captured before their request was whole (timed as 0).",
+        per_command(|s| s.clock_skew),
     );
     page.counter(
         "tcpkit_request_bytes_total",

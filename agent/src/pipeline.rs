@@ -5,168 +5,21 @@
 //! protocol is a type parameter ([`Connection`]), so each mode is its own monomorphic loop.
 
 use crate::capture::{Frame, KernelStats};
-use crate::cli::Mode;
 use crate::decode::{decode, LinkType, Transport};
 use crate::flow::{
     CloseReason, Direction, DirectionRule, FlowCounters, FlowKey, FlowLimits, FlowTable,
-    StreamHandler,
+    StreamEvent, StreamHandler,
 };
-use crate::matcher::dns::{DnsMatcher, DnsTcpConnection};
+use crate::matcher::dns::DnsMatcher;
 use crate::matcher::{
-    Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, MemcachedConnection,
-    RedisConnection, Unanswered,
+    Connection, Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, Unanswered,
 };
+use crate::modes::{Mode, PortModes};
 use crate::raw::RawFormatter;
 use crate::script::{Script, ScriptOutput};
 use crate::shipper::{ShipSink, ShipStatusNow};
 use crate::slowlog::SlowLog;
 use crate::stats::{DecodeCounters, PortStats, Summary};
-
-/// The protocol of each monitored port.
-#[derive(Debug, Clone, Default)]
-pub struct PortModes(Vec<(u16, Mode)>);
-
-impl PortModes {
-    /// The ports and their protocols.
-    pub fn new(modes: Vec<(u16, Mode)>) -> Self {
-        Self(modes)
-    }
-
-    /// The protocol of a monitored port (raw for any other).
-    pub fn of(&self, port: u16) -> Mode {
-        self.0
-            .iter()
-            .find(|(p, _)| *p == port)
-            .map_or(Mode::Raw, |(_, m)| *m)
-    }
-
-    /// True when every port speaks raw.
-    pub fn all_raw(&self) -> bool {
-        self.0.iter().all(|(_, m)| *m == Mode::Raw)
-    }
-}
-
-/// The per-connection state of a protocol mode.
-pub trait Connection: Default {
-    /// Chooses the protocol of a new connection, for an agent watching several; called with
-    /// the server port before each delivery.
-    fn prepare(&mut self, _server_port: u16, _modes: &PortModes) {}
-    /// The next reassembled bytes of one direction.
-    fn on_data(
-        &mut self,
-        key: &FlowKey,
-        dir: Direction,
-        ts_us: u64,
-        bytes: &[u8],
-        cx: &mut MatchContext<'_, Sinks>,
-    );
-    /// Bytes are missing in one direction.
-    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>);
-    /// The connection ended.
-    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>);
-}
-
-/// Raw mode: nothing parsed.
-impl Connection for () {
-    fn on_data(
-        &mut self,
-        _: &FlowKey,
-        _: Direction,
-        _: u64,
-        _: &[u8],
-        _: &mut MatchContext<'_, Sinks>,
-    ) {
-    }
-    fn on_gap(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
-    fn on_close(&mut self, _: &FlowKey, _: &mut MatchContext<'_, Sinks>) {}
-}
-
-/// The protocol connections implement [`Connection`] with their own methods of the same
-/// names.
-macro_rules! delegate_connection {
-    ($($connection:ty),*) => {$(
-        impl Connection for $connection {
-            fn on_data(
-                &mut self,
-                key: &FlowKey,
-                dir: Direction,
-                ts_us: u64,
-                bytes: &[u8],
-                cx: &mut MatchContext<'_, Sinks>,
-            ) {
-                <$connection>::on_data(self, key, dir, ts_us, bytes, cx);
-            }
-            fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-                <$connection>::on_gap(self, key, cx);
-            }
-            fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-                <$connection>::on_close(self, key, cx);
-            }
-        }
-    )*};
-}
-
-delegate_connection!(RedisConnection, MemcachedConnection, DnsTcpConnection);
-
-/// A connection of an agent watching ports of different protocols (`-p 6379:redis,…`).
-#[derive(Debug, Default)]
-pub enum MultiConnection {
-    /// Nothing delivered yet.
-    #[default]
-    Unset,
-    /// A raw-mode port.
-    Raw,
-    /// A Redis port.
-    Redis(Box<RedisConnection>),
-    /// A memcached port.
-    Memcached(Box<MemcachedConnection>),
-    /// A DNS port (over TCP; its UDP datagrams go to the pipeline's DNS matcher).
-    Dns(Box<DnsTcpConnection>),
-}
-
-impl Connection for MultiConnection {
-    fn prepare(&mut self, server_port: u16, modes: &PortModes) {
-        if matches!(self, Self::Unset) {
-            *self = match modes.of(server_port) {
-                Mode::Redis => Self::Redis(Box::default()),
-                Mode::Memcached => Self::Memcached(Box::default()),
-                Mode::Dns => Self::Dns(Box::default()),
-                Mode::Raw => Self::Raw,
-            };
-        }
-    }
-    fn on_data(
-        &mut self,
-        key: &FlowKey,
-        dir: Direction,
-        ts_us: u64,
-        bytes: &[u8],
-        cx: &mut MatchContext<'_, Sinks>,
-    ) {
-        match self {
-            Self::Redis(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
-            Self::Memcached(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
-            Self::Dns(c) => Connection::on_data(c.as_mut(), key, dir, ts_us, bytes, cx),
-            Self::Unset | Self::Raw => {}
-        }
-    }
-    fn on_gap(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        match self {
-            Self::Redis(c) => Connection::on_gap(c.as_mut(), key, cx),
-            Self::Memcached(c) => Connection::on_gap(c.as_mut(), key, cx),
-            Self::Dns(c) => Connection::on_gap(c.as_mut(), key, cx),
-            Self::Unset | Self::Raw => {}
-        }
-    }
-    fn on_close(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, Sinks>) {
-        match self {
-            Self::Redis(c) => Connection::on_close(c.as_mut(), key, cx),
-            Self::Memcached(c) => Connection::on_close(c.as_mut(), key, cx),
-            Self::Dns(c) => Connection::on_close(c.as_mut(), key, cx),
-            Self::Unset | Self::Raw => {}
-        }
-    }
-}
 
 /// Where exchanges go: the per-port stats, the slow log, and a Lua script's `on_exchange`.
 pub struct Sinks {
@@ -265,22 +118,21 @@ struct Streams<'a> {
 }
 
 impl<C: Connection> StreamHandler<C> for Streams<'_> {
-    fn on_data(&mut self, key: &FlowKey, conn: &mut C, dir: Direction, ts_us: u64, bytes: &[u8]) {
+    fn on_event(
+        &mut self,
+        key: &FlowKey,
+        conn: &mut C,
+        dir: Direction,
+        ts_us: u64,
+        event: StreamEvent<'_>,
+    ) {
         conn.prepare(key.server.port(), self.modes);
         let mut cx = MatchContext {
             limits: self.limits,
             counters: self.counters,
             sink: self.sinks,
         };
-        conn.on_data(key, dir, ts_us, bytes, &mut cx);
-    }
-    fn on_gap(&mut self, key: &FlowKey, conn: &mut C, _: Direction, _: u64) {
-        let mut cx = MatchContext {
-            limits: self.limits,
-            counters: self.counters,
-            sink: self.sinks,
-        };
-        conn.on_gap(key, &mut cx);
+        conn.on_event(key, dir, ts_us, event, &mut cx);
     }
     fn on_close(&mut self, key: &FlowKey, mut conn: C, _: CloseReason, _: u64) {
         let mut cx = MatchContext {
@@ -552,21 +404,23 @@ impl<C: Connection> Pipeline<C> {
     /// The data-quality counters the aggregator keeps.
     pub fn counters(&self) -> tcpkit_proto::v1::Counters {
         let f = self.flows.counters();
-        let timeouts = self
-            .sinks
-            .ports
-            .latency()
-            .flat_map(|(_, l)| l.commands.iter())
-            .map(|(_, s)| s.timeouts)
-            .sum();
+        let mut all = crate::stats::LatencyStats::default();
+        for (_, port) in self.sinks.ports.latency() {
+            all.merge(&port.all());
+        }
         tcpkit_proto::v1::Counters {
             kernel_drops: self.kernel.map_or(0, |k| k.dropped),
             interface_drops: self.kernel.map_or(0, |k| k.if_dropped),
             decode_errors: self.decode_counters.truncated + self.decode_counters.malformed,
             gaps: f.reassembly.gaps,
             desyncs: self.match_counters.desyncs,
-            timeouts,
+            timeouts: all.timeouts,
             flows_evicted: f.flows_idle_evicted + f.flows_cap_evicted,
+            request_lost: all.untimed[0],
+            reply_lost: all.untimed[1],
+            uncertain: all.untimed[2],
+            reply_before_request: all.untimed[3],
+            clock_skew: all.clock_skew,
             ..Default::default()
         }
     }

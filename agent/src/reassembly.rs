@@ -1,21 +1,55 @@
 //! TCP reassembly of one direction of a connection, by sequence number.
 //!
-//! Bytes come out in order, each exactly once, as [`Chunk::Data`]. Retransmissions and
-//! overlaps are trimmed; segments that arrive ahead of a hole are held (copied) in a bounded
-//! buffer until the hole fills. A hole that cannot fill becomes a [`Chunk::Gap`] — the
-//! consumer must treat its stream as desynchronised — in two cases:
+//! Bytes come out in order, each exactly once, as [`Chunk::Data`] pieces that keep what the
+//! segment carrying them said: its capture time, its position in the stream and its
+//! acknowledgment number. Retransmissions and overlaps are trimmed; segments that arrive
+//! ahead of a hole are held (copied, with their capture time and ack) in a bounded buffer
+//! until the hole fills. A hole that cannot fill becomes a [`Chunk::Gap`] — the consumer must
+//! treat its stream as desynchronised — in two cases:
 //! * the peer acknowledged bytes past the hole (the receiver has them; the capture lost them);
 //! * holding more would exceed [`ReassemblyLimits`].
+//!
+//! Positions count the stream's bytes from 0: the first byte after the SYN, or the first
+//! byte captured when the capture began mid-connection (then no [`Chunk::Start`] is given,
+//! and nothing says that the first byte starts a message). A lost hole's bytes keep their
+//! positions, so positions on both sides of a gap stay comparable with the peer's acks
+//! ([`Reassembler::position_of`]).
 //!
 //! In-order segments, the common case, are passed through without a copy.
 
 /// A piece of the reassembled stream, in stream order.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Chunk<'a> {
+    /// A SYN: the stream begins at position 0, at a message boundary.
+    Start,
     /// The next bytes of the stream.
-    Data(&'a [u8]),
-    /// Bytes are missing here; what follows does not continue what came before.
-    Gap,
+    Data(Piece<'a>),
+    /// Bytes are missing up to `resume_pos`; what follows does not continue what came before.
+    Gap {
+        /// The position of the first byte after the hole.
+        resume_pos: u64,
+    },
+}
+
+/// The next bytes of a stream and what the segment that carried them said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece<'a> {
+    /// The bytes.
+    pub bytes: &'a [u8],
+    /// The position of the first byte in the stream.
+    pub pos: u64,
+    /// Capture time of the segment that carried them, µs.
+    pub ts_us: u64,
+    /// The segment's acknowledgment number (a sequence number of the other direction), when
+    /// its ACK flag was set.
+    pub ack: Option<u32>,
+}
+
+impl Piece<'_> {
+    /// The position just past the last byte.
+    pub fn end(&self) -> u64 {
+        self.pos + self.bytes.len() as u64
+    }
 }
 
 /// Caps on what one direction may hold while waiting for a hole to fill.
@@ -67,40 +101,68 @@ fn seq_before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
+/// A segment held ahead of a hole, with what it carried.
+#[derive(Debug)]
+struct Held {
+    seq: u32,
+    ts_us: u64,
+    ack: Option<u32>,
+    bytes: Vec<u8>,
+}
+
+/// What a segment carries besides its bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentMeta {
+    /// Its sequence number.
+    pub seq: u32,
+    /// The TCP flag byte.
+    pub flags: u8,
+    /// Its acknowledgment number, when the ACK flag is set.
+    pub ack: Option<u32>,
+    /// Its capture time, µs.
+    pub ts_us: u64,
+}
+
 /// One direction of a TCP connection.
 #[derive(Debug, Default)]
 pub struct Reassembler {
     /// The sequence number of the next byte to deliver; `None` before the first segment.
     next_seq: Option<u32>,
+    /// The position of that byte.
+    next_pos: u64,
     /// Segments ahead of `next_seq`, sorted by sequence number.
-    held: Vec<(u32, Vec<u8>)>,
+    held: Vec<Held>,
     held_bytes: usize,
     /// Sequence number just past the last byte, once a FIN was seen.
     fin_seq: Option<u32>,
 }
 
 impl Reassembler {
-    /// Takes one segment of this direction. `flags` is the TCP flag byte.
+    /// Takes one segment of this direction.
     pub fn segment(
         &mut self,
-        seq: u32,
-        flags: u8,
+        meta: SegmentMeta,
         payload: &[u8],
         limits: &ReassemblyLimits,
         counters: &mut ReassemblyCounters,
         out: &mut impl FnMut(Chunk<'_>),
     ) {
-        let mut data_seq = seq;
-        if flags & crate::decode::tcp_flags::SYN != 0 {
+        let mut data_seq = meta.seq;
+        if meta.flags & crate::decode::tcp_flags::SYN != 0 {
             // A (new) connection: data, if any, starts after the SYN.
             self.reset();
-            data_seq = seq.wrapping_add(1);
+            data_seq = meta.seq.wrapping_add(1);
             self.next_seq = Some(data_seq);
+            out(Chunk::Start);
         }
         if !payload.is_empty() {
-            self.data(data_seq, payload, limits, counters, out);
+            let meta = SegmentMeta {
+                seq: data_seq,
+                ..meta
+            };
+            self.data(meta, payload, limits, counters, out);
         }
-        if flags & crate::decode::tcp_flags::FIN != 0 {
+        if meta.flags & crate::decode::tcp_flags::FIN != 0 {
             self.fin_seq = Some(data_seq.wrapping_add(payload.len() as u32));
         }
     }
@@ -119,9 +181,22 @@ impl Reassembler {
             return;
         };
         if seq_before(next, ack) {
-            let resume = first_held.0;
+            let resume = first_held.seq;
             self.skip_hole(resume, counters, out);
         }
+    }
+
+    /// The stream position of sequence number `seq` (an acknowledgment number the peer
+    /// sent): `None` before the first segment, or for a number before the stream's start. A
+    /// FIN's own sequence number maps to the position just past the last byte.
+    pub fn position_of(&self, seq: u32) -> Option<u64> {
+        let next = self.next_seq?;
+        let seq = match self.fin_seq {
+            Some(fin) if seq_before(fin, seq) => fin,
+            _ => seq,
+        };
+        let delta = i64::from(seq.wrapping_sub(next) as i32);
+        u64::try_from(self.next_pos as i64 + delta).ok()
     }
 
     /// True once a FIN was seen and every byte before it delivered.
@@ -139,6 +214,7 @@ impl Reassembler {
 
     fn reset(&mut self) {
         self.next_seq = None;
+        self.next_pos = 0;
         self.held.clear();
         self.held_bytes = 0;
         self.fin_seq = None;
@@ -146,16 +222,17 @@ impl Reassembler {
 
     fn data(
         &mut self,
-        seq: u32,
+        meta: SegmentMeta,
         payload: &[u8],
         limits: &ReassemblyLimits,
         counters: &mut ReassemblyCounters,
         out: &mut impl FnMut(Chunk<'_>),
     ) {
+        let seq = meta.seq;
         // A capture that starts mid-connection starts the stream at its first segment.
         let next = *self.next_seq.get_or_insert(seq);
         if !seq_before(next, seq) {
-            self.deliver(seq, payload, counters, out);
+            self.deliver(seq, meta.ts_us, meta.ack, payload, counters, out);
             self.drain(counters, out);
             return;
         }
@@ -165,22 +242,30 @@ impl Reassembler {
             // Holding more is not allowed: give the hole up and go on from the held data.
             counters.held_overflows += 1;
             let resume = match self.held.first() {
-                Some(&(first, _)) if seq_before(first, seq) => first,
+                Some(first) if seq_before(first.seq, seq) => first.seq,
                 _ => seq,
             };
             self.skip_hole(resume, counters, out);
-            self.data(seq, payload, limits, counters, out);
+            self.data(meta, payload, limits, counters, out);
             return;
         }
         counters.out_of_order_segments += 1;
-        let at = self.held.partition_point(|(s, _)| seq_before(*s, seq));
+        let at = self.held.partition_point(|h| seq_before(h.seq, seq));
         match self.held.get(at) {
-            Some((s, held)) if *s == seq && held.len() >= payload.len() => {
+            Some(h) if h.seq == seq && h.bytes.len() >= payload.len() => {
                 counters.retransmitted_segments += 1
             }
             _ => {
                 self.held_bytes += payload.len();
-                self.held.insert(at, (seq, payload.to_vec()));
+                self.held.insert(
+                    at,
+                    Held {
+                        seq,
+                        ts_us: meta.ts_us,
+                        ack: meta.ack,
+                        bytes: payload.to_vec(),
+                    },
+                );
             }
         }
     }
@@ -189,6 +274,8 @@ impl Reassembler {
     fn deliver(
         &mut self,
         seq: u32,
+        ts_us: u64,
+        ack: Option<u32>,
         payload: &[u8],
         counters: &mut ReassemblyCounters,
         out: &mut impl FnMut(Chunk<'_>),
@@ -202,19 +289,26 @@ impl Reassembler {
         if already > 0 {
             counters.overlapping_segments += 1;
         }
-        out(Chunk::Data(&payload[already..]));
+        let bytes = &payload[already..];
+        out(Chunk::Data(Piece {
+            bytes,
+            pos: self.next_pos,
+            ts_us,
+            ack,
+        }));
         self.next_seq = Some(seq.wrapping_add(payload.len() as u32));
+        self.next_pos += bytes.len() as u64;
     }
 
     /// Delivers held segments that the stream has reached.
     fn drain(&mut self, counters: &mut ReassemblyCounters, out: &mut impl FnMut(Chunk<'_>)) {
-        while let (Some(next), Some(&(first, _))) = (self.next_seq, self.held.first()) {
-            if seq_before(next, first) {
+        while let (Some(next), Some(first)) = (self.next_seq, self.held.first()) {
+            if seq_before(next, first.seq) {
                 break;
             }
-            let (seq, bytes) = self.held.remove(0);
-            self.held_bytes -= bytes.len();
-            self.deliver(seq, &bytes, counters, out);
+            let h = self.held.remove(0);
+            self.held_bytes -= h.bytes.len();
+            self.deliver(h.seq, h.ts_us, h.ack, &h.bytes, counters, out);
         }
     }
 
@@ -226,7 +320,12 @@ impl Reassembler {
         out: &mut impl FnMut(Chunk<'_>),
     ) {
         counters.gaps += 1;
-        out(Chunk::Gap);
+        if let Some(next) = self.next_seq {
+            self.next_pos += u64::from(resume.wrapping_sub(next));
+        }
+        out(Chunk::Gap {
+            resume_pos: self.next_pos,
+        });
         self.next_seq = Some(resume);
         self.drain(counters, out);
     }
@@ -236,6 +335,15 @@ impl Reassembler {
 mod tests {
     use super::*;
     use crate::decode::tcp_flags::{ACK, FIN, SYN};
+
+    fn meta(seq: u32, flags: u8) -> SegmentMeta {
+        SegmentMeta {
+            seq,
+            flags,
+            ack: None,
+            ts_us: u64::from(seq),
+        }
+    }
 
     /// Reassembles the segments and renders the output, a gap as `|`.
     fn run(
@@ -247,14 +355,14 @@ mod tests {
         let mut text = String::new();
         for &(seq, flags, payload) in segments {
             r.segment(
-                seq,
-                flags,
+                meta(seq, flags),
                 payload,
                 &limits,
                 &mut counters,
                 &mut |c| match c {
-                    Chunk::Data(d) => text.push_str(std::str::from_utf8(d).unwrap()),
-                    Chunk::Gap => text.push('|'),
+                    Chunk::Data(p) => text.push_str(std::str::from_utf8(p.bytes).unwrap()),
+                    Chunk::Gap { .. } => text.push('|'),
+                    Chunk::Start => {}
                 },
             );
         }
@@ -390,9 +498,15 @@ mod tests {
         };
         let mut r = Reassembler::default();
         let mut counters = ReassemblyCounters::default();
-        r.segment(1, SYN, b"", &limits, &mut counters, &mut |_| {});
+        r.segment(meta(1, SYN), b"", &limits, &mut counters, &mut |_| {});
         for i in 0..50u32 {
-            r.segment(10 + 3 * i, ACK, b"xyz", &limits, &mut counters, &mut |_| {});
+            r.segment(
+                meta(10 + 3 * i, ACK),
+                b"xyz",
+                &limits,
+                &mut counters,
+                &mut |_| {},
+            );
             assert!(r.held_bytes() <= 4);
         }
         assert!(counters.gaps > 0);
@@ -405,17 +519,18 @@ mod tests {
         let mut counters = ReassemblyCounters::default();
         let mut text = String::new();
         let mut sink = |c: Chunk<'_>| match c {
-            Chunk::Data(d) => text.push_str(std::str::from_utf8(d).unwrap()),
-            Chunk::Gap => text.push('|'),
+            Chunk::Data(p) => text.push_str(std::str::from_utf8(p.bytes).unwrap()),
+            Chunk::Gap { .. } => text.push('|'),
+            Chunk::Start => {}
         };
-        r.segment(1000, SYN, b"", &limits, &mut counters, &mut sink);
-        r.segment(1001, ACK, b"ab", &limits, &mut counters, &mut sink);
+        r.segment(meta(1000, SYN), b"", &limits, &mut counters, &mut sink);
+        r.segment(meta(1001, ACK), b"ab", &limits, &mut counters, &mut sink);
         // An ack with nothing held is not acted on.
         r.peer_ack(1010, &mut counters, &mut sink);
-        r.segment(1005, ACK, b"ef", &limits, &mut counters, &mut sink);
+        r.segment(meta(1005, ACK), b"ef", &limits, &mut counters, &mut sink);
         r.peer_ack(1003, &mut counters, &mut sink); // not past the hole at 1003
         r.peer_ack(1007, &mut counters, &mut sink);
-        r.segment(1007, ACK, b"gh", &limits, &mut counters, &mut sink);
+        r.segment(meta(1007, ACK), b"gh", &limits, &mut counters, &mut sink);
         assert_eq!(text, "ab|efgh");
         assert_eq!(counters.gaps, 1);
     }
@@ -425,10 +540,10 @@ mod tests {
         let limits = ReassemblyLimits::default();
         let mut r = Reassembler::default();
         let mut c = ReassemblyCounters::default();
-        r.segment(1000, SYN, b"", &limits, &mut c, &mut |_| {});
-        r.segment(1004, ACK | FIN, b"def", &limits, &mut c, &mut |_| {});
+        r.segment(meta(1000, SYN), b"", &limits, &mut c, &mut |_| {});
+        r.segment(meta(1004, ACK | FIN), b"def", &limits, &mut c, &mut |_| {});
         assert!(!r.finished());
-        r.segment(1001, ACK, b"abc", &limits, &mut c, &mut |_| {});
+        r.segment(meta(1001, ACK), b"abc", &limits, &mut c, &mut |_| {});
         assert!(r.finished());
     }
 
@@ -441,5 +556,55 @@ mod tests {
             (9001, ACK, &b"new"[..]),
         ];
         assert_eq!(run(&segs, ReassemblyLimits::default()).0, "oldnew");
+    }
+
+    #[test]
+    fn held_segments_keep_their_capture_time_ack_and_position() {
+        let limits = ReassemblyLimits::default();
+        let mut r = Reassembler::default();
+        let mut c = ReassemblyCounters::default();
+        let mut pieces = Vec::new();
+        let mut sink = |ch: Chunk<'_>| match ch {
+            Chunk::Data(p) => pieces.push((p.bytes.to_vec(), p.pos, p.ts_us, p.ack)),
+            Chunk::Gap { resume_pos } => pieces.push((b"|".to_vec(), resume_pos, 0, None)),
+            Chunk::Start => pieces.push((b"^".to_vec(), 0, 0, None)),
+        };
+        let seg = |seq, ts_us, ack| SegmentMeta {
+            seq,
+            flags: ACK,
+            ack: Some(ack),
+            ts_us,
+        };
+        r.segment(meta(1000, SYN), b"", &limits, &mut c, &mut sink);
+        r.segment(seg(1004, 20, 7), b"def", &limits, &mut c, &mut sink);
+        r.segment(seg(1001, 30, 5), b"abc", &limits, &mut c, &mut sink);
+        // "ghi" at 1007 is lost; the peer acks past it once "jk" is held.
+        r.segment(seg(1010, 40, 9), b"jk", &limits, &mut c, &mut sink);
+        r.peer_ack(1012, &mut c, &mut sink);
+        assert_eq!(
+            pieces,
+            vec![
+                (b"^".to_vec(), 0, 0, None),
+                (b"abc".to_vec(), 0, 30, Some(5)),
+                (b"def".to_vec(), 3, 20, Some(7)),
+                (b"|".to_vec(), 9, 0, None),
+                (b"jk".to_vec(), 9, 40, Some(9)),
+            ]
+        );
+        assert_eq!(r.position_of(1001), Some(0));
+        assert_eq!(r.position_of(1012), Some(11));
+        assert_eq!(r.position_of(900), None);
+    }
+
+    #[test]
+    fn a_fin_maps_to_the_end_of_the_stream() {
+        let limits = ReassemblyLimits::default();
+        let mut r = Reassembler::default();
+        let mut c = ReassemblyCounters::default();
+        r.segment(meta(1000, SYN), b"", &limits, &mut c, &mut |_| {});
+        r.segment(meta(1001, ACK | FIN), b"abc", &limits, &mut c, &mut |_| {});
+        // The peer acknowledges the FIN's sequence number too: still the stream's end.
+        assert_eq!(r.position_of(1005), Some(3));
+        assert_eq!(r.position_of(1004), Some(3));
     }
 }

@@ -13,9 +13,11 @@ use crate::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::cli::{Args, Mode, SummaryFormat};
 use crate::decode::LinkType;
 use crate::flow::{DirectionRule, FlowLimits};
-use crate::matcher::dns::DnsTcpConnection;
-use crate::matcher::{MatchLimits, MemcachedConnection, RedisConnection};
-use crate::pipeline::{Connection, MultiConnection, Pipeline, PipelineConfig};
+use crate::matcher::dns::DnsTcpPairing;
+use crate::matcher::duplex::Duplex;
+use crate::matcher::multi::MultiPairing;
+use crate::matcher::{Connection, MatchLimits, MemcachedPairing, RedisPairing};
+use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::privileges;
 use crate::reassembly::ReassemblyLimits;
 use crate::script::Script;
@@ -130,7 +132,7 @@ pub fn run(args: Args) -> Result<()> {
 
     let config = pipeline_config(&args, capture.link());
     // One monomorphic loop per protocol; ports of different protocols share the loop of
-    // MultiConnection.
+    // MultiPairing.
     let single = modes
         .iter()
         .all(|(_, m)| *m == modes[0].1)
@@ -180,13 +182,13 @@ pub fn run(args: Args) -> Result<()> {
         }};
     }
     let result = match single {
-        Some(Mode::Redis) => run_with!(RedisConnection),
-        Some(Mode::Memcached) => run_with!(MemcachedConnection),
+        Some(Mode::Redis) => run_with!(Duplex<RedisPairing>),
+        Some(Mode::Memcached) => run_with!(Duplex<MemcachedPairing>),
         // DNS over UDP rides on datagrams, which every pipeline hands to its DNS matcher.
         Some(Mode::Dns) if args.udp => run_with!(()),
-        Some(Mode::Dns) => run_with!(DnsTcpConnection),
+        Some(Mode::Dns) => run_with!(Duplex<DnsTcpPairing>),
         Some(Mode::Raw) => run_with!(()),
-        None => run_with!(MultiConnection),
+        None => run_with!(Duplex<MultiPairing>),
     };
     if let Some(shipper) = shipper {
         let report = shipper.finish(Duration::from_secs_f64(args.ship_timeout_secs.max(0.0)));

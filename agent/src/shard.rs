@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 
 use crate::capture::{Capture, CaptureError, Frame, Next};
 use crate::decode::{decode, LinkType};
+use crate::matcher::Connection;
 use crate::pcapfile::Block;
-use crate::pipeline::{Connection, Pipeline, PipelineConfig, Totals};
+use crate::pipeline::{Pipeline, PipelineConfig, Totals};
 use rustc_hash::FxHashMap;
 
 /// Frames per shard batch before every shard is handed its batch (an epoch).

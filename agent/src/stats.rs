@@ -35,8 +35,14 @@ pub struct LatencyStats {
     pub errors: u64,
     /// Requests never answered (connection ended, idle, or queue overflow).
     pub timeouts: u64,
-    /// Requests dropped when their stream desynchronised.
+    /// Requests dropped when their stream desynchronised (reply lost, or position
+    /// uncertain).
     pub dropped: u64,
+    /// Exchanges not timed, by reason, in the order of [`Unanswered::UNTIMED`].
+    pub untimed: [u64; 4],
+    /// Exchanges whose reply was captured before the request was whole (two CPUs' clocks):
+    /// timed as 0.
+    pub clock_skew: u64,
     /// Request bytes of the exchanges.
     pub req_bytes: u64,
     /// Response bytes of the exchanges.
@@ -62,6 +68,10 @@ impl LatencyStats {
         self.errors += other.errors;
         self.timeouts += other.timeouts;
         self.dropped += other.dropped;
+        for (mine, theirs) in self.untimed.iter_mut().zip(other.untimed) {
+            *mine += theirs;
+        }
+        self.clock_skew += other.clock_skew;
         self.req_bytes += other.req_bytes;
         self.rsp_bytes += other.rsp_bytes;
         self.hits += other.hits;
@@ -79,6 +89,7 @@ impl LatencyStats {
         self.latencies[seed_bucket(e.latency_us)] += 1;
         self.fine.record(e.latency_us);
         self.errors += u64::from(e.error);
+        self.clock_skew += u64::from(e.rsp_start_us < e.req_done_us);
         self.req_bytes += e.req_bytes;
         self.rsp_bytes += e.rsp_bytes;
         self.hits += u64::from(e.hits);
@@ -91,8 +102,20 @@ impl LatencyStats {
     pub(crate) fn give_up(&mut self, why: Unanswered) {
         match why {
             Unanswered::Timeout => self.timeouts += 1,
-            Unanswered::Desync => self.dropped += 1,
+            Unanswered::ReplyLost | Unanswered::Uncertain => self.dropped += 1,
+            Unanswered::RequestLost | Unanswered::TooEarly => {}
         }
+        if let Some(i) = Unanswered::UNTIMED.iter().position(|(u, _)| *u == why) {
+            self.untimed[i] += 1;
+        }
+    }
+
+    /// The exchanges not timed, by reason name.
+    pub fn untimed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Unanswered::UNTIMED
+            .iter()
+            .zip(self.untimed)
+            .map(|((_, name), n)| (*name, n))
     }
 
     fn to_json(&self) -> Map<String, Value> {
@@ -110,6 +133,7 @@ impl LatencyStats {
             ("errors", self.errors),
             ("timeouts", self.timeouts),
             ("dropped", self.dropped),
+            ("clock_skew", self.clock_skew),
             ("req_bytes", self.req_bytes),
             ("rsp_bytes", self.rsp_bytes),
             ("hits", self.hits),
@@ -118,6 +142,11 @@ impl LatencyStats {
             m.insert(k.to_string(), json!(v));
         }
         m.insert("latencies".to_string(), json!(self.latencies));
+        let untimed: Map<String, Value> = self
+            .untimed()
+            .map(|(k, n)| (k.to_string(), json!(n)))
+            .collect();
+        m.insert("untimed".to_string(), Value::Object(untimed));
         let rcodes: Map<String, Value> = (0u8..16)
             .filter(|&r| self.rcodes[usize::from(r)] > 0)
             .map(|r| {
@@ -499,6 +528,12 @@ fn latency_text(port: u16, l: &LatencyStats, threshold_us: u64) -> String {
         l.errors,
         l.timeouts,
         l.dropped
+    ));
+    let untimed: Vec<String> = l.untimed().map(|(k, n)| format!("{n} {k}")).collect();
+    s.push_str(&format!(
+        "  not timed: {}; {} clock skew\n",
+        untimed.join(", "),
+        l.clock_skew
     ));
     s
 }

@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use tcpkit::capture::{Capture, CaptureConfig, Next, Source};
 use tcpkit::decode::{decode, Transport};
 use tcpkit::flow::{
-    CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamHandler,
+    CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamEvent,
+    StreamHandler,
 };
 use tcpkit_tests::{fixture, Expected, FIXTURES};
 
@@ -60,12 +61,25 @@ struct Streams {
 }
 
 impl StreamHandler<()> for Streams {
-    fn on_data(&mut self, key: &FlowKey, _: &mut (), dir: Direction, _: u64, bytes: &[u8]) {
-        let id = (format!("{key:?}"), dir == Direction::Request);
-        self.bytes.entry(id).or_default().extend_from_slice(bytes);
-    }
-    fn on_gap(&mut self, _: &FlowKey, _: &mut (), _: Direction, _: u64) {
-        self.gaps += 1;
+    fn on_event(
+        &mut self,
+        key: &FlowKey,
+        _: &mut (),
+        dir: Direction,
+        _: u64,
+        event: StreamEvent<'_>,
+    ) {
+        match event {
+            StreamEvent::Data { piece, .. } => {
+                let id = (format!("{key:?}"), dir == Direction::Request);
+                self.bytes
+                    .entry(id)
+                    .or_default()
+                    .extend_from_slice(piece.bytes);
+            }
+            StreamEvent::Gap { .. } => self.gaps += 1,
+            StreamEvent::Start | StreamEvent::Ack { .. } => {}
+        }
     }
     fn on_close(&mut self, _: &FlowKey, _: (), _: CloseReason, _: u64) {}
 }

@@ -1,14 +1,17 @@
 //! DNS over UDP matching: a query is paired with the response that has the same client,
 //! server and id. A retransmitted query (same client, server and id while the first is
 //! pending) is not counted again. A query with no response within the timeout is reported
-//! as expired: a timeout in the stats and, in the slow log, a line with `timeout`.
+//! as expired: a timeout in the stats and, in the slow log, a line with `timeout`. A
+//! response captured before its query (capture order: two CPUs, several interfaces) waits up
+//! to [`EARLY_WAIT_US`] of capture time for a query with the same client, server, id and
+//! question, and pairs with it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use rustc_hash::FxHashMap;
 
-use super::{Exchange, ExchangeSink, MatchContext};
+use super::{Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::l7::dns::{header, question, rcode_name, type_name};
 
 type QueryKey = (SocketAddr, SocketAddr, u16);
@@ -31,7 +34,25 @@ pub struct DnsMatcher {
     scratch: String,
     /// Queries in arrival order, for expiry (entries already answered are skipped).
     order: VecDeque<(u64, QueryKey)>,
+    /// Responses captured before any query they could answer, oldest first.
+    early: VecDeque<EarlyResponse>,
 }
+
+/// A response waiting for its query.
+#[derive(Debug)]
+struct EarlyResponse {
+    key: QueryKey,
+    ts_us: u64,
+    bytes: u64,
+    rcode: u8,
+    /// Its question, `A example.com.`.
+    question: String,
+}
+
+/// Capture time a response waits at most for a query captured after it, µs.
+pub const EARLY_WAIT_US: u64 = 100_000;
+/// Responses waiting for their query at most.
+const MAX_EARLY: usize = 1024;
 
 impl DnsMatcher {
     /// Takes one datagram: a query when it goes to the server, else a response.
@@ -57,8 +78,7 @@ impl DnsMatcher {
                 return;
             }
             if self.pending.len() >= cx.limits.max_pending_total {
-                cx.sink
-                    .unanswered(server, b"QUERY", super::Unanswered::Timeout);
+                cx.sink.unanswered(server, b"QUERY", Unanswered::Timeout);
                 return;
             }
             let Ok(question) = question(payload) else {
@@ -68,45 +88,99 @@ impl DnsMatcher {
             let (qtype, name) = question.unwrap_or((0, "?".into()));
             let qtype = type_name(qtype);
             let type_len = qtype.len();
-            let summary = format!("{qtype} {name}");
-            self.pending.insert(
-                key,
-                Query {
-                    ts_us,
-                    bytes: payload.len() as u64,
-                    summary,
-                    type_len,
-                },
-            );
+            let query = Query {
+                ts_us,
+                bytes: payload.len() as u64,
+                summary: format!("{qtype} {name}"),
+                type_len,
+            };
+            let early = self
+                .early
+                .iter()
+                .position(|r| r.key == key && r.question == query.summary);
+            if let Some(early) = early.and_then(|i| self.early.remove(i)) {
+                self.answer(&key, &query, early.ts_us, early.bytes, early.rcode, cx);
+                return;
+            }
+            self.pending.insert(key, query);
             self.order.push_back((ts_us, key));
             cx.counters.pending += 1;
         } else if !to_server && msg.response {
             let Some(query) = self.pending.remove(&key) else {
-                cx.counters.unmatched += 1;
+                self.wait_for_query(key, ts_us, payload, msg.rcode, cx);
                 return;
             };
             cx.counters.pending -= 1;
-            let summary = &mut self.scratch;
-            summary.clear();
-            summary.push_str(&query.summary);
-            summary.push(' ');
-            summary.push_str(rcode_name(msg.rcode));
-            cx.sink.exchange(&Exchange {
-                rsp_start_us: ts_us,
-                latency_us: ts_us.saturating_sub(query.ts_us),
-                summary: summary.as_bytes(),
-                rsp_bytes: payload.len() as u64,
-                error: !matches!(msg.rcode, 0 | 3),
-                rcode: Some(msg.rcode),
-                ..query.unanswered(&key)
-            });
+            self.answer(&key, &query, ts_us, payload.len() as u64, msg.rcode, cx);
         } else {
             cx.counters.unsolicited += 1;
         }
     }
 
+    /// Pairs `query` with its response.
+    fn answer<S: ExchangeSink>(
+        &mut self,
+        key: &QueryKey,
+        query: &Query,
+        rsp_us: u64,
+        rsp_bytes: u64,
+        rcode: u8,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let summary = &mut self.scratch;
+        summary.clear();
+        summary.push_str(&query.summary);
+        summary.push(' ');
+        summary.push_str(rcode_name(rcode));
+        cx.sink.exchange(&Exchange {
+            rsp_start_us: rsp_us,
+            latency_us: rsp_us.saturating_sub(query.ts_us),
+            summary: summary.as_bytes(),
+            rsp_bytes,
+            error: !matches!(rcode, 0 | 3),
+            rcode: Some(rcode),
+            ..query.unanswered(key)
+        });
+    }
+
+    /// Keeps a response that no pending query is waiting for, in case its query was captured
+    /// after it; responses that waited too long answer nothing.
+    fn wait_for_query<S: ExchangeSink>(
+        &mut self,
+        key: QueryKey,
+        ts_us: u64,
+        payload: &[u8],
+        rcode: u8,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let Ok(question) = question(payload) else {
+            cx.counters.unmatched += 1;
+            return;
+        };
+        let (qtype, name) = question.unwrap_or((0, "?".into()));
+        if self.early.len() >= MAX_EARLY {
+            self.early.pop_front();
+            cx.counters.unmatched += 1;
+        }
+        self.early.push_back(EarlyResponse {
+            key,
+            ts_us,
+            bytes: payload.len() as u64,
+            rcode,
+            question: format!("{} {name}", type_name(qtype)),
+        });
+    }
+
     /// Reports the queries older than the timeout at capture time `now_us` as expired.
     pub fn expire<S: ExchangeSink>(&mut self, now_us: u64, cx: &mut MatchContext<'_, S>) {
+        while self
+            .early
+            .front()
+            .is_some_and(|r| r.ts_us.saturating_add(EARLY_WAIT_US) < now_us)
+        {
+            self.early.pop_front();
+            cx.counters.unmatched += 1;
+        }
         while let Some(&(ts, key)) = self.order.front() {
             if now_us.saturating_sub(ts) < cx.limits.dns_timeout_us {
                 break;
@@ -122,20 +196,23 @@ impl DnsMatcher {
         }
     }
 
-    /// Drops every pending query (a desynchronised stream), counting them.
-    pub fn drop_all<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
+    /// Drops every pending query (a desynchronised stream), counting them under `why`.
+    pub fn drop_all<S: ExchangeSink>(&mut self, why: Unanswered, cx: &mut MatchContext<'_, S>) {
         self.order.clear();
+        cx.counters.unmatched += self.early.len() as u64;
+        self.early.clear();
         for (key, query) in self.pending.drain() {
             cx.counters.pending -= 1;
             let command = &query.summary.as_bytes()[..query.type_len];
-            cx.sink
-                .unanswered(key.1, command, super::Unanswered::Desync);
+            cx.sink.unanswered(key.1, command, why);
         }
     }
 
     /// Reports every pending query as expired, at the end of the capture.
     pub fn finish<S: ExchangeSink>(&mut self, cx: &mut MatchContext<'_, S>) {
         self.order.clear();
+        cx.counters.unmatched += self.early.len() as u64;
+        self.early.clear();
         for (key, query) in self.pending.drain() {
             cx.counters.pending -= 1;
             expired(&key, &query, cx);
@@ -300,33 +377,39 @@ impl Framer {
 /// The state of one DNS-over-TCP connection: a framer per direction and the matcher of its
 /// queries (several may be pending: DNS over TCP pipelines by id).
 #[derive(Debug, Default)]
-pub struct DnsTcpConnection {
+pub struct DnsTcpPairing {
     queries: Framer,
     responses: Framer,
+    req_clock: super::ChunkClock,
     rsp_clock: super::ChunkClock,
     matcher: DnsMatcher,
 }
 
-impl DnsTcpConnection {
-    /// Takes the next reassembled bytes of one direction.
-    pub fn on_data<S: ExchangeSink>(
+impl super::duplex::Protocol for DnsTcpPairing {
+    fn on_bytes<S: ExchangeSink>(
         &mut self,
         key: &crate::flow::FlowKey,
         dir: crate::flow::Direction,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) {
+    ) -> Result<(), super::duplex::InvalidBytes> {
         let Self {
             queries,
             responses,
+            req_clock,
             rsp_clock,
             matcher,
         } = self;
         match dir {
-            crate::flow::Direction::Request => queries.feed(bytes, &mut |msg| {
-                matcher.on_datagram(key.client, key.server, true, ts_us, msg, cx);
-            }),
+            crate::flow::Direction::Request => {
+                let mut timer = req_clock.begin(ts_us, queries.in_message());
+                queries.feed(bytes, &mut |msg| {
+                    let (_, done) = timer.next_times();
+                    matcher.on_datagram(key.client, key.server, true, done, msg, cx);
+                });
+                req_clock.end(&timer, queries.in_message());
+            }
             crate::flow::Direction::Response => {
                 let mut timer = rsp_clock.begin(ts_us, responses.in_message());
                 responses.feed(bytes, &mut |msg| {
@@ -336,22 +419,21 @@ impl DnsTcpConnection {
                 rsp_clock.end(&timer, responses.in_message());
             }
         }
+        Ok(())
     }
 
-    /// Bytes are missing: the framing is lost; pending queries are dropped.
-    pub fn on_gap<S: ExchangeSink>(
+    fn reset<S: ExchangeSink>(
         &mut self,
         _key: &crate::flow::FlowKey,
+        why: Unanswered,
         cx: &mut MatchContext<'_, S>,
     ) {
-        cx.counters.desyncs += 1;
-        self.matcher.drop_all(cx);
+        self.matcher.drop_all(why, cx);
         self.queries = Framer::default();
         self.responses = Framer::default();
     }
 
-    /// The connection ended: pending queries time out.
-    pub fn on_close<S: ExchangeSink>(
+    fn on_close<S: ExchangeSink>(
         &mut self,
         _key: &crate::flow::FlowKey,
         cx: &mut MatchContext<'_, S>,

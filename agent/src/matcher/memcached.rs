@@ -5,12 +5,12 @@
 //! get no reply: a reply it would not send (`EN` after `mg … q`, `HD` after `ms|md|ma … q`),
 //! a text reply, the `MN` of a later `mn` barrier, or an opaque (`O`) or key (`k`) that is not
 //! its own tells that it succeeded silently. A gap or garbage drops the pending requests
-//! (counted) and resynchronises at the next segment that starts a known command, then at the
-//! next reply segment once such a request is pending.
+//! (counted); where pairing resumes is the [`duplex`](super::duplex)'s to find.
 
 use std::collections::VecDeque;
 
-use super::memcached_binary::BinaryConnection;
+use super::duplex::{InvalidBytes, Protocol};
+use super::memcached_binary::BinaryPairing;
 use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
@@ -50,19 +50,17 @@ impl Pending {
 
 /// The matching state of one memcached connection.
 #[derive(Debug)]
-pub struct MemcachedConnection {
+pub struct MemcachedPairing {
     requests: McParser,
     replies: McParser,
     pending: VecDeque<Pending>,
     req_clock: ChunkClock,
     rsp_clock: ChunkClock,
-    requests_resyncing: bool,
-    replies_resyncing: bool,
     /// Set when the connection speaks the binary protocol (its first request byte is 0x80).
-    binary: Option<Box<BinaryConnection>>,
+    binary: Option<Box<BinaryPairing>>,
 }
 
-impl Default for MemcachedConnection {
+impl Default for MemcachedPairing {
     fn default() -> Self {
         Self {
             requests: McParser::new(Role::Request),
@@ -70,51 +68,20 @@ impl Default for MemcachedConnection {
             pending: VecDeque::new(),
             req_clock: ChunkClock::default(),
             rsp_clock: ChunkClock::default(),
-            requests_resyncing: false,
-            replies_resyncing: false,
             binary: None,
         }
     }
 }
 
-const COMMANDS: [&[u8]; 24] = [
-    b"mg ",
-    b"ms ",
-    b"md ",
-    b"ma ",
-    b"mn",
-    b"me ",
-    b"get ",
-    b"gets ",
-    b"gat ",
-    b"gats ",
-    b"set ",
-    b"add ",
-    b"replace ",
-    b"append ",
-    b"prepend ",
-    b"cas ",
-    b"delete ",
-    b"incr ",
-    b"decr ",
-    b"touch ",
-    b"stats",
-    b"version",
-    b"flush_all",
-    b"verbosity ",
-];
-const REPLY_STARTS: [&[u8]; 6] = [b"VALUE ", b"END", b"STORED", b"STAT ", b"NOT_", b"ERROR"];
-
-impl MemcachedConnection {
-    /// Takes the next reassembled bytes of one direction.
-    pub fn on_data<S: ExchangeSink>(
+impl Protocol for MemcachedPairing {
+    fn on_bytes<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,
         dir: Direction,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) {
+    ) -> Result<(), InvalidBytes> {
         let starts_binary = dir == Direction::Request
             && bytes.first() == Some(&0x80)
             && self.pending.is_empty()
@@ -123,38 +90,30 @@ impl MemcachedConnection {
             self.binary = Some(Box::default());
         }
         if let Some(binary) = self.binary.as_mut() {
-            return binary.on_data(key, dir, ts_us, bytes, cx);
+            return binary.on_bytes(key, dir, ts_us, bytes, cx);
         }
         let ok = match dir {
             Direction::Request => self.on_request_bytes(key, ts_us, bytes, cx),
             Direction::Response => self.on_reply_bytes(key, ts_us, bytes, cx),
         };
-        if !ok {
-            self.on_gap(key, cx);
-        }
+        ok.then_some(()).ok_or(InvalidBytes)
     }
 
-    /// Bytes are missing in one direction, or garbage came: pending requests are dropped.
-    pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+    fn reset<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
         if let Some(binary) = self.binary.as_mut() {
-            return binary.on_gap(key, cx);
+            return binary.reset(key, why, cx);
         }
-        cx.counters.desyncs += 1;
-        give_up_all(
-            &mut self.pending,
-            key.server,
-            Pending::command,
-            Unanswered::Desync,
-            cx,
-        );
+        give_up_all(&mut self.pending, key.server, Pending::command, why, cx);
         self.requests.reset();
         self.replies.reset();
-        self.requests_resyncing = true;
-        self.replies_resyncing = true;
     }
 
-    /// The connection ended: pending requests will never be answered.
-    pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         if let Some(binary) = self.binary.as_mut() {
             return binary.on_close(key, cx);
         }
@@ -166,7 +125,9 @@ impl MemcachedConnection {
             cx,
         );
     }
+}
 
+impl MemcachedPairing {
     fn on_request_bytes<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,
@@ -174,20 +135,13 @@ impl MemcachedConnection {
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
     ) -> bool {
-        if self.requests_resyncing {
-            if !COMMANDS.iter().any(|c| bytes.starts_with(c)) {
-                cx.counters.resync_skipped_bytes += bytes.len() as u64;
-                return true;
-            }
-            self.requests_resyncing = false;
-        }
         let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
         let Self {
             requests, pending, ..
         } = self;
         let result = requests.feed(bytes, &mut |m| {
-            let start = timer.next_start();
-            queue(key, m, start, ts_us, pending, cx);
+            let (start, done) = timer.next_times();
+            queue(key, m, start, done, pending, cx);
         });
         self.req_clock.end(&timer, self.requests.in_message());
         result.is_ok()
@@ -200,16 +154,6 @@ impl MemcachedConnection {
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
     ) -> bool {
-        if self.replies_resyncing {
-            let trusted = !self.pending.is_empty()
-                && (REPLY_STARTS.iter().any(|r| bytes.starts_with(r))
-                    || bytes.first().is_some_and(u8::is_ascii_uppercase));
-            if !trusted {
-                cx.counters.resync_skipped_bytes += bytes.len() as u64;
-                return true;
-            }
-            self.replies_resyncing = false;
-        }
         let mut timer = self.rsp_clock.begin(ts_us, self.replies.in_message());
         let Self {
             replies, pending, ..
@@ -363,7 +307,6 @@ fn pair<S: ExchangeSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matcher::{MatchCounters, MatchLimits};
     use std::net::SocketAddr;
 
     #[derive(Default)]
@@ -383,40 +326,17 @@ mod tests {
         }
     }
 
-    struct Harness {
-        conn: MemcachedConnection,
-        key: FlowKey,
-        limits: MatchLimits,
-        counters: MatchCounters,
-        sink: Recorder,
-    }
+    type Harness = crate::matcher::harness::Harness<MemcachedPairing, Recorder>;
 
     impl Harness {
-        fn new() -> Self {
-            Self {
-                conn: MemcachedConnection::default(),
-                key: FlowKey {
-                    client: "10.0.0.1:40000".parse().unwrap(),
-                    server: "10.0.0.2:11211".parse().unwrap(),
-                },
-                limits: MatchLimits::default(),
-                counters: MatchCounters::default(),
-                sink: Recorder::default(),
-            }
-        }
-        fn send(&mut self, dir: Direction, ts: u64, bytes: &[u8]) {
-            let mut cx = MatchContext {
-                limits: &self.limits,
-                counters: &mut self.counters,
-                sink: &mut self.sink,
-            };
-            self.conn.on_data(&self.key, dir, ts, bytes, &mut cx);
+        fn memcached() -> Self {
+            Harness::new("10.0.0.2:11211")
         }
     }
 
     #[test]
     fn pipelined_retrievals_count_hits_and_misses() {
-        let mut h = Harness::new();
+        let mut h = Harness::memcached();
         h.send(
             Direction::Request,
             10,
@@ -442,7 +362,7 @@ mod tests {
 
     #[test]
     fn stats_and_errors_end_their_exchange() {
-        let mut h = Harness::new();
+        let mut h = Harness::memcached();
         h.send(Direction::Request, 0, b"stats\r\nbogus\r\n");
         h.send(
             Direction::Response,
@@ -450,9 +370,11 @@ mod tests {
             b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\nERROR\r\n",
         );
         assert_eq!(h.sink.exchanges[1], ("bogus".to_string(), 1, true, 0, 0));
-        // Binary garbage desyncs the request stream: recovered at the next command.
+        // Binary garbage desyncs the request stream: recovered at the next command whose
+        // start the server acknowledged (with its reply to the garbage, skipped).
         h.send(Direction::Request, 2, b"\x00\xff\r\n");
         assert_eq!(h.counters.desyncs, 1);
+        h.send(Direction::Response, 2, b"ERROR\r\n");
         h.send(Direction::Request, 2, b"get a\r\n");
         h.send(Direction::Response, 3, b"SERVER_ERROR out of memory\r\n");
         assert_eq!(h.sink.exchanges[2], ("get a".to_string(), 1, true, 0, 0));
@@ -460,7 +382,7 @@ mod tests {
 
     #[test]
     fn quiet_meta_requests_end_silently_at_the_barrier() {
-        let mut h = Harness::new();
+        let mut h = Harness::memcached();
         h.send(
             Direction::Request,
             0,
@@ -483,17 +405,13 @@ mod tests {
 
     #[test]
     fn a_gap_drops_pending_and_resyncs() {
-        let mut h = Harness::new();
+        let mut h = Harness::memcached();
         h.send(Direction::Request, 0, b"get a\r\nget b\r\n");
-        let mut cx = MatchContext {
-            limits: &h.limits,
-            counters: &mut h.counters,
-            sink: &mut h.sink,
-        };
-        h.conn.on_gap(&h.key, &mut cx);
+        h.gap(Direction::Response, 1, 30);
         assert_eq!(h.sink.unanswered, 2);
-        h.send(Direction::Response, 1, b"lue\r\nEND\r\n");
-        h.send(Direction::Request, 2, b"0 0 1\r\n");
+        // The tail of a reply is skipped; the next request whose start the server
+        // acknowledged restarts pairing.
+        h.piece(Direction::Response, 1, 30, Some(14), b"lue\r\nEND\r\n");
         h.send(Direction::Request, 3, b"get c\r\n");
         h.send(Direction::Response, 4, b"END\r\n");
         assert_eq!(

@@ -6,6 +6,7 @@
 
 use std::collections::VecDeque;
 
+use super::duplex::{InvalidBytes, Protocol};
 use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached_binary::{
@@ -37,17 +38,15 @@ struct Pending {
 
 /// The matching state of one binary-protocol memcached connection.
 #[derive(Debug)]
-pub struct BinaryConnection {
+pub struct BinaryPairing {
     requests: BinaryParser,
     responses: BinaryParser,
     pending: VecDeque<Pending>,
     req_clock: ChunkClock,
     rsp_clock: ChunkClock,
-    requests_resyncing: bool,
-    responses_resyncing: bool,
 }
 
-impl Default for BinaryConnection {
+impl Default for BinaryPairing {
     fn default() -> Self {
         Self {
             requests: BinaryParser::new(true),
@@ -55,46 +54,31 @@ impl Default for BinaryConnection {
             pending: VecDeque::new(),
             req_clock: ChunkClock::default(),
             rsp_clock: ChunkClock::default(),
-            requests_resyncing: false,
-            responses_resyncing: false,
         }
     }
 }
 
-impl BinaryConnection {
-    /// Takes the next reassembled bytes of one direction.
-    pub fn on_data<S: ExchangeSink>(
+impl Protocol for BinaryPairing {
+    fn on_bytes<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,
         dir: Direction,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) {
-        let (resyncing, magic) = match dir {
-            Direction::Request => (&mut self.requests_resyncing, 0x80),
-            Direction::Response => (&mut self.responses_resyncing, 0x81),
-        };
-        if *resyncing {
-            let trusted = bytes.first() == Some(&magic)
-                && (dir == Direction::Request || !self.pending.is_empty());
-            if !trusted {
-                cx.counters.resync_skipped_bytes += bytes.len() as u64;
-                return;
-            }
-            *resyncing = false;
-        }
-        let ok = match dir {
+    ) -> Result<(), InvalidBytes> {
+        let result = match dir {
             Direction::Request => {
                 let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
                 let Self {
                     requests, pending, ..
                 } = self;
                 let result = requests.feed(bytes, &mut |p| {
-                    queue(key, p, timer.next_start(), ts_us, pending, cx);
+                    let (start, done) = timer.next_times();
+                    queue(key, p, start, done, pending, cx);
                 });
                 self.req_clock.end(&timer, self.requests.in_message());
-                result.is_ok()
+                result
             }
             Direction::Response => {
                 let mut timer = self.rsp_clock.begin(ts_us, self.responses.in_message());
@@ -105,32 +89,24 @@ impl BinaryConnection {
                     pair(key, p, timer.next_start(), pending, cx);
                 });
                 self.rsp_clock.end(&timer, self.responses.in_message());
-                result.is_ok()
+                result
             }
         };
-        if !ok {
-            self.on_gap(key, cx);
-        }
+        result.map_err(|_| InvalidBytes)
     }
 
-    /// Bytes are missing, or garbage came: pending requests are dropped.
-    pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
-        cx.counters.desyncs += 1;
-        give_up_all(
-            &mut self.pending,
-            key.server,
-            Pending::command,
-            Unanswered::Desync,
-            cx,
-        );
+    fn reset<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        give_up_all(&mut self.pending, key.server, Pending::command, why, cx);
         self.requests.reset();
         self.responses.reset();
-        self.requests_resyncing = true;
-        self.responses_resyncing = true;
     }
 
-    /// The connection ended: pending requests will never be answered.
-    pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         give_up_all(
             &mut self.pending,
             key.server,
@@ -265,7 +241,7 @@ mod tests {
         let limits = MatchLimits::default();
         let mut counters = MatchCounters::default();
         let mut sink = Recorder::default();
-        let mut conn = BinaryConnection::default();
+        let mut conn = BinaryPairing::default();
         let mut requests = packet(0x80, 0x09, 0, 1, &[], b"miss", b"");
         requests.extend(packet(0x80, 0x09, 0, 2, &[], b"hit", b""));
         requests.extend(packet(0x80, 0x00, 0, 3, &[], b"gone", b""));
@@ -278,8 +254,10 @@ mod tests {
             counters: &mut counters,
             sink: &mut sink,
         };
-        conn.on_data(&key, Direction::Request, 0, &requests, &mut cx);
-        conn.on_data(&key, Direction::Response, 5, &responses, &mut cx);
+        conn.on_bytes(&key, Direction::Request, 0, &requests, &mut cx)
+            .unwrap();
+        conn.on_bytes(&key, Direction::Response, 5, &responses, &mut cx)
+            .unwrap();
         assert_eq!(
             sink.0,
             vec![

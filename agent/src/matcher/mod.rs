@@ -1,17 +1,26 @@
 //! Pairs requests with responses, per connection: the only modules that know about pending
-//! requests. Each protocol has its own connection state ([`redis`], [`memcached`]); what they
-//! produce, and the caps and counters they share, are here.
+//! requests. The two directions of a TCP connection — positions, capture times, gaps and the
+//! evidence of acknowledgment numbers — are handled once, by the [`duplex`]; each protocol
+//! ([`redis`], [`memcached`], [`memcached_binary`], [`dns`]) keeps only its parsers and its
+//! pairing policy. What they produce, and the caps and counters they share, are here.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
+use crate::flow::{Direction, FlowKey, StreamEvent};
+use crate::modes::PortModes;
+
 pub mod dns;
+pub mod duplex;
+#[cfg(test)]
+pub(crate) mod harness;
 pub mod memcached;
 pub mod memcached_binary;
+pub mod multi;
 pub mod redis;
 
-pub use memcached::MemcachedConnection;
-pub use redis::RedisConnection;
+pub use memcached::MemcachedPairing;
+pub use redis::RedisPairing;
 
 /// One request paired with its response.
 #[derive(Debug, Clone, Copy)]
@@ -48,13 +57,64 @@ pub struct Exchange<'a> {
     pub rcode: Option<u8>,
 }
 
-/// Why a request will never be paired.
+/// Why an exchange was not timed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unanswered {
     /// Its connection ended, went idle, or the queue overflowed before a reply came.
     Timeout,
-    /// Its connection's stream was desynchronised (gap or garbage).
-    Desync,
+    /// Its reply was not captured whole (a hole in the reply stream).
+    ReplyLost,
+    /// Request bytes were not captured (a hole in the request stream); the command is not
+    /// known.
+    RequestLost,
+    /// Its position could not be proven after a gap or invalid bytes.
+    Uncertain,
+    /// A reply waited longer than the bound for request bytes the capture never had; the
+    /// command is not known.
+    TooEarly,
+}
+
+impl Unanswered {
+    /// The reasons an exchange was not timed although it may have been answered, with their
+    /// names in the stats JSON and the metrics.
+    pub const UNTIMED: [(Unanswered, &'static str); 4] = [
+        (Unanswered::RequestLost, "request_lost"),
+        (Unanswered::ReplyLost, "reply_lost"),
+        (Unanswered::Uncertain, "uncertain"),
+        (Unanswered::TooEarly, "reply_before_request"),
+    ];
+}
+
+/// The per-connection state of a protocol mode, fed by the flow table.
+pub trait Connection: Default {
+    /// Chooses the protocol of a new connection, for an agent watching several; called with
+    /// the server port before each event.
+    fn prepare(&mut self, _server_port: u16, _modes: &PortModes) {}
+    /// One direction of the connection said something.
+    fn on_event<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        event: StreamEvent<'_>,
+        cx: &mut MatchContext<'_, S>,
+    );
+    /// The connection ended.
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>);
+}
+
+/// Raw mode: nothing parsed.
+impl Connection for () {
+    fn on_event<S: ExchangeSink>(
+        &mut self,
+        _: &FlowKey,
+        _: Direction,
+        _: u64,
+        _: StreamEvent<'_>,
+        _: &mut MatchContext<'_, S>,
+    ) {
+    }
+    fn on_close<S: ExchangeSink>(&mut self, _: &FlowKey, _: &mut MatchContext<'_, S>) {}
 }
 
 /// Receives what the matcher pairs, and what it gives up on.
@@ -129,50 +189,70 @@ pub struct MatchContext<'a, S: ExchangeSink> {
     pub sink: &'a mut S,
 }
 
-/// When each message of a stream began: a message carried over from earlier chunks began at
-/// the remembered time, the others in the chunk that completes them.
+/// When each message of a stream began and when it was whole: a message carried over from
+/// earlier pieces began at the remembered time and is whole at the latest capture time of its
+/// pieces; the others lie in the piece that completes them.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ChunkClock {
     partial_start_us: u64,
+    partial_latest_us: u64,
 }
 
-/// The start times of the messages of one chunk, in order.
+/// The times of the messages of one piece, in order.
 #[derive(Debug)]
 pub struct ChunkTimer {
     ts_us: u64,
     carried: bool,
     carried_start_us: u64,
+    carried_latest_us: u64,
     first: bool,
 }
 
 impl ChunkTimer {
-    /// The capture time of the first byte of the next message completed in this chunk.
+    /// The capture time of the first byte of the next message completed in this piece.
     pub fn next_start(&mut self) -> u64 {
-        let start = if self.first && self.carried {
-            self.carried_start_us
+        self.next_times().0
+    }
+
+    /// The next message completed in this piece: the capture time of its first byte, and
+    /// the latest capture time among the pieces holding its bytes.
+    pub fn next_times(&mut self) -> (u64, u64) {
+        let times = if self.first && self.carried {
+            (
+                self.carried_start_us,
+                self.carried_latest_us.max(self.ts_us),
+            )
         } else {
-            self.ts_us
+            (self.ts_us, self.ts_us)
         };
         self.first = false;
-        start
+        times
     }
 }
 
 impl ChunkClock {
-    /// Starts a chunk captured at `ts_us`; `carried` when a message was partly read before it.
+    /// Starts a piece captured at `ts_us`; `carried` when a message was partly read before it.
     pub fn begin(&self, ts_us: u64, carried: bool) -> ChunkTimer {
         ChunkTimer {
             ts_us,
             carried,
             carried_start_us: self.partial_start_us,
+            carried_latest_us: self.partial_latest_us,
             first: true,
         }
     }
 
-    /// Ends a chunk; `in_message` when a message is left partly read.
+    /// Ends a piece; `in_message` when a message is left partly read.
     pub fn end(&mut self, timer: &ChunkTimer, in_message: bool) {
-        if in_message && !(timer.first && timer.carried) {
+        if !in_message {
+            return;
+        }
+        if timer.first && timer.carried {
+            // The carried message goes on through this whole piece.
+            self.partial_latest_us = self.partial_latest_us.max(timer.ts_us);
+        } else {
             self.partial_start_us = timer.ts_us;
+            self.partial_latest_us = timer.ts_us;
         }
     }
 }

@@ -3,13 +3,12 @@
 //! ACK`, everything while `CLIENT REPLY OFF`, the command after `CLIENT REPLY SKIP`);
 //! messages that answer no request (pub/sub messages, RESP3 pushes, `MONITOR` output) are
 //! recognised and left out. A gap or garbage drops the connection's pending requests
-//! (counted) and resynchronises at the next boundary that can be trusted: a request segment
-//! that starts with `*`, then a reply segment that starts with a type byte once such a
-//! request is pending. The queue is bounded; what does not fit is counted, never silently
-//! dropped.
+//! (counted); where pairing resumes is the [`duplex`](super::duplex)'s to find. The queue is
+//! bounded; what does not fit is counted, never silently dropped.
 
 use std::collections::VecDeque;
 
+use super::duplex::{InvalidBytes, Protocol};
 use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 
 use crate::flow::{Direction, FlowKey};
@@ -88,10 +87,6 @@ impl PendingQueue {
     fn len(&self) -> usize {
         self.entries.len()
     }
-
-    fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,7 +106,7 @@ enum ReplyMode {
 
 /// The matching state of one Redis connection.
 #[derive(Debug)]
-pub struct RedisConnection {
+pub struct RedisPairing {
     requests: RespParser,
     replies: RespParser,
     pending: PendingQueue,
@@ -121,11 +116,9 @@ pub struct RedisConnection {
     reply_mode: ReplyMode,
     pubsub: bool,
     monitor: bool,
-    requests_resyncing: bool,
-    replies_resyncing: bool,
 }
 
-impl Default for RedisConnection {
+impl Default for RedisPairing {
     fn default() -> Self {
         Self {
             requests: RespParser::new(Role::Request),
@@ -136,8 +129,6 @@ impl Default for RedisConnection {
             reply_mode: ReplyMode::On,
             pubsub: false,
             monitor: false,
-            requests_resyncing: false,
-            replies_resyncing: false,
         }
     }
 }
@@ -182,49 +173,45 @@ fn is_subscribe_command(command: &[u8]) -> bool {
         .any(|c| c.eq_ignore_ascii_case(command))
 }
 
-impl RedisConnection {
-    /// Takes the next reassembled bytes of one direction.
-    pub fn on_data<S: ExchangeSink>(
+impl Protocol for RedisPairing {
+    fn on_bytes<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,
         dir: Direction,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) {
-        let result = match dir {
+    ) -> Result<(), InvalidBytes> {
+        match dir {
             Direction::Request => self.on_request_bytes(key, ts_us, bytes, cx),
             Direction::Response => self.on_reply_bytes(key, ts_us, bytes, cx),
-        };
-        if result.is_err() {
-            self.desync(key, cx);
         }
     }
 
-    /// Bytes are missing in one direction: pairing cannot be trusted until resynchronised.
-    pub fn on_gap<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
-        self.desync(key, cx);
+    fn reset<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        self.give_up_pending(key, why, cx);
+        self.requests.reset();
+        self.replies.reset();
     }
 
-    /// The connection ended: requests still pending will never be answered.
-    pub fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         self.give_up_pending(key, Unanswered::Timeout, cx);
     }
+}
 
+impl RedisPairing {
     fn on_request_bytes<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) -> Result<(), ()> {
-        if self.requests_resyncing {
-            if bytes.first() != Some(&b'*') {
-                cx.counters.resync_skipped_bytes += bytes.len() as u64;
-                return Ok(());
-            }
-            self.requests_resyncing = false;
-        }
+    ) -> Result<(), InvalidBytes> {
         let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
         let Self {
             requests,
@@ -235,13 +222,13 @@ impl RedisConnection {
             ..
         } = self;
         let result = requests.feed(bytes, &mut |m| {
-            let start = timer.next_start();
+            let (start, done) = timer.next_times();
             queue_request(
-                key, m, start, ts_us, pending, reply_mode, pubsub, *monitor, cx,
+                key, m, start, done, pending, reply_mode, pubsub, *monitor, cx,
             );
         });
         self.req_clock.end(&timer, self.requests.in_message());
-        result.map_err(|_| ())
+        result.map_err(|_| InvalidBytes)
     }
 
     fn on_reply_bytes<S: ExchangeSink>(
@@ -250,18 +237,7 @@ impl RedisConnection {
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) -> Result<(), ()> {
-        if self.replies_resyncing {
-            let trusted = !self.pending.is_empty()
-                && bytes
-                    .first()
-                    .is_some_and(|b| b"+-:$*_#,(!=%~>|".contains(b));
-            if !trusted {
-                cx.counters.resync_skipped_bytes += bytes.len() as u64;
-                return Ok(());
-            }
-            self.replies_resyncing = false;
-        }
+    ) -> Result<(), InvalidBytes> {
         let mut timer = self.rsp_clock.begin(ts_us, self.replies.in_message());
         let Self {
             replies,
@@ -276,16 +252,7 @@ impl RedisConnection {
             pair_reply(key, m, start, pending, reply_mode, pubsub, monitor, cx);
         });
         self.rsp_clock.end(&timer, self.replies.in_message());
-        result.map_err(|_| ())
-    }
-
-    fn desync<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
-        cx.counters.desyncs += 1;
-        self.give_up_pending(key, Unanswered::Desync, cx);
-        self.requests.reset();
-        self.replies.reset();
-        self.requests_resyncing = true;
-        self.replies_resyncing = true;
+        result.map_err(|_| InvalidBytes)
     }
 
     fn give_up_pending<S: ExchangeSink>(
@@ -511,7 +478,6 @@ fn complete<S: ExchangeSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matcher::{MatchCounters, MatchLimits};
     use std::net::SocketAddr;
 
     #[derive(Default)]
@@ -537,40 +503,11 @@ mod tests {
         }
     }
 
-    struct Harness {
-        conn: RedisConnection,
-        key: FlowKey,
-        limits: MatchLimits,
-        counters: MatchCounters,
-        sink: Recorder,
-    }
+    type Harness = crate::matcher::harness::Harness<RedisPairing, Recorder>;
 
     impl Harness {
-        fn new() -> Self {
-            Self {
-                conn: RedisConnection::default(),
-                key: FlowKey {
-                    client: "10.0.0.1:40000".parse().unwrap(),
-                    server: "10.0.0.2:6379".parse().unwrap(),
-                },
-                limits: MatchLimits::default(),
-                counters: MatchCounters::default(),
-                sink: Recorder::default(),
-            }
-        }
-        fn send(&mut self, dir: Direction, ts_us: u64, bytes: &[u8]) {
-            let mut cx = MatchContext {
-                limits: &self.limits,
-                counters: &mut self.counters,
-                sink: &mut self.sink,
-            };
-            self.conn.on_data(&self.key, dir, ts_us, bytes, &mut cx);
-        }
-        fn req(&mut self, ts: u64, b: &[u8]) {
-            self.send(Direction::Request, ts, b);
-        }
-        fn rsp(&mut self, ts: u64, b: &[u8]) {
-            self.send(Direction::Response, ts, b);
+        fn redis() -> Self {
+            Harness::new("10.0.0.2:6379")
         }
         fn summaries(&self) -> Vec<&str> {
             self.sink.exchanges.iter().map(|e| e.0.as_str()).collect()
@@ -587,7 +524,7 @@ mod tests {
 
     #[test]
     fn latency_is_first_reply_packet_minus_last_request_packet() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         let set = cmd(&["SET", "k", "v"]);
         h.req(100, &set[..5]);
         h.req(150, &set[5..]);
@@ -601,7 +538,7 @@ mod tests {
 
     #[test]
     fn pipelined_requests_pair_in_order_with_coalesced_replies() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         let mut batch = Vec::new();
         for i in 0..500 {
             batch.extend_from_slice(&cmd(&["INCR", &format!("c{i}")]));
@@ -622,7 +559,7 @@ mod tests {
 
     #[test]
     fn error_replies_are_flagged() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["FOO"]));
         h.rsp(5, b"-ERR unknown command 'FOO'\r\n");
         assert_eq!(h.sink.exchanges, vec![("FOO".to_string(), 5, true)]);
@@ -630,7 +567,7 @@ mod tests {
 
     #[test]
     fn client_reply_off_skip_and_replconf_ack_are_not_waited_for() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["CLIENT", "REPLY", "OFF"]));
         h.req(1, &cmd(&["SET", "a", "1"]));
         h.req(2, &cmd(&["CLIENT", "REPLY", "ON"]));
@@ -649,7 +586,7 @@ mod tests {
 
     #[test]
     fn pubsub_messages_answer_nothing() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["SUBSCRIBE", "a", "b"]));
         h.rsp(
             1,
@@ -672,7 +609,7 @@ mod tests {
 
     #[test]
     fn resp3_pushes_answer_nothing() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["GET", "k"]));
         h.rsp(
             1,
@@ -684,7 +621,7 @@ mod tests {
 
     #[test]
     fn multi_exec_pairs_naturally() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         let mut batch = cmd(&["MULTI"]);
         batch.extend(cmd(&["INCR", "a"]));
         batch.extend(cmd(&["EXEC"]));
@@ -695,7 +632,7 @@ mod tests {
 
     #[test]
     fn monitor_output_answers_nothing_until_reset() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["MONITOR"]));
         h.rsp(1, b"+OK\r\n");
         h.rsp(
@@ -715,7 +652,7 @@ mod tests {
 
     #[test]
     fn commands_are_counted_in_upper_case_and_summaries_kept_as_sent() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["get", "Key"]));
         h.req(1, &cmd(&["GET", "Key"]));
         h.req(2, b"hSet h f v\r\n");
@@ -723,14 +660,7 @@ mod tests {
         h.rsp(4, b"$-1\r\n$-1\r\n:1\r\n");
         assert_eq!(h.summaries(), ["get Key", "GET Key", "hSet h f v"]);
         assert_eq!(h.sink.commands, ["GET", "GET", "HSET"]);
-        h.conn.on_close(
-            &h.key,
-            &mut MatchContext {
-                limits: &h.limits,
-                counters: &mut h.counters,
-                sink: &mut h.sink,
-            },
-        );
+        h.close();
         assert_eq!(
             h.sink.unanswered,
             [("LPUSH".to_string(), Unanswered::Timeout)]
@@ -739,19 +669,21 @@ mod tests {
 
     #[test]
     fn a_gap_drops_pending_requests_and_resyncs() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["GET", "a"]));
         h.req(1, &cmd(&["GET", "b"]));
-        let mut cx = MatchContext {
-            limits: &h.limits,
-            counters: &mut h.counters,
-            sink: &mut h.sink,
-        };
-        h.conn.on_gap(&h.key, &mut cx);
-        assert_eq!(h.sink.unanswered.len(), 2);
-        // The tail of an old reply and a request fragment are skipped, not misparsed.
-        h.rsp(2, b"lue\r\n");
-        h.req(3, b"\r\n$1\r\nc\r\n");
+        // Reply bytes are lost: the two requests' replies may have been in the hole.
+        h.gap(Direction::Response, 2, 20);
+        assert_eq!(
+            h.sink.unanswered,
+            [
+                ("GET".to_string(), Unanswered::ReplyLost),
+                ("GET".to_string(), Unanswered::ReplyLost)
+            ]
+        );
+        // The tail of an old reply is skipped, not misparsed; pairing resumes with the next
+        // request the server acknowledged the start of, at the reply position its ack names.
+        h.piece(Direction::Response, 2, 20, Some(40), b"lue\r\n");
         h.req(4, &cmd(&["GET", "d"]));
         h.rsp(5, b"$1\r\nD\r\n");
         assert_eq!(h.summaries(), ["GET d"]);
@@ -760,10 +692,14 @@ mod tests {
 
     #[test]
     fn garbage_mid_stream_desyncs_then_recovers() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.req(0, &cmd(&["GET", "a"]));
         h.rsp(1, b"@garbage\r\n");
         assert_eq!(h.counters.desyncs, 1);
+        assert_eq!(
+            h.sink.unanswered,
+            [("GET".to_string(), Unanswered::Uncertain)]
+        );
         h.req(2, &cmd(&["GET", "b"]));
         h.rsp(3, b"$-1\r\n");
         assert_eq!(h.summaries(), ["GET b"]);
@@ -771,20 +707,15 @@ mod tests {
 
     #[test]
     fn pending_requests_are_bounded() {
-        let mut h = Harness::new();
+        let mut h = Harness::redis();
         h.limits.max_pending_per_connection = 10;
         for i in 0..25 {
             h.req(i, &cmd(&["GET", "x"]));
         }
-        assert_eq!(h.conn.pending.len(), 10);
+        assert_eq!(h.conn.protocol().pending.len(), 10);
         assert_eq!(h.sink.unanswered.len(), 15);
         assert!(h.sink.unanswered.iter().all(|u| u.1 == Unanswered::Timeout));
-        let mut cx = MatchContext {
-            limits: &h.limits,
-            counters: &mut h.counters,
-            sink: &mut h.sink,
-        };
-        h.conn.on_close(&h.key, &mut cx);
+        h.close();
         assert_eq!(h.sink.unanswered.len(), 25);
         assert_eq!(h.counters.pending, 0);
     }

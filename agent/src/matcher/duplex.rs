@@ -1,0 +1,424 @@
+//! The two directions of one TCP connection, shared by every TCP protocol: which bytes the
+//! protocol's parsers may read, and when, so that pairing follows stream positions and never
+//! the order the capture delivered the packets in.
+//!
+//! Each direction is reassembled by sequence number (`flow`); every piece keeps its
+//! position, its capture time and the acknowledgment number of the segment that carried it.
+//! Two facts of TCP are the evidence:
+//!
+//! * a reply segment's ack says how much of the request stream the server had received
+//!   when it sent the reply: the reply answers only requests that end at or before it;
+//! * a request segment's ack says how much of the reply stream the client had received when
+//!   it sent the request: replies before that position answer only earlier requests.
+//!
+//! From them:
+//!
+//! * **Capture order does not matter.** A reply piece whose ack is past the request bytes
+//!   seen so far waits (copied, bounded by [`MAX_WAITING_BYTES`] and [`MAX_WAIT_US`] of
+//!   capture time) until those requests have been read, and then pairs as if captured in
+//!   order. One that waits past the bound answers requests the capture never had: counted
+//!   ([`Unanswered::TooEarly`]), and pairing starts again as after a gap.
+//! * **After a gap, pairing resumes only where both positions are certain.** A gap (in
+//!   either direction), invalid bytes, or a stream captured without its SYN make the
+//!   protocol give up what it had pending ([`Protocol::reset`], counted by reason) and the
+//!   duplex resynchronises: the request parser restarts at a request piece whose start the
+//!   server acknowledged (a boundary the server saw: it had every byte before it), and the
+//!   reply parser at the position that piece's own ack names (the client had received every
+//!   reply before it, so those answered earlier requests). The first reply there must have
+//!   been sent after the server had that piece (its ack), or the candidate is given up and
+//!   the next one tried. Until then bytes are skipped (counted), never guessed at.
+//!
+//! A request's time is the latest capture time among the pieces holding its bytes; a reply's
+//! is the capture time of the piece holding its first byte (the protocols' [`ChunkClock`]).
+//!
+//! [`ChunkClock`]: super::ChunkClock
+
+use std::collections::VecDeque;
+
+use super::{Connection, ExchangeSink, MatchContext, Unanswered};
+use crate::flow::{Direction, FlowKey, StreamEvent};
+use crate::modes::PortModes;
+use crate::reassembly::Piece;
+
+/// Reply bytes held at most per connection while their requests are not yet read.
+pub const MAX_WAITING_BYTES: usize = 256 * 1024;
+/// Reply pieces held at most per connection.
+const MAX_WAITING_PIECES: usize = 64;
+/// Capture time a reply waits at most for the request bytes its ack names, µs.
+pub const MAX_WAIT_US: u64 = 100_000;
+/// Server acknowledgments remembered while looking for a request boundary.
+const REMEMBERED_ACKS: usize = 4;
+
+/// Bytes that are not the protocol: the stream is desynchronised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidBytes;
+
+/// A TCP protocol's part of a connection: its two parsers and its pairing policy.
+pub trait Protocol: Default {
+    /// Chooses the protocol of a new connection, for an agent watching several; called with
+    /// the server port before each delivery.
+    fn prepare(&mut self, _server_port: u16, _modes: &PortModes) {}
+    /// The next bytes of one direction, in stream order; after [`Default`] or
+    /// [`Protocol::reset`] they start at a message boundary. `ts_us` is the capture time of
+    /// the piece holding them.
+    fn on_bytes<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) -> Result<(), InvalidBytes>;
+    /// Positions were lost: every pending request is given up as `why`, and both parsers go
+    /// back to a message boundary.
+    fn reset<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    );
+    /// The connection ended: pending requests will never be answered.
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>);
+}
+
+/// Where pairing stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Certainty {
+    /// Both parsers read from known boundaries; replies pair in stream order.
+    Certain,
+    /// Looking for a place where both positions are certain again.
+    Resync {
+        /// Request bytes before this are lost or untrusted.
+        req_from: u64,
+        /// Reply bytes before this are lost or untrusted.
+        rsp_from: u64,
+        /// The request parser restarted; the reply parser restarts here.
+        found: Option<Found>,
+    },
+}
+
+/// A restart point of the reply parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Found {
+    /// The reply-stream position the restart request's ack named.
+    rsp_at: u64,
+    /// The request stream up to here must have been acknowledged by the first reply.
+    min_ack: u64,
+}
+
+/// A reply piece waiting for the request bytes its ack names.
+#[derive(Debug)]
+struct WaitingReply {
+    bytes: Vec<u8>,
+    pos: u64,
+    ts_us: u64,
+    ack_pos: Option<u64>,
+}
+
+/// One connection: a protocol `P` behind the shared two-direction logic.
+#[derive(Debug)]
+pub struct Duplex<P> {
+    proto: P,
+    pairing: Certainty,
+    req_started: bool,
+    rsp_started: bool,
+    /// End of the request bytes seen (read or skipped), or of a hole.
+    req_seen: u64,
+    /// End of the reply bytes seen.
+    rsp_seen: u64,
+    /// The latest server acknowledgments (request-stream positions), a ring.
+    server_acks: [u64; REMEMBERED_ACKS],
+    next_ack: usize,
+    waiting: VecDeque<WaitingReply>,
+    waiting_bytes: usize,
+}
+
+impl<P: Protocol> Default for Duplex<P> {
+    fn default() -> Self {
+        Self {
+            proto: P::default(),
+            pairing: Certainty::Certain,
+            req_started: false,
+            rsp_started: false,
+            req_seen: 0,
+            rsp_seen: 0,
+            server_acks: [u64::MAX; REMEMBERED_ACKS],
+            next_ack: 0,
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+        }
+    }
+}
+
+impl<P: Protocol> Connection for Duplex<P> {
+    fn prepare(&mut self, server_port: u16, modes: &PortModes) {
+        self.proto.prepare(server_port, modes);
+    }
+
+    fn on_event<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        event: StreamEvent<'_>,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        match (event, dir) {
+            (StreamEvent::Start, Direction::Request) => self.req_started = true,
+            (StreamEvent::Start, Direction::Response) => self.rsp_started = true,
+            (StreamEvent::Ack { ack_pos }, Direction::Response) => {
+                // Kept always: the ack that marks a boundary comes before the gap is known.
+                self.server_acks[self.next_ack % REMEMBERED_ACKS] = ack_pos;
+                self.next_ack = self.next_ack.wrapping_add(1);
+            }
+            (StreamEvent::Ack { .. }, Direction::Request) => {}
+            (StreamEvent::Gap { resume_pos }, Direction::Request) => {
+                self.req_started = true;
+                self.req_seen = self.req_seen.max(resume_pos);
+                cx.sink
+                    .unanswered(key.server, UNKNOWN_COMMAND, Unanswered::RequestLost);
+                self.desync(key, Unanswered::Uncertain, cx);
+                self.flush_waiting(key, cx);
+            }
+            (StreamEvent::Gap { resume_pos }, Direction::Response) => {
+                self.rsp_started = true;
+                self.rsp_seen = self.rsp_seen.max(resume_pos);
+                self.desync(key, Unanswered::ReplyLost, cx);
+            }
+            (StreamEvent::Data { piece, ack_pos }, Direction::Request) => {
+                self.request_piece(key, piece, ack_pos, cx);
+                self.flush_waiting(key, cx);
+            }
+            (StreamEvent::Data { piece, ack_pos }, Direction::Response) => {
+                if self.waiting.is_empty() && ack_pos.is_none_or(|a| a <= self.req_seen) {
+                    self.reply_piece(key, piece.bytes, piece.pos, piece.ts_us, ack_pos, cx);
+                } else {
+                    self.wait(key, piece, ack_pos, cx);
+                }
+            }
+        }
+        self.expire_waiting(key, ts_us, cx);
+    }
+
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        while !self.waiting.is_empty() {
+            self.give_up_waiting(key, cx);
+        }
+        self.proto.on_close(key, cx);
+    }
+}
+
+/// The command name under which untimed replies with no known request are counted.
+pub const UNKNOWN_COMMAND: &[u8] = b"?";
+
+impl<P: Protocol> Duplex<P> {
+    /// The protocol's state.
+    pub fn protocol(&self) -> &P {
+        &self.proto
+    }
+
+    fn request_piece<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        piece: Piece<'_>,
+        ack_pos: Option<u64>,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        self.req_seen = self.req_seen.max(piece.end());
+        if !self.req_started {
+            // Captured without its SYN: nothing says where a request starts.
+            self.req_started = true;
+            self.desync_from(key, piece.pos, self.rsp_seen, Unanswered::Uncertain, cx);
+        }
+        let from = match self.pairing {
+            Certainty::Certain | Certainty::Resync { found: Some(_), .. } => piece.pos,
+            Certainty::Resync {
+                req_from,
+                rsp_from,
+                found: None,
+            } => {
+                // A request boundary: a position the server acknowledged.
+                let cut = self
+                    .server_acks
+                    .iter()
+                    .copied()
+                    .filter(|&a| a >= req_from && a >= piece.pos && a < piece.end())
+                    .min();
+                match (cut, ack_pos) {
+                    (Some(at), Some(rsp_at)) if rsp_at >= rsp_from => {
+                        self.pairing = Certainty::Resync {
+                            req_from,
+                            rsp_from,
+                            found: Some(Found {
+                                rsp_at,
+                                min_ack: piece.end(),
+                            }),
+                        };
+                        at
+                    }
+                    _ => piece.end(),
+                }
+            }
+        };
+        cx.counters.resync_skipped_bytes += from - piece.pos;
+        let bytes = &piece.bytes[(from - piece.pos) as usize..];
+        if bytes.is_empty() {
+            return;
+        }
+        if self
+            .proto
+            .on_bytes(key, Direction::Request, piece.ts_us, bytes, cx)
+            .is_err()
+        {
+            self.desync(key, Unanswered::Uncertain, cx);
+        }
+    }
+
+    fn reply_piece<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        bytes: &[u8],
+        pos: u64,
+        ts_us: u64,
+        ack_pos: Option<u64>,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        let end = pos + bytes.len() as u64;
+        self.rsp_seen = self.rsp_seen.max(end);
+        if !self.rsp_started {
+            self.rsp_started = true;
+            self.desync_from(key, self.req_seen, pos, Unanswered::Uncertain, cx);
+        }
+        let from = match self.pairing {
+            Certainty::Certain => pos,
+            Certainty::Resync { found: None, .. } => end,
+            Certainty::Resync {
+                found: Some(found), ..
+            } => {
+                if end <= found.rsp_at {
+                    // Replies to requests before the restart: theirs were given up.
+                    end
+                } else if pos <= found.rsp_at && ack_pos.is_some_and(|a| a >= found.min_ack) {
+                    self.pairing = Certainty::Certain;
+                    found.rsp_at
+                } else {
+                    // The reply there was sent before the server had the restart request,
+                    // or the bytes there were never captured: not certain after all.
+                    self.desync_from(key, self.req_seen, end, Unanswered::Uncertain, cx);
+                    end
+                }
+            }
+        };
+        cx.counters.resync_skipped_bytes += from - pos;
+        let bytes = &bytes[(from - pos) as usize..];
+        if bytes.is_empty() {
+            return;
+        }
+        if self
+            .proto
+            .on_bytes(key, Direction::Response, ts_us, bytes, cx)
+            .is_err()
+        {
+            self.desync(key, Unanswered::Uncertain, cx);
+        }
+    }
+
+    /// Holds a reply piece until the requests it may answer have been read.
+    fn wait<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        piece: Piece<'_>,
+        ack_pos: Option<u64>,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        while !self.waiting.is_empty()
+            && (self.waiting.len() >= MAX_WAITING_PIECES
+                || self.waiting_bytes + piece.bytes.len() > MAX_WAITING_BYTES)
+        {
+            self.give_up_waiting(key, cx);
+        }
+        if self.waiting.is_empty() && ack_pos.is_none_or(|a| a <= self.req_seen) {
+            // Giving up moved the request stream past what this piece needs.
+            return self.reply_piece(key, piece.bytes, piece.pos, piece.ts_us, ack_pos, cx);
+        }
+        self.waiting_bytes += piece.bytes.len();
+        self.waiting.push_back(WaitingReply {
+            bytes: piece.bytes.to_vec(),
+            pos: piece.pos,
+            ts_us: piece.ts_us,
+            ack_pos,
+        });
+    }
+
+    /// Pairs the waiting replies whose requests have now been read.
+    fn flush_waiting<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|w| w.ack_pos.is_none_or(|a| a <= self.req_seen))
+        {
+            if let Some(w) = self.waiting.pop_front() {
+                self.waiting_bytes -= w.bytes.len();
+                self.reply_piece(key, &w.bytes, w.pos, w.ts_us, w.ack_pos, cx);
+            }
+        }
+    }
+
+    /// Gives up the replies that waited longer than [`MAX_WAIT_US`] of capture time.
+    fn expire_waiting<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        now_us: u64,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        while self
+            .waiting
+            .front()
+            .is_some_and(|w| w.ts_us.saturating_add(MAX_WAIT_US) < now_us)
+        {
+            self.give_up_waiting(key, cx);
+        }
+    }
+
+    /// The oldest waiting reply answers request bytes that the capture never had: those are
+    /// lost, and pairing starts again past them.
+    fn give_up_waiting<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        let Some(front) = self.waiting.front() else {
+            return;
+        };
+        let needed = front.ack_pos.unwrap_or(self.req_seen);
+        cx.sink
+            .unanswered(key.server, UNKNOWN_COMMAND, Unanswered::TooEarly);
+        self.req_seen = self.req_seen.max(needed);
+        let rsp_from = front.pos;
+        self.desync_from(key, self.req_seen, rsp_from, Unanswered::Uncertain, cx);
+        self.flush_waiting(key, cx);
+    }
+
+    fn desync<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        self.desync_from(key, self.req_seen, self.rsp_seen, why, cx);
+    }
+
+    /// Gives up what is pending and looks for certain positions at or after the given ones.
+    fn desync_from<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        req_from: u64,
+        rsp_from: u64,
+        why: Unanswered,
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        cx.counters.desyncs += 1;
+        self.proto.reset(key, why, cx);
+        self.pairing = Certainty::Resync {
+            req_from,
+            rsp_from,
+            found: None,
+        };
+    }
+}
