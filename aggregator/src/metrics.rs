@@ -195,6 +195,16 @@ impl Telemetry {
                 |c| c.timeouts,
             ),
             (
+                "tcpkit_fleet_untimed_total",
+                "Exchanges not timed because the capture could not prove their latency.",
+                |c| c.request_lost + c.reply_lost + c.uncertain + c.reply_before_request,
+            ),
+            (
+                "tcpkit_fleet_clock_skew_total",
+                "Exchanges timed as 0: reply captured before the request was whole.",
+                |c| c.clock_skew,
+            ),
+            (
                 "tcpkit_fleet_flows_evicted_total",
                 "Connections evicted (idle or table full).",
                 |c| c.flows_evicted,

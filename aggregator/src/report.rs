@@ -236,6 +236,13 @@ fn counters_json(c: &v1::Counters) -> Value {
         "shipper_dropped_events": c.shipper_dropped_events,
         "shipper_dropped_histograms": c.shipper_dropped_histograms,
         "shipper_buffered": c.shipper_buffered,
+        "untimed": {
+            "request_lost": c.request_lost,
+            "reply_lost": c.reply_lost,
+            "uncertain": c.uncertain,
+            "reply_before_request": c.reply_before_request,
+        },
+        "clock_skew": c.clock_skew,
     })
 }
 
@@ -289,6 +296,7 @@ pub fn agents_text(agents: &[v1::AgentInfo], now_us: u64) -> String {
         "gaps",
         "desyncs",
         "timeouts",
+        "not timed",
         "evicted",
         "shipper drops",
     ]
@@ -311,6 +319,7 @@ pub fn agents_text(agents: &[v1::AgentInfo], now_us: u64) -> String {
             c.gaps.to_string(),
             c.desyncs.to_string(),
             c.timeouts.to_string(),
+            (c.request_lost + c.reply_lost + c.uncertain + c.reply_before_request).to_string(),
             c.flows_evicted.to_string(),
             (c.shipper_dropped_events + c.shipper_dropped_histograms).to_string(),
         ]);

@@ -107,6 +107,14 @@ CREATE TABLE rollups (
     fine BLOB NOT NULL,
     PRIMARY KEY (span_us, bucket_us, agent, server, port, proto, command)
 ) WITHOUT ROWID;
+"#,
+    // Version 2: the agents' counts of exchanges not timed, by reason, and of clock skew.
+    r#"
+ALTER TABLE sessions ADD COLUMN request_lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN reply_lost INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN reply_before_request INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN clock_skew INTEGER NOT NULL DEFAULT 0;
 "#];
 
 /// What can go wrong in the store.
@@ -396,7 +404,8 @@ fn store_batch(
             "UPDATE sessions SET kernel_drops = ?3, interface_drops = ?4, decode_errors = ?5,
                  gaps = ?6, desyncs = ?7, timeouts = ?8, flows_evicted = ?9,
                  shipper_dropped_events = ?10, shipper_dropped_histograms = ?11,
-                 shipper_buffered = ?12
+                 shipper_buffered = ?12, request_lost = ?13, reply_lost = ?14,
+                 uncertain = ?15, reply_before_request = ?16, clock_skew = ?17
              WHERE agent = ?1 AND session = ?2",
         )?
         .execute(params![
@@ -412,6 +421,11 @@ fn store_batch(
             c.shipper_dropped_events as i64,
             c.shipper_dropped_histograms as i64,
             c.shipper_buffered as i64,
+            c.request_lost as i64,
+            c.reply_lost as i64,
+            c.uncertain as i64,
+            c.reply_before_request as i64,
+            c.clock_skew as i64,
         ])?;
     }
     tx.prepare_cached("UPDATE agents SET last_seen_us = ?2 WHERE id = ?1")?
@@ -743,7 +757,9 @@ impl Reader {
                  count(s.session), sum(s.events), sum(s.kernel_drops), sum(s.interface_drops),
                  sum(s.decode_errors), sum(s.gaps), sum(s.desyncs), sum(s.timeouts),
                  sum(s.flows_evicted), sum(s.shipper_dropped_events),
-                 sum(s.shipper_dropped_histograms), sum(s.shipper_buffered)
+                 sum(s.shipper_dropped_histograms), sum(s.shipper_buffered),
+                 sum(s.request_lost), sum(s.reply_lost), sum(s.uncertain),
+                 sum(s.reply_before_request), sum(s.clock_skew)
              FROM agents a LEFT JOIN sessions s ON s.agent = a.id
              GROUP BY a.id ORDER BY a.name",
         )?;
@@ -781,6 +797,11 @@ impl Reader {
                     shipper_dropped_events: n(15)?,
                     shipper_dropped_histograms: n(16)?,
                     shipper_buffered: n(17)?,
+                    request_lost: n(18)?,
+                    reply_lost: n(19)?,
+                    uncertain: n(20)?,
+                    reply_before_request: n(21)?,
+                    clock_skew: n(22)?,
                 }),
             })
         })?;
