@@ -297,7 +297,14 @@ impl<S: Default> FlowTable<S> {
         }
         let new_connection = dir == Direction::Request
             && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
-        if new_connection {
+        // A SYN starts a new connection unless it repeats this one's, or this one's was not
+        // captured yet (its SYN-ACK came first).
+        let reused = new_connection
+            && self
+                .flows
+                .get(&key)
+                .is_some_and(|f| f.request.is_reused_by(seq));
+        if reused {
             if let Some(old) = self.flows.remove(&key) {
                 self.counters.flows_closed += 1;
                 handler.on_close(&key, old.state, CloseReason::Reused, ts_us);
@@ -545,7 +552,10 @@ mod tests {
         let mut h = Recorder::default();
         use Direction::*;
         table.tcp_segment(key(1), Request, 1, 100, 0, SYN, b"", &mut h);
+        // The same SYN again is a retransmission, another one a new connection.
         table.tcp_segment(key(1), Request, 2, 100, 0, SYN, b"", &mut h);
+        assert!(h.closes.is_empty());
+        table.tcp_segment(key(1), Request, 2, 700, 0, SYN, b"", &mut h);
         table.tcp_segment(key(1), Response, 3, 9, 0, RST, b"", &mut h);
         table.tcp_segment(key(1), Response, 4, 9, 0, RST, b"", &mut h);
         assert_eq!(

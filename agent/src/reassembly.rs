@@ -135,6 +135,8 @@ pub struct Reassembler {
     held_bytes: usize,
     /// Sequence number just past the last byte, once a FIN was seen.
     fin_seq: Option<u32>,
+    /// The sequence number of the SYN that began the stream.
+    syn_seq: Option<u32>,
 }
 
 impl Reassembler {
@@ -149,11 +151,17 @@ impl Reassembler {
     ) {
         let mut data_seq = meta.seq;
         if meta.flags & crate::decode::tcp_flags::SYN != 0 {
-            // A (new) connection: data, if any, starts after the SYN.
-            self.reset();
             data_seq = meta.seq.wrapping_add(1);
-            self.next_seq = Some(data_seq);
-            out(Chunk::Start);
+            if self.syn_seq == Some(meta.seq) {
+                // The same SYN again (retransmitted, or captured twice).
+                counters.retransmitted_segments += 1;
+            } else {
+                // A (new) connection: data, if any, starts after the SYN.
+                self.reset();
+                self.syn_seq = Some(meta.seq);
+                self.next_seq = Some(data_seq);
+                out(Chunk::Start);
+            }
         }
         if !payload.is_empty() {
             let meta = SegmentMeta {
@@ -199,6 +207,15 @@ impl Reassembler {
         u64::try_from(self.next_pos as i64 + delta).ok()
     }
 
+    /// True when this direction may be replaced by a new connection's SYN with `seq`: it saw
+    /// a different SYN, or bytes.
+    pub fn is_reused_by(&self, seq: u32) -> bool {
+        match self.syn_seq {
+            Some(syn) => syn != seq,
+            None => self.next_seq.is_some(),
+        }
+    }
+
     /// True once a FIN was seen and every byte before it delivered.
     pub fn finished(&self) -> bool {
         match self.fin_seq {
@@ -218,6 +235,7 @@ impl Reassembler {
         self.held.clear();
         self.held_bytes = 0;
         self.fin_seq = None;
+        self.syn_seq = None;
     }
 
     fn data(

@@ -23,7 +23,8 @@ pub const HOUR_US: u64 = 3_600_000_000;
 pub const ROLLUP_SPANS_US: [u64; 2] = [HOUR_US, HOUR_US / 6];
 
 /// The schema, one step per version; `PRAGMA user_version` says how many have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE agents (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
@@ -115,7 +116,8 @@ ALTER TABLE sessions ADD COLUMN reply_lost INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN reply_before_request INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN clock_skew INTEGER NOT NULL DEFAULT 0;
-"#];
+"#,
+];
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]

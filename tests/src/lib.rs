@@ -6,9 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The `tcpkit` binary of this build (`cargo build --workspace` makes it).
+pub mod mangle;
+
+/// The `tcpkit` binary of this build (`cargo build --workspace` makes it), or the one
+/// `TCPKIT_BIN` names (to compare another build on the same tests).
 pub fn tcpkit_bin() -> PathBuf {
-    bin("tcpkit")
+    std::env::var_os("TCPKIT_BIN").map_or_else(|| bin("tcpkit"), PathBuf::from)
 }
 
 /// A binary of this build: `tcpkit`, `tcpkit-aggregator`, `tcpkit-query`.

@@ -24,9 +24,13 @@
 //!   duplex resynchronises: the request parser restarts at a request piece whose start the
 //!   server acknowledged (a boundary the server saw: it had every byte before it), and the
 //!   reply parser at the position that piece's own ack names (the client had received every
-//!   reply before it, so those answered earlier requests). The first reply there must have
-//!   been sent after the server had that piece (its ack), or the candidate is given up and
-//!   the next one tried. Until then bytes are skipped (counted), never guessed at.
+//!   reply before it, so those answered earlier requests). The first reply there must
+//!   acknowledge exactly that piece: sent when the server had it and nothing the client sent
+//!   after it, so that it answers that piece (or nothing of the protocol's state before the
+//!   gap, such as Redis' `CLIENT REPLY OFF`, is needed to tell). Otherwise the candidate is
+//!   given up and the next one tried. Until then bytes are skipped (counted), never guessed
+//!   at. This holds for clients that wait for their replies, one request or one batch at a
+//!   time; a client that streams requests without waiting resumes only once it pauses.
 //!
 //! A request's time is the latest capture time among the pieces holding its bytes; a reply's
 //! is the capture time of the piece holding its first byte (the protocols' [`ChunkClock`]).
@@ -69,6 +73,12 @@ pub trait Protocol: Default {
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
     ) -> Result<(), InvalidBytes>;
+    /// True when `bytes` (at least one) may start a message of `dir`: checked where the
+    /// duplex restarts a parser after a gap, so that an acknowledged position inside a large
+    /// value is not read as a message. `bytes` may be a message's first few bytes only.
+    fn starts_message(&self, dir: Direction, bytes: &[u8]) -> bool;
+    /// True when the parser of `dir` has read part of a message.
+    fn in_message(&self, dir: Direction) -> bool;
     /// Positions were lost: every pending request is given up as `why`, and both parsers go
     /// back to a message boundary.
     fn reset<S: ExchangeSink>(
@@ -102,8 +112,10 @@ enum Certainty {
 struct Found {
     /// The reply-stream position the restart request's ack named.
     rsp_at: u64,
-    /// The request stream up to here must have been acknowledged by the first reply.
-    min_ack: u64,
+    /// Where the requests read from the restart first end at a message boundary, once
+    /// known: the first reply must acknowledge exactly this much (the server had them, and
+    /// nothing sent after them).
+    request_end: Option<u64>,
 }
 
 /// A reply piece waiting for the request bytes its ack names.
@@ -238,11 +250,16 @@ impl<P: Protocol> Duplex<P> {
                 found: None,
             } => {
                 // A request boundary: a position the server acknowledged.
+                let proto = &self.proto;
                 let cut = self
                     .server_acks
                     .iter()
                     .copied()
                     .filter(|&a| a >= req_from && a >= piece.pos && a < piece.end())
+                    .filter(|&a| {
+                        let at = &piece.bytes[(a - piece.pos) as usize..];
+                        proto.starts_message(Direction::Request, at)
+                    })
                     .min();
                 match (cut, ack_pos) {
                     (Some(at), Some(rsp_at)) if rsp_at >= rsp_from => {
@@ -251,7 +268,7 @@ impl<P: Protocol> Duplex<P> {
                             rsp_from,
                             found: Some(Found {
                                 rsp_at,
-                                min_ack: piece.end(),
+                                request_end: None,
                             }),
                         };
                         at
@@ -270,7 +287,15 @@ impl<P: Protocol> Duplex<P> {
             .on_bytes(key, Direction::Request, piece.ts_us, bytes, cx)
             .is_err()
         {
-            self.desync(key, Unanswered::Uncertain, cx);
+            return self.desync(key, Unanswered::Uncertain, cx);
+        }
+        if let Certainty::Resync {
+            found: Some(found), ..
+        } = &mut self.pairing
+        {
+            if found.request_end.is_none() && !self.proto.in_message(Direction::Request) {
+                found.request_end = Some(piece.end());
+            }
         }
     }
 
@@ -298,7 +323,14 @@ impl<P: Protocol> Duplex<P> {
                 if end <= found.rsp_at {
                     // Replies to requests before the restart: theirs were given up.
                     end
-                } else if pos <= found.rsp_at && ack_pos.is_some_and(|a| a >= found.min_ack) {
+                } else if pos <= found.rsp_at
+                    && found.request_end.is_some()
+                    && ack_pos == found.request_end
+                    && self.proto.starts_message(
+                        Direction::Response,
+                        &bytes[(found.rsp_at - pos) as usize..],
+                    )
+                {
                     self.pairing = Certainty::Certain;
                     found.rsp_at
                 } else {

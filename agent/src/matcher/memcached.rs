@@ -73,6 +73,42 @@ impl Default for MemcachedPairing {
     }
 }
 
+/// How text requests start.
+const REQUEST_STARTS: [&[u8]; 24] = [
+    b"mg ",
+    b"ms ",
+    b"md ",
+    b"ma ",
+    b"mn",
+    b"me ",
+    b"get ",
+    b"gets ",
+    b"gat ",
+    b"gats ",
+    b"set ",
+    b"add ",
+    b"replace ",
+    b"append ",
+    b"prepend ",
+    b"cas ",
+    b"delete ",
+    b"incr ",
+    b"decr ",
+    b"touch ",
+    b"stats",
+    b"version",
+    b"flush_all",
+    b"verbosity ",
+];
+
+/// True when `bytes` start like one of `starts`, as far as they go.
+fn starts_like(bytes: &[u8], starts: &[&[u8]]) -> bool {
+    starts.iter().any(|s| {
+        let n = s.len().min(bytes.len());
+        bytes[..n] == s[..n]
+    })
+}
+
 impl Protocol for MemcachedPairing {
     fn on_bytes<S: ExchangeSink>(
         &mut self,
@@ -97,6 +133,27 @@ impl Protocol for MemcachedPairing {
             Direction::Response => self.on_reply_bytes(key, ts_us, bytes, cx),
         };
         ok.then_some(()).ok_or(InvalidBytes)
+    }
+
+    fn starts_message(&self, dir: Direction, bytes: &[u8]) -> bool {
+        if let Some(binary) = self.binary.as_ref() {
+            return binary.starts_message(dir, bytes);
+        }
+        match dir {
+            Direction::Request => starts_like(bytes, &REQUEST_STARTS) || bytes[0] == 0x80,
+            // Text replies are upper-case words (`VALUE`, `END`, `STORED`, `HD`, `EN`, …).
+            Direction::Response => bytes.first().is_some_and(u8::is_ascii_uppercase),
+        }
+    }
+
+    fn in_message(&self, dir: Direction) -> bool {
+        if let Some(binary) = self.binary.as_ref() {
+            return binary.in_message(dir);
+        }
+        match dir {
+            Direction::Request => self.requests.in_message(),
+            Direction::Response => self.replies.in_message(),
+        }
     }
 
     fn reset<S: ExchangeSink>(

@@ -95,6 +95,21 @@ impl Protocol for BinaryPairing {
         result.map_err(|_| InvalidBytes)
     }
 
+    fn starts_message(&self, dir: Direction, bytes: &[u8]) -> bool {
+        let magic = match dir {
+            Direction::Request => 0x80,
+            Direction::Response => 0x81,
+        };
+        bytes.first() == Some(&magic)
+    }
+
+    fn in_message(&self, dir: Direction) -> bool {
+        match dir {
+            Direction::Request => self.requests.in_message(),
+            Direction::Response => self.responses.in_message(),
+        }
+    }
+
     fn reset<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,

@@ -49,6 +49,22 @@ impl Protocol for MultiPairing {
             Self::Unset | Self::Raw => Ok(()),
         }
     }
+    fn starts_message(&self, dir: Direction, bytes: &[u8]) -> bool {
+        match self {
+            Self::Redis(p) => p.starts_message(dir, bytes),
+            Self::Memcached(p) => p.starts_message(dir, bytes),
+            Self::Dns(p) => p.starts_message(dir, bytes),
+            Self::Unset | Self::Raw => true,
+        }
+    }
+    fn in_message(&self, dir: Direction) -> bool {
+        match self {
+            Self::Redis(p) => p.in_message(dir),
+            Self::Memcached(p) => p.in_message(dir),
+            Self::Dns(p) => p.in_message(dir),
+            Self::Unset | Self::Raw => false,
+        }
+    }
     fn reset<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,

@@ -188,6 +188,24 @@ impl Protocol for RedisPairing {
         }
     }
 
+    fn starts_message(&self, dir: Direction, bytes: &[u8]) -> bool {
+        match dir {
+            // Clients send arrays of bulk strings (`*<n>\r\n$`); inline commands are typed by
+            // people, and a restart never takes one.
+            Direction::Request => looks_like_array_of_bulks(bytes),
+            Direction::Response => bytes
+                .first()
+                .is_some_and(|b| b"+-:$*_#,(!=%~>|".contains(b)),
+        }
+    }
+
+    fn in_message(&self, dir: Direction) -> bool {
+        match dir {
+            Direction::Request => self.requests.in_message(),
+            Direction::Response => self.replies.in_message(),
+        }
+    }
+
     fn reset<S: ExchangeSink>(
         &mut self,
         key: &FlowKey,
@@ -267,6 +285,21 @@ impl RedisPairing {
         }
         self.pending.entries.clear();
     }
+}
+
+/// True when `bytes` start like `*<count>\r\n$`, as far as they go.
+fn looks_like_array_of_bulks(bytes: &[u8]) -> bool {
+    let Some((b'*', rest)) = bytes.split_first() else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let tail = &rest[digits..];
+    let count_ok = if tail.is_empty() {
+        digits <= 10
+    } else {
+        (1..=10).contains(&digits)
+    };
+    count_ok && tail.iter().zip(b"\r\n$").all(|(a, b)| a == b)
 }
 
 /// Decides whether a parsed request waits for a reply, and queues it when it does.
