@@ -454,3 +454,174 @@ impl<P: Protocol> Duplex<P> {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matcher::redis::RedisPairing;
+    use crate::matcher::Exchange;
+    use std::net::SocketAddr;
+
+    #[derive(Default)]
+    struct Recorder {
+        exchanges: Vec<(String, u64)>,
+        untimed: Vec<(String, Unanswered)>,
+    }
+
+    impl ExchangeSink for Recorder {
+        fn exchange(&mut self, e: &Exchange<'_>) {
+            let summary = String::from_utf8_lossy(e.summary).into_owned();
+            self.exchanges.push((summary, e.latency_us));
+        }
+        fn unanswered(&mut self, _: SocketAddr, command: &[u8], why: Unanswered) {
+            let command = String::from_utf8_lossy(command).into_owned();
+            self.untimed.push((command, why));
+        }
+    }
+
+    type Harness = crate::matcher::harness::Harness<RedisPairing, Recorder>;
+    use Direction::{Request as Req, Response as Rsp};
+
+    /// `GET <key>` as RESP: 20 bytes for a one-letter key.
+    fn get(key: &str) -> Vec<u8> {
+        format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len()).into_bytes()
+    }
+
+    const NIL: &[u8] = b"$-1\r\n"; // 5 bytes
+
+    fn exchanges(h: &Harness) -> Vec<(&str, u64)> {
+        h.sink
+            .exchanges
+            .iter()
+            .map(|(s, l)| (s.as_str(), *l))
+            .collect()
+    }
+
+    #[test]
+    fn a_reply_captured_before_its_request_waits_for_it() {
+        let mut h = Harness::new("10.0.0.2:6379");
+        // The reply acknowledges the 20 request bytes that the capture has not given yet.
+        h.piece(Rsp, 150, 0, Some(20), NIL);
+        assert!(h.sink.exchanges.is_empty());
+        h.piece(Req, 100, 0, Some(0), &get("a"));
+        h.piece(Req, 200, 20, Some(5), &get("b"));
+        h.piece(Rsp, 260, 5, Some(40), NIL);
+        assert_eq!(exchanges(&h), [("GET a", 50), ("GET b", 60)]);
+        assert_eq!(h.counters.desyncs, 0);
+    }
+
+    #[test]
+    fn a_reply_that_waits_past_the_bound_answers_a_request_never_captured() {
+        let mut h = Harness::new("10.0.0.2:6379");
+        h.piece(Rsp, 1_000, 0, Some(20), NIL);
+        // Much later in capture time: the request bytes it acknowledged never came.
+        h.piece(Req, 1_000 + MAX_WAIT_US + 1, 40, Some(5), &get("c"));
+        assert!(h.sink.exchanges.is_empty());
+        assert_eq!(h.sink.untimed[0], ("?".to_string(), Unanswered::TooEarly));
+    }
+
+    #[test]
+    fn a_lost_request_whose_reply_comes_is_counted_not_paired() {
+        let mut h = Harness::new("10.0.0.2:6379");
+        h.req(0, &get("a"));
+        h.rsp(10, NIL);
+        // GET b (20..40) is lost; its reply (5..10) acknowledges it.
+        h.piece(Rsp, 30, 5, Some(40), NIL);
+        h.gap(Req, 30, 40);
+        // GET c starts where the server acknowledged; its ack names the reply stream's end.
+        h.piece(Req, 40, 40, Some(10), &get("c"));
+        h.piece(Rsp, 45, 10, Some(60), NIL);
+        assert_eq!(exchanges(&h), [("GET a", 10), ("GET c", 5)]);
+        assert_eq!(h.sink.untimed, [("?".to_string(), Unanswered::RequestLost)]);
+    }
+
+    #[test]
+    fn a_lost_reply_inside_a_pipelined_batch_drops_the_rest_of_the_batch() {
+        let mut h = Harness::new("10.0.0.2:6379");
+        let batch = [get("a"), get("b"), get("c")].concat();
+        h.req(0, &batch);
+        h.rsp(10, b"$1\r\n1\r\n"); // 7 bytes: GET a's reply
+                                   // GET b's reply (7..14) is lost; GET c's arrives.
+        h.gap(Rsp, 12, 14);
+        h.piece(Rsp, 12, 14, Some(60), b"$1\r\n3\r\n");
+        assert_eq!(exchanges(&h), [("GET a", 10)]);
+        assert_eq!(
+            h.sink.untimed,
+            [
+                ("GET".to_string(), Unanswered::ReplyLost),
+                ("GET".to_string(), Unanswered::ReplyLost)
+            ]
+        );
+        // The next batch was sent once every reply had come: pairing resumes with it.
+        h.piece(Req, 20, 60, Some(21), &[get("d"), get("e")].concat());
+        h.piece(Rsp, 25, 21, Some(100), &[NIL, NIL].concat());
+        assert_eq!(exchanges(&h), [("GET a", 10), ("GET d", 5), ("GET e", 5)]);
+    }
+
+    #[test]
+    fn an_ack_that_covers_more_than_the_restart_refutes_it() {
+        let mut h = Harness::new("10.0.0.2:6379");
+        h.req(0, &get("a"));
+        h.gap(Rsp, 5, 5);
+        // The server acknowledged 20: GET b may start a restart...
+        h.event(Rsp, 5, StreamEvent::Ack { ack_pos: 20 });
+        h.piece(Req, 6, 20, Some(5), &get("b"));
+        h.piece(Req, 7, 40, Some(5), &get("c"));
+        // ...but the reply at 5 was sent when the server had GET c too: it may answer GET a
+        // (pipelined), so nothing is paired until a reply that proves its request.
+        h.piece(Rsp, 8, 5, Some(60), NIL);
+        assert!(h.sink.exchanges.is_empty());
+        h.piece(Rsp, 9, 10, Some(60), NIL);
+        h.piece(Req, 20, 60, Some(15), &get("d"));
+        h.piece(Rsp, 30, 15, Some(80), NIL);
+        assert_eq!(exchanges(&h), [("GET d", 10)]);
+    }
+
+    #[test]
+    fn a_gap_in_each_direction_then_pairing_resumes() {
+        for dir in [Req, Rsp] {
+            let mut h = Harness::new("10.0.0.2:6379");
+            h.req(0, &get("a"));
+            h.rsp(1, NIL);
+            match dir {
+                // GET b lost, its reply captured.
+                Req => {
+                    h.gap(Req, 2, 40);
+                    h.piece(Rsp, 3, 5, Some(40), NIL);
+                }
+                // GET b captured, its reply lost; a bare ACK of the server's came through.
+                Rsp => {
+                    h.req(2, &get("b"));
+                    h.gap(Rsp, 3, 10);
+                    h.event(Rsp, 3, StreamEvent::Ack { ack_pos: 40 });
+                }
+            }
+            h.piece(Req, 4, 40, Some(10), &get("c"));
+            h.piece(Rsp, 6, 10, Some(60), NIL);
+            assert_eq!(exchanges(&h), [("GET a", 1), ("GET c", 2)], "{dir:?}");
+        }
+    }
+
+    #[test]
+    fn a_capture_without_the_syn_starts_at_a_proven_request() {
+        let mut h = Harness::without_syn("10.0.0.2:6379");
+        // The first request seen may not start a message; the server acknowledges its end.
+        h.piece(Req, 0, 0, Some(0), &get("a"));
+        h.piece(Rsp, 1, 0, Some(20), NIL);
+        h.piece(Req, 2, 20, Some(5), &get("b"));
+        h.piece(Rsp, 5, 5, Some(40), NIL);
+        assert_eq!(exchanges(&h), [("GET b", 3)]);
+    }
+
+    #[test]
+    fn a_restart_inside_a_value_is_refused() {
+        let mut h = Harness::new("10.0.0.2:6379");
+        h.req(0, &get("a"));
+        h.gap(Rsp, 1, 5);
+        // An acknowledged position inside a value that reads like an inline command.
+        h.event(Rsp, 1, StreamEvent::Ack { ack_pos: 20 });
+        h.piece(Req, 2, 20, Some(5), b"PING\r\n");
+        h.piece(Rsp, 3, 5, Some(26), b"+PONG\r\n");
+        assert!(h.sink.exchanges.is_empty());
+    }
+}

@@ -34,7 +34,15 @@ fn index(dir: Direction) -> usize {
 impl<P: Protocol, R: ExchangeSink + Default> Harness<P, R> {
     /// A connection to `server` whose two SYNs were seen.
     pub fn new(server: &str) -> Self {
-        let mut h = Self {
+        let mut h = Self::without_syn(server);
+        h.event(Direction::Request, 0, StreamEvent::Start);
+        h.event(Direction::Response, 0, StreamEvent::Start);
+        h
+    }
+
+    /// A connection to `server` captured after it began.
+    pub fn without_syn(server: &str) -> Self {
+        Self {
             conn: Duplex::default(),
             key: FlowKey {
                 client: "10.0.0.1:40000".parse().unwrap(),
@@ -44,10 +52,7 @@ impl<P: Protocol, R: ExchangeSink + Default> Harness<P, R> {
             counters: MatchCounters::default(),
             sink: R::default(),
             next: [0, 0],
-        };
-        h.event(Direction::Request, 0, StreamEvent::Start);
-        h.event(Direction::Response, 0, StreamEvent::Start);
-        h
+        }
     }
 
     /// Hands the connection one event.
