@@ -455,6 +455,13 @@ impl Summary<'_> {
             "decode: {} truncated, {} malformed, {} not IP, {} not TCP/UDP, {} fragments, {} unmonitored",
             d.truncated, d.malformed, d.not_ip, d.not_tcp_or_udp, d.fragments, d.unmonitored
         ));
+        if d.truncated > 0 {
+            line(format!(
+                "warning: {} frames were cut short by the capture (its snaplen): their bytes are \
+                 lost and the exchanges in them are not timed; capture whole frames (tcpdump -s 0)",
+                d.truncated
+            ));
+        }
         let f = self.flows;
         let r = &f.reassembly;
         line(format!(

@@ -124,3 +124,20 @@ fn duplication_never_mispairs_and_loses_nothing() {
         assert!(c.recall() >= 0.999, "{fault}: recall {:.4}", c.recall());
     }
 }
+
+#[test]
+fn frames_cut_by_the_snaplen_are_said_and_never_timed() {
+    let name = "redis-benchmark-lo";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.pcap");
+    Pcap::read(&fixture(&format!("{name}.pcap")))
+        .mangled(Fault::Snaplen(64), 0)
+        .write(&path);
+    let port = Expected::of(name).port.to_string();
+    let out = run_tcpkit(&["-r", path.to_str().unwrap(), "-p", &port, "-m", "redis"]);
+    assert!(
+        out.contains("frames were cut short by the capture (its snaplen)"),
+        "{out}"
+    );
+    assert!(!out.contains(" ms | "), "a latency from cut frames: {out}");
+}
