@@ -11,7 +11,8 @@
 # For each: `tcpdump -r FILE -w /dev/null` (the floor of reading the pcap), tcpkit in raw mode
 # (lines to /dev/null) and in its protocol mode (`-t 100000`: pairs everything, prints nothing),
 # RUNS (5) times each; prints the median wall time, packets/s, requests/s and the ratio to
-# tcpdump.
+# tcpdump. BASELINE=/path/to/another/tcpkit also times that build's protocol mode in the same
+# run, side by side (this machine is noisy: compare within one run).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -69,7 +70,12 @@ for name in redis-small redis-pipelined memcached-small dns-udp; do
   floor=$(median_seconds tcpdump -r "$pcap" -w /dev/null)
   raw=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m raw -o /dev/null)
   parsed=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m "$mode" -t 100000 -o /dev/null)
-  for row in "tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw:$raw" "tcpkit -m $mode -t 100000:$parsed"; do
+  rows=("tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw:$raw" "tcpkit -m $mode -t 100000:$parsed")
+  if [ -n "${BASELINE:-}" ]; then
+    base=$(median_seconds "$BASELINE" -r "$pcap" -p "$port" $udp -m "$mode" -t 100000 -o /dev/null)
+    rows+=("baseline -m $mode -t 100000:$base")
+  fi
+  for row in "${rows[@]}"; do
     cmd=${row%:*}; secs=${row##*:}
     printf '%-16s %9d  %-30s %8.3f %12.0f %12.0f %6.2fx\n' "$name" "$packets" "$cmd" "$secs" \
       "$(echo "$packets / $secs" | bc -l)" "$(echo "$requests / $secs" | bc -l)" \
