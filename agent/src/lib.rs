@@ -1,33 +1,21 @@
 //! tcpkit, the agent: request latency of Redis, Memcached and DNS servers, measured from the
 //! wire.
 //!
-//! The packet path, one module a step: [`capture`] (libpcap) → [`decode`] (link, IP,
-//! transport) → [`flow`] (connections, direction, [`reassembly`]) → the sinks ([`raw`]
-//! lines, [`stats`]). [`pipeline`] is that path on one thread, pure; [`run`] is the shell
-//! around it (files, signals, the [`stats_server`]).
+//! The folders follow the data flow. The [`steps`] of the packet path — capture, decode,
+//! flow and reassembly — then the protocol parsers ([`l7`]) and the pairing of requests
+//! with replies ([`matcher`]), then the [`sinks`] that completed exchanges go to (stats,
+//! slow log, raw lines, Lua, shipping). [`pipeline`] is that path on one thread, pure; the
+//! [`shell`] runs it (files, signals, threads, servers, the gRPC shipper). [`cli`] and
+//! [`modes`] say what to run; [`text`] and [`timefmt`] format output.
 
-pub mod capture;
 pub mod cli;
-pub mod decode;
 pub use tcpkit_histogram as histogram;
-pub mod flow;
 pub mod l7;
 pub mod matcher;
-pub mod metrics;
 pub mod modes;
-pub mod pcapfile;
 pub mod pipeline;
-pub mod privileges;
-pub mod raw;
-pub mod reassembly;
-pub mod run;
-pub mod script;
-pub mod shard;
-pub mod ship;
-pub mod shipper;
-pub mod slowlog;
-pub mod spool;
-pub mod stats;
-pub mod stats_server;
+pub mod shell;
+pub mod sinks;
+pub mod steps;
 pub mod text;
 pub mod timefmt;

@@ -4,22 +4,22 @@
 //! Pure: it does no I/O. Output lines are appended to a buffer that the caller drains. The
 //! protocol is a type parameter ([`Connection`]), so each mode is its own monomorphic loop.
 
-use crate::capture::{Frame, KernelStats};
-use crate::decode::{decode, LinkType, Transport};
-use crate::flow::{
-    CloseReason, Direction, DirectionRule, FlowCounters, FlowKey, FlowLimits, FlowTable,
-    StreamEvent, StreamHandler,
-};
 use crate::matcher::dns::DnsMatcher;
 use crate::matcher::{
     Connection, Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, Unanswered,
 };
 use crate::modes::{Mode, PortModes};
-use crate::raw::RawFormatter;
-use crate::script::{Script, ScriptOutput};
-use crate::shipper::{ShipSink, ShipStatusNow};
-use crate::slowlog::SlowLog;
-use crate::stats::{DecodeCounters, PortStats, Summary};
+use crate::shell::shipper::{ShipSink, ShipStatusNow};
+use crate::sinks::raw::RawFormatter;
+use crate::sinks::script::{Script, ScriptOutput};
+use crate::sinks::slowlog::SlowLog;
+use crate::sinks::stats::{DecodeCounters, PortStats, Summary};
+use crate::steps::capture::{Frame, KernelStats};
+use crate::steps::decode::{decode, LinkType, Transport};
+use crate::steps::flow::{
+    CloseReason, Direction, DirectionRule, FlowCounters, FlowKey, FlowLimits, FlowTable,
+    StreamEvent, StreamHandler,
+};
 
 /// Where exchanges go: the per-port stats, the slow log, and a Lua script's `on_exchange`.
 pub struct Sinks {
@@ -393,7 +393,7 @@ impl<C: Connection> Pipeline<C> {
     pub fn metrics(&self, kernel: Option<KernelStats>) -> String {
         let mut summary = self.summary();
         summary.kernel = kernel;
-        crate::metrics::render(&summary, &self.modes, self.ship_status())
+        crate::shell::metrics::render(&summary, &self.modes, self.ship_status())
     }
 
     /// The shipper's state, when shipping.
@@ -404,7 +404,7 @@ impl<C: Connection> Pipeline<C> {
     /// The data-quality counters the aggregator keeps.
     pub fn counters(&self) -> tcpkit_proto::v1::Counters {
         let f = self.flows.counters();
-        let mut all = crate::stats::LatencyStats::default();
+        let mut all = crate::sinks::stats::LatencyStats::default();
         for (_, port) in self.sinks.ports.latency() {
             all.merge(&port.all());
         }
@@ -446,7 +446,7 @@ impl<C: Connection> Pipeline<C> {
             matching: (!self.modes.all_raw()).then_some(&self.match_counters),
             threshold_us: self.sinks.slowlog.threshold_us(),
             script_errors: self.sinks.script.as_ref().map(Script::errors),
-            peak_rss_kib: crate::stats::peak_rss_kib(),
+            peak_rss_kib: crate::sinks::stats::peak_rss_kib(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Text output without the formatting machinery: escaped wire bytes and decimal numbers.
+//! Text output without the formatting machinery: escaped wire bytes, decimal numbers,
+//! milliseconds and endpoints.
 
 /// Appends `bytes` to `out`, printable ASCII as is and everything else escaped (`\r`, `\n`,
 /// `\t`, `\\`, `\xNN`), so that one packet or request always stays on one line.
@@ -35,6 +36,27 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
         }
     }
     out.extend_from_slice(&digits[i..]);
+}
+
+/// Appends `addr:port`, IPv6 as `[addr]:port`.
+pub fn push_endpoint(out: &mut Vec<u8>, ip: std::net::IpAddr, port: u16) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _ = write!(out, "{}", std::net::SocketAddr::new(ip, port));
+}
+
+/// Appends µs as milliseconds with three decimals.
+pub fn push_millis(out: &mut Vec<u8>, us: u64) {
+    push_decimal(out, us / 1000);
+    out.push(b'.');
+    let frac = us % 1000;
+    if frac < 100 {
+        out.push(b'0');
+    }
+    if frac < 10 {
+        out.push(b'0');
+    }
+    push_decimal(out, frac);
 }
 
 #[cfg(test)]

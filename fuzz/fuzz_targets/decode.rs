@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tcpkit::decode::{decode, LinkType};
+use tcpkit::steps::decode::{decode, LinkType};
 
 fuzz_target!(|data: &[u8]| {
     for link in [

@@ -6,14 +6,14 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use tcpkit::flow::{Direction, FlowKey, StreamEvent};
+use tcpkit::steps::flow::{Direction, FlowKey, StreamEvent};
 use tcpkit::l7::redis::{RespParser, Role};
 use tcpkit::matcher::duplex::Duplex;
 use tcpkit::matcher::{
     Connection, Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, RedisPairing,
     Unanswered,
 };
-use tcpkit::reassembly::Piece;
+use tcpkit::steps::reassembly::Piece;
 
 struct Count(u64);
 

@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use tcpkit::capture::{Capture, CaptureConfig, Next, Source};
-use tcpkit::decode::{decode, Transport};
-use tcpkit::flow::{
+use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+use tcpkit::steps::decode::{decode, Transport};
+use tcpkit::steps::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamEvent,
     StreamHandler,
 };

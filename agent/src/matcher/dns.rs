@@ -397,8 +397,8 @@ pub struct DnsTcpPairing {
 impl super::duplex::Protocol for DnsTcpPairing {
     fn on_bytes<S: ExchangeSink>(
         &mut self,
-        key: &crate::flow::FlowKey,
-        dir: crate::flow::Direction,
+        key: &crate::steps::flow::FlowKey,
+        dir: crate::steps::flow::Direction,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
@@ -411,7 +411,7 @@ impl super::duplex::Protocol for DnsTcpPairing {
             matcher,
         } = self;
         match dir {
-            crate::flow::Direction::Request => {
+            crate::steps::flow::Direction::Request => {
                 let mut timer = req_clock.begin(ts_us, queries.in_message());
                 queries.feed(bytes, &mut |msg| {
                     let (_, done) = timer.next_times();
@@ -419,7 +419,7 @@ impl super::duplex::Protocol for DnsTcpPairing {
                 });
                 req_clock.end(&timer, queries.in_message());
             }
-            crate::flow::Direction::Response => {
+            crate::steps::flow::Direction::Response => {
                 let mut timer = rsp_clock.begin(ts_us, responses.in_message());
                 responses.feed(bytes, &mut |msg| {
                     let start = timer.next_start();
@@ -431,21 +431,21 @@ impl super::duplex::Protocol for DnsTcpPairing {
         Ok(())
     }
 
-    fn starts_message(&self, _: crate::flow::Direction, bytes: &[u8]) -> bool {
+    fn starts_message(&self, _: crate::steps::flow::Direction, bytes: &[u8]) -> bool {
         // A length prefix: a message has at least its 12-byte header.
         bytes.len() < 2 || u16::from_be_bytes([bytes[0], bytes[1]]) >= 12
     }
 
-    fn in_message(&self, dir: crate::flow::Direction) -> bool {
+    fn in_message(&self, dir: crate::steps::flow::Direction) -> bool {
         match dir {
-            crate::flow::Direction::Request => self.queries.in_message(),
-            crate::flow::Direction::Response => self.responses.in_message(),
+            crate::steps::flow::Direction::Request => self.queries.in_message(),
+            crate::steps::flow::Direction::Response => self.responses.in_message(),
         }
     }
 
     fn reset<S: ExchangeSink>(
         &mut self,
-        _key: &crate::flow::FlowKey,
+        _key: &crate::steps::flow::FlowKey,
         why: Unanswered,
         cx: &mut MatchContext<'_, S>,
     ) {
@@ -456,7 +456,7 @@ impl super::duplex::Protocol for DnsTcpPairing {
 
     fn on_close<S: ExchangeSink>(
         &mut self,
-        _key: &crate::flow::FlowKey,
+        _key: &crate::steps::flow::FlowKey,
         cx: &mut MatchContext<'_, S>,
     ) {
         self.matcher.finish(cx);

@@ -40,9 +40,9 @@
 use std::collections::VecDeque;
 
 use super::{Connection, ExchangeSink, MatchContext, Unanswered};
-use crate::flow::{Direction, FlowKey, StreamEvent};
 use crate::modes::PortModes;
-use crate::reassembly::Piece;
+use crate::steps::flow::{Direction, FlowKey, StreamEvent};
+use crate::steps::reassembly::Piece;
 
 /// Reply bytes held at most per connection while their requests are not yet read.
 pub const MAX_WAITING_BYTES: usize = 256 * 1024;

@@ -5,8 +5,8 @@
 
 use super::duplex::{Duplex, Protocol};
 use super::{Connection, ExchangeSink, MatchContext, MatchCounters, MatchLimits};
-use crate::flow::{Direction, FlowKey, StreamEvent};
-use crate::reassembly::Piece;
+use crate::steps::flow::{Direction, FlowKey, StreamEvent};
+use crate::steps::reassembly::Piece;
 
 /// One connection, its caps, counters and a recording sink.
 pub struct Harness<P: Protocol, R: ExchangeSink + Default> {

@@ -12,8 +12,8 @@ use std::collections::VecDeque;
 use super::duplex::{InvalidBytes, Protocol};
 use super::memcached_binary::BinaryPairing;
 use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
-use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
+use crate::steps::flow::{Direction, FlowKey};
 
 /// Bytes of a request's summary kept while it waits.
 const KEPT_SUMMARY: usize = 96;

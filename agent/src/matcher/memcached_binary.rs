@@ -8,10 +8,10 @@ use std::collections::VecDeque;
 
 use super::duplex::{InvalidBytes, Protocol};
 use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
-use crate::flow::{Direction, FlowKey};
 use crate::l7::memcached_binary::{
     is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
 };
+use crate::steps::flow::{Direction, FlowKey};
 
 /// Status of a retrieval that found nothing.
 const KEY_NOT_FOUND: u16 = 0x0001;

@@ -7,8 +7,8 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
-use crate::flow::{Direction, FlowKey, StreamEvent};
 use crate::modes::PortModes;
+use crate::steps::flow::{Direction, FlowKey, StreamEvent};
 
 pub mod dns;
 pub mod duplex;

@@ -4,8 +4,8 @@
 use super::dns::DnsTcpPairing;
 use super::duplex::{InvalidBytes, Protocol};
 use super::{ExchangeSink, MatchContext, MemcachedPairing, RedisPairing, Unanswered};
-use crate::flow::{Direction, FlowKey};
 use crate::modes::{Mode, PortModes};
+use crate::steps::flow::{Direction, FlowKey};
 
 /// One of the protocols, chosen per connection.
 #[derive(Debug, Default)]

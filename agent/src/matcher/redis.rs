@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use super::duplex::{InvalidBytes, Protocol};
 use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 
-use crate::flow::{Direction, FlowKey};
 use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
+use crate::steps::flow::{Direction, FlowKey};
 
 /// A request waiting for its reply. Its command name and summary live in the queue's text
 /// arena: no allocation per request.

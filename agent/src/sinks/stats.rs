@@ -11,12 +11,12 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::capture::KernelStats;
-use crate::decode::DecodeError;
-use crate::flow::{Direction, FlowCounters};
 use crate::histogram::{seed_bucket, FineHistogram, SEED_BUCKETS, SEED_LABELS};
 use crate::matcher::{Exchange, MatchCounters, Unanswered};
-use crate::slowlog::push_millis;
+use crate::steps::capture::KernelStats;
+use crate::steps::decode::DecodeError;
+use crate::steps::flow::{Direction, FlowCounters};
+use crate::text::push_millis;
 
 /// Latency figures of a set of exchanges (a port, or one command on a port).
 #[derive(Debug, Default, Clone)]

@@ -7,12 +7,11 @@
 //!
 //! `flags` is the TCP flag byte in decimal, `size` the payload length, the payload escaped.
 
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
-use crate::decode::{Packet, Transport};
-use crate::flow::Direction;
-use crate::text::{push_decimal, push_escaped};
+use crate::steps::decode::{Packet, Transport};
+use crate::steps::flow::Direction;
+use crate::text::{push_decimal, push_endpoint, push_escaped};
 use crate::timefmt::LocalClock;
 
 /// Slots of the cache of rendered `src:port=>dst:port` texts.
@@ -93,12 +92,6 @@ impl RawFormatter {
             }
         }
     }
-}
-
-/// Appends `addr:port`, IPv6 as `[addr]:port`.
-pub fn push_endpoint(out: &mut Vec<u8>, ip: IpAddr, port: u16) {
-    // Writing to a Vec cannot fail.
-    let _ = write!(out, "{}", SocketAddr::new(ip, port));
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use pcap::{Activated, BpfProgram, Capture as PcapCapture, Device, Packet, PacketHeader, Savefile};
 
-use crate::decode::LinkType;
-use crate::pcapfile::{Block, BlockPcap};
+use crate::steps::decode::LinkType;
+use crate::steps::pcapfile::{Block, BlockPcap};
 
 /// Where packets come from.
 #[derive(Debug, Clone)]

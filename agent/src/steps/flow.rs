@@ -12,8 +12,8 @@ use std::collections::hash_map::Entry;
 
 use rustc_hash::FxHashMap;
 
-use crate::decode::{tcp_flags, Packet};
-use crate::reassembly::{
+use crate::steps::decode::{tcp_flags, Packet};
+use crate::steps::reassembly::{
     Chunk, Piece, Reassembler, ReassemblyCounters, ReassemblyLimits, SegmentMeta,
 };
 
@@ -425,7 +425,7 @@ impl<S: Default> FlowTable<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{tcp_flags::*, Transport};
+    use crate::steps::decode::{tcp_flags::*, Transport};
 
     fn addr(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -2,7 +2,7 @@
 //! port, command) ([`IntervalHistograms`]), slow exchanges as events ([`event_of`]), and the
 //! bounded buffer of batches waiting for their acknowledgement ([`ShipBuffer`]).
 //!
-//! The shell around them (a thread, the gRPC stream, reconnects) is [`crate::shipper`].
+//! The shell around them (a thread, the gRPC stream, reconnects) is [`crate::shell::shipper`].
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use tcpkit_proto::v1;
 
 use crate::matcher::{Exchange, Unanswered};
-use crate::stats::{LatencyStats, PortLatency};
+use crate::sinks::stats::{LatencyStats, PortLatency};
 use crate::text::push_escaped;
 
 /// The figures of one interval, per server address and port (with its protocol), per

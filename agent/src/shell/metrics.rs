@@ -5,8 +5,8 @@
 use tcpkit_ops::prometheus::{Exposition, Labels, SeedHistogram};
 
 use crate::modes::PortModes;
-use crate::shipper::ShipStatusNow;
-use crate::stats::{LatencyStats, Summary};
+use crate::shell::shipper::ShipStatusNow;
+use crate::sinks::stats::{LatencyStats, Summary};
 
 /// One latency series: its labels and figures.
 struct Series<'a> {

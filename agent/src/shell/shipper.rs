@@ -20,8 +20,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tcpkit_proto::v1::{self, agent_message::Body};
 
 use crate::matcher::{Exchange, Unanswered};
-use crate::ship::{event_of, Dropped, IntervalHistograms, ShipBuffer};
-use crate::spool::{LeftSession, Spool};
+use crate::shell::spool::{LeftSession, Spool};
+use crate::sinks::ship::{event_of, Dropped, IntervalHistograms, ShipBuffer};
 
 /// Commands queued from the capture thread at most; past it what is sent is dropped
 /// (counted).

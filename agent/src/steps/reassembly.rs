@@ -150,7 +150,7 @@ impl Reassembler {
         out: &mut impl FnMut(Chunk<'_>),
     ) {
         let mut data_seq = meta.seq;
-        if meta.flags & crate::decode::tcp_flags::SYN != 0 {
+        if meta.flags & crate::steps::decode::tcp_flags::SYN != 0 {
             data_seq = meta.seq.wrapping_add(1);
             if self.syn_seq == Some(meta.seq) {
                 // The same SYN again (retransmitted, or captured twice).
@@ -170,7 +170,7 @@ impl Reassembler {
             };
             self.data(meta, payload, limits, counters, out);
         }
-        if meta.flags & crate::decode::tcp_flags::FIN != 0 {
+        if meta.flags & crate::steps::decode::tcp_flags::FIN != 0 {
             self.fin_seq = Some(data_seq.wrapping_add(payload.len() as u32));
         }
     }
@@ -352,7 +352,7 @@ impl Reassembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::tcp_flags::{ACK, FIN, SYN};
+    use crate::steps::decode::tcp_flags::{ACK, FIN, SYN};
 
     fn meta(seq: u32, flags: u8) -> SegmentMeta {
         SegmentMeta {

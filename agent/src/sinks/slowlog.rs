@@ -9,8 +9,7 @@
 //! ms with 3 decimals, the request summary (cut, `...` when it was, bytes escaped).
 
 use crate::matcher::Exchange;
-use crate::raw::push_endpoint;
-use crate::text::{push_decimal, push_escaped};
+use crate::text::{push_endpoint, push_escaped, push_millis};
 use crate::timefmt::LocalClock;
 
 /// Formats slow-log lines and decides what is slow.
@@ -74,20 +73,6 @@ impl SlowLog {
         }
         out.push(b'\n');
     }
-}
-
-/// Appends µs as milliseconds with three decimals.
-pub fn push_millis(out: &mut Vec<u8>, us: u64) {
-    push_decimal(out, us / 1000);
-    out.push(b'.');
-    let frac = us % 1000;
-    if frac < 100 {
-        out.push(b'0');
-    }
-    if frac < 10 {
-        out.push(b'0');
-    }
-    push_decimal(out, frac);
 }
 
 #[cfg(test)]

@@ -9,21 +9,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::cli::{Args, Mode, SummaryFormat};
-use crate::decode::LinkType;
-use crate::flow::{DirectionRule, FlowLimits};
 use crate::matcher::dns::DnsTcpPairing;
 use crate::matcher::duplex::Duplex;
 use crate::matcher::multi::MultiPairing;
 use crate::matcher::{Connection, MatchLimits, MemcachedPairing, RedisPairing};
 use crate::pipeline::{Pipeline, PipelineConfig};
-use crate::privileges;
-use crate::reassembly::ReassemblyLimits;
-use crate::script::Script;
-use crate::shard;
-use crate::shipper::{ShipSink, Shipper, ShipperConfig};
-use crate::stats_server::{self, StatsSnapshot};
+use crate::shell::privileges;
+use crate::shell::shard;
+use crate::shell::shipper::{ShipSink, Shipper, ShipperConfig};
+use crate::shell::stats_server::{self, StatsSnapshot};
+use crate::sinks::script::Script;
+use crate::steps::capture::{self, Capture, CaptureConfig, Next, Source};
+use crate::steps::decode::LinkType;
+use crate::steps::flow::{DirectionRule, FlowLimits};
+use crate::steps::reassembly::ReassemblyLimits;
 use tcpkit_ops::prometheus;
 use tcpkit_proto::client::Connector;
 

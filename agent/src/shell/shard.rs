@@ -18,11 +18,11 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::capture::{Capture, CaptureError, Frame, Next};
-use crate::decode::{decode, LinkType};
 use crate::matcher::Connection;
-use crate::pcapfile::Block;
 use crate::pipeline::{Pipeline, PipelineConfig, Totals};
+use crate::steps::capture::{Capture, CaptureError, Frame, Next};
+use crate::steps::decode::{decode, LinkType};
+use crate::steps::pcapfile::Block;
 use rustc_hash::FxHashMap;
 
 /// Frames per shard batch before every shard is handed its batch (an epoch).

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, HookTriggers, Lua, Table, VmState};
 
-use crate::decode::{Packet, Transport};
-use crate::flow::Direction;
+use crate::steps::decode::{Packet, Transport};
+use crate::steps::flow::Direction;
 
 /// Instructions a callback may run, in units of [`HOOK_EVERY`].
 const BUDGET_TICKS: u32 = 10_000;
