@@ -6,7 +6,8 @@
 //! question: name (labels, or a pointer 0b11 + 14-bit offset), type(2), class(2)
 //! ```
 //!
-//! Over UDP one datagram is one message; over TCP each message has a 2-byte length prefix.
+//! Over UDP one datagram is one message; over TCP each message has a 2-byte length prefix
+//! ([`DnsTcpFramer`] splits the stream).
 //! Names with pointer loops, labels past the end or names over 255 bytes are errors.
 
 /// Why the bytes are not a DNS message.
@@ -171,6 +172,58 @@ pub fn rcode_name(rcode: u8) -> &'static str {
     }
 }
 
+/// Splits a TCP stream into DNS messages: a 2-byte length, then the message. Keeps at most
+/// [`KEPT_MESSAGE`] bytes of each (header and question are at its start).
+#[derive(Debug, Default)]
+pub struct DnsTcpFramer {
+    len: [u8; 2],
+    have_len: usize,
+    left: usize,
+    msg: Vec<u8>,
+}
+
+/// Bytes of a DNS-over-TCP message kept for parsing.
+pub const KEPT_MESSAGE: usize = 4096;
+
+impl DnsTcpFramer {
+    /// Forgets a message partly read.
+    pub fn reset(&mut self) {
+        self.have_len = 0;
+        self.left = 0;
+        self.msg.clear();
+    }
+
+    /// True when part of a message has been read.
+    pub fn in_message(&self) -> bool {
+        self.have_len > 0
+    }
+
+    /// Consumes `data`, calling `on_message` with each message (its first bytes).
+    pub fn feed(&mut self, mut data: &[u8], on_message: &mut impl FnMut(&[u8])) {
+        while !data.is_empty() {
+            if self.have_len < 2 {
+                self.len[self.have_len] = data[0];
+                self.have_len += 1;
+                data = &data[1..];
+                if self.have_len == 2 {
+                    self.left = usize::from(u16::from_be_bytes(self.len));
+                    self.msg.clear();
+                }
+            } else {
+                let n = self.left.min(data.len());
+                let room = KEPT_MESSAGE.saturating_sub(self.msg.len());
+                self.msg.extend_from_slice(&data[..n.min(room)]);
+                self.left -= n;
+                data = &data[n..];
+            }
+            if self.have_len == 2 && self.left == 0 {
+                on_message(&self.msg);
+                self.have_len = 0;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -230,5 +283,48 @@ pub(crate) mod tests {
             assert!(parse(&m[..cut]).is_err(), "cut at {cut}");
         }
         assert!(parse(&m[..m.len() - 2]).is_ok(), "class is not needed");
+    }
+}
+
+#[cfg(test)]
+mod framing_tests {
+    use super::tests::message;
+    use super::*;
+
+    /// Two length-prefixed messages, one of them long enough to span segments.
+    fn stream() -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in [
+            message(1, 0x0100, "a.test", 1),
+            message(2, 0x0100, &"x".repeat(60), 28),
+        ] {
+            out.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            out.extend_from_slice(&m);
+        }
+        out
+    }
+
+    fn frame(pieces: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut framer = DnsTcpFramer::default();
+        let mut out = Vec::new();
+        for piece in pieces {
+            framer.feed(piece, &mut |m| out.push(m.to_vec()));
+        }
+        assert!(!framer.in_message());
+        out
+    }
+
+    #[test]
+    fn messages_whole_bytewise_and_split_at_every_offset() {
+        let s = stream();
+        let whole = frame(&[&s]);
+        assert_eq!(whole.len(), 2);
+        assert_eq!(whole[0], message(1, 0x0100, "a.test", 1));
+        let bytes: Vec<&[u8]> = s.chunks(1).collect();
+        assert_eq!(frame(&bytes), whole);
+        for at in 1..s.len() {
+            let (a, b) = s.split_at(at);
+            assert_eq!(frame(&[a, b]), whole, "split at {at}");
+        }
     }
 }

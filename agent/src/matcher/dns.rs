@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use rustc_hash::FxHashMap;
 
 use super::{Exchange, ExchangeSink, MatchContext, Unanswered};
-use crate::l7::dns::{header, question, rcode_name, type_name};
+use crate::l7::dns::{header, question, rcode_name, type_name, DnsTcpFramer};
 
 type QueryKey = (SocketAddr, SocketAddr, u16);
 
@@ -338,57 +338,12 @@ mod tests {
     }
 }
 
-/// Splits a TCP stream into DNS messages: a 2-byte length, then the message. Keeps at most
-/// [`KEPT_MESSAGE`] bytes of each (header and question are at its start).
-#[derive(Debug, Default)]
-struct Framer {
-    len: [u8; 2],
-    have_len: usize,
-    left: usize,
-    msg: Vec<u8>,
-}
-
-/// Bytes of a DNS-over-TCP message kept for parsing.
-const KEPT_MESSAGE: usize = 4096;
-
-impl Framer {
-    /// True when part of a message has been read.
-    fn in_message(&self) -> bool {
-        self.have_len > 0
-    }
-
-    /// Consumes `data`, calling `on_message` with each message (its first bytes).
-    fn feed(&mut self, mut data: &[u8], on_message: &mut impl FnMut(&[u8])) {
-        while !data.is_empty() {
-            if self.have_len < 2 {
-                self.len[self.have_len] = data[0];
-                self.have_len += 1;
-                data = &data[1..];
-                if self.have_len == 2 {
-                    self.left = usize::from(u16::from_be_bytes(self.len));
-                    self.msg.clear();
-                }
-            } else {
-                let n = self.left.min(data.len());
-                let room = KEPT_MESSAGE.saturating_sub(self.msg.len());
-                self.msg.extend_from_slice(&data[..n.min(room)]);
-                self.left -= n;
-                data = &data[n..];
-            }
-            if self.have_len == 2 && self.left == 0 {
-                on_message(&self.msg);
-                self.have_len = 0;
-            }
-        }
-    }
-}
-
 /// The state of one DNS-over-TCP connection: a framer per direction and the matcher of its
 /// queries (several may be pending: DNS over TCP pipelines by id).
 #[derive(Debug, Default)]
 pub struct DnsTcpPairing {
-    queries: Framer,
-    responses: Framer,
+    queries: DnsTcpFramer,
+    responses: DnsTcpFramer,
     req_clock: super::ChunkClock,
     rsp_clock: super::ChunkClock,
     matcher: DnsMatcher,
@@ -450,8 +405,8 @@ impl super::duplex::Protocol for DnsTcpPairing {
         cx: &mut MatchContext<'_, S>,
     ) {
         self.matcher.drop_all(why, cx);
-        self.queries = Framer::default();
-        self.responses = Framer::default();
+        self.queries.reset();
+        self.responses.reset();
     }
 
     fn on_close<S: ExchangeSink>(
@@ -460,48 +415,5 @@ impl super::duplex::Protocol for DnsTcpPairing {
         cx: &mut MatchContext<'_, S>,
     ) {
         self.matcher.finish(cx);
-    }
-}
-
-#[cfg(test)]
-mod framing_tests {
-    use super::*;
-    use crate::l7::dns::tests::message;
-
-    /// Two length-prefixed messages, one of them long enough to span segments.
-    fn stream() -> Vec<u8> {
-        let mut out = Vec::new();
-        for m in [
-            message(1, 0x0100, "a.test", 1),
-            message(2, 0x0100, &"x".repeat(60), 28),
-        ] {
-            out.extend_from_slice(&(m.len() as u16).to_be_bytes());
-            out.extend_from_slice(&m);
-        }
-        out
-    }
-
-    fn frame(pieces: &[&[u8]]) -> Vec<Vec<u8>> {
-        let mut framer = Framer::default();
-        let mut out = Vec::new();
-        for piece in pieces {
-            framer.feed(piece, &mut |m| out.push(m.to_vec()));
-        }
-        assert!(!framer.in_message());
-        out
-    }
-
-    #[test]
-    fn messages_whole_bytewise_and_split_at_every_offset() {
-        let s = stream();
-        let whole = frame(&[&s]);
-        assert_eq!(whole.len(), 2);
-        assert_eq!(whole[0], message(1, 0x0100, "a.test", 1));
-        let bytes: Vec<&[u8]> = s.chunks(1).collect();
-        assert_eq!(frame(&bytes), whole);
-        for at in 1..s.len() {
-            let (a, b) = s.split_at(at);
-            assert_eq!(frame(&[a, b]), whole, "split at {at}");
-        }
     }
 }
