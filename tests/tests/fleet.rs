@@ -231,6 +231,16 @@ fn check_fleet(prefix: &[&str], url: &str, a1: &AgentOutput, a2: &AgentOutput) {
         ] {
             assert_eq!(a[counter], 0, "{counter} of {}", a["id"]);
         }
+        // Clean captures: every exchange timed, and the shipped counters say so.
+        for reason in [
+            "request_lost",
+            "reply_lost",
+            "uncertain",
+            "reply_before_request",
+        ] {
+            assert_eq!(a["untimed"][reason], 0, "{reason} of {}", a["id"]);
+        }
+        assert_eq!(a["clock_skew"], 0);
         assert!(u(&a["last_seen_us"]) > 0);
     }
 

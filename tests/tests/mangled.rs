@@ -141,3 +141,89 @@ fn frames_cut_by_the_snaplen_are_said_and_never_timed() {
     );
     assert!(!out.contains(" ms | "), "a latency from cut frames: {out}");
 }
+
+/// What is not timed shows in all four outputs: the stats JSON, the text summary, the
+/// Prometheus page and the counters shipped to an aggregator.
+#[test]
+fn what_is_not_timed_is_counted_in_every_output() {
+    use tcpkit::matcher::duplex::Duplex;
+    use tcpkit::matcher::RedisPairing;
+    use tcpkit::modes::Mode;
+    use tcpkit::pipeline::{Pipeline, PipelineConfig};
+    use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+    use tcpkit::steps::flow::{DirectionRule, FlowLimits};
+
+    let name = "redis-benchmark-lo";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lossy.pcap");
+    Pcap::read(&fixture(&format!("{name}.pcap")))
+        .mangled(Fault::Drop(0.05), 0)
+        .write(&path);
+    let e = Expected::of(name);
+    let port = e.port.to_string();
+    let run = |summary: &str| {
+        let args = [
+            "-r",
+            path.to_str().unwrap(),
+            "-p",
+            &port,
+            "-m",
+            "redis",
+            "-t",
+            "1000",
+        ];
+        let mut args = args.to_vec();
+        args.extend(["--summary", summary]);
+        run_tcpkit(&args)
+    };
+    // The stats JSON: per port and per command, by reason.
+    let json: serde_json::Value =
+        serde_json::from_str(run("json").lines().last().unwrap()).unwrap();
+    let untimed = &json[0][&port]["untimed"];
+    let total: u64 = [
+        "request_lost",
+        "reply_lost",
+        "uncertain",
+        "reply_before_request",
+    ]
+    .iter()
+    .map(|k| untimed[k].as_u64().unwrap())
+    .sum();
+    assert!(total > 0, "{untimed}");
+    assert!(json[0][&port]["commands"]["SET"]["untimed"]["uncertain"].is_u64());
+    // The text summary says the same figures.
+    let text = run("text");
+    let said = format!(
+        "not timed: {} request_lost, {} reply_lost, {} uncertain, {} reply_before_request",
+        untimed["request_lost"],
+        untimed["reply_lost"],
+        untimed["uncertain"],
+        untimed["reply_before_request"]
+    );
+    assert!(text.contains(&said), "{said} in {text}");
+    // The metrics page and the shipped counters, from the same pipeline.
+    let mut capture = Capture::open(&CaptureConfig {
+        source: Source::File(path.clone()),
+        filter: String::new(),
+        write_to: None,
+    })
+    .unwrap();
+    let mut pipeline = Pipeline::<Duplex<RedisPairing>>::new(PipelineConfig {
+        link: capture.link(),
+        rule: DirectionRule::new(&[e.port], &[], &[]),
+        ports: vec![(e.port, Mode::Redis)],
+        flow_limits: FlowLimits::default(),
+        match_limits: Default::default(),
+        threshold_ms: Some(1000.0),
+    });
+    while let Next::Frame(frame) = capture.next_frame().unwrap() {
+        pipeline.on_frame(&frame);
+    }
+    pipeline.finish();
+    let page = pipeline.metrics(None);
+    let on_page = tcpkit_tests::metric_sum(&page, "tcpkit_requests_untimed_total", &[]);
+    assert_eq!(on_page as u64, total, "{page}");
+    let c = pipeline.counters();
+    let shipped = c.request_lost + c.reply_lost + c.uncertain + c.reply_before_request;
+    assert_eq!(shipped, total);
+}

@@ -127,6 +127,9 @@ struct WaitingReply {
     ack_pos: Option<u64>,
 }
 
+/// The command name under which untimed replies with no known request are counted.
+pub const UNKNOWN_COMMAND: &[u8] = b"?";
+
 /// One connection: a protocol `P` behind the shared two-direction logic.
 #[derive(Debug)]
 pub struct Duplex<P> {
@@ -175,14 +178,53 @@ impl<P: Protocol> Connection for Duplex<P> {
         event: StreamEvent<'_>,
         cx: &mut MatchContext<'_, S>,
     ) {
+        // The common case, in order and certain, first.
+        if let (StreamEvent::Data { piece, ack_pos }, Certainty::Certain, true) =
+            (event, self.pairing, self.waiting.is_empty())
+        {
+            match dir {
+                Direction::Request if self.req_started => {
+                    self.req_seen = self.req_seen.max(piece.end());
+                    return self.read(key, dir, piece.ts_us, piece.bytes, cx);
+                }
+                Direction::Response
+                    if self.rsp_started && ack_pos.is_none_or(|a| a <= self.req_seen) =>
+                {
+                    if let Some(ack_pos) = ack_pos {
+                        self.note_server_ack(ack_pos);
+                    }
+                    self.rsp_seen = self.rsp_seen.max(piece.end());
+                    return self.read(key, dir, piece.ts_us, piece.bytes, cx);
+                }
+                _ => {}
+            }
+        }
+        self.on_event_slow(key, dir, ts_us, event, cx);
+    }
+
+    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
+        while !self.waiting.is_empty() {
+            self.give_up_waiting(key, cx);
+        }
+        self.proto.on_close(key, cx);
+    }
+}
+
+impl<P: Protocol> Duplex<P> {
+    /// Everything but the common case.
+    #[inline(never)]
+    fn on_event_slow<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        event: StreamEvent<'_>,
+        cx: &mut MatchContext<'_, S>,
+    ) {
         match (event, dir) {
             (StreamEvent::Start, Direction::Request) => self.req_started = true,
             (StreamEvent::Start, Direction::Response) => self.rsp_started = true,
-            (StreamEvent::Ack { ack_pos }, Direction::Response) => {
-                // Kept always: the ack that marks a boundary comes before the gap is known.
-                self.server_acks[self.next_ack % REMEMBERED_ACKS] = ack_pos;
-                self.next_ack = self.next_ack.wrapping_add(1);
-            }
+            (StreamEvent::Ack { ack_pos }, Direction::Response) => self.note_server_ack(ack_pos),
             (StreamEvent::Ack { .. }, Direction::Request) => {}
             (StreamEvent::Gap { resume_pos }, Direction::Request) => {
                 self.req_started = true;
@@ -202,6 +244,9 @@ impl<P: Protocol> Connection for Duplex<P> {
                 self.flush_waiting(key, cx);
             }
             (StreamEvent::Data { piece, ack_pos }, Direction::Response) => {
+                if let Some(ack_pos) = ack_pos {
+                    self.note_server_ack(ack_pos);
+                }
                 if self.waiting.is_empty() && ack_pos.is_none_or(|a| a <= self.req_seen) {
                     self.reply_piece(key, piece.bytes, piece.pos, piece.ts_us, ack_pos, cx);
                 } else {
@@ -212,18 +257,29 @@ impl<P: Protocol> Connection for Duplex<P> {
         self.expire_waiting(key, ts_us, cx);
     }
 
-    fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
-        while !self.waiting.is_empty() {
-            self.give_up_waiting(key, cx);
-        }
-        self.proto.on_close(key, cx);
+    /// Remembers a server acknowledgment: always, since the ack that marks a boundary comes
+    /// before the gap is known.
+    #[inline(always)]
+    fn note_server_ack(&mut self, ack_pos: u64) {
+        self.server_acks[self.next_ack % REMEMBERED_ACKS] = ack_pos;
+        self.next_ack = self.next_ack.wrapping_add(1);
     }
-}
 
-/// The command name under which untimed replies with no known request are counted.
-pub const UNKNOWN_COMMAND: &[u8] = b"?";
+    /// Hands bytes to the protocol; invalid ones desynchronise the connection.
+    #[inline(always)]
+    fn read<S: ExchangeSink>(
+        &mut self,
+        key: &FlowKey,
+        dir: Direction,
+        ts_us: u64,
+        bytes: &[u8],
+        cx: &mut MatchContext<'_, S>,
+    ) {
+        if self.proto.on_bytes(key, dir, ts_us, bytes, cx).is_err() {
+            self.desync(key, Unanswered::Uncertain, cx);
+        }
+    }
 
-impl<P: Protocol> Duplex<P> {
     /// The protocol's state.
     pub fn protocol(&self) -> &P {
         &self.proto

@@ -133,7 +133,8 @@ pub enum StreamEvent<'a> {
     /// A SYN: the direction's stream begins at position 0, at a message boundary.
     Start,
     /// A segment of this direction acknowledged the other direction's stream up to
-    /// `ack_pos` (given for every segment with an ACK, before its data).
+    /// `ack_pos`: given for a segment without bytes, or before the other direction's held
+    /// bytes that the ack releases; a segment's bytes carry its ack in [`StreamEvent::Data`].
     Ack {
         /// A position in the other direction's stream.
         ack_pos: u64,
@@ -346,8 +347,13 @@ impl<S: Default> FlowTable<S> {
         };
         let ack = (flags & tcp_flags::ACK != 0).then_some(ack);
         if let Some(ack) = ack {
-            if let Some(ack_pos) = other.position_of(ack) {
-                emit(dir, StreamEvent::Ack { ack_pos });
+            // A segment with bytes carries its ack with them; on its own the ack is said when
+            // the segment has none, or when it may release the other direction's held bytes
+            // (which it may then be the evidence for).
+            if payload.is_empty() || other.held_bytes() > 0 {
+                if let Some(ack_pos) = other.position_of(ack) {
+                    emit(dir, StreamEvent::Ack { ack_pos });
+                }
             }
             other.peer_ack(ack, counters, &mut |c| emit(other_dir, event_of(c, this)));
         }
@@ -475,6 +481,7 @@ mod tests {
         gaps: usize,
         starts: usize,
         acks: Vec<(Direction, u64)>,
+        data_acks: Vec<Option<u64>>,
         closes: Vec<(CloseReason, u32)>,
     }
 
@@ -488,9 +495,10 @@ mod tests {
             event: StreamEvent<'_>,
         ) {
             match event {
-                StreamEvent::Data { piece, .. } => {
+                StreamEvent::Data { piece, ack_pos } => {
                     *state += 1;
                     self.data.push((dir, piece.bytes.to_vec()));
+                    self.data_acks.push(ack_pos);
                 }
                 StreamEvent::Gap { .. } => self.gaps += 1,
                 StreamEvent::Start => self.starts += 1,
@@ -533,17 +541,10 @@ mod tests {
         assert!(table.is_empty());
         assert_eq!(h.starts, 2);
         // Acks are positions of the other direction: the SYN-ACK acks the request stream's
-        // start, each side acks the other's bytes, the FINs map to the streams' ends.
-        assert_eq!(
-            h.acks,
-            vec![
-                (Response, 0),
-                (Request, 0),
-                (Response, 6),
-                (Request, 7),
-                (Response, 6)
-            ]
-        );
+        // start, the FINs map to the streams' ends; segments with bytes carry theirs with
+        // the bytes.
+        assert_eq!(h.acks, vec![(Response, 0), (Request, 7), (Response, 6)]);
+        assert_eq!(h.data_acks, vec![Some(0), Some(6)]);
     }
 
     #[test]
