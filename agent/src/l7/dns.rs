@@ -73,6 +73,7 @@ pub fn header(msg: &[u8]) -> Result<Header, DnsError> {
 }
 
 /// Reads the first question: its type, and its name (dotted, final dot included).
+#[inline(always)]
 pub fn question(msg: &[u8]) -> Result<Option<(u16, String)>, DnsError> {
     if header(msg)?.questions == 0 {
         return Ok(None);
@@ -142,7 +143,7 @@ fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
 }
 
 /// The name of a query type, or its number.
-pub fn type_name(qtype: u16) -> String {
+pub fn type_name(qtype: u16) -> std::borrow::Cow<'static, str> {
     match qtype {
         1 => "A".into(),
         2 => "NS".into(),
@@ -155,7 +156,7 @@ pub fn type_name(qtype: u16) -> String {
         33 => "SRV".into(),
         65 => "HTTPS".into(),
         255 => "ANY".into(),
-        other => format!("TYPE{other}"),
+        other => format!("TYPE{other}").into(),
     }
 }
 

@@ -97,17 +97,19 @@ impl DnsMatcher {
             let query = Query {
                 ts_us,
                 bytes: payload.len() as u64,
-                summary: format!("{qtype} {name}"),
+                summary: question_text(&qtype, &name),
                 type_len,
                 resent: false,
             };
-            // A response captured before its query, but not answering before it was sent.
-            let early = self.early.iter().position(|r| {
-                r.key == key && r.question == query.summary && r.ts_us >= query.ts_us
-            });
-            if let Some(early) = early.and_then(|i| self.early.remove(i)) {
-                self.answer(&key, &query, early.ts_us, early.bytes, early.rcode, cx);
-                return;
+            if !self.early.is_empty() {
+                // A response captured before its query, but not answering before it was sent.
+                let early = self.early.iter().position(|r| {
+                    r.key == key && r.question == query.summary && r.ts_us >= query.ts_us
+                });
+                if let Some(early) = early.and_then(|i| self.early.remove(i)) {
+                    self.answer(&key, &query, early.ts_us, early.bytes, early.rcode, cx);
+                    return;
+                }
             }
             self.pending.insert(key, query);
             self.order.push_back((ts_us, key));
@@ -129,6 +131,7 @@ impl DnsMatcher {
     }
 
     /// Pairs `query` with its response.
+    #[inline(always)]
     fn answer<S: ExchangeSink>(
         &mut self,
         key: &QueryKey,
@@ -178,7 +181,7 @@ impl DnsMatcher {
             ts_us,
             bytes: payload.len() as u64,
             rcode,
-            question: format!("{} {name}", type_name(qtype)),
+            question: question_text(&type_name(qtype), &name),
         });
     }
 
@@ -229,6 +232,15 @@ impl DnsMatcher {
             expired(&key, &query, cx);
         }
     }
+}
+
+/// `A example.com.`: the query type and the name, without the formatting machinery.
+fn question_text(qtype: &str, name: &str) -> String {
+    let mut text = String::with_capacity(qtype.len() + 1 + name.len());
+    text.push_str(qtype);
+    text.push(' ');
+    text.push_str(name);
+    text
 }
 
 fn expired<S: ExchangeSink>(key: &QueryKey, query: &Query, cx: &mut MatchContext<'_, S>) {
