@@ -399,15 +399,8 @@ impl<P: Protocol> Duplex<P> {
         };
         cx.counters.resync_skipped_bytes += from - pos;
         let bytes = &bytes[(from - pos) as usize..];
-        if bytes.is_empty() {
-            return;
-        }
-        if self
-            .proto
-            .on_bytes(key, Direction::Response, ts_us, bytes, cx)
-            .is_err()
-        {
-            self.desync(key, Unanswered::Uncertain, cx);
+        if !bytes.is_empty() {
+            self.read(key, Direction::Response, ts_us, bytes, cx);
         }
     }
 

@@ -29,13 +29,15 @@ pub struct Exchange<'a> {
     pub client: SocketAddr,
     /// The server.
     pub server: SocketAddr,
-    /// Capture time of the request's first packet, µs.
+    /// Capture time of the segment holding the request's first byte, µs.
     pub req_start_us: u64,
-    /// Capture time of the packet that completed the request, µs.
+    /// The request's time: the latest capture time among the segments holding its bytes
+    /// (when the server could first have had it whole), µs.
     pub req_done_us: u64,
-    /// Capture time of the response's first packet, µs.
+    /// Capture time of the segment holding the response's first byte, µs.
     pub rsp_start_us: u64,
-    /// `rsp_start_us - req_done_us`, never negative.
+    /// `rsp_start_us - req_done_us`; 0 when negative (two CPUs' capture clocks: counted as
+    /// clock skew).
     pub latency_us: u64,
     /// The command name, upper case (`GET`).
     pub command: &'a [u8],
