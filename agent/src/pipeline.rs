@@ -416,10 +416,10 @@ impl<C: Connection> Pipeline<C> {
             desyncs: self.match_counters.desyncs,
             timeouts: all.timeouts,
             flows_evicted: f.flows_idle_evicted + f.flows_cap_evicted,
-            request_lost: all.untimed[0],
-            reply_lost: all.untimed[1],
-            uncertain: all.untimed[2],
-            reply_before_request: all.untimed[3],
+            request_lost: all.untimed_for(Unanswered::RequestLost),
+            reply_lost: all.untimed_for(Unanswered::ReplyLost),
+            uncertain: all.untimed_for(Unanswered::Uncertain),
+            reply_before_request: all.untimed_for(Unanswered::TooEarly),
             clock_skew: all.clock_skew,
             ..Default::default()
         }

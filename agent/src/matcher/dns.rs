@@ -12,8 +12,10 @@ use std::net::SocketAddr;
 
 use rustc_hash::FxHashMap;
 
+use super::duplex::{InvalidBytes, Protocol};
 use super::{Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::l7::dns::{header, question, rcode_name, type_name, DnsTcpFramer};
+use crate::steps::flow::{Direction, FlowKey};
 
 type QueryKey = (SocketAddr, SocketAddr, u16);
 
@@ -361,15 +363,15 @@ pub struct DnsTcpPairing {
     matcher: DnsMatcher,
 }
 
-impl super::duplex::Protocol for DnsTcpPairing {
+impl Protocol for DnsTcpPairing {
     fn on_bytes<S: ExchangeSink>(
         &mut self,
-        key: &crate::steps::flow::FlowKey,
-        dir: crate::steps::flow::Direction,
+        key: &FlowKey,
+        dir: Direction,
         ts_us: u64,
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
-    ) -> Result<(), super::duplex::InvalidBytes> {
+    ) -> Result<(), InvalidBytes> {
         let Self {
             queries,
             responses,
@@ -378,7 +380,7 @@ impl super::duplex::Protocol for DnsTcpPairing {
             matcher,
         } = self;
         match dir {
-            crate::steps::flow::Direction::Request => {
+            Direction::Request => {
                 let mut timer = req_clock.begin(ts_us, queries.in_message());
                 queries.feed(bytes, &mut |msg| {
                     let (_, done) = timer.next_times();
@@ -386,7 +388,7 @@ impl super::duplex::Protocol for DnsTcpPairing {
                 });
                 req_clock.end(&timer, queries.in_message());
             }
-            crate::steps::flow::Direction::Response => {
+            Direction::Response => {
                 let mut timer = rsp_clock.begin(ts_us, responses.in_message());
                 responses.feed(bytes, &mut |msg| {
                     let start = timer.next_start();
@@ -398,21 +400,21 @@ impl super::duplex::Protocol for DnsTcpPairing {
         Ok(())
     }
 
-    fn starts_message(&self, _: crate::steps::flow::Direction, bytes: &[u8]) -> bool {
+    fn starts_message(&self, _: Direction, bytes: &[u8]) -> bool {
         // A length prefix: a message has at least its 12-byte header.
         bytes.len() < 2 || u16::from_be_bytes([bytes[0], bytes[1]]) >= 12
     }
 
-    fn in_message(&self, dir: crate::steps::flow::Direction) -> bool {
+    fn in_message(&self, dir: Direction) -> bool {
         match dir {
-            crate::steps::flow::Direction::Request => self.queries.in_message(),
-            crate::steps::flow::Direction::Response => self.responses.in_message(),
+            Direction::Request => self.queries.in_message(),
+            Direction::Response => self.responses.in_message(),
         }
     }
 
     fn reset<S: ExchangeSink>(
         &mut self,
-        _key: &crate::steps::flow::FlowKey,
+        _key: &FlowKey,
         why: Unanswered,
         cx: &mut MatchContext<'_, S>,
     ) {
@@ -421,11 +423,7 @@ impl super::duplex::Protocol for DnsTcpPairing {
         self.responses.reset();
     }
 
-    fn on_close<S: ExchangeSink>(
-        &mut self,
-        _key: &crate::steps::flow::FlowKey,
-        cx: &mut MatchContext<'_, S>,
-    ) {
+    fn on_close<S: ExchangeSink>(&mut self, _key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         self.matcher.finish(cx);
     }
 }

@@ -338,13 +338,9 @@ impl<P: Protocol> Duplex<P> {
         if bytes.is_empty() {
             return;
         }
-        if self
-            .proto
-            .on_bytes(key, Direction::Request, piece.ts_us, bytes, cx)
-            .is_err()
-        {
-            return self.desync(key, Unanswered::Uncertain, cx);
-        }
+        self.read(key, Direction::Request, piece.ts_us, bytes, cx);
+        // Invalid bytes have ended the restart already; a valid one learns where its first
+        // requests end.
         if let Certainty::Resync {
             found: Some(found), ..
         } = &mut self.pairing

@@ -110,6 +110,15 @@ impl LatencyStats {
         }
     }
 
+    /// The exchanges not timed for one of the [`Unanswered::UNTIMED`] reasons (0 for any
+    /// other).
+    pub fn untimed_for(&self, why: Unanswered) -> u64 {
+        Unanswered::UNTIMED
+            .iter()
+            .position(|(u, _)| *u == why)
+            .map_or(0, |i| self.untimed[i])
+    }
+
     /// The exchanges not timed, by reason name.
     pub fn untimed(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         Unanswered::UNTIMED
