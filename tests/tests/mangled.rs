@@ -205,6 +205,7 @@ fn what_is_not_timed_is_counted_in_every_output() {
     let mut capture = Capture::open(&CaptureConfig {
         source: Source::File(path.clone()),
         filter: String::new(),
+        prefilter: None,
         write_to: None,
     })
     .unwrap();

@@ -29,6 +29,7 @@ fn segments(name: &str) -> Vec<Segment> {
     let mut capture = Capture::open(&CaptureConfig {
         source: Source::File(fixture(&format!("{name}.pcap"))),
         filter: String::new(),
+        prefilter: None,
         write_to: None,
     })
     .unwrap();

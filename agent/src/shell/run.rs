@@ -23,6 +23,7 @@ use crate::sinks::script::Script;
 use crate::steps::capture::{self, Capture, CaptureConfig, Next, Source};
 use crate::steps::decode::LinkType;
 use crate::steps::flow::{DirectionRule, FlowLimits};
+use crate::steps::prefilter::PortPrefilter;
 use crate::steps::reassembly::ReassemblyLimits;
 use tcpkit_ops::prometheus;
 use tcpkit_proto::client::Connector;
@@ -67,9 +68,15 @@ pub fn run(args: Args) -> Result<()> {
         &args.servers,
         &args.filter.join(" "),
     );
+    let prefilter = PortPrefilter::for_filter(
+        &args.port_transports(),
+        &args.servers,
+        &args.filter.join(" "),
+    );
     let mut capture = Capture::open(&CaptureConfig {
         source,
         filter,
+        prefilter,
         write_to: args.write.clone(),
     })?;
 

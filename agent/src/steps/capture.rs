@@ -10,6 +10,7 @@ use pcap::{Activated, BpfProgram, Capture as PcapCapture, Device, Packet, Packet
 
 use crate::steps::decode::LinkType;
 use crate::steps::pcapfile::{Block, BlockPcap};
+use crate::steps::prefilter::PortPrefilter;
 
 /// Where packets come from.
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ pub struct CaptureConfig {
     pub source: Source,
     /// The BPF filter, before VLAN wrapping (see [`vlan_aware`]).
     pub filter: String,
+    /// The same filter's answer for common frames of a file read in blocks, when the filter
+    /// is the ports alone ([`PortPrefilter::for_filter`]).
+    pub prefilter: Option<PortPrefilter>,
     /// Copy every captured frame to this pcap file.
     pub write_to: Option<PathBuf>,
 }
@@ -146,6 +150,7 @@ pub struct Capture {
     /// A classic pcap file, read in blocks rather than through libpcap; with its filter.
     blocks: Option<BlockPcap>,
     blocks_filter: Option<BpfProgram>,
+    prefilter: Option<PortPrefilter>,
     /// Where the last frame read in blocks starts in its block.
     frame_offset: usize,
 }
@@ -201,6 +206,7 @@ impl Capture {
                 Source::Live { .. } => None,
             },
             blocks_filter: None,
+            prefilter: None,
             frame_offset: 0,
         };
         if !config.filter.is_empty() {
@@ -213,6 +219,7 @@ impl Capture {
             if capture.blocks.is_some() {
                 capture.blocks_filter =
                     Some(capture.handle.compile(&filter, true).map_err(bad_filter)?);
+                capture.prefilter = config.prefilter.clone();
             }
         }
         if let Some(path) = &config.write_to {
@@ -297,10 +304,15 @@ impl Capture {
                     })
                 }
                 Some(Ok(r)) => {
-                    let passes = self
-                        .blocks_filter
-                        .as_ref()
-                        .is_none_or(|f| f.filter(blocks.data(&r)));
+                    let data = blocks.data(&r);
+                    let passes = match self.blocks_filter.as_ref() {
+                        None => true,
+                        Some(bpf) => match self.prefilter.as_ref() {
+                            Some(p) => p.decides(self.link, data),
+                            None => None,
+                        }
+                        .unwrap_or_else(|| bpf.filter(data)),
+                    };
                     if passes {
                         break r;
                     }

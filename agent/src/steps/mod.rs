@@ -1,10 +1,12 @@
 //! The steps of the packet path, in order: [`capture`] (libpcap; [`pcapfile`] reads classic
-//! pcap files in place) → [`decode`] (link, IP, transport) → [`flow`] (connections, which side
-//! is the server, the flow table) with [`reassembly`] of each direction. The protocol parsers
+//! pcap files in place and [`prefilter`] answers their filter for common frames) → [`decode`]
+//! (link, IP, transport) → [`flow`] (connections, which side is the server, the flow table)
+//! with [`reassembly`] of each direction. The protocol parsers
 //! ([`crate::l7`]) and the pairing ([`crate::matcher`]) follow.
 
 pub mod capture;
 pub mod decode;
 pub mod flow;
 pub mod pcapfile;
+pub mod prefilter;
 pub mod reassembly;
