@@ -100,6 +100,17 @@ pub struct Args {
     #[arg(short = 'S', long = "script", value_name = "FILE")]
     pub script: Option<PathBuf>,
 
+    /// Memory the script may hold, in MiB; past it the script is stopped (capture goes on)
+    #[arg(long = "script-memory", default_value_t = 256, value_name = "MIB",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub script_memory_mib: u32,
+
+    /// Give the script the full Lua library: process control (os.execute, io.popen, os.exit),
+    /// file-system changes (io.open for writing, os.remove, os.rename), C modules and binary
+    /// chunks. Without it these are refused, as a script runs in a process that captured as root
+    #[arg(long = "script-unsafe")]
+    pub script_unsafe: bool,
+
     /// OS capture buffer size in KiB
     #[arg(
         short = 'B',
@@ -259,6 +270,14 @@ impl Args {
             .iter()
             .map(|p| (p.port, p.udp || self.udp))
             .collect()
+    }
+
+    /// The limits of the `-S` script.
+    pub fn script_limits(&self) -> crate::sinks::script::ScriptLimits {
+        crate::sinks::script::ScriptLimits {
+            memory_bytes: (self.script_memory_mib as usize) << 20,
+            unsafe_library: self.script_unsafe,
+        }
     }
 
     /// Each port with its protocol (`-m` where none was given).

@@ -346,3 +346,62 @@ end
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_script_past_its_memory_limit_stops_and_capture_goes_on() {
+    let dir = std::env::temp_dir().join(format!("tcpkit-lua-mem-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("hoard.lua");
+    std::fs::write(
+        &script,
+        "kept = {}\nfunction process(p)\n  for i = 1, 1e9 do kept[#kept + 1] = p.payload .. i end\nend\n",
+    )
+    .unwrap();
+    let name = "redis-multi";
+    let e = Expected::of(name);
+    let out = Command::new(tcpkit_bin())
+        .args(["-r", fixture(&format!("{name}.pcap")).to_str().unwrap()])
+        .args([
+            "-p",
+            &e.port.to_string(),
+            "-m",
+            "raw",
+            "--script-memory",
+            "8",
+            "-S",
+        ])
+        .arg(&script)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("hoard.lua stopped: memory limit of 8 MiB reached")
+            && stderr.contains("capture goes on"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains(&format!("{} packets captured", e.packets)),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("script: 1 callback errors (0 over the instruction budget); stopped at its memory limit"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn script_limits_are_checked_on_the_command_line() {
+    for bad in ["0", "-1", "lots", "70000"] {
+        let out = Command::new(tcpkit_bin())
+            .args(["-r", "x.pcap", "-p", "6379", "-S", "x.lua"])
+            .arg(format!("--script-memory={bad}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "--script-memory {bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--script-memory"));
+    }
+}

@@ -208,13 +208,14 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
             [(none, m.pending as f64)],
         );
     }
-    if let Some((errors, over_budget)) = summary.script_errors {
+    if let Some(e) = summary.script_errors {
         page.counter(
             "tcpkit_script_errors_total",
-            "Lua callbacks that failed, by kind.",
+            "Lua callbacks that failed: kind=error counts all, budget and memory those stopped by a limit.",
             [
-                (&[("kind", "error")][..], errors),
-                (&[("kind", "budget")][..], over_budget),
+                (&[("kind", "error")][..], e.failed),
+                (&[("kind", "budget")][..], e.over_budget),
+                (&[("kind", "memory")][..], e.over_memory),
             ],
         );
     }

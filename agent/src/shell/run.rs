@@ -42,7 +42,7 @@ pub fn run(args: Args) -> Result<()> {
     // The script loads (and its init() runs) before capture starts: a bad one stops here.
     let all_raw = modes.iter().all(|(_, m)| *m == Mode::Raw);
     let script = match &args.script {
-        Some(path) => Some(Script::load(path, all_raw)?),
+        Some(path) => Some(Script::load(path, all_raw, args.script_limits())?),
         None => None,
     };
     // Read before privileges are dropped (the token file may be root's alone), and before

@@ -13,7 +13,16 @@
 //! Lua 5.4 (vendored) has no `bit32`; scripts written for the C tool use it, so a `bit32` with
 //! Lua 5.2's results is installed when the Lua has none. A callback that errors is reported
 //! (at most once a second, with the script's file and line) and counted; capture goes on. A
-//! callback that runs past its instruction budget is stopped the same way.
+//! callback that runs past its instruction budget is stopped the same way; the budget applies
+//! to loading the script too.
+//!
+//! The sandbox: scripts get the standard library without process control and file-system
+//! changes ([`SANDBOX`]: no `os.execute`, `os.exit`, `os.remove`, `os.rename`, `os.tmpname`,
+//! `os.setlocale`, `io.popen`, `io.tmpfile`, no `io.open` or `io.output` for writing, no C
+//! modules), and only text chunks load (a corrupted binary chunk crashes Lua). With
+//! [`ScriptLimits::unsafe_library`] (`--script-unsafe`) the full library stays. The Lua state
+//! may hold at most [`ScriptLimits::memory_bytes`]; past that the script is stopped for good
+//! (reported with its file and the line it last ran, counted) and capture goes on.
 
 use std::cell::Cell;
 use std::net::IpAddr;
@@ -21,7 +30,7 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use mlua::{Function, HookTriggers, Lua, Table, VmState};
+use mlua::{ChunkMode, Function, HookTriggers, Lua, Table, VmState};
 
 use crate::steps::decode::{Packet, Transport};
 use crate::steps::flow::Direction;
@@ -32,6 +41,80 @@ const BUDGET_TICKS: u32 = 10_000;
 const HOOK_EVERY: u32 = 10_000;
 /// Errors are reported at most this often.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// The start of the budget error's message.
+const OVER_BUDGET: &str = "instruction budget exceeded";
+
+/// How a script may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScriptLimits {
+    /// Bytes its Lua state may hold (`--script-memory`).
+    pub memory_bytes: usize,
+    /// The full standard library, binary chunks included (`--script-unsafe`).
+    pub unsafe_library: bool,
+}
+
+impl Default for ScriptLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            unsafe_library: false,
+        }
+    }
+}
+
+/// What scripts get by default: the standard library without process control and file-system
+/// changes, and text chunks only (`load`, `loadfile`, `dofile`, `require`). `os.date`,
+/// `os.time`, `os.clock`, `os.getenv`, `io.read`, `io.write`, `io.lines` and `io.open` for
+/// reading stay.
+const SANDBOX: &str = r##"
+local unsafe = function(name)
+  return function() error(name .. " is not available to scripts (see --script-unsafe)", 2) end
+end
+for _, name in ipairs({"execute", "exit", "remove", "rename", "tmpname", "setlocale"}) do
+  os[name] = unsafe("os." .. name)
+end
+io.popen = unsafe("io.popen")
+io.tmpfile = unsafe("io.tmpfile")
+local open, output = io.open, io.output
+function io.open(name, mode)
+  if mode ~= nil and mode ~= "r" and mode ~= "rb" then
+    error("io.open for writing is not available to scripts (see --script-unsafe)", 2)
+  end
+  return open(name, mode)
+end
+function io.output(file)
+  if file ~= nil then
+    error("io.output to a file is not available to scripts (see --script-unsafe)", 2)
+  end
+  return output()
+end
+local load_any, loadfile_any = load, loadfile
+function load(chunk, name, mode, ...)
+  if select("#", ...) > 0 then return load_any(chunk, name, "t", ...) end
+  return load_any(chunk, name, "t")
+end
+function loadfile(name, mode, ...)
+  if select("#", ...) > 0 then return loadfile_any(name, "t", ...) end
+  return loadfile_any(name, "t")
+end
+function dofile(name)
+  local chunk = assert(loadfile(name))
+  return chunk()
+end
+package.loadlib = unsafe("package.loadlib")
+package.cpath = ""
+local searchpath = package.searchpath
+package.searchers = {
+  package.searchers[1],
+  function(module)
+    local path, err = searchpath(module, package.path)
+    if not path then return err end
+    local chunk, why = loadfile(path)
+    if not chunk then error(why, 2) end
+    return chunk, path
+  end,
+}
+"##;
 
 /// Lua 5.2's `bit32`, for Lua 5.4: arguments are taken modulo 2^32, results are in
 /// [0, 2^32 - 1].
@@ -126,6 +209,17 @@ pub enum ScriptOutput {
     Log(String),
 }
 
+/// Callbacks that failed, by why.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScriptErrors {
+    /// All failed callbacks, those below included.
+    pub failed: u64,
+    /// Stopped by the instruction budget.
+    pub over_budget: u64,
+    /// Stopped by the memory limit (the script stops then: 0 or 1).
+    pub over_memory: u64,
+}
+
 /// A loaded script.
 pub struct Script {
     lua: Lua,
@@ -134,8 +228,11 @@ pub struct Script {
     finish: Option<Function>,
     outputs: Rc<std::cell::RefCell<Vec<ScriptOutput>>>,
     ticks: Rc<Cell<u32>>,
-    errors: u64,
-    overruns: u64,
+    /// The line the budget hook last saw running, to say where memory ran out.
+    line: Rc<Cell<usize>>,
+    name: String,
+    memory_bytes: usize,
+    errors: ScriptErrors,
     last_report: Option<Instant>,
     unreported: u64,
     /// Lua strings of recent addresses: formatting an address is the costly part of a table.
@@ -146,10 +243,11 @@ pub struct Script {
 const ADDRESS_SLOTS: usize = 64;
 
 impl Script {
-    /// Loads the script, installs `bit32` when missing, the `tcpkit` library and the
-    /// instruction budget, and runs its `init()` when it has one. In raw mode (`raw`) the
-    /// script must define `process`; otherwise `process` or `on_exchange`.
-    pub fn load(path: &Path, raw: bool) -> Result<Self, ScriptError> {
+    /// Loads the script with the sandbox (unless `limits` say otherwise), `bit32` when
+    /// missing, the `tcpkit` library, the instruction budget and the memory limit, and runs
+    /// its `init()` when it has one. In raw mode (`raw`) the script must define `process`;
+    /// otherwise `process` or `on_exchange`.
+    pub fn load(path: &Path, raw: bool, limits: ScriptLimits) -> Result<Self, ScriptError> {
         let name = path.display().to_string();
         let source = std::fs::read(path).map_err(|e| ScriptError::Read {
             path: name.clone(),
@@ -158,8 +256,14 @@ impl Script {
         let lua = Lua::new();
         let load_err = |e: mlua::Error| ScriptError::Load {
             path: name.clone(),
-            detail: e.to_string(),
+            detail: describe(&e, limits.memory_bytes),
         };
+        if !limits.unsafe_library {
+            lua.load(SANDBOX)
+                .set_name("=sandbox")
+                .exec()
+                .map_err(load_err)?;
+        }
         if lua
             .globals()
             .get::<Option<Table>>("bit32")
@@ -175,10 +279,34 @@ impl Script {
         }
         let outputs = Rc::new(std::cell::RefCell::new(Vec::new()));
         install_library(&lua, &outputs).map_err(load_err)?;
-        lua.load(&source)
-            .set_name(format!("@{name}"))
-            .exec()
+        let ticks = Rc::new(Cell::new(0u32));
+        let line = Rc::new(Cell::new(0usize));
+        let (counter, last_line) = (Rc::clone(&ticks), Rc::clone(&line));
+        lua.set_hook(
+            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+            move |_, debug| {
+                counter.set(counter.get() + 1);
+                last_line.set(debug.current_line().unwrap_or(0));
+                if counter.get() > BUDGET_TICKS {
+                    let source = debug.source();
+                    let file = source.short_src.as_deref().unwrap_or("?");
+                    return Err(mlua::Error::runtime(format!(
+                        "{file}:{}: {OVER_BUDGET} ({}M instructions)",
+                        debug.current_line().unwrap_or(0),
+                        u64::from(BUDGET_TICKS) * u64::from(HOOK_EVERY) / 1_000_000
+                    )));
+                }
+                Ok(VmState::Continue)
+            },
+        )
+        .map_err(load_err)?;
+        lua.set_memory_limit(limits.memory_bytes)
             .map_err(load_err)?;
+        let mut chunk = lua.load(&source).set_name(format!("@{name}"));
+        if !limits.unsafe_library {
+            chunk = chunk.set_mode(ChunkMode::Text);
+        }
+        chunk.exec().map_err(load_err)?;
         let globals = lua.globals();
         let process = globals
             .get::<Option<Function>>("process")
@@ -193,19 +321,6 @@ impl Script {
         let finish = globals
             .get::<Option<Function>>("finish")
             .map_err(load_err)?;
-        let ticks = Rc::new(Cell::new(0u32));
-        let counter = Rc::clone(&ticks);
-        lua.set_hook(
-            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |_, _| {
-                counter.set(counter.get() + 1);
-                if counter.get() > BUDGET_TICKS {
-                    return Err(mlua::Error::runtime("instruction budget exceeded"));
-                }
-                Ok(VmState::Continue)
-            },
-        )
-        .map_err(load_err)?;
         let mut script = Self {
             lua,
             process,
@@ -213,8 +328,10 @@ impl Script {
             finish,
             outputs,
             ticks,
-            errors: 0,
-            overruns: 0,
+            line,
+            name,
+            memory_bytes: limits.memory_bytes,
+            errors: ScriptErrors::default(),
             last_report: None,
             unreported: 0,
             addresses: vec![None; ADDRESS_SLOTS],
@@ -277,9 +394,9 @@ impl Script {
         }
     }
 
-    /// Callbacks that failed, and those stopped by the instruction budget.
-    pub fn errors(&self) -> (u64, u64) {
-        (self.errors, self.overruns)
+    /// Callbacks that failed, by why.
+    pub fn errors(&self) -> ScriptErrors {
+        self.errors
     }
 
     /// The Lua string of an address, from the cache when it was seen lately.
@@ -331,10 +448,24 @@ impl Script {
     }
 
     fn failed(&mut self, e: &mlua::Error) {
-        self.errors += 1;
+        self.errors.failed += 1;
+        if is_out_of_memory(e) {
+            // What the script holds stays held: it is stopped for good, and said so always.
+            self.errors.over_memory += 1;
+            self.process = None;
+            self.on_exchange = None;
+            self.finish = None;
+            eprintln!(
+                "tcpkit: script {} stopped: {} (last seen running line {}); capture goes on",
+                self.name,
+                describe(e, self.memory_bytes),
+                self.line.get()
+            );
+            return;
+        }
         let message = e.to_string();
-        if message.contains("instruction budget exceeded") {
-            self.overruns += 1;
+        if message.contains(OVER_BUDGET) {
+            self.errors.over_budget += 1;
         }
         let now = Instant::now();
         if self
@@ -348,8 +479,30 @@ impl Script {
         let first_line = message.lines().next().unwrap_or_default();
         eprintln!(
             "tcpkit: script error ({} so far): {first_line}",
-            self.errors
+            self.errors.failed
         );
+    }
+}
+
+/// True when the error is, or was caused by, the memory limit.
+fn is_out_of_memory(e: &mlua::Error) -> bool {
+    match e {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_out_of_memory(cause),
+        mlua::Error::WithContext { cause, .. } => is_out_of_memory(cause),
+        _ => false,
+    }
+}
+
+/// Lua's message, in words for the memory limit.
+fn describe(e: &mlua::Error, memory_bytes: usize) -> String {
+    if is_out_of_memory(e) {
+        format!(
+            "memory limit of {} MiB reached (--script-memory)",
+            memory_bytes >> 20
+        )
+    } else {
+        e.to_string()
     }
 }
 
@@ -399,13 +552,180 @@ mod tests {
     use super::*;
 
     fn script(source: &str) -> Result<Script, ScriptError> {
+        script_with(source, ScriptLimits::default())
+    }
+
+    /// A fresh file in a directory of this test process.
+    fn temp_path(suffix: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("tcpkit-script-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = dir.join(format!("script-{n}.lua"));
+        dir.join(format!("script-{n}{suffix}"))
+    }
+
+    fn script_with(source: &str, limits: ScriptLimits) -> Result<Script, ScriptError> {
+        let path = temp_path(".lua");
         std::fs::write(&path, source).unwrap();
-        Script::load(&path, true)
+        Script::load(&path, true, limits)
+    }
+
+    /// Evaluates `expr` in the script's state, as a callback would.
+    fn eval(s: &Script, expr: &str) -> mlua::Result<String> {
+        s.lua.load(expr).set_mode(ChunkMode::Text).eval()
+    }
+
+    const UNSAFE: ScriptLimits = ScriptLimits {
+        memory_bytes: 256 << 20,
+        unsafe_library: true,
+    };
+
+    #[test]
+    fn process_control_and_file_changes_are_refused_by_default() {
+        let s = script("function process(p) end").unwrap();
+        let file = temp_path(".txt");
+        std::fs::write(&file, "kept").unwrap();
+        let f = file.display();
+        for call in [
+            "os.execute('true')".to_string(),
+            "os.exit(3)".to_string(),
+            format!("os.remove('{f}')"),
+            format!("os.rename('{f}', '{f}.moved')"),
+            "os.tmpname()".to_string(),
+            "io.popen('id')".to_string(),
+            "io.tmpfile()".to_string(),
+            format!("io.open('{f}', 'w')"),
+            format!("io.open('{f}', 'a+')"),
+            format!("io.output('{f}')"),
+            "package.loadlib('libc.so.6', 'puts')".to_string(),
+        ] {
+            let e = eval(&s, &format!("return tostring({call})")).unwrap_err();
+            assert!(e.to_string().contains("not available"), "{call}: {e}");
+        }
+        // No C modules through require.
+        assert_eq!(
+            eval(&s, "return package.cpath .. #package.searchers").unwrap(),
+            "2"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "kept");
+        // What the C-era scripts use stays.
+        let kept = format!(
+            "return table.concat({{os.date('%Y', 0), tostring(os.time() > 0),              tostring(os.clock() >= 0), io.open('{f}', 'r'):read('a'),              string.format('%d', math.max(1, 2)), bit32.band(3, 1)}}, ' ')"
+        );
+        assert_eq!(eval(&s, &kept).unwrap(), "1970 true true kept 2 1");
+    }
+
+    #[test]
+    fn the_full_library_with_script_unsafe() {
+        let s = script_with("function process(p) end", UNSAFE).unwrap();
+        let file = temp_path(".txt");
+        let f = file.display();
+        eval(
+            &s,
+            &format!("local h = io.open('{f}', 'w') h:write('written') h:close() return ''"),
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "written");
+        assert_eq!(
+            eval(&s, "return tostring(os.execute('true'))").unwrap(),
+            "true"
+        );
+    }
+
+    #[test]
+    fn only_text_chunks_load() {
+        let s = script("function process(p) end").unwrap();
+        // A binary chunk, cut and corrupted: Lua would crash on it.
+        let got = eval(
+            &s,
+            "local b = string.dump(function(x) return x + 1 end)              local f, why = load(b:sub(1, 30) .. string.rep('\\255', 40))              return tostring(f) .. ' ' .. why",
+        )
+        .unwrap();
+        assert!(got.starts_with("nil ") && got.contains("binary"), "{got}");
+        let dumped = temp_path(".luac");
+        let write = format!(
+            "local h = assert(io.open('{}', 'wb')) h:write(string.dump(function() end)) h:close()",
+            dumped.display()
+        );
+        let u = script_with("function process(p) end", UNSAFE).unwrap();
+        u.lua.load(write).exec().unwrap();
+        let got = eval(
+            &s,
+            &format!(
+                "local f, why = loadfile('{}') return tostring(f) .. ' ' .. why",
+                dumped.display()
+            ),
+        )
+        .unwrap();
+        assert!(got.starts_with("nil ") && got.contains("binary"), "{got}");
+        let e = eval(&s, &format!("dofile('{}') return ''", dumped.display())).unwrap_err();
+        assert!(e.to_string().contains("binary"), "{e}");
+        // The script itself: a binary file is refused with the sandbox.
+        match Script::load(&dumped, true, ScriptLimits::default()) {
+            Err(ScriptError::Load { detail, .. }) => assert!(detail.contains("binary"), "{detail}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a binary chunk loaded"),
+        }
+        // With the environment argument, load still works on text.
+        assert_eq!(
+            eval(&s, "return load('return x', 'c', 't', {x = 'env'})()").unwrap(),
+            "env"
+        );
+        assert_eq!(
+            eval(&s, "y = 'global' return load('return y')()").unwrap(),
+            "global"
+        );
+    }
+
+    #[test]
+    fn the_budget_applies_to_loading_and_names_the_line() {
+        match script("x = 0\nwhile true do\n  x = x + 1\nend\nfunction process(p) end") {
+            Err(ScriptError::Load { detail, .. }) => {
+                assert!(detail.contains(OVER_BUDGET), "{detail}");
+                assert!(
+                    detail.contains(".lua:2:") || detail.contains(".lua:3:"),
+                    "{detail}"
+                );
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("an endless top level loaded"),
+        }
+    }
+
+    #[test]
+    fn past_its_memory_limit_the_script_stops_and_capture_goes_on() {
+        let limits = ScriptLimits {
+            memory_bytes: 16 << 20,
+            unsafe_library: false,
+        };
+        let mut s = script_with(
+            "calls = 0\nkept = {}\nfunction process(p)\n calls = calls + 1\n              for i = 1, 1e9 do kept[#kept + 1] = string.rep('x', 64) .. i end\nend",
+            limits,
+        )
+        .unwrap();
+        for _ in 0..3 {
+            s.packet(0, 0, &packet(), Direction::Request);
+        }
+        assert_eq!(
+            s.errors(),
+            ScriptErrors {
+                failed: 1,
+                over_budget: 0,
+                over_memory: 1
+            }
+        );
+        assert!(s.lua.used_memory() <= 16 << 20);
+        // At load, the limit is a load error.
+        match script_with(
+            "t = {} for i = 1, 1e9 do t[i] = i end function process(p) end",
+            limits,
+        ) {
+            Err(ScriptError::Load { detail, .. }) => {
+                assert!(detail.contains("memory limit of 16 MiB"), "{detail}")
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("loaded past the limit"),
+        }
     }
 
     #[test]
@@ -437,7 +757,11 @@ mod tests {
         ));
         assert!(matches!(script("x = 1"), Err(ScriptError::NoProcess(_))));
         assert!(matches!(
-            Script::load(Path::new("/nonexistent/x.lua"), true),
+            Script::load(
+                Path::new("/nonexistent/x.lua"),
+                true,
+                ScriptLimits::default()
+            ),
             Err(ScriptError::Read { .. })
         ));
     }
@@ -471,7 +795,7 @@ mod tests {
             seen,
             "1700000000 42 10.0.0.1:40000 10.0.0.2:6379 1 2 24 true PING\r\n 6"
         );
-        assert_eq!(s.errors(), (0, 0));
+        assert_eq!(s.errors(), ScriptErrors::default());
     }
 
     #[test]
@@ -480,7 +804,14 @@ mod tests {
         for _ in 0..3 {
             s.packet(0, 0, &packet(), Direction::Request);
         }
-        assert_eq!(s.errors(), (3, 1));
+        assert_eq!(
+            s.errors(),
+            ScriptErrors {
+                failed: 3,
+                over_budget: 1,
+                over_memory: 0
+            }
+        );
     }
 
     #[test]

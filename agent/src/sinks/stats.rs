@@ -439,8 +439,8 @@ pub struct Summary<'a> {
     pub matching: Option<&'a MatchCounters>,
     /// The slow threshold, µs, in a protocol mode.
     pub threshold_us: u64,
-    /// Lua callbacks that failed, and those over their instruction budget (with `-S`).
-    pub script_errors: Option<(u64, u64)>,
+    /// Lua callbacks that failed, by why (with `-S`).
+    pub script_errors: Option<crate::sinks::script::ScriptErrors>,
     /// The process' peak resident memory, KiB (the caller adds it).
     pub peak_rss_kib: Option<u64>,
 }
@@ -485,9 +485,16 @@ impl Summary<'_> {
             r.gaps,
             r.held_overflows
         ));
-        if let Some((errors, overruns)) = self.script_errors {
+        if let Some(e) = self.script_errors {
             line(format!(
-                "script: {errors} callback errors ({overruns} over the instruction budget)"
+                "script: {} callback errors ({} over the instruction budget){}",
+                e.failed,
+                e.over_budget,
+                if e.over_memory > 0 {
+                    "; stopped at its memory limit"
+                } else {
+                    ""
+                }
             ));
         }
         if let Some(m) = self.matching {
