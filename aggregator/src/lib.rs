@@ -1,8 +1,10 @@
 //! tcpkit's aggregator: stores what agents ship in SQLite ([`store`]), merges histograms
 //! across servers and time ([`merge`]), serves the Ingest and Query services ([`server`]),
-//! and the `tcpkit-query` side ([`report`] renders its answers).
+//! checking what agents send first ([`check`]), and the `tcpkit-query` side ([`report`]
+//! renders its answers).
 
 pub mod auth;
+pub mod check;
 pub mod merge;
 pub mod metrics;
 pub mod report;

@@ -24,15 +24,15 @@ pub struct Merged {
 }
 
 impl Merged {
-    /// Adds another sum to this one.
+    /// Adds another sum to this one (saturating: a sum never wraps).
     pub fn merge(&mut self, other: &Merged) {
-        self.count += other.count;
-        self.sum_us += other.sum_us;
-        self.slow += other.slow;
-        self.errors += other.errors;
-        self.timeouts += other.timeouts;
+        self.count = self.count.saturating_add(other.count);
+        self.sum_us = self.sum_us.saturating_add(other.sum_us);
+        self.slow = self.slow.saturating_add(other.slow);
+        self.errors = self.errors.saturating_add(other.errors);
+        self.timeouts = self.timeouts.saturating_add(other.timeouts);
         for (mine, theirs) in self.seed.iter_mut().zip(other.seed) {
-            *mine += theirs;
+            *mine = mine.saturating_add(theirs);
         }
         self.fine.merge(&other.fine);
     }
@@ -52,7 +52,7 @@ impl Merged {
                 .zip(s.fine_count.iter().copied()),
             s.max_us,
         )?;
-        let seed_total: u64 = s.seed.iter().sum();
+        let seed_total = s.seed.iter().fold(0u64, |a, &b| a.saturating_add(b));
         if fine.total() != s.count || seed_total != s.count {
             return Err(SnapshotError::Counts {
                 count: s.count,

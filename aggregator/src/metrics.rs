@@ -30,6 +30,27 @@ pub struct Telemetry {
     /// Commits that failed (disk full, I/O error).
     pub store_failures: AtomicU64,
     fleet: Mutex<Fleet>,
+    /// Agents with a stream open now, and how many streams each.
+    connected: Mutex<BTreeMap<String, usize>>,
+}
+
+/// An agent's open stream: counted in [`Telemetry::is_connected`] until dropped.
+pub struct Connection<'a> {
+    telemetry: &'a Telemetry,
+    agent: String,
+}
+
+impl Drop for Connection<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut connected) = self.telemetry.connected.lock() {
+            if let Some(n) = connected.get_mut(&self.agent) {
+                *n -= 1;
+                if *n == 0 {
+                    connected.remove(&self.agent);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +65,22 @@ struct Fleet {
 }
 
 impl Telemetry {
+    /// Counts a stream of `agent` as open until the returned guard is dropped.
+    pub fn connected(&self, agent: &str) -> Connection<'_> {
+        if let Ok(mut connected) = self.connected.lock() {
+            *connected.entry(agent.to_string()).or_default() += 1;
+        }
+        Connection {
+            telemetry: self,
+            agent: agent.to_string(),
+        }
+    }
+
+    /// True while a stream of `agent` is open here.
+    pub fn is_connected(&self, agent: &str) -> bool {
+        self.connected.lock().is_ok_and(|c| c.contains_key(agent))
+    }
+
     /// Takes in a batch the store has just committed.
     pub fn stored(&self, agent: &str, batch: &CheckedBatch) {
         let Ok(mut fleet) = self.fleet.lock() else {
@@ -197,7 +234,16 @@ impl Telemetry {
             (
                 "tcpkit_fleet_untimed_total",
                 "Exchanges not timed because the capture could not prove their latency.",
-                |c| c.request_lost + c.reply_lost + c.uncertain + c.reply_before_request,
+                |c| {
+                    [
+                        c.request_lost,
+                        c.reply_lost,
+                        c.uncertain,
+                        c.reply_before_request,
+                    ]
+                    .into_iter()
+                    .fold(0, u64::saturating_add)
+                },
             ),
             (
                 "tcpkit_fleet_clock_skew_total",

@@ -1,11 +1,41 @@
 //! How `tcpkit-query` shows the aggregator's answers: aligned tables and bars for people,
 //! JSON for scripts (the key names are a contract: see the fleet issue and README).
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
 use serde_json::{json, Value};
 use tcpkit_histogram::SEED_LABELS;
 use tcpkit_proto::v1;
 
 use crate::units::format_local;
+
+/// True for what must not reach a terminal as it is: control characters (C0, DEL, C1)
+/// and the bidirectional overrides and isolates that reorder what is shown.
+pub fn needs_escape(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` with what [`needs_escape`] written as `\xNN` or `\u{NNNN}`; every text this module
+/// prints for people goes through it.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    if !s.chars().any(needs_escape) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            c if !needs_escape(c) => out.push(c),
+            c if (c as u32) < 0x100 => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => {
+                let _ = write!(out, "\\u{{{:04x}}}", c as u32);
+            }
+        }
+    }
+    Cow::Owned(out)
+}
 
 /// Milliseconds with three decimals.
 fn ms(us: u64) -> String {
@@ -20,51 +50,57 @@ pub fn slow_line(e: &v1::StoredEvent) -> String {
     } else {
         format!("{} ms", ms(ev.latency_us))
     };
+    let server = printable(&ev.server);
     let server = if ev.server.contains(':') {
-        format!("[{}]:{}", ev.server, ev.port)
+        format!("[{server}]:{}", ev.port)
     } else {
-        format!("{}:{}", ev.server, ev.port)
+        format!("{server}:{}", ev.port)
     };
     format!(
         "[{}] {} {} => {} | {} | {}",
-        e.agent,
+        printable(&e.agent),
         format_local(ev.ts_us),
-        ev.client,
+        printable(&ev.client),
         server,
         latency,
-        ev.summary
+        printable(&ev.summary)
     )
 }
 
 /// The slow events as JSON.
 pub fn slow_json(events: &[v1::StoredEvent]) -> Value {
-    Value::Array(
-        events
-            .iter()
-            .map(|e| {
-                let ev = e.event.clone().unwrap_or_default();
-                let status = v1::Status::try_from(ev.status).map_or("unknown", |s| match s {
-                    v1::Status::Ok => "ok",
-                    v1::Status::Error => "error",
-                    v1::Status::Timeout => "timeout",
-                });
-                json!({
-                    "ts_us": ev.ts_us,
-                    "agent": e.agent,
-                    "client": ev.client,
-                    "server": ev.server,
-                    "port": ev.port,
-                    "proto": ev.proto,
-                    "command": ev.command,
-                    "summary": ev.summary,
-                    "latency_us": ev.latency_us,
-                    "req_bytes": ev.req_bytes,
-                    "rsp_bytes": ev.rsp_bytes,
-                    "status": status,
-                })
-            })
-            .collect(),
-    )
+    Value::Array(events.iter().map(slow_event_json).collect())
+}
+
+/// The slow events as JSON lines: one object (the same as in [`slow_json`]) per line.
+pub fn slow_json_lines(events: &[v1::StoredEvent]) -> String {
+    events
+        .iter()
+        .map(|e| slow_event_json(e).to_string() + "\n")
+        .collect()
+}
+
+fn slow_event_json(e: &v1::StoredEvent) -> Value {
+    let ev = e.event.clone().unwrap_or_default();
+    let status = v1::Status::try_from(ev.status).map_or("unknown", |s| match s {
+        v1::Status::Ok => "ok",
+        v1::Status::Error => "error",
+        v1::Status::Timeout => "timeout",
+    });
+    json!({
+        "ts_us": ev.ts_us,
+        "agent": e.agent,
+        "client": ev.client,
+        "server": ev.server,
+        "port": ev.port,
+        "proto": ev.proto,
+        "command": ev.command,
+        "summary": ev.summary,
+        "latency_us": ev.latency_us,
+        "req_bytes": ev.req_bytes,
+        "rsp_bytes": ev.rsp_bytes,
+        "status": status,
+    })
 }
 
 /// A merged histogram as JSON.
@@ -105,7 +141,12 @@ pub fn hist_json(reply: &v1::HistReply, grouped: bool) -> Value {
 }
 
 /// Lays out rows as columns padded to their widest cell; the first row is the header.
+/// Cells are made [`printable`].
 pub fn table(rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<Cow<'_, str>>> = rows
+        .iter()
+        .map(|r| r.iter().map(|cell| printable(cell)).collect())
+        .collect();
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -117,7 +158,7 @@ pub fn table(rows: &[Vec<String>]) -> String {
         })
         .collect();
     let mut out = String::new();
-    for row in rows {
+    for row in &rows {
         let cells: Vec<String> = row
             .iter()
             .enumerate()
@@ -269,6 +310,7 @@ pub fn agents_json(agents: &[v1::AgentInfo]) -> Value {
                     "ports": a.ports.iter().map(|p| json!({"port": p.port, "proto": p.proto})).collect::<Vec<_>>(),
                     "sessions": a.sessions,
                     "events": a.events,
+                    "connected": a.connected,
                 });
                 if let (Value::Object(m), Value::Object(c)) =
                     (&mut v, counters_json(&a.counters.unwrap_or_default()))
@@ -281,10 +323,26 @@ pub fn agents_json(agents: &[v1::AgentInfo]) -> Value {
     )
 }
 
-/// The agents for people; `now_us` says how long ago each was last seen.
+/// A span of seconds in its two largest units: `42s`, `3m12s`, `2h05m`, `3d04h`.
+pub fn ago(secs: u64) -> String {
+    let (m, h, d) = (secs / 60, secs / 3600, secs / 86_400);
+    if d > 0 {
+        format!("{d}d{:02}h", h % 24)
+    } else if h > 0 {
+        format!("{h}h{:02}m", m % 60)
+    } else if m > 0 {
+        format!("{m}m{:02}s", secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+/// The agents for people (connected: a stream of it is open on the aggregator that
+/// answered); `now_us` says how long ago each was last seen.
 pub fn agents_text(agents: &[v1::AgentInfo], now_us: u64) -> String {
     let mut t = vec![[
         "agent",
+        "state",
         "hostname",
         "version",
         "last seen",
@@ -305,23 +363,33 @@ pub fn agents_text(agents: &[v1::AgentInfo], now_us: u64) -> String {
     .collect::<Vec<_>>()];
     for a in agents {
         let c = a.counters.unwrap_or_default();
-        let ago = now_us.saturating_sub(a.last_seen_us) / 1_000_000;
         t.push(vec![
             a.id.clone(),
+            if a.connected { "connected" } else { "stale" }.to_string(),
             a.hostname.clone(),
             a.version.clone(),
             format_local(a.last_seen_us)[..19].to_string(),
-            format!("{ago}s"),
+            ago(now_us.saturating_sub(a.last_seen_us) / 1_000_000),
             ports_text(a),
             a.sessions.to_string(),
             a.events.to_string(),
-            (c.kernel_drops + c.interface_drops).to_string(),
+            c.kernel_drops.saturating_add(c.interface_drops).to_string(),
             c.gaps.to_string(),
             c.desyncs.to_string(),
             c.timeouts.to_string(),
-            (c.request_lost + c.reply_lost + c.uncertain + c.reply_before_request).to_string(),
+            [
+                c.request_lost,
+                c.reply_lost,
+                c.uncertain,
+                c.reply_before_request,
+            ]
+            .into_iter()
+            .fold(0u64, u64::saturating_add)
+            .to_string(),
             c.flows_evicted.to_string(),
-            (c.shipper_dropped_events + c.shipper_dropped_histograms).to_string(),
+            c.shipper_dropped_events
+                .saturating_add(c.shipper_dropped_histograms)
+                .to_string(),
         ]);
     }
     table(&t)
@@ -330,6 +398,46 @@ pub fn agents_text(agents: &[v1::AgentInfo], now_us: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_never_reach_the_terminal() {
+        assert_eq!(printable("plain GET user:1"), "plain GET user:1");
+        assert_eq!(printable("a\u{1b}[2Jb\nc\u{7f}"), "a\\x1b[2Jb\\x0ac\\x7f");
+        assert_eq!(printable("x\u{202e}y\u{9b}"), "x\\u{202e}y\\x9b");
+        let event = v1::StoredEvent {
+            agent: "evil\u{1b}]0;title\u{7}".into(),
+            event: Some(v1::Event {
+                ts_us: 1_700_000_000_000_000,
+                client: "1.2.3.4:5\r".into(),
+                server: "10.0.0.2".into(),
+                port: 6379,
+                summary: "GET \u{1b}[31mred".into(),
+                ..Default::default()
+            }),
+        };
+        let line = slow_line(&event);
+        assert!(!line.chars().any(needs_escape), "{line:?}");
+        assert!(line.contains("[evil\\x1b]0;title\\x07]") && line.contains("GET \\x1b[31mred"));
+        let agent = v1::AgentInfo {
+            id: "a\u{1b}b".into(),
+            hostname: "h\nx".into(),
+            ..Default::default()
+        };
+        let text = agents_text(&[agent], 0);
+        assert!(!text
+            .trim_end()
+            .chars()
+            .any(|c| c != '\n' && needs_escape(c)));
+        assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
+    fn ago_in_two_units() {
+        assert_eq!(ago(42), "42s");
+        assert_eq!(ago(192), "3m12s");
+        assert_eq!(ago(2 * 3600 + 5 * 60 + 9), "2h05m");
+        assert_eq!(ago(3 * 86_400 + 4 * 3600), "3d04h");
+    }
 
     #[test]
     fn tables_align_and_bars_scale() {

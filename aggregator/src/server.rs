@@ -22,38 +22,16 @@ use tonic::{Request, Response, Status, Streaming};
 use tcpkit_proto::v1::{self, agent_message::Body, ingest_server, query_server};
 
 use crate::auth::{TlsFiles, TokenCheck};
+pub use crate::check::Limits;
+use crate::check::{check_batch, check_filter, check_hello};
 use crate::merge::Merged;
 use crate::metrics::Telemetry;
-use crate::store::{CheckedBatch, CheckedSnapshot, Group, Reader, SessionKey, Store, StoreError};
+use crate::store::{CheckedBatch, Group, Reader, SessionKey, Store, StoreError};
 
 /// Batches committed together at most.
 const GROUP_COMMIT: usize = 256;
 /// How often retention runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
-
-/// Limits on what an agent may send.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Largest gRPC message, bytes.
-    pub max_message_bytes: usize,
-    /// Events per batch.
-    pub max_events: usize,
-    /// Histogram snapshots per batch.
-    pub max_histograms: usize,
-    /// Longest text field (summary), bytes.
-    pub max_text: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_message_bytes: 16 << 20,
-            max_events: 100_000,
-            max_histograms: 100_000,
-            max_text: 4096,
-        }
-    }
-}
 
 /// The aggregator's settings.
 #[derive(Debug, Clone)]
@@ -127,6 +105,7 @@ pub async fn serve(
     let query = QueryService {
         db: config.db.clone(),
         readers: Arc::new(Mutex::new(Vec::new())),
+        telemetry: Arc::clone(&telemetry),
     };
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
@@ -278,11 +257,11 @@ async fn ingest(
         }
         None => return Ok(()),
     };
-    if hello.agent_id.is_empty() || hello.agent_id.len() > 256 {
-        return Err(Status::invalid_argument(
-            "the agent id must have 1 to 256 bytes",
-        ));
-    }
+    check_hello(&hello).map_err(|e| {
+        telemetry.invalid_batches.fetch_add(1, Ordering::Relaxed);
+        Status::invalid_argument(format!("bad hello: {e}"))
+    })?;
+    let _connection = telemetry.connected(&hello.agent_id);
     let session = hello.session;
     let agent: Arc<str> = hello.agent_id.as_str().into();
     let (reply, answer) = oneshot::channel();
@@ -319,7 +298,7 @@ async fn ingest(
                 Some(Body::Hello(_)) => return Err(Status::invalid_argument("a second hello")),
                 None => return Err(Status::invalid_argument("an empty message")),
             };
-            let batch = check_batch(batch, &limits).map_err(|e| {
+            let batch = check_batch(batch, &limits, now_us()).map_err(|e| {
                 telemetry.invalid_batches.fetch_add(1, Ordering::Relaxed);
                 Status::invalid_argument(format!("bad batch: {e}"))
             })?;
@@ -361,84 +340,10 @@ async fn send_ack(
         .map_err(|_| Status::cancelled("the agent went away"))
 }
 
-/// Checks that a batch is storable: bounded sizes, histograms that add up.
-pub fn check_batch(batch: v1::Batch, limits: &Limits) -> Result<CheckedBatch, String> {
-    if batch.seq == 0 {
-        return Err("sequence numbers start at 1".into());
-    }
-    if batch.events.len() > limits.max_events {
-        return Err(format!(
-            "{} events, at most {}",
-            batch.events.len(),
-            limits.max_events
-        ));
-    }
-    if batch.histograms.len() > limits.max_histograms {
-        return Err(format!(
-            "{} histograms, at most {}",
-            batch.histograms.len(),
-            limits.max_histograms
-        ));
-    }
-    let too_long = |what: &str, s: &str| -> Result<(), String> {
-        if s.len() > limits.max_text {
-            Err(format!(
-                "{what} of {} bytes, at most {}",
-                s.len(),
-                limits.max_text
-            ))
-        } else {
-            Ok(())
-        }
-    };
-    for e in &batch.events {
-        for (what, text) in [
-            ("client", &e.client),
-            ("server", &e.server),
-            ("proto", &e.proto),
-            ("command", &e.command),
-            ("summary", &e.summary),
-        ] {
-            too_long(what, text)?;
-        }
-        if e.port > u32::from(u16::MAX) {
-            return Err(format!("port {}", e.port));
-        }
-    }
-    let histograms = batch
-        .histograms
-        .into_iter()
-        .map(|h| {
-            for (what, text) in [
-                ("server", &h.server),
-                ("proto", &h.proto),
-                ("command", &h.command),
-            ] {
-                too_long(what, text)?;
-            }
-            let merged = Merged::from_snapshot(&h).map_err(|e| e.to_string())?;
-            Ok(CheckedSnapshot {
-                ts_us: h.ts_us,
-                interval_us: h.interval_us,
-                server: h.server,
-                port: h.port,
-                proto: h.proto,
-                command: h.command,
-                merged,
-            })
-        })
-        .collect::<Result<_, String>>()?;
-    Ok(CheckedBatch {
-        seq: batch.seq,
-        events: batch.events,
-        histograms,
-        counters: batch.counters,
-    })
-}
-
 struct QueryService {
     db: PathBuf,
     readers: Arc<Mutex<Vec<Reader>>>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl QueryService {
@@ -477,6 +382,12 @@ fn group_of(by: i32) -> Result<Group, Status> {
     })
 }
 
+fn filter_ok(filter: Option<&v1::Filter>) -> Result<(), Status> {
+    filter
+        .map_or(Ok(()), check_filter)
+        .map_err(|e| Status::invalid_argument(format!("bad filter: {e}")))
+}
+
 #[tonic::async_trait]
 impl query_server::Query for QueryService {
     async fn slow(
@@ -484,6 +395,13 @@ impl query_server::Query for QueryService {
         request: Request<v1::SlowRequest>,
     ) -> Result<Response<v1::SlowReply>, Status> {
         let req = request.into_inner();
+        filter_ok(req.filter.as_ref())?;
+        if i64::try_from(req.min_latency_us).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "min_latency_us {} is out of range",
+                req.min_latency_us
+            )));
+        }
         let events = self.read(move |r| r.slow(&req)).await?;
         Ok(Response::new(v1::SlowReply { events }))
     }
@@ -494,6 +412,7 @@ impl query_server::Query for QueryService {
     ) -> Result<Response<v1::HistReply>, Status> {
         let req = request.into_inner();
         let group = group_of(req.by)?;
+        filter_ok(req.filter.as_ref())?;
         let filter = req.filter.unwrap_or_default();
         let groups = self.read(move |r| r.merged(&filter, group)).await?;
         let mut all = Merged::default();
@@ -520,6 +439,7 @@ impl query_server::Query for QueryService {
         };
         let by = v1::TopBy::try_from(req.by)
             .map_err(|_| Status::invalid_argument(format!("unknown ranking {}", req.by)))?;
+        filter_ok(req.filter.as_ref())?;
         let filter = req.filter.unwrap_or_default();
         let groups = self.read(move |r| r.merged(&filter, group)).await?;
         let mut rows: Vec<v1::Histogram> = groups.into_iter().map(|(k, m)| m.to_proto(k)).collect();
@@ -542,68 +462,10 @@ impl query_server::Query for QueryService {
         &self,
         _: Request<v1::AgentsRequest>,
     ) -> Result<Response<v1::AgentsReply>, Status> {
-        let agents = self.read(|r| r.agents()).await?;
-        Ok(Response::new(v1::AgentsReply { agents }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn malformed_batches_are_refused_with_a_reason() {
-        let limits = Limits {
-            max_events: 2,
-            max_text: 8,
-            ..Limits::default()
-        };
-        let ok = v1::Batch {
-            seq: 1,
-            events: vec![v1::Event::default()],
-            ..Default::default()
-        };
-        assert!(check_batch(ok.clone(), &limits).is_ok());
-        let cases = [
-            (
-                v1::Batch {
-                    seq: 0,
-                    ..ok.clone()
-                },
-                "start at 1",
-            ),
-            (
-                v1::Batch {
-                    events: vec![v1::Event::default(); 3],
-                    ..ok.clone()
-                },
-                "3 events",
-            ),
-            (
-                v1::Batch {
-                    events: vec![v1::Event {
-                        summary: "x".repeat(9),
-                        ..Default::default()
-                    }],
-                    ..ok.clone()
-                },
-                "summary of 9 bytes",
-            ),
-            (
-                v1::Batch {
-                    histograms: vec![v1::HistogramSnapshot {
-                        count: 1,
-                        seed: vec![0; 18],
-                        ..Default::default()
-                    }],
-                    ..ok.clone()
-                },
-                "count 1",
-            ),
-        ];
-        for (batch, why) in cases {
-            let err = check_batch(batch, &limits).unwrap_err();
-            assert!(err.contains(why), "{err}");
+        let mut agents = self.read(|r| r.agents()).await?;
+        for a in &mut agents {
+            a.connected = self.telemetry.is_connected(&a.id);
         }
+        Ok(Response::new(v1::AgentsReply { agents }))
     }
 }

@@ -572,10 +572,12 @@ impl Conditions {
             sql: Vec::new(),
             values: Vec::new(),
         };
+        // Names match in any case: GET, get and Get are the same command.
         let text = |column: &str, value: &str, c: &mut Conditions| {
             if !value.is_empty() {
                 c.values.push(Value::Text(value.to_string()));
-                c.sql.push(format!("{column} = ?{}", c.values.len()));
+                c.sql
+                    .push(format!("{column} = ?{} COLLATE NOCASE", c.values.len()));
             }
         };
         text("server", &f.server, &mut c);
@@ -788,6 +790,8 @@ impl Reader {
                     .collect(),
                 sessions: n(6)?,
                 events: n(7)?,
+                // The store cannot know: the server that answers says.
+                connected: false,
                 counters: Some(v1::Counters {
                     kernel_drops: n(8)?,
                     interface_drops: n(9)?,

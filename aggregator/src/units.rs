@@ -58,7 +58,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
-        return Ok(secs.saturating_mul(1_000_000));
+        // 9999-12-31T23:59:59Z: what the other forms can say, and far below 2^63 µs.
+        const LAST_SECOND: u64 = 253_402_300_799;
+        if secs > LAST_SECOND {
+            return Err(format!("'{s}' Unix seconds is after the year 9999"));
+        }
+        return Ok(secs * 1_000_000);
     }
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return micros(t.timestamp_micros(), s);
@@ -120,5 +125,8 @@ mod tests {
         let local = parse_time("2023-11-14 22:13:20").unwrap();
         assert_eq!(parse_time(&format_local(local)), Ok(local));
         assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("18446744073709551615").is_err());
+        assert!(parse_time("253402300800").is_err());
+        assert_eq!(parse_time("253402300799"), Ok(253_402_300_799_000_000));
     }
 }

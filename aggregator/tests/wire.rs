@@ -52,6 +52,14 @@ impl Codec for Raw {
 
 /// Opens an Ingest stream, sends `messages` as they are, and returns how the stream ended.
 async fn raw_stream(url: &str, messages: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, Status> {
+    raw_stream_from(url, tokio_stream::iter(messages)).await
+}
+
+/// [`raw_stream`] with the messages from a stream that may stay open.
+async fn raw_stream_from(
+    url: &str,
+    outbound: impl tokio_stream::Stream<Item = Vec<u8>> + Send + 'static,
+) -> Result<Vec<Vec<u8>>, Status> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .unwrap()
         .connect()
@@ -59,7 +67,6 @@ async fn raw_stream(url: &str, messages: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, S
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(usize::MAX);
     grpc.ready().await.unwrap();
-    let outbound = tokio_stream::iter(messages);
     let replies = grpc
         .streaming(
             tonic::Request::new(outbound),
@@ -76,14 +83,27 @@ async fn raw_stream(url: &str, messages: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, S
 }
 
 fn hello(session: u64) -> Vec<u8> {
+    hello_of("wire", session)
+}
+
+fn hello_of(agent_id: &str, session: u64) -> Vec<u8> {
     v1::AgentMessage {
         body: Some(Body::Hello(v1::Hello {
-            agent_id: "wire".into(),
+            agent_id: agent_id.into(),
             session,
             ..Default::default()
         })),
     }
     .encode_to_vec()
+}
+
+/// A batch of one event, changed by `change`.
+fn batch_where(seq: u64, change: impl FnOnce(&mut v1::Event)) -> Vec<u8> {
+    let mut message = v1::AgentMessage::decode(batch(seq, 1, 10).as_slice()).unwrap();
+    if let Some(Body::Batch(b)) = &mut message.body {
+        change(&mut b.events[0]);
+    }
+    message.encode_to_vec()
 }
 
 fn batch(seq: u64, events: usize, summary_len: usize) -> Vec<u8> {
@@ -158,6 +178,18 @@ fn bad_messages_get_clear_statuses_and_the_aggregator_goes_on() {
             (vec![batch(1, 1, 10)], "the first message must be a hello"),
             (vec![hello(2), hello(2)], "a second hello"),
             (vec![hello(3), batch(1, 1, 5000)], "bad batch"),
+            (
+                vec![hello_of("evil\u{1b}[2J", 5)],
+                "bad hello: agent id holds the control",
+            ),
+            (
+                vec![hello(6), batch_where(1, |e| e.ts_us = u64::MAX)],
+                "bad batch: event time 18446744073709551615",
+            ),
+            (
+                vec![hello(7), batch_where(1, |e| e.latency_us = u64::MAX)],
+                "bad batch: latency",
+            ),
         ] {
             let status = raw_stream(&url, messages).await.unwrap_err();
             assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -193,9 +225,66 @@ fn bad_messages_get_clear_statuses_and_the_aggregator_goes_on() {
         );
         let page = telemetry.render();
         assert!(
-            page.contains("tcpkit_aggregator_batches_total{outcome=\"invalid\"} 1"),
+            page.contains("tcpkit_aggregator_batches_total{outcome=\"invalid\"} 4"),
             "{page}"
         );
+
+        // Queries with times past what can be stored are refused, not taken as "everything".
+        let mut query = v1::query_client::QueryClient::connect(url.clone())
+            .await
+            .unwrap();
+        let status = query
+            .hist(v1::HistRequest {
+                filter: Some(v1::Filter {
+                    from_us: u64::MAX,
+                    ..Default::default()
+                }),
+                by: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("bad filter"), "{status:?}");
+
+        // An agent whose stream is open shows as connected, and not once it is closed.
+        let (open_tx, open_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        open_tx.send(hello_of("held-open", 8)).await.unwrap();
+        let held = tokio::spawn({
+            let url = url.clone();
+            async move {
+                raw_stream_from(&url, tokio_stream::wrappers::ReceiverStream::new(open_rx)).await
+            }
+        });
+        let connected = |agents: Vec<v1::AgentInfo>| {
+            agents
+                .iter()
+                .find(|a| a.id == "held-open")
+                .map(|a| a.connected)
+        };
+        let mut seen = None;
+        for _ in 0..50 {
+            let agents = query
+                .agents(v1::AgentsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .agents;
+            seen = connected(agents);
+            if seen == Some(true) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen, Some(true));
+        drop(open_tx);
+        held.await.unwrap().unwrap();
+        let agents = query
+            .agents(v1::AgentsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .agents;
+        assert_eq!(connected(agents), Some(false));
         assert!(
             page.contains("tcpkit_aggregator_stored_total{kind=\"events\"} 20"),
             "{page}"

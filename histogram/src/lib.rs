@@ -115,15 +115,15 @@ impl FineHistogram {
         self.max_us = self.max_us.max(latency_us);
     }
 
-    /// Adds another histogram's counts to this one.
+    /// Adds another histogram's counts to this one (saturating: a sum never wraps).
     pub fn merge(&mut self, other: &FineHistogram) {
         if other.counts.len() > self.counts.len() {
             self.counts.resize(other.counts.len(), 0);
         }
         for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine += theirs;
+            *mine = mine.saturating_add(*theirs);
         }
-        self.total += other.total;
+        self.total = self.total.saturating_add(other.total);
         self.max_us = self.max_us.max(other.max_us);
     }
 
@@ -165,8 +165,8 @@ impl FineHistogram {
             if i >= h.counts.len() {
                 h.counts.resize(i + 1, 0);
             }
-            h.counts[i] += count;
-            h.total += count;
+            h.counts[i] = h.counts[i].saturating_add(count);
+            h.total = h.total.saturating_add(count);
         }
         Ok(h)
     }

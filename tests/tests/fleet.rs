@@ -366,3 +366,87 @@ fn agents_on_other_hosts() {
     check_fleet(&hub.prefix(), &agg.url(), &a1, &a2);
     drop(agg);
 }
+
+/// `tcpkit-query` refuses values out of range, says when nothing matches, matches commands in
+/// any case, and prints JSON lines and the agents' state.
+#[test]
+fn the_query_cli_checks_its_input_and_says_when_nothing_matches() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let url = agg.url();
+    let a1 = finish_agent(start_agent(&[], "redis-benchmark-lo", "a1", "1", &url));
+    let run = |args: &[&str]| {
+        command_in(&[], &bin("tcpkit-query"))
+            .args(["--aggregator", &url])
+            .args(args)
+            .output()
+            .expect("tcpkit-query")
+    };
+    for (args, says) in [
+        (
+            &["slow", "--min-ms", "1e300"][..],
+            "not between 0 and a year",
+        ),
+        (&["slow", "--min-ms=-1"][..], "not between 0 and a year"),
+        (&["slow", "--min-ms", "NaN"][..], "not between 0 and a year"),
+        (&["slow", "--limit", "0"][..], "0 is not in 1..=1000000"),
+        (&["top", "--limit", "0"][..], "0 is not in 1..=100000"),
+        (
+            &["slow", "--from", "18446744073709551615"][..],
+            "after the year 9999",
+        ),
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    for args in [
+        &["slow", "--agent", "nosuch"][..],
+        &["hist", "--agent", "nosuch"][..],
+        &["top", "--agent", "nosuch"][..],
+    ] {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("no data for these filters"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = run(&["slow"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("no data"));
+
+    let all = a1.slow_lines.len();
+    let upper = query_json(
+        &[],
+        &url,
+        &["slow", "--command", "SET", "--limit", "1000000"],
+    );
+    let lower = query_json(
+        &[],
+        &url,
+        &["slow", "--command", "set", "--limit", "1000000"],
+    );
+    assert_eq!(upper, lower);
+    assert!(!upper.as_array().expect("array").is_empty());
+
+    let lines = query_text(&[], &url, &["slow", "--json-lines", "--limit", "1000000"]);
+    let objects: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    assert_eq!(objects.len(), all);
+    assert_eq!(
+        Value::Array(objects),
+        query_json(&[], &url, &["slow", "--limit", "1000000"])
+    );
+
+    let agents = query_text(&[], &url, &["agents"]);
+    let row = agents.lines().nth(1).expect("a1's row");
+    assert!(
+        row.starts_with("a1 ") && row.contains(" stale "),
+        "{agents}"
+    );
+    assert_eq!(query_json(&[], &url, &["agents"])[0]["connected"], false);
+}

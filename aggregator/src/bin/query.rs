@@ -46,15 +46,19 @@ enum Command {
         /// Only requests whose summary matches this glob, anywhere (e.g. 'user:*')
         #[arg(long, value_name = "GLOB")]
         grep: Option<String>,
-        /// Only requests at least this slow
-        #[arg(long, value_name = "MS")]
+        /// Only requests at least this slow (0 to a year's worth)
+        #[arg(long, value_name = "MS", value_parser = parse_min_ms)]
         min_ms: Option<f64>,
         /// At most this many
-        #[arg(long, default_value_t = 100, value_name = "N")]
+        #[arg(long, default_value_t = 100, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         limit: u32,
         /// Slowest first instead of newest first
         #[arg(long)]
         slowest: bool,
+        /// One JSON object per line (for jq and log shippers)
+        #[arg(long, conflicts_with = "json")]
+        json_lines: bool,
     },
     /// The latency histogram merged over every matching server and the time range
     Hist {
@@ -75,7 +79,8 @@ enum Command {
         #[arg(long, value_enum, default_value = "slow")]
         by: RankArg,
         /// At most this many
-        #[arg(long, default_value_t = 10, value_name = "N")]
+        #[arg(long, default_value_t = 10, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
         limit: u32,
     },
     /// Every agent: last seen, version, ports and its data-quality counters
@@ -106,10 +111,23 @@ struct FilterArgs {
     /// Agent id
     #[arg(long, value_name = "ID")]
     agent: Option<String>,
-    /// Command (GET, SET, …; as the agent names it)
+    /// Command (GET, SET, …; any case)
     #[arg(long, value_name = "NAME")]
     command: Option<String>,
 }
+
+/// `--min-ms`: a finite number of milliseconds from 0 to a year.
+fn parse_min_ms(s: &str) -> Result<f64, String> {
+    const YEAR_MS: f64 = 365.0 * 86_400_000.0;
+    match s.trim().parse::<f64>() {
+        Ok(ms) if (0.0..=YEAR_MS).contains(&ms) => Ok(ms),
+        Ok(_) => Err(format!("{s} ms is not between 0 and a year ({YEAR_MS} ms)")),
+        Err(_) => Err(format!("'{s}' is not a number of milliseconds")),
+    }
+}
+
+/// Said on stderr when a query matches nothing (the exit status stays 0).
+const NO_DATA: &str = "tcpkit-query: no data for these filters";
 
 impl FilterArgs {
     fn to_proto(&self) -> Result<v1::Filter> {
@@ -177,11 +195,20 @@ fn run(cli: Cli) -> Result<()> {
         .build()
         .context("cannot start the runtime")?;
     let output = runtime.block_on(query(&cli))?;
-    print!("{output}");
+    print!("{}", output.text);
+    if output.empty {
+        eprintln!("{NO_DATA}");
+    }
     Ok(())
 }
 
-async fn query(cli: &Cli) -> Result<String> {
+/// What a query prints, and whether it matched nothing.
+struct Output {
+    text: String,
+    empty: bool,
+}
+
+async fn query(cli: &Cli) -> Result<Output> {
     let connector = Connector::new(&cli.aggregator, &cli.client, Duration::from_secs(5))?;
     let mut client = connector
         .query()
@@ -202,6 +229,7 @@ async fn query(cli: &Cli) -> Result<String> {
             min_ms,
             limit,
             slowest,
+            json_lines,
         } => {
             let reply = client
                 .slow(v1::SlowRequest {
@@ -214,14 +242,20 @@ async fn query(cli: &Cli) -> Result<String> {
                 .await
                 .map_err(|e| anyhow::anyhow!("slow: {}", describe_status(&e)))?
                 .into_inner();
-            if cli.json {
+            let text = if cli.json {
                 json(report::slow_json(&reply.events))
+            } else if *json_lines {
+                report::slow_json_lines(&reply.events)
             } else {
                 reply
                     .events
                     .iter()
                     .map(|e| report::slow_line(e) + "\n")
                     .collect()
+            };
+            Output {
+                text,
+                empty: reply.events.is_empty(),
             }
         }
         Command::Hist { filter, by } => {
@@ -233,10 +267,14 @@ async fn query(cli: &Cli) -> Result<String> {
                 .await
                 .map_err(|e| anyhow::anyhow!("hist: {}", describe_status(&e)))?
                 .into_inner();
-            if cli.json {
+            let text = if cli.json {
                 json(report::hist_json(&reply, by.is_some()))
             } else {
                 report::hist_text(&reply, by.is_some())
+            };
+            Output {
+                text,
+                empty: reply.all.is_none_or(|h| h.count == 0 && h.timeouts == 0),
             }
         }
         Command::Top {
@@ -260,7 +298,7 @@ async fn query(cli: &Cli) -> Result<String> {
                 .await
                 .map_err(|e| anyhow::anyhow!("top: {}", describe_status(&e)))?
                 .into_inner();
-            if cli.json {
+            let text = if cli.json {
                 json(serde_json::Value::Array(
                     reply
                         .rows
@@ -270,6 +308,10 @@ async fn query(cli: &Cli) -> Result<String> {
                 ))
             } else {
                 report::top_text(&reply.rows)
+            };
+            Output {
+                text,
+                empty: reply.rows.is_empty(),
             }
         }
         Command::Agents => {
@@ -278,10 +320,14 @@ async fn query(cli: &Cli) -> Result<String> {
                 .await
                 .map_err(|e| anyhow::anyhow!("agents: {}", describe_status(&e)))?
                 .into_inner();
-            if cli.json {
+            let text = if cli.json {
                 json(report::agents_json(&reply.agents))
             } else {
                 report::agents_text(&reply.agents, now_us())
+            };
+            Output {
+                text,
+                empty: reply.agents.is_empty(),
             }
         }
     })
