@@ -1,4 +1,5 @@
-//! The Prometheus text exposition format (version 0.0.4) and a small HTTP endpoint serving it.
+//! The Prometheus text exposition format (version 0.0.4) and an HTTP endpoint serving it
+//! (hyper).
 //!
 //! Latency histograms are exported in seconds with the seed buckets of DESIGN.md as `le`
 //! bounds: a seed bucket holds `(bound[i-1], bound[i]]`, exactly Prometheus' cumulative
@@ -9,8 +10,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http_body_util::Full;
+use hyper::body::Bytes;
 use tcpkit_histogram::{SEED_BOUNDS_US, SEED_BUCKETS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Label names and values of one series.
@@ -128,75 +130,79 @@ impl Exposition {
 /// Renders the current page on each scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Scrapes served at once at most; others wait in the listen backlog.
-const MAX_CLIENTS: usize = 16;
-/// A scrape that does not send its request and take its page in this time is dropped.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once at most; past it new ones are closed at once (not queued), so
+/// that a scrape is refused and retried rather than left waiting.
+const MAX_CLIENTS: usize = 512;
+/// A client that has not sent its whole request head in this time is cut off.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection (kept alive between scrapes or not) lasts at most this long.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `GET /metrics` (HTTP/1.1 by hyper, keep-alive included) on `listener` until
+/// `shutdown` resolves; other paths get 404, other methods 405. Idle and slow clients are
+/// cut off by [`HEAD_TIMEOUT`] and [`CONNECTION_TIMEOUT`] and cost a task each, so they
+/// cannot delay a scrape.
+pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => accepted,
+        };
+        let Ok((socket, _)) = accepted else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            drop(socket);
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let render = Arc::clone(&render);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let page = answer(&request, &render);
+                async move { Ok::<_, std::convert::Infallible>(page) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+            drop(permit);
+        });
+    }
+}
+
 /// The longest request head read.
 const MAX_HEAD: usize = 8192;
 
-/// Serves `GET /metrics` on `listener` until `shutdown` resolves; anything else gets 404,
-/// 405 or 400, and a client that sends garbage or nothing is cut off, never waited on.
-pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
-    crate::listener::serve_clients(
-        listener,
-        MAX_CLIENTS,
-        CLIENT_TIMEOUT,
-        shutdown,
-        |mut socket| {
-            let render = Arc::clone(&render);
-            async move {
-                let _ = answer(&mut socket, &render).await;
-            }
-        },
-    )
-    .await
-}
-
-async fn answer(socket: &mut tokio::net::TcpStream, render: &Render) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = socket.read(&mut chunk).await?;
-        if n == 0 || head.len() + n > MAX_HEAD {
-            return respond(socket, "400 Bad Request", "bad request\n").await;
-        }
-        head.extend_from_slice(&chunk[..n]);
-    }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
+fn answer<B>(request: &hyper::Request<B>, render: &Render) -> hyper::Response<Full<Bytes>> {
+    use hyper::{Method, StatusCode};
+    let (status, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (StatusCode::OK, render()),
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "try /metrics\n".to_owned()),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /metrics only\n".to_owned(),
+        ),
+    };
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
-    let path = path.split(|b| *b == b'?').next().unwrap_or_default();
-    match (method, path) {
-        (b"GET", b"/metrics") => {
-            let page = render();
-            respond(socket, "200 OK", &page).await
-        }
-        (b"GET", _) => respond(socket, "404 Not Found", "try /metrics\n").await,
-        _ => respond(socket, "405 Method Not Allowed", "GET /metrics only\n").await,
-    }
-}
-
-async fn respond(
-    socket: &mut tokio::net::TcpStream,
-    status: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    socket.write_all(head.as_bytes()).await?;
-    socket.write_all(body.as_bytes()).await?;
-    socket.shutdown().await
+    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn histogram_buckets_are_cumulative_in_seconds() {
@@ -261,7 +267,7 @@ mod tests {
             );
             assert!(ask(b"GET / HTTP/1.0\r\n\r\n".to_vec())
                 .await
-                .starts_with("HTTP/1.1 404"));
+                .starts_with("HTTP/1.0 404"));
             assert!(ask(b"POST /metrics HTTP/1.1\r\n\r\n".to_vec())
                 .await
                 .starts_with("HTTP/1.1 405"));
@@ -270,6 +276,64 @@ mod tests {
             // After all of that, it still answers.
             let again = ask(b"GET /metrics?x=1 HTTP/1.1\r\n\r\n".to_vec()).await;
             assert!(again.starts_with("HTTP/1.1 200 OK"));
+            stop.send(()).unwrap();
+            server.await.unwrap();
+        });
+    }
+
+    #[test]
+    fn idle_and_slow_clients_do_not_delay_a_scrape() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let render: Render = Arc::new(|| "up 1\n".to_owned());
+            let server = tokio::spawn(serve(listener, render, async {
+                let _ = stopped.await;
+            }));
+            // 64 clients that connect and say nothing, 8 that send half a head.
+            let mut idle = Vec::new();
+            for i in 0..72 {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                if i >= 64 {
+                    c.write_all(b"GET /metrics HTTP/1.1\r\nHo").await.unwrap();
+                }
+                idle.push(c);
+            }
+            let scrape = async {
+                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                client
+                    .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                let mut reply = String::new();
+                client.read_to_string(&mut reply).await.unwrap();
+                reply
+            };
+            let started = std::time::Instant::now();
+            let reply = tokio::time::timeout(Duration::from_secs(1), scrape)
+                .await
+                .expect("a scrape among idle clients answers at once");
+            assert!(
+                reply.starts_with("HTTP/1.1 200 OK") && reply.ends_with("up 1\n"),
+                "{reply}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(1));
+            // The idle ones are cut off after the head timeout.
+            let mut cut = 0;
+            for mut c in idle {
+                let mut rest = Vec::new();
+                let read = tokio::time::timeout(HEAD_TIMEOUT * 3, c.read_to_end(&mut rest)).await;
+                if read.is_ok() {
+                    cut += 1;
+                }
+            }
+            assert_eq!(cut, 72);
             stop.send(()).unwrap();
             server.await.unwrap();
         });
