@@ -163,8 +163,8 @@ pub struct Args {
     pub max_pending: usize,
 
     /// Serve Prometheus metrics (latency histograms, counters) on this address, e.g.
-    /// 127.0.0.1:9100
-    #[arg(long = "metrics-listen", value_name = "ADDR")]
+    /// 127.0.0.1:33334
+    #[arg(long = "metrics-listen", value_name = "ADDR", value_parser = parse_listen_address)]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
     /// Switch to this user once the capture, listeners and files are open (needs root)
@@ -177,7 +177,7 @@ pub struct Args {
     pub aggregator: Option<String>,
 
     /// This agent's name at the aggregator [default: the host name]
-    #[arg(long = "agent-id", value_name = "ID", help_heading = "Fleet")]
+    #[arg(long = "agent-id", value_name = "ID", help_heading = "Fleet", value_parser = parse_agent_id)]
     pub agent_id: Option<String>,
 
     /// Seconds of capture time per shipped histogram snapshot
@@ -302,6 +302,24 @@ impl Args {
 /// Parses the command line, after the settings of `--config FILE` (flags override them).
 /// Help and version are printed and exit 0; any other problem is one line on stderr and exit
 /// code 2.
+/// An address to listen on: `IP:PORT` (a name would need a lookup and could mean several).
+fn parse_listen_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not IP:PORT; give an address like 127.0.0.1:33334 or [::1]:33334")
+    })
+}
+
+/// An agent id the aggregator takes: 1 to 256 bytes, no control characters.
+fn parse_agent_id(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 256 {
+        return Err(format!("an agent id has 1 to 256 bytes, not {}", s.len()));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("an agent id holds no control characters".into());
+    }
+    Ok(s.to_string())
+}
+
 pub fn parse() -> Args {
     use clap::CommandFactory;
     let argv =

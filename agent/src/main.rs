@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         .init();
     match tcpkit::shell::run::run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<tcpkit::shell::run::Unshipped>() => {
+            eprintln!("tcpkit: {e:#}");
+            ExitCode::from(tcpkit::shell::run::EXIT_UNSHIPPED)
+        }
         Err(e) => {
             eprintln!("tcpkit: {e:#}");
             ExitCode::FAILURE

@@ -95,6 +95,7 @@ pub struct Connector {
 impl Connector {
     /// Checks the address and reads the token and certificates.
     pub fn new(url: &str, flags: &ClientFlags, connect_timeout: Duration) -> Result<Self> {
+        check_address(url)?;
         let mut endpoint = Endpoint::from_shared(url.to_owned())
             .with_context(|| format!("bad aggregator address '{url}'"))?
             .connect_timeout(connect_timeout)
@@ -205,4 +206,24 @@ pub fn with_hint(text: String, unauthenticated: bool) -> String {
         return text;
     };
     format!("{text} ({hint})")
+}
+
+/// Refuses an aggregator address without its scheme or port (`127.0.0.1:50051`,
+/// `localhost`), which would otherwise be retried forever, with an example of the right form.
+pub fn check_address(url: &str) -> Result<()> {
+    let example = "like http://127.0.0.1:50051, or https://aggregator.example:50051 with --tls-ca";
+    let Some((scheme, rest)) = url.split_once("://") else {
+        bail!("bad aggregator address '{url}': give its scheme and port, {example}");
+    };
+    if scheme != "http" && scheme != "https" {
+        bail!("bad aggregator address '{url}': the scheme is http or https, {example}");
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    let port = authority
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    match port {
+        Some((host, Ok(port))) if !host.is_empty() && port != 0 => Ok(()),
+        _ => bail!("bad aggregator address '{url}': give its host and port, {example}"),
+    }
 }

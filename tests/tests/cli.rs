@@ -166,3 +166,86 @@ fn help_and_version() {
     assert!(version.status.success());
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("tcpkit "));
 }
+
+#[test]
+fn fleet_and_metrics_addresses_are_checked_at_start() {
+    let pcap = tcpkit_tests::fixture("redis-multi.pcap");
+    let pcap = pcap.to_str().expect("utf-8");
+    for address in [
+        "127.0.0.1:50051",
+        "localhost",
+        "ftp://127.0.0.1:50051",
+        "http://127.0.0.1",
+    ] {
+        refused(
+            &[
+                "-r",
+                pcap,
+                "-p",
+                "26379",
+                "-m",
+                "redis",
+                "--aggregator",
+                address,
+            ],
+            1,
+            "like http://127.0.0.1:50051",
+        );
+    }
+    for address in ["localhost:9100", ":9100", "9100"] {
+        refused(
+            &["-r", pcap, "-p", "26379", "--metrics-listen", address],
+            2,
+            "give an address like 127.0.0.1:33334",
+        );
+    }
+    refused(
+        &["-r", pcap, "-p", "26379", "--agent-id", "web\u{1b}[2J"],
+        2,
+        "no control characters",
+    );
+}
+
+#[test]
+fn an_agent_whose_batches_are_not_acknowledged_exits_3() {
+    // Nothing listens there: every batch stays unacknowledged.
+    let url = format!("http://127.0.0.1:{}", tcpkit_tests::free_port());
+    let pcap = tcpkit_tests::fixture("redis-multi.pcap");
+    let out = tcpkit(&[
+        "-r",
+        pcap.to_str().expect("utf-8"),
+        "-p",
+        "26379",
+        "-m",
+        "redis",
+        "--summary",
+        "none",
+        "--aggregator",
+        &url,
+        "--ship-timeout",
+        "1",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("not everything was acknowledged"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_threshold_in_raw_mode_is_said_to_do_nothing() {
+    let pcap = tcpkit_tests::fixture("redis-multi.pcap");
+    let out = tcpkit(&[
+        "-r",
+        pcap.to_str().expect("utf-8"),
+        "-p",
+        "26379",
+        "-t",
+        "5",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("-t has no effect in raw mode"), "{stderr}");
+}

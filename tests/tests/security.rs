@@ -219,7 +219,8 @@ fn token_and_mutual_tls_guard_every_call() {
         stderr(&shipped)
     );
     let intruder = agent(&wrong_token, "intruder");
-    assert!(intruder.status.success(), "{}", stderr(&intruder));
+    // Nothing it captured was accepted: the exit status says so.
+    assert_eq!(intruder.status.code(), Some(3), "{}", stderr(&intruder));
     assert!(
         stderr(&intruder).contains("refused: a wrong token"),
         "{}",

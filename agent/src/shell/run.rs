@@ -41,6 +41,12 @@ pub fn run(args: Args) -> Result<()> {
     let modes = args.port_modes();
     // The script loads (and its init() runs) before capture starts: a bad one stops here.
     let all_raw = modes.iter().all(|(_, m)| *m == Mode::Raw);
+    if all_raw && args.threshold_ms.is_some() && args.script.is_none() {
+        eprintln!(
+            "tcpkit: -t has no effect in raw mode, which prints every packet (it is the slow-log \
+             threshold of -m redis, memcached or dns, and of a script's tcpkit.record)"
+        );
+    }
     let script = match &args.script {
         Some(path) => Some(Script::load(path, all_raw, args.script_limits())?),
         None => None,
@@ -197,16 +203,33 @@ pub fn run(args: Args) -> Result<()> {
         Some(Mode::Raw) => run_with!(()),
         None => run_with!(Duplex<MultiPairing>),
     };
+    let mut unshipped = None;
     if let Some(shipper) = shipper {
         let report = shipper.finish(Duration::from_secs_f64(args.ship_timeout_secs.max(0.0)));
         eprintln!("tcpkit: {report}");
+        if report.unacked.0 > 0 || report.dropped.events > 0 || report.dropped.histograms > 0 {
+            unshipped = Some(Unshipped(report));
+        }
     }
     if let Some((thread, shutdown)) = servers {
         let _ = shutdown.send(true);
         let _ = thread.join();
     }
-    result
+    match (result, unshipped) {
+        (Ok(()), Some(unshipped)) => Err(unshipped.into()),
+        (result, _) => result,
+    }
 }
+
+/// The exit status of an agent that ran to its end but did not get everything it should
+/// have shipped acknowledged (aggregator down, a wrong token, data dropped to stay within
+/// `--ship-buffer`), so that a backfill script can tell.
+pub const EXIT_UNSHIPPED: u8 = 3;
+
+/// What [`EXIT_UNSHIPPED`] stands for.
+#[derive(Debug, thiserror::Error)]
+#[error("not everything was acknowledged by the aggregator ({0}); exit status 3")]
+pub struct Unshipped(pub crate::shell::shipper::ShipReport);
 
 /// Who this agent is, for the aggregator.
 fn hello(args: &Args) -> tcpkit_proto::v1::Hello {

@@ -63,7 +63,7 @@ struct Args {
     )]
     tls_client_ca: Option<PathBuf>,
     /// Serve Prometheus metrics (the fleet-merged histograms, every agent's counters) on
-    /// this address, e.g. 127.0.0.1:9101
+    /// this address, e.g. 127.0.0.1:33335
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Read settings from this TOML file (keys are the long flag names; flags override them)
