@@ -6,6 +6,7 @@ fn main() -> ExitCode {
     let args = tcpkit::cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(tcpkit_ops::colour_on_stderr())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("TCPKIT_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

@@ -6,3 +6,10 @@
 pub mod config;
 pub mod listener;
 pub mod prometheus;
+
+/// True when stderr may carry colour codes: it is a terminal and `NO_COLOR` is unset or
+/// empty (<https://no-color.org>), so journald and log files get plain text.
+pub fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
+}

@@ -146,9 +146,43 @@ fn kubernetes_agents_reach_the_aggregator_with_the_token() {
     let agent = &ds["containers"][0];
     let caps = &agent["securityContext"]["capabilities"];
     assert_eq!(strings(&caps["drop"]), ["ALL"]);
-    assert_eq!(strings(&caps["add"]), ["NET_RAW", "NET_ADMIN"]);
+    assert_eq!(
+        strings(&caps["add"]),
+        ["NET_RAW", "NET_ADMIN", "SETUID", "SETGID"]
+    );
     assert_eq!(agent["securityContext"]["allowPrivilegeEscalation"], false);
+    // The image's entrypoint (`tcpkit --user nobody`) stays: no command replaces it.
+    assert!(
+        agent["command"].is_null(),
+        "command: would drop --user nobody"
+    );
+    let dockerfile = read("docker/agent.Dockerfile");
+    assert!(dockerfile.contains(r#"ENTRYPOINT ["/usr/local/bin/tcpkit", "--user", "nobody"]"#));
+    // Probed on its metrics endpoint, its ports declared.
+    let metrics_port = agent["ports"]
+        .as_sequence()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a metrics port")["containerPort"]
+        .as_u64()
+        .expect("a number");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(agent[probe]["httpGet"]["path"], "/metrics", "{probe}");
+        assert_eq!(agent[probe]["httpGet"]["port"], "metrics", "{probe}");
+    }
+    assert_eq!(
+        service["spec"]["clusterIP"], "None",
+        "a headless Service for the StatefulSet"
+    );
+    for image in [&agent["image"], &container["image"]] {
+        assert!(
+            image.as_str().unwrap().starts_with("registry.example.com/"),
+            "{image:?}"
+        );
+    }
     let flags = flag_map("tcpkit", &strings(&agent["args"]));
+    assert!(flags["metrics-listen"].ends_with(&format!(":{metrics_port}")));
     let expected_url = format!(
         "http://{}.{}.svc:{service_port}",
         service["metadata"]["name"].as_str().unwrap(),

@@ -58,6 +58,10 @@ fn finish_agent(child: Child) -> AgentOutput {
     let out = child.wait_with_output().expect("wait for tcpkit");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "tcpkit failed: {stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes on a pipe: {stderr:?}"
+    );
     let stdout = String::from_utf8(out.stdout).expect("utf-8");
     let mut lines: Vec<String> = stdout.lines().map(str::to_string).collect();
     let json: Value =
@@ -100,6 +104,9 @@ fn two_agents_queries_equal_the_fixtures() {
         );
     }
     check_fleet(&[], &url, &a1, &a2);
+    // Its log is a file: plain text, no colour codes.
+    let log = std::fs::read_to_string(dir.path().join("aggregator.log")).expect("log");
+    assert!(!log.is_empty() && !log.contains('\x1b'), "{log:?}");
 
     // The merged histogram is the histogram of all requests: one agent reading both
     // captures at once has the very same percentiles.

@@ -77,7 +77,7 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(tcpkit_ops::colour_on_stderr())
         .init();
     let argv =
         match tcpkit_ops::config::with_config_file(&Args::command(), std::env::args_os().collect())
