@@ -80,7 +80,7 @@ pub struct Args {
     #[arg(long = "pid-file", value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
 
-    /// Read packets from a pcap/pcapng file instead of capturing live
+    /// Read packets from a pcap/pcapng file instead of capturing live (- for standard input)
     #[arg(short = 'r', long = "read", value_name = "FILE")]
     pub read: Option<PathBuf>,
 
@@ -91,6 +91,16 @@ pub struct Args {
     /// Protocol mode
     #[arg(short = 'm', long = "mode", value_enum, default_value = "raw")]
     pub mode: Mode,
+
+    /// Stop after this many packets (those the filter passes)
+    #[arg(short = 'c', long = "count", value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// Stop after this many seconds (of wall time, live or reading a file)
+    #[arg(long = "duration", value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub duration_secs: Option<u64>,
 
     /// Also write the captured packets to this pcap file
     #[arg(short = 'w', long = "write", value_name = "FILE")]

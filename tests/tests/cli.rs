@@ -249,3 +249,46 @@ fn a_threshold_in_raw_mode_is_said_to_do_nothing() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("-t has no effect in raw mode"), "{stderr}");
 }
+
+#[test]
+fn a_capture_from_stdin_or_cut_by_count_and_duration() {
+    let pcap = tcpkit_tests::fixture("redis-multi.pcap");
+    let args = ["-p", "26379", "-m", "redis", "--summary", "json"];
+    let from_file = tcpkit(&[&["-r", pcap.to_str().expect("utf-8")][..], &args].concat());
+    let from_stdin = Command::new(tcpkit_bin())
+        .args(["-r", "-"])
+        .args(args)
+        .stdin(std::fs::File::open(&pcap).expect("fixture"))
+        .output()
+        .expect("run tcpkit");
+    assert!(
+        from_stdin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&from_stdin.stderr)
+    );
+    assert_eq!(from_stdin.stdout, from_file.stdout);
+
+    let counted = tcpkit(&[
+        "-r",
+        pcap.to_str().expect("utf-8"),
+        "-p",
+        "26379",
+        "-c",
+        "5",
+    ]);
+    let out = String::from_utf8_lossy(&counted.stdout);
+    assert!(out.contains("\n5 packets captured\n"), "{out}");
+    refused(&["-r", "x.pcap", "-p", "26379", "-c", "0"], 2, "--count");
+
+    if requirement(is_root(), "root (live capture on lo)") {
+        let started = std::time::Instant::now();
+        let port = tcpkit_tests::free_port().to_string();
+        let live = tcpkit(&["-i", "lo", "-p", &port, "-P", "0", "--duration", "1"]);
+        let stderr = String::from_utf8_lossy(&live.stderr);
+        assert!(live.status.success(), "{stderr}");
+        let took = started.elapsed();
+        assert!(took >= std::time::Duration::from_secs(1), "{took:?}");
+        assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+        assert!(String::from_utf8_lossy(&live.stdout).contains("packets captured"));
+    }
+}

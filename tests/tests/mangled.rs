@@ -207,6 +207,8 @@ fn what_is_not_timed_is_counted_in_every_output() {
         filter: String::new(),
         prefilter: None,
         write_to: None,
+        max_frames: None,
+        max_duration: None,
     })
     .unwrap();
     let mut pipeline = Pipeline::<Duplex<RedisPairing>>::new(PipelineConfig {

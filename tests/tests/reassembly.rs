@@ -31,6 +31,8 @@ fn segments(name: &str) -> Vec<Segment> {
         filter: String::new(),
         prefilter: None,
         write_to: None,
+        max_frames: None,
+        max_duration: None,
     })
     .unwrap();
     let rule = DirectionRule::new(&[e.port], &[], &[]);

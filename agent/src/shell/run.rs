@@ -84,6 +84,8 @@ pub fn run(args: Args) -> Result<()> {
         filter,
         prefilter,
         write_to: args.write.clone(),
+        max_frames: args.count,
+        max_duration: args.duration_secs.map(Duration::from_secs),
     })?;
 
     let stats_listener = match args.effective_stats_port() {

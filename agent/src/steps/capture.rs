@@ -22,9 +22,12 @@ pub enum Source {
         /// The OS capture buffer, in KiB.
         buffer_kib: u32,
     },
-    /// A pcap or pcapng file.
+    /// A pcap or pcapng file; `-` is standard input.
     File(PathBuf),
 }
+
+/// The name that stands for standard input (`-r -`, as tcpdump takes it).
+pub const STDIN: &str = "-";
 
 /// Everything needed to open a capture.
 #[derive(Debug, Clone)]
@@ -38,6 +41,10 @@ pub struct CaptureConfig {
     pub prefilter: Option<PortPrefilter>,
     /// Copy every captured frame to this pcap file.
     pub write_to: Option<PathBuf>,
+    /// The capture ends after this many frames (`-c`).
+    pub max_frames: Option<u64>,
+    /// The capture ends this long after it opened (`--duration`).
+    pub max_duration: Option<std::time::Duration>,
 }
 
 /// Why a capture could not be opened or went wrong.
@@ -153,6 +160,11 @@ pub struct Capture {
     prefilter: Option<PortPrefilter>,
     /// Where the last frame read in blocks starts in its block.
     frame_offset: usize,
+    /// Frames returned so far, and the count that ends the capture.
+    frames: u64,
+    max_frames: Option<u64>,
+    /// When the capture ends.
+    deadline: Option<std::time::Instant>,
 }
 
 /// Live reads return at least this often, so that the caller can do periodic work and
@@ -169,6 +181,21 @@ impl Capture {
                     interface,
                     buffer_kib,
                 } => (open_live(interface, *buffer_kib)?.into(), true, None),
+                Source::File(path) if path.as_os_str() == STDIN => {
+                    // libpcap reads (and closes) a copy of the descriptor.
+                    // SAFETY: dup returns a descriptor that only this handle owns, or -1.
+                    let fd = unsafe { libc::dup(0) };
+                    // SAFETY: `fd` is ours alone (checked not to be -1).
+                    let handle = (fd >= 0)
+                        .then(|| unsafe { PcapCapture::from_raw_fd(fd) })
+                        .ok_or_else(|| std::io::Error::last_os_error().to_string())
+                        .and_then(|r| r.map_err(describe_file_error))
+                        .map_err(|detail| CaptureError::File {
+                            path: path.clone(),
+                            detail,
+                        })?;
+                    (handle.into(), false, None)
+                }
                 Source::File(path) => {
                     let size = std::fs::metadata(path)
                         .map_err(|e| CaptureError::File {
@@ -202,12 +229,15 @@ impl Capture {
             },
             // libpcap has checked the file; a classic pcap is then read in blocks.
             blocks: match &config.source {
-                Source::File(path) => BlockPcap::open(path),
-                Source::Live { .. } => None,
+                Source::File(path) if path.as_os_str() != STDIN => BlockPcap::open(path),
+                _ => None,
             },
             blocks_filter: None,
             prefilter: None,
             frame_offset: 0,
+            frames: 0,
+            max_frames: config.max_frames,
+            deadline: config.max_duration.map(|d| std::time::Instant::now() + d),
         };
         if !config.filter.is_empty() {
             let filter = vlan_aware(&config.filter, link);
@@ -253,7 +283,15 @@ impl Capture {
     /// for the descriptor at most [`READ_TIMEOUT_MS`] (less when a signal arrives), so the
     /// caller regains control even when no packet comes (libpcap's own timeout does not fire
     /// on an idle TPACKET_V3 ring).
+    /// With `-c` or `--duration`, the end comes when the count is reached or the time is up.
     pub fn next_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+        if self.max_frames.is_some_and(|n| self.frames >= n)
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Ok(Next::End);
+        }
         if self.blocks.is_some() {
             return self.next_block_frame();
         }
@@ -270,6 +308,7 @@ impl Capture {
                 }
                 let header = packet.header;
                 self.file_bytes_read += 16 + u64::from(header.caplen);
+                self.frames += 1;
                 Ok(Next::Frame(Frame {
                     ts_sec: header.ts.tv_sec,
                     ts_usec: header.ts.tv_usec.clamp(0, 999_999) as u32,
@@ -321,6 +360,7 @@ impl Capture {
         };
         self.file_bytes_read = blocks.position();
         self.frame_offset = record.start;
+        self.frames += 1;
         let blocks = self.blocks.as_ref().expect("checked by the caller");
         let data = blocks.data(&record);
         if let Some(dump) = self.dump.as_mut() {
