@@ -31,6 +31,9 @@ if [ "$role" = aggregator ] && [ ! -e /etc/tcpkit/aggregator.key ]; then
   echo "  the --tls-key credential from the unit), then: systemctl restart $unit" >&2
 fi
 install -m 0644 "deploy/systemd/$unit.service" "/etc/systemd/system/$unit.service"
+if [ "$role" = agent ] && [ -d /etc/logrotate.d ]; then
+  install -m 0644 deploy/logrotate/tcpkit /etc/logrotate.d/tcpkit  # SIGHUP reopens the log
+fi
 systemctl daemon-reload
 systemctl enable --now "$unit"
 systemctl --no-pager status "$unit" || true

@@ -409,3 +409,25 @@ fn compose_runs_the_fleet_demo_and_dockerfiles_build_both_images() {
         }
     }
 }
+
+#[test]
+fn logrotate_rotates_the_configured_log_and_signals_the_unit() {
+    let rules = read("logrotate/tcpkit");
+    let config: toml::Value = toml::from_str(&read("config/agent.toml")).expect("agent.toml");
+    let log = config["log"].as_str().expect("the agent's log");
+    let dir = log.rsplit_once('/').expect("a path").0;
+    assert!(rules.contains(&format!("{dir}/*.log {{")), "{rules}");
+    assert!(read("systemd/tcpkit-agent.service").contains("LogsDirectory=tcpkit"));
+    assert!(dir.ends_with("/tcpkit"));
+    assert!(
+        rules.contains("systemctl kill --kill-whom=main --signal=HUP tcpkit-agent.service"),
+        "{rules}"
+    );
+    assert!(
+        rules
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .all(|l| !l.contains("copytruncate")),
+        "the agent reopens: no copy needed"
+    );
+}

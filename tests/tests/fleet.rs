@@ -457,3 +457,15 @@ fn the_query_cli_checks_its_input_and_says_when_nothing_matches() {
     );
     assert_eq!(query_json(&[], &url, &["agents"])[0]["connected"], false);
 }
+
+/// SIGHUP (logrotate's signal) does not stop the aggregator.
+#[test]
+fn the_aggregator_lives_through_sighup() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(agg.guard.0.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    let agents = query_json(&[], &agg.url(), &["agents"]);
+    assert!(agents.as_array().is_some());
+}

@@ -627,3 +627,39 @@ fn live_redis_as_nobody_with_metrics_and_a_config_file() {
     let status = agent.0.wait().unwrap();
     assert!(status.success(), "tcpkit exit: {status}");
 }
+
+/// logrotate's way: the `-o` file is renamed, SIGHUP; the agent writes on into a new file of
+/// the old name, and SIGHUP never stops it.
+#[test]
+fn sighup_reopens_the_log_file() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("redis-server"), "redis-server")
+    {
+        return;
+    }
+    let (_redis, redis_port) = start_redis();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("tcpkit.log");
+    let rotated = dir.path().join("tcpkit.log.1");
+    let (mut agent, _) = start_live_agent(|c| {
+        c.args(["-i", "lo", "-m", "raw", "-p", &redis_port.to_string()])
+            .args(["-o", log.to_str().unwrap()])
+    });
+    drive(redis_port);
+    std::thread::sleep(Duration::from_millis(1500)); // a tick writes the lines out
+    std::fs::rename(&log, &rotated).unwrap();
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(1500));
+    drive(redis_port);
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(&agent.0);
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "tcpkit exit after SIGHUP: {status}");
+    let requests = |text: &str| text.lines().filter(|l| l.contains(" REQ ")).count();
+    let old = std::fs::read_to_string(&rotated).unwrap();
+    let new = std::fs::read_to_string(&log).expect("a new log file after SIGHUP");
+    assert_eq!(requests(&old), REQUESTS, "{old}");
+    assert_eq!(requests(&new), REQUESTS, "{new}");
+    assert!(new.contains(" packets captured\n") && !old.contains(" packets captured\n"));
+}

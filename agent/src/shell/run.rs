@@ -1,7 +1,6 @@
 //! The agent's shell around the pipeline: opens the capture, the log and the stats port,
 //! runs the capture loop until the end of the file or a signal, prints the summary.
 
-use std::fs::OpenOptions;
 use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use crate::matcher::duplex::Duplex;
 use crate::matcher::multi::MultiPairing;
 use crate::matcher::{Connection, MatchLimits, MemcachedPairing, RedisPairing};
 use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::shell::logfile::LogFile;
 use crate::shell::privileges;
 use crate::shell::shard;
 use crate::shell::shipper::{ShipSink, Shipper, ShipperConfig};
@@ -103,7 +103,11 @@ pub fn run(args: Args) -> Result<()> {
         ),
         None => None,
     };
-    let mut log = open_log(&args)?;
+    // SIGHUP reopens the -o log (logrotate), and never stops the agent.
+    let reopen_log = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reopen_log))
+        .context("cannot handle signals")?;
+    let mut log = open_log(&args, reopen_log)?;
     // Before the pid file exists, so that a signal sent as soon as it does stops cleanly.
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -267,17 +271,13 @@ fn host_name() -> String {
     String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
-/// The log: `-o FILE` (appended), or standard output.
-fn open_log(args: &Args) -> Result<Box<dyn Write>> {
+/// The log: `-o FILE` (appended, reopened when `reopen` is set), or standard output.
+fn open_log(args: &Args, reopen: Arc<AtomicBool>) -> Result<Box<dyn Write>> {
     Ok(match &args.log {
-        Some(path) => Box::new(io::BufWriter::with_capacity(
-            1 << 16,
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+        Some(path) => Box::new(
+            LogFile::open(path.clone(), reopen)
                 .with_context(|| format!("cannot open log file {}", path.display()))?,
-        )),
+        ),
         None => Box::new(io::BufWriter::with_capacity(1 << 16, io::stdout())),
     })
 }

@@ -144,6 +144,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot handle SIGTERM")?;
+        // It logs to stderr only (the journal): SIGHUP, logrotate's signal, has nothing to
+        // reopen and must not stop it.
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot handle SIGHUP")?;
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: nothing to reopen (the log is stderr)");
+            }
+        });
         let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
