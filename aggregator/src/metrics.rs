@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tcpkit_ops::prometheus::{Exposition, Labels, SeedHistogram};
+use tcpkit_ops::prometheus::{BucketHistogram, Exposition, Labels};
 use tcpkit_proto::v1;
 
 use crate::merge::Merged;
@@ -135,6 +135,7 @@ impl Telemetry {
             "Commits that failed (the batches were not acknowledged; agents re-send them).",
             [(none, load(&self.store_failures))],
         );
+        page.build_and_process("tcpkit-aggregator", env!("CARGO_PKG_VERSION"));
         let Ok(fleet) = self.fleet.lock() else {
             return page.finish();
         };
@@ -167,15 +168,10 @@ impl Telemetry {
         page.latency_histogram(
             "tcpkit_fleet_request_duration_seconds",
             "Request latency over every agent, since the aggregator started.",
-            labels.iter().zip(&keys).map(|(l, k)| {
-                (
-                    &l[..],
-                    SeedHistogram {
-                        seed: &k.3.seed,
-                        sum_us: k.3.sum_us,
-                    },
-                )
-            }),
+            labels
+                .iter()
+                .zip(&keys)
+                .map(|(l, k)| (&l[..], BucketHistogram::seed(&k.3.seed, k.3.sum_us))),
         );
         let per_key = |value: fn(&Merged) -> u64| {
             labels

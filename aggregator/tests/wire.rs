@@ -289,6 +289,10 @@ fn bad_messages_get_clear_statuses_and_the_aggregator_goes_on() {
             page.contains("tcpkit_aggregator_stored_total{kind=\"events\"} 20"),
             "{page}"
         );
+        assert!(
+            page.contains("tcpkit_build_info{program=\"tcpkit-aggregator\",version=\""),
+            "{page}"
+        );
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();

@@ -47,6 +47,29 @@ pub fn seed_bucket(latency_us: u64) -> usize {
         .unwrap_or(SEED_BOUNDS_US.len())
 }
 
+/// Upper bounds of the Prometheus buckets in µs: 10 µs doubling to 20.97 s (22 bounds),
+/// fine enough below a millisecond for Redis and memcached; a last bucket holds the rest.
+pub const PROM_BOUNDS_US: [u64; 22] = {
+    let mut bounds = [0; 22];
+    let mut i = 0;
+    while i < bounds.len() {
+        bounds[i] = 10 << i;
+        i += 1;
+    }
+    bounds
+};
+/// Number of Prometheus buckets (the bounds and the one above them).
+pub const PROM_BUCKETS: usize = PROM_BOUNDS_US.len() + 1;
+
+/// The Prometheus bucket of a latency: bucket `i` holds `(bound[i-1], bound[i]]`, as `le`
+/// counts them, the last one everything above 20.97 s.
+#[inline]
+pub fn prom_bucket(latency_us: u64) -> usize {
+    // (L - 1) / 10 is in [2^(i-1), 2^i) exactly when L is in (10·2^(i-1), 10·2^i].
+    let scaled = latency_us.saturating_sub(1) / 10;
+    ((u64::BITS - scaled.leading_zeros()) as usize).min(PROM_BUCKETS - 1)
+}
+
 /// Sub-buckets per power of two (2^6).
 const SUB_BITS: u32 = 6;
 const SUB: u64 = 1 << SUB_BITS;
@@ -194,6 +217,29 @@ impl FineHistogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prometheus_buckets_hold_what_their_le_says() {
+        let edges = PROM_BOUNDS_US.iter().flat_map(|&b| [b - 1, b, b + 1]);
+        for latency in (0..=100_000u64).chain(edges) {
+            let i = prom_bucket(latency);
+            let above = i == 0 || latency > PROM_BOUNDS_US[i - 1];
+            let within = i == PROM_BOUNDS_US.len() || latency <= PROM_BOUNDS_US[i];
+            assert!(above && within, "{latency} µs in bucket {i}");
+        }
+        for (latency, bucket) in [
+            (0, 0),
+            (10, 0),
+            (11, 1),
+            (20, 1),
+            (21, 2),
+            (20_971_520, 21),
+            (20_971_521, 22),
+            (u64::MAX, 22),
+        ] {
+            assert_eq!(prom_bucket(latency), bucket, "{latency}");
+        }
+    }
     use proptest::prelude::*;
 
     #[test]

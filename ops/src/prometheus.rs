@@ -1,9 +1,10 @@
 //! The Prometheus text exposition format (version 0.0.4) and an HTTP endpoint serving it
 //! (hyper).
 //!
-//! Latency histograms are exported in seconds with the seed buckets of DESIGN.md as `le`
-//! bounds: a seed bucket holds `(bound[i-1], bound[i]]`, exactly Prometheus' cumulative
-//! `le` convention, so the exported buckets are exact, not estimated.
+//! Latency histograms are exported in seconds with bucket counts kept as `le` counts them
+//! (the agent's 10 µs-doubling buckets, the aggregator's seed buckets of DESIGN.md): a bucket
+//! holds `(bound[i-1], bound[i]]`, exactly Prometheus' cumulative `le` convention, so the
+//! exported buckets are exact, not estimated.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -18,13 +19,27 @@ use tokio::net::TcpListener;
 /// Label names and values of one series.
 pub type Labels<'a> = &'a [(&'a str, &'a str)];
 
-/// What a latency histogram series holds, in the seed buckets.
+/// What a latency histogram series holds: counts of buckets with their upper bounds.
 #[derive(Debug, Clone, Copy)]
-pub struct SeedHistogram<'a> {
-    /// Counts of the 18 seed buckets.
-    pub seed: &'a [u64; SEED_BUCKETS],
+pub struct BucketHistogram<'a> {
+    /// Upper bounds of the buckets but the last, µs (bucket `i` holds `(bound[i-1],
+    /// bound[i]]`, as `le` counts).
+    pub bounds_us: &'a [u64],
+    /// One count per bound, and the last for what is above them all.
+    pub counts: &'a [u64],
     /// Sum of the latencies, µs.
     pub sum_us: u64,
+}
+
+impl<'a> BucketHistogram<'a> {
+    /// The 18 seed buckets (DESIGN.md).
+    pub fn seed(seed: &'a [u64; SEED_BUCKETS], sum_us: u64) -> Self {
+        Self {
+            bounds_us: &SEED_BOUNDS_US,
+            counts: seed,
+            sum_us,
+        }
+    }
 }
 
 /// A metrics page being written, family by family.
@@ -102,18 +117,21 @@ impl Exposition {
         &mut self,
         name: &str,
         help: &str,
-        series: impl IntoIterator<Item = (Labels<'a>, SeedHistogram<'a>)>,
+        series: impl IntoIterator<Item = (Labels<'a>, BucketHistogram<'a>)>,
     ) {
         self.header(name, "histogram", help);
         let bucket = format!("{name}_bucket");
         for (labels, histogram) in series {
-            let mut cumulative = 0;
-            for (bound_us, count) in SEED_BOUNDS_US.iter().zip(histogram.seed) {
-                cumulative += count;
+            let mut cumulative = 0u64;
+            for (bound_us, count) in histogram.bounds_us.iter().zip(histogram.counts) {
+                cumulative = cumulative.saturating_add(*count);
                 let le = (*bound_us as f64 / 1e6).to_string();
                 self.sample(&bucket, labels, Some(("le", &le)), &cumulative.to_string());
             }
-            let count: u64 = histogram.seed.iter().sum();
+            let count = histogram
+                .counts
+                .iter()
+                .fold(0u64, |a, &b| a.saturating_add(b));
             self.sample(&bucket, labels, Some(("le", "+Inf")), &count.to_string());
             let sum = (histogram.sum_us as f64 / 1e6).to_string();
             self.sample(&format!("{name}_sum"), labels, None, &sum);
@@ -121,9 +139,110 @@ impl Exposition {
         }
     }
 
+    /// `tcpkit_build_info{program, version} 1` and the process metrics of the Prometheus
+    /// client libraries (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+    /// `process_virtual_memory_bytes`, `process_open_fds`, `process_start_time_seconds`),
+    /// read from `/proc/self`; a figure that cannot be read is left out.
+    pub fn build_and_process(&mut self, program: &str, version: &str) {
+        self.gauge(
+            "tcpkit_build_info",
+            "The running build: 1, with its program and version as labels.",
+            [(&[("program", program), ("version", version)][..], 1.0)],
+        );
+        let process = ProcessFigures::read();
+        let none: Labels<'_> = &[];
+        if let Some(cpu) = process.cpu_seconds {
+            self.counter_f64(
+                "process_cpu_seconds_total",
+                "User and system CPU time spent, seconds.",
+                cpu,
+            );
+        }
+        for (name, help, value) in [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size, bytes.",
+                process.resident_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size, bytes.",
+                process.virtual_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Open file descriptors.",
+                process.open_fds,
+            ),
+            (
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, seconds.",
+                process.start_time_seconds,
+            ),
+        ] {
+            if let Some(value) = value {
+                self.gauge(name, help, [(none, value)]);
+            }
+        }
+    }
+
+    fn counter_f64(&mut self, name: &str, help: &str, value: f64) {
+        self.header(name, "counter", help);
+        self.sample(name, &[], None, &value.to_string());
+    }
+
     /// The page.
     pub fn finish(self) -> String {
         self.text
+    }
+}
+
+/// What `/proc/self` says of this process.
+#[derive(Debug, Default, Clone, Copy)]
+struct ProcessFigures {
+    cpu_seconds: Option<f64>,
+    resident_bytes: Option<f64>,
+    virtual_bytes: Option<f64>,
+    open_fds: Option<f64>,
+    start_time_seconds: Option<f64>,
+}
+
+impl ProcessFigures {
+    fn read() -> Self {
+        // SAFETY: sysconf only reads configuration values.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK) as f64,
+                libc::sysconf(libc::_SC_PAGESIZE) as f64,
+            )
+        };
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        // Numbered as in proc(5), from the state (field 3).
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<f64>().ok());
+        let boot_time = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("btime "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
+        let valid = ticks > 0.0 && page > 0.0;
+        Self {
+            cpu_seconds: valid
+                .then(|| Some((field(14)? + field(15)?) / ticks))
+                .flatten(),
+            virtual_bytes: field(23),
+            resident_bytes: valid.then(|| field(24).map(|p| p * page)).flatten(),
+            open_fds: std::fs::read_dir("/proc/self/fd")
+                .ok()
+                .map(|d| d.count() as f64),
+            start_time_seconds: valid
+                .then(|| Some(boot_time? + field(22)? / ticks))
+                .flatten(),
+        }
     }
 }
 
@@ -216,10 +335,7 @@ mod tests {
             "Latency.",
             [(
                 &[("port", "6379"), ("command", "GET \"x\"")][..],
-                SeedHistogram {
-                    seed: &seed,
-                    sum_us: 1_500_000,
-                },
+                BucketHistogram::seed(&seed, 1_500_000),
             )],
         );
         let page = page.finish();
@@ -337,5 +453,36 @@ mod tests {
             stop.send(()).unwrap();
             server.await.unwrap();
         });
+    }
+
+    #[test]
+    fn build_info_and_the_process_figures() {
+        let mut page = Exposition::default();
+        page.build_and_process("tcpkit", "1.2.3");
+        let page = page.finish();
+        assert!(
+            page.contains("tcpkit_build_info{program=\"tcpkit\",version=\"1.2.3\"} 1\n"),
+            "{page}"
+        );
+        let value = |name: &str| -> f64 {
+            page.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} in {page}"))
+                .parse()
+                .unwrap()
+        };
+        assert!(value("process_resident_memory_bytes") > 1e5);
+        assert!(value("process_virtual_memory_bytes") >= value("process_resident_memory_bytes"));
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_cpu_seconds_total") >= 0.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let started = value("process_start_time_seconds");
+        assert!(
+            started <= now + 1.0 && started > now - 86_400.0,
+            "{started} vs {now}"
+        );
     }
 }

@@ -115,3 +115,72 @@ fn text_summary_in_the_c_tools_words() {
     );
     assert!(out.contains("  p50 "), "{out}");
 }
+
+/// The metrics page's latency buckets (10 µs doubling) hold exactly the exchanges the slow
+/// log prints with those latencies: the oracle is every line of `-t 0`.
+#[test]
+fn prometheus_buckets_count_the_slow_log_exactly() {
+    use tcpkit::histogram::{prom_bucket, PROM_BOUNDS_US};
+    use tcpkit::matcher::duplex::Duplex;
+    use tcpkit::matcher::RedisPairing;
+    use tcpkit::modes::Mode;
+    use tcpkit::pipeline::{Pipeline, PipelineConfig};
+    use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+    use tcpkit::steps::flow::{DirectionRule, FlowLimits};
+
+    let name = "redis-benchmark-lo";
+    let e = Expected::of(name);
+    let mut expected = [0u64; PROM_BOUNDS_US.len() + 1];
+    for line in redis(name, &["-t", "0", "--summary", "none"]).lines() {
+        let ms = line.split(" | ").nth(1).and_then(|f| f.strip_suffix(" ms"));
+        let Some(ms) = ms else { continue };
+        let (whole, frac) = ms.split_once('.').expect("ms.µµµ");
+        let us = whole.parse::<u64>().unwrap() * 1000 + frac.parse::<u64>().unwrap();
+        expected[prom_bucket(us)] += 1;
+    }
+    let mut capture = Capture::open(&CaptureConfig {
+        source: Source::File(tcpkit_tests::fixture(&format!("{name}.pcap"))),
+        filter: String::new(),
+        prefilter: None,
+        write_to: None,
+        max_frames: None,
+        max_duration: None,
+    })
+    .unwrap();
+    let mut pipeline = Pipeline::<Duplex<RedisPairing>>::new(PipelineConfig {
+        link: capture.link(),
+        rule: DirectionRule::new(&[e.port], &[], &[]),
+        ports: vec![(e.port, Mode::Redis)],
+        flow_limits: FlowLimits::default(),
+        match_limits: Default::default(),
+        threshold_ms: Some(1000.0),
+    });
+    while let Next::Frame(frame) = capture.next_frame().unwrap() {
+        pipeline.on_frame(&frame);
+    }
+    pipeline.finish();
+    let page = pipeline.metrics(None);
+    let mut cumulative = 0;
+    for (i, bound) in PROM_BOUNDS_US.iter().enumerate() {
+        cumulative += expected[i];
+        let le = format!("le=\"{}\"", *bound as f64 / 1e6);
+        let on_page =
+            tcpkit_tests::metric_sum(&page, "tcpkit_request_duration_seconds_bucket", &[&le]);
+        assert_eq!(on_page as u64, cumulative, "{le}");
+    }
+    let all = tcpkit_tests::metric_sum(
+        &page,
+        "tcpkit_request_duration_seconds_bucket",
+        &["le=\"+Inf\""],
+    );
+    assert_eq!(all as u64, e.exchanges());
+    assert!(
+        page.contains("le=\"0.00001\"") && page.contains("le=\"20.97152\""),
+        "{page}"
+    );
+    assert!(
+        page.contains("\ntcpkit_build_info{program=\"tcpkit\",version=\""),
+        "{page}"
+    );
+    assert!(page.contains("\nprocess_resident_memory_bytes "), "{page}");
+}

@@ -1,8 +1,9 @@
 //! The agent's Prometheus page (`--metrics-listen`): latency histograms per port, protocol
 //! and command, their error and timeout counters, and every data-quality counter of the exit
-//! summary (kernel drops, decode failures, evictions, gaps, desyncs, the shipper's buffer).
+//! summary (kernel drops, decode failures, evictions, gaps, desyncs, the shipper's buffer),
+//! the build and the process figures.
 
-use tcpkit_ops::prometheus::{Exposition, Labels, SeedHistogram};
+use tcpkit_ops::prometheus::{BucketHistogram, Exposition, Labels};
 
 use crate::modes::PortModes;
 use crate::shell::shipper::ShipStatusNow;
@@ -53,8 +54,9 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
         labels.iter().zip(&series).map(|(l, s)| {
             (
                 &l[..],
-                SeedHistogram {
-                    seed: &s.stats.latencies,
+                BucketHistogram {
+                    bounds_us: &crate::histogram::PROM_BOUNDS_US,
+                    counts: &s.stats.prometheus,
                     sum_us: s.stats.total_costs,
                 },
             )
@@ -251,5 +253,6 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
             ],
         );
     }
+    page.build_and_process("tcpkit", env!("CARGO_PKG_VERSION"));
     page.finish()
 }
