@@ -442,3 +442,37 @@ pub fn start_live_agent(configure: impl FnOnce(&mut Command) -> &mut Command) ->
     );
     (agent, stats_port)
 }
+
+/// The agent's metrics page after one pipeline (connections of type `C`, every port of the
+/// fixture in `mode`) has read the whole fixture `name`, in-process.
+pub fn metrics_page<C: tcpkit::matcher::Connection>(
+    name: &str,
+    mode: tcpkit::modes::Mode,
+) -> String {
+    use tcpkit::pipeline::{Pipeline, PipelineConfig};
+    use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+    use tcpkit::steps::flow::{DirectionRule, FlowLimits};
+    let e = Expected::of(name);
+    let mut capture = Capture::open(&CaptureConfig {
+        source: Source::File(fixture(&format!("{name}.pcap"))),
+        filter: String::new(),
+        prefilter: None,
+        write_to: None,
+        max_frames: None,
+        max_duration: None,
+    })
+    .expect("the fixture opens");
+    let mut pipeline = Pipeline::<C>::new(PipelineConfig {
+        link: capture.link(),
+        rule: DirectionRule::new(&[e.port], &[], &[]),
+        ports: vec![(e.port, mode)],
+        flow_limits: FlowLimits::default(),
+        match_limits: Default::default(),
+        threshold_ms: Some(1000.0),
+    });
+    while let Next::Frame(frame) = capture.next_frame().expect("the fixture reads") {
+        pipeline.on_frame(&frame);
+    }
+    pipeline.finish();
+    pipeline.metrics(None)
+}

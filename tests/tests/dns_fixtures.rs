@@ -34,6 +34,24 @@ fn queries_pair_by_id_and_unanswered_ones_time_out() {
         e.extra("timeouts").unwrap(),
         "{stats}"
     );
+    // The response codes in the text summary and on the metrics page too.
+    let (noerror, nxdomain) = (e.extra("noerror").unwrap(), e.extra("nxdomain").unwrap());
+    let text = run_on_fixture(name, &["-m", "dns", "-u", "-t", "100000"]);
+    let said = format!("\n  responses: {noerror} NOERROR, {nxdomain} NXDOMAIN\n");
+    assert!(text.contains(&said), "{text}");
+    let page = tcpkit_tests::metrics_page::<()>(name, tcpkit::modes::Mode::Dns);
+    let responses = |rcode: &str| {
+        tcpkit_tests::metric_sum(
+            &page,
+            "tcpkit_dns_responses_total",
+            &[&format!("rcode=\"{rcode}\"")],
+        ) as u64
+    };
+    assert_eq!(
+        (responses("NOERROR"), responses("NXDOMAIN")),
+        (noerror, nxdomain),
+        "{page}"
+    );
 }
 
 #[test]

@@ -28,6 +28,23 @@ fn every_text_command_pairs_with_hits_and_misses() {
     let text = run_on_fixture(name, &["-m", "memcached", "-t", "100000"]);
     let noreply = format!("{} no-reply requests", e.extra("noreply").unwrap());
     assert!(text.contains(&noreply), "{text}");
+    // The hits and misses in the text summary and on the metrics page too.
+    let (hits, misses) = (e.extra("hits").unwrap(), e.extra("misses").unwrap());
+    assert!(
+        text.contains(&format!("\n  {hits} hits, {misses} misses\n")),
+        "{text}"
+    );
+    let page = tcpkit_tests::metrics_page::<
+        tcpkit::matcher::duplex::Duplex<tcpkit::matcher::MemcachedPairing>,
+    >(name, tcpkit::modes::Mode::Memcached);
+    let lookups = |result: &str| {
+        tcpkit_tests::metric_sum(
+            &page,
+            "tcpkit_cache_lookups_total",
+            &[&format!("result=\"{result}\"")],
+        ) as u64
+    };
+    assert_eq!((lookups("hit"), lookups("miss")), (hits, misses), "{page}");
 }
 
 #[test]

@@ -123,10 +123,6 @@ fn prometheus_buckets_count_the_slow_log_exactly() {
     use tcpkit::histogram::{prom_bucket, PROM_BOUNDS_US};
     use tcpkit::matcher::duplex::Duplex;
     use tcpkit::matcher::RedisPairing;
-    use tcpkit::modes::Mode;
-    use tcpkit::pipeline::{Pipeline, PipelineConfig};
-    use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
-    use tcpkit::steps::flow::{DirectionRule, FlowLimits};
 
     let name = "redis-benchmark-lo";
     let e = Expected::of(name);
@@ -138,28 +134,7 @@ fn prometheus_buckets_count_the_slow_log_exactly() {
         let us = whole.parse::<u64>().unwrap() * 1000 + frac.parse::<u64>().unwrap();
         expected[prom_bucket(us)] += 1;
     }
-    let mut capture = Capture::open(&CaptureConfig {
-        source: Source::File(tcpkit_tests::fixture(&format!("{name}.pcap"))),
-        filter: String::new(),
-        prefilter: None,
-        write_to: None,
-        max_frames: None,
-        max_duration: None,
-    })
-    .unwrap();
-    let mut pipeline = Pipeline::<Duplex<RedisPairing>>::new(PipelineConfig {
-        link: capture.link(),
-        rule: DirectionRule::new(&[e.port], &[], &[]),
-        ports: vec![(e.port, Mode::Redis)],
-        flow_limits: FlowLimits::default(),
-        match_limits: Default::default(),
-        threshold_ms: Some(1000.0),
-    });
-    while let Next::Frame(frame) = capture.next_frame().unwrap() {
-        pipeline.on_frame(&frame);
-    }
-    pipeline.finish();
-    let page = pipeline.metrics(None);
+    let page = tcpkit_tests::metrics_page::<Duplex<RedisPairing>>(name, tcpkit::modes::Mode::Redis);
     let mut cumulative = 0;
     for (i, bound) in PROM_BOUNDS_US.iter().enumerate() {
         cumulative += expected[i];

@@ -97,6 +97,50 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
          (request_lost and reply_before_request under command \"?\").",
         untimed_labels.iter().map(|(l, n)| (&l[..], *n)),
     );
+    // Memcached's hits and misses, DNS's response codes: only the series that counted any.
+    let lookups: Vec<([(&str, &str); 4], u64)> = series
+        .iter()
+        .flat_map(|s| {
+            [("hit", s.stats.hits), ("miss", s.stats.misses)]
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(result, n)| {
+                    let labels = [
+                        ("port", s.port.as_str()),
+                        ("proto", s.proto),
+                        ("command", s.command.as_str()),
+                        ("result", result),
+                    ];
+                    (labels, n)
+                })
+        })
+        .collect();
+    page.counter(
+        "tcpkit_cache_lookups_total",
+        "Keys looked up by retrievals (memcached), by result: hit or miss.",
+        lookups.iter().map(|(l, n)| (&l[..], *n)),
+    );
+    let rcodes: Vec<([(&str, &str); 4], u64)> = series
+        .iter()
+        .flat_map(|s| {
+            (0u8..16)
+                .filter(|&r| s.stats.rcodes[usize::from(r)] > 0)
+                .map(|r| {
+                    let labels = [
+                        ("port", s.port.as_str()),
+                        ("proto", s.proto),
+                        ("command", s.command.as_str()),
+                        ("rcode", crate::l7::dns::rcode_name(r)),
+                    ];
+                    (labels, s.stats.rcodes[usize::from(r)])
+                })
+        })
+        .collect();
+    page.counter(
+        "tcpkit_dns_responses_total",
+        "DNS responses by response code (NOERROR, NXDOMAIN, SERVFAIL, …).",
+        rcodes.iter().map(|(l, n)| (&l[..], *n)),
+    );
     page.counter(
         "tcpkit_clock_skew_total",
         "Exchanges whose reply was captured before their request was whole (timed as 0).",

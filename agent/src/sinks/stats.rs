@@ -560,6 +560,22 @@ fn latency_text(port: u16, l: &LatencyStats, threshold_us: u64) -> String {
         l.timeouts,
         l.dropped
     ));
+    if l.hits + l.misses > 0 {
+        s.push_str(&format!("  {} hits, {} misses\n", l.hits, l.misses));
+    }
+    let rcodes: Vec<String> = (0u8..16)
+        .filter(|&r| l.rcodes[usize::from(r)] > 0)
+        .map(|r| {
+            format!(
+                "{} {}",
+                l.rcodes[usize::from(r)],
+                crate::l7::dns::rcode_name(r)
+            )
+        })
+        .collect();
+    if !rcodes.is_empty() {
+        s.push_str(&format!("  responses: {}\n", rcodes.join(", ")));
+    }
     let untimed: Vec<String> = l.untimed().map(|(k, n)| format!("{n} {k}")).collect();
     s.push_str(&format!(
         "  not timed: {}; {} clock skew\n",
