@@ -401,6 +401,11 @@ fn live_memcached_mode_counts_hits_and_misses() {
         conn.write_all(format!("get k{i}\r\n").as_bytes()).unwrap();
         read_until("END");
     }
+    // Commands memcached does not know: one label for all of them.
+    for i in 0..300 {
+        conn.write_all(format!("junk{i} x\r\n").as_bytes()).unwrap();
+        read_until("ERROR");
+    }
     std::thread::sleep(Duration::from_millis(1500));
     interrupt(&agent.0);
     let mut stdout = String::new();
@@ -414,13 +419,69 @@ fn live_memcached_mode_counts_hits_and_misses() {
     assert!(agent.0.wait().unwrap().success());
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let stats = &json[0][port.to_string()];
-    assert_eq!(stats["total_reqs"], 150, "{stats}");
+    assert_eq!(stats["total_reqs"], 450, "{stats}");
     assert_eq!(
         (stats["hits"].as_u64(), stats["misses"].as_u64()),
         (Some(50), Some(50)),
         "{stats}"
     );
     assert_eq!(stats["commands"]["set"]["total_reqs"], 50);
+    assert_eq!(stats["commands"]["UNKNOWN"]["total_reqs"], 300, "{stats}");
+    assert_eq!(stats["commands"]["UNKNOWN"]["errors"], 300, "{stats}");
+    assert_eq!(stats["commands"].as_object().unwrap().len(), 3, "{stats}");
+}
+
+/// Commands Redis does not know (`-ERR unknown command`) share one label, so junk cannot
+/// fill the per-port cap and push real commands to OTHER.
+#[test]
+fn live_redis_junk_commands_share_one_label() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("redis-server"), "redis-server")
+    {
+        return;
+    }
+    let (_redis, port) = start_redis();
+    let (mut agent, _) = start_live_agent(|c| {
+        c.args([
+            "-i",
+            "lo",
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["--summary", "json"])
+    });
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut line = String::new();
+    for i in 0..300 {
+        conn.write_all(format!("JUNK{i} a b\r\n").as_bytes())
+            .unwrap();
+        line.clear();
+        std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+        assert!(line.starts_with("-ERR unknown command"), "{line}");
+    }
+    let sent = drive(port);
+    assert!(sent > 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    assert!(agent.0.wait().unwrap().success());
+    let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let commands = &json[0][port.to_string()]["commands"];
+    assert_eq!(commands["UNKNOWN"]["total_reqs"], 300, "{commands}");
+    assert_eq!(commands["SET"]["total_reqs"], REQUESTS as u64, "{commands}");
+    assert_eq!(commands.as_object().unwrap().len(), 2, "{commands}");
 }
 
 /// A DNS query for `name` (type A) with the given id.

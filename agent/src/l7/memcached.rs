@@ -81,10 +81,19 @@ pub enum Unit {
     End,
     /// A single-line reply that is not an error.
     Line,
-    /// `ERROR`, `CLIENT_ERROR …`, `SERVER_ERROR …`.
+    /// `CLIENT_ERROR …`, `SERVER_ERROR …`.
     Error,
+    /// `ERROR`: the server knows no such command.
+    UnknownCommand,
     /// A meta reply: `VA` (with its data block), `HD`, `EN`, `NF`, `NS`, `EX`, `MN`, `ME`.
     Meta(MetaReply),
+}
+
+impl Unit {
+    /// An error reply: `ERROR`, `CLIENT_ERROR`, `SERVER_ERROR`.
+    pub fn is_error(self) -> bool {
+        matches!(self, Unit::Error | Unit::UnknownCommand)
+    }
 }
 
 /// The meta protocol's reply codes.
@@ -374,7 +383,8 @@ fn reply_line(line: &[u8], bytes: u64) -> Result<(Pending, Option<u64>), McError
         }
         b"STAT" => (Unit::Stat, None),
         b"END" => (Unit::End, None),
-        b"ERROR" | b"CLIENT_ERROR" | b"SERVER_ERROR" => (Unit::Error, None),
+        b"ERROR" => (Unit::UnknownCommand, None),
+        b"CLIENT_ERROR" | b"SERVER_ERROR" => (Unit::Error, None),
         b"STORED" | b"NOT_STORED" | b"EXISTS" | b"NOT_FOUND" | b"DELETED" | b"TOUCHED" | b"OK"
         | b"VERSION" => (Unit::Line, None),
         number if !number.is_empty() && number.iter().all(u8::is_ascii_digit) => (Unit::Line, None),
@@ -569,7 +579,7 @@ mod tests {
                 Stat,
                 Stat,
                 End,
-                Error,
+                UnknownCommand,
                 Error,
                 Error,
                 Meta(MetaReply::Va),

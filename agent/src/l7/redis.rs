@@ -77,8 +77,8 @@ pub struct Message<'a> {
     /// An error reply (`-` or `!`).
     pub error: bool,
     /// For a request: the command name as sent (first argument), at most
-    /// [`COMMAND_BYTES`]. For a reply: its first 16 bytes when it is a string, or those of
-    /// the first element of an array.
+    /// [`COMMAND_BYTES`]. For a reply: its first 16 bytes when it is a string or an error
+    /// (`ERR unknown com…`), or those of the first element of an array.
     pub head: &'a [u8],
     /// For a request: the arguments separated by spaces, at most [`SUMMARY_BYTES`].
     pub summary: &'a [u8],
@@ -270,9 +270,7 @@ impl RespParser {
                 let line_len = end - 1 - usize::from(data[end - 1] == b'\r');
                 self.kind = data[0];
                 self.error = data[0] == b'-';
-                if data[0] != b'-' {
-                    self.keep(&data[1..], line_len);
-                }
+                self.keep(&data[1..], line_len);
                 Some(end + 1)
             }
             (Role::Reply, b'$') => {
@@ -395,6 +393,9 @@ impl RespParser {
             }
             b'-' => {
                 self.error |= top_level;
+                if self.collects_here() {
+                    self.collect(rest);
+                }
                 self.value_done(on_message)
             }
             b'$' | b'!' | b'=' => {

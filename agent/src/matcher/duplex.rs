@@ -130,6 +130,11 @@ struct WaitingReply {
 /// The command name under which untimed replies with no known request are counted.
 pub const UNKNOWN_COMMAND: &[u8] = b"?";
 
+/// The command of exchanges whose request the server answered as unknown (Redis `-ERR
+/// unknown command`, memcached `ERROR`): junk sent to a port gets one label, not one each,
+/// and cannot crowd real commands out of the per-port cap.
+pub const UNKNOWN_TO_SERVER: &[u8] = b"UNKNOWN";
+
 /// One connection: a protocol `P` behind the shared two-direction logic.
 #[derive(Debug)]
 pub struct Duplex<P> {

@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use super::duplex::{InvalidBytes, Protocol};
+use super::duplex::{InvalidBytes, Protocol, UNKNOWN_TO_SERVER};
 use super::memcached_binary::BinaryPairing;
 use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
@@ -279,7 +279,7 @@ fn answered_by_silence(front: &Pending, m: &Message<'_>) -> bool {
     let unit = m.unit;
     use MetaReply::*;
     let could_answer = match (letter, unit) {
-        (_, Unit::Error) => true,
+        (_, Unit::Error | Unit::UnknownCommand) => true,
         // mg: a hit (its miss, EN, is what q suppresses).
         (b'g', Unit::Meta(Va | Hd)) => true,
         // ms, md, ma: a failure (their success, HD, is what q suppresses); ma may return a value.
@@ -312,7 +312,7 @@ fn pair<S: ExchangeSink>(
     let start = *front.rsp_start_us.get_or_insert(rsp_start_us);
     front.rsp_bytes += m.bytes;
     let done = match (front.expect, m.unit) {
-        (_, Unit::Error) => true,
+        (_, Unit::Error | Unit::UnknownCommand) => true,
         (Expect::Values, Unit::Value) => {
             front.hits += 1;
             false
@@ -335,7 +335,7 @@ fn pair<S: ExchangeSink>(
     cx.counters.pending -= 1;
     let summary = request.summary();
     let (hits, misses) = match (request.expect, m.unit, request.meta) {
-        (Expect::Values, unit, _) if unit != Unit::Error => {
+        (Expect::Values, unit, _) if !unit.is_error() => {
             (request.hits, request.keys.saturating_sub(request.hits))
         }
         (_, Unit::Meta(MetaReply::Va | MetaReply::Hd), Some((b'g', _))) => (1, 0),
@@ -349,12 +349,17 @@ fn pair<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us: start,
         latency_us: start.saturating_sub(request.req_done_us),
-        command: &summary[..usize::from(request.command_len)],
+        // A command the server does not know gets no label of its own.
+        command: if m.unit == Unit::UnknownCommand {
+            UNKNOWN_TO_SERVER
+        } else {
+            &summary[..usize::from(request.command_len)]
+        },
         summary,
         truncated: request.truncated,
         req_bytes: request.req_bytes,
         rsp_bytes: request.rsp_bytes,
-        error: m.unit == Unit::Error,
+        error: m.unit.is_error(),
         hits,
         misses,
         rcode: None,

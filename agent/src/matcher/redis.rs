@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use super::duplex::{InvalidBytes, Protocol};
+use super::duplex::{InvalidBytes, Protocol, UNKNOWN_TO_SERVER};
 use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
 
 use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
@@ -496,7 +496,12 @@ fn complete<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us,
         latency_us: rsp_start_us.saturating_sub(request.req_done_us),
-        command: pending.command(request),
+        // A command the server does not know gets no label of its own.
+        command: if reply.error && reply.head.starts_with(b"ERR unknown comm") {
+            UNKNOWN_TO_SERVER
+        } else {
+            pending.command(request)
+        },
         summary: pending.summary(request),
         truncated: request.truncated,
         req_bytes: request.req_bytes,
