@@ -431,3 +431,37 @@ fn logrotate_rotates_the_configured_log_and_signals_the_unit() {
         "the agent reopens: no copy needed"
     );
 }
+
+/// `demo.sh` shows what the tool is for: latency (the slow log and percentiles) and the
+/// fleet, in well under a minute once built.
+#[test]
+fn the_demo_shows_latency_and_the_fleet() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = tcpkit_tests::tcpkit_bin()
+        .parent()
+        .expect("a directory")
+        .to_path_buf();
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new("bash")
+        .arg(root.join("demo.sh"))
+        .env("DEMO_BIN", &bin_dir)
+        .output()
+        .expect("run demo.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+    for shown in [
+        "| 100.310 ms | DEBUG SLEEP 0.1",
+        "p50 18.048 ms, p90 50.432 ms, p99 100.310 ms",
+        "\nweb-1  10002 ",
+        "\nall    10012 ",
+        "[web-2] ",
+        "\nweb-2  stale ",
+    ] {
+        assert!(stdout.contains(shown), "{shown:?} not in {stdout}");
+    }
+}
