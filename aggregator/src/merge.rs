@@ -91,6 +91,7 @@ impl Merged {
             seed: self.seed.to_vec(),
             fine_index,
             fine_count,
+            proto: String::new(),
         }
     }
 

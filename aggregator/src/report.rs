@@ -121,6 +121,9 @@ pub fn histogram_json(h: &v1::Histogram, with_key: bool) -> Value {
     });
     if with_key {
         v["key"] = json!(h.key);
+        if !h.proto.is_empty() {
+            v["proto"] = json!(h.proto);
+        }
     }
     v
 }
@@ -177,6 +180,15 @@ pub fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A group's name for people: its key, after its protocol when it is a command.
+fn group_name(h: &v1::Histogram) -> String {
+    if h.proto.is_empty() {
+        h.key.clone()
+    } else {
+        format!("{} {}", h.proto, h.key)
+    }
+}
+
 fn figures_row(name: &str, h: &v1::Histogram) -> Vec<String> {
     vec![
         name.to_string(),
@@ -207,7 +219,7 @@ pub fn hist_text(reply: &v1::HistReply, grouped: bool) -> String {
     let all = reply.all.clone().unwrap_or_default();
     let mut rows = vec![FIGURES_HEADER.iter().map(|s| s.to_string()).collect()];
     if grouped {
-        rows.extend(reply.groups.iter().map(|g| figures_row(&g.key, g)));
+        rows.extend(reply.groups.iter().map(|g| figures_row(&group_name(g), g)));
     }
     rows.push(figures_row("all", &all));
     let mut out = table(&rows);
@@ -216,7 +228,7 @@ pub fn hist_text(reply: &v1::HistReply, grouped: bool) -> String {
     let mut buckets = vec![{
         let mut header = vec!["latency".to_string()];
         if grouped {
-            header.extend(reply.groups.iter().map(|g| g.key.clone()));
+            header.extend(reply.groups.iter().map(group_name));
         }
         header.push("all".to_string());
         header.push(String::new());
@@ -255,7 +267,7 @@ pub fn top_text(rows: &[v1::Histogram]) -> String {
     for (i, r) in rows.iter().enumerate() {
         t.push(vec![
             (i + 1).to_string(),
-            r.key.clone(),
+            group_name(r),
             r.count.to_string(),
             r.slow.to_string(),
             ms(r.p99_us),

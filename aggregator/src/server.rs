@@ -26,7 +26,7 @@ pub use crate::check::Limits;
 use crate::check::{check_batch, check_filter, check_hello};
 use crate::merge::Merged;
 use crate::metrics::Telemetry;
-use crate::store::{CheckedBatch, Group, Reader, SessionKey, Store, StoreError};
+use crate::store::{split_command_key, CheckedBatch, Group, Reader, SessionKey, Store, StoreError};
 
 /// Batches committed together at most.
 const GROUP_COMMIT: usize = 256;
@@ -382,6 +382,17 @@ fn group_of(by: i32) -> Result<Group, Status> {
     })
 }
 
+/// A group's merged histogram under its key; a command's key also names its protocol.
+fn histogram_of(group: Group, key: String, merged: &Merged) -> v1::Histogram {
+    if group != Group::Command {
+        return merged.to_proto(key);
+    }
+    let (proto, command) = split_command_key(&key);
+    let mut h = merged.to_proto(command.to_string());
+    h.proto = proto.to_string();
+    h
+}
+
 fn filter_ok(filter: Option<&v1::Filter>) -> Result<(), Status> {
     filter
         .map_or(Ok(()), check_filter)
@@ -420,7 +431,10 @@ impl query_server::Query for QueryService {
         let groups = if group == Group::None {
             Vec::new()
         } else {
-            groups.into_iter().map(|(k, m)| m.to_proto(k)).collect()
+            groups
+                .into_iter()
+                .map(|(k, m)| histogram_of(group, k, &m))
+                .collect()
         };
         Ok(Response::new(v1::HistReply {
             all: Some(all.to_proto(String::new())),
@@ -442,7 +456,10 @@ impl query_server::Query for QueryService {
         filter_ok(req.filter.as_ref())?;
         let filter = req.filter.unwrap_or_default();
         let groups = self.read(move |r| r.merged(&filter, group)).await?;
-        let mut rows: Vec<v1::Histogram> = groups.into_iter().map(|(k, m)| m.to_proto(k)).collect();
+        let mut rows: Vec<v1::Histogram> = groups
+            .into_iter()
+            .map(|(k, m)| histogram_of(group, k, &m))
+            .collect();
         rows.sort_by_key(|h| {
             std::cmp::Reverse(match by {
                 v1::TopBy::Slow => h.slow,

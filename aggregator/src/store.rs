@@ -547,13 +547,22 @@ pub enum Group {
     Port,
 }
 
+/// Between the protocol and the command in the keys of [`Group::Command`]: commands of
+/// several protocols that share a name (redis `GET`, memcached `get` is another) stay apart.
+pub const PROTO_COMMAND_SEPARATOR: char = '\u{1f}';
+
+/// The protocol and the command of a [`Group::Command`] key.
+pub fn split_command_key(key: &str) -> (&str, &str) {
+    key.split_once(PROTO_COMMAND_SEPARATOR).unwrap_or(("", key))
+}
+
 impl Group {
     fn column(self) -> &'static str {
         match self {
             Group::None => "''",
             Group::Server => "server || ':' || port",
             Group::Agent => "(SELECT name FROM agents WHERE id = agent)",
-            Group::Command => "command",
+            Group::Command => "proto || char(31) || command",
             Group::Port => "CAST(port AS TEXT)",
         }
     }
@@ -969,10 +978,8 @@ mod tests {
             let mut expected: BTreeMap<String, Merged> = BTreeMap::new();
             for s in &snapshots {
                 if s.ts_us >= from && (to == 0 || s.ts_us < to) {
-                    expected
-                        .entry(s.command.clone())
-                        .or_default()
-                        .merge(&s.merged);
+                    let key = format!("{}{PROTO_COMMAND_SEPARATOR}{}", s.proto, s.command);
+                    expected.entry(key).or_default().merge(&s.merged);
                 }
             }
             assert_eq!(

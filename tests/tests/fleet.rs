@@ -469,3 +469,85 @@ fn the_aggregator_lives_through_sighup() {
     let agents = query_json(&[], &agg.url(), &["agents"]);
     assert!(agents.as_array().is_some());
 }
+
+/// Commands of several protocols that share a name stay apart, each with its protocol.
+#[test]
+fn commands_of_two_protocols_are_told_apart() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let url = agg.url();
+    finish_agent(start_agent(
+        &[],
+        "redis-benchmark-lo",
+        "cache-a",
+        "1000",
+        &url,
+    ));
+    let memcached = Expected::of("memcached-text");
+    let out = command_in(&[], &tcpkit_bin())
+        .arg("-r")
+        .arg(fixture("memcached-text.pcap"))
+        .args([
+            "-p",
+            &memcached.port.to_string(),
+            "-m",
+            "memcached",
+            "-t",
+            "1000",
+        ])
+        .args([
+            "--summary",
+            "none",
+            "--aggregator",
+            &url,
+            "--agent-id",
+            "cache-b",
+        ])
+        .output()
+        .expect("tcpkit");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let hist = query_json(&[], &url, &["hist", "--by", "command", "--command", "get"]);
+    let groups: Vec<(String, String, u64)> = hist["groups"]
+        .as_array()
+        .expect("groups")
+        .iter()
+        .map(|g| {
+            (
+                g["proto"].as_str().unwrap().to_owned(),
+                g["key"].as_str().unwrap().to_owned(),
+                u(&g["count"]),
+            )
+        })
+        .collect();
+    let redis_gets = Expected::of("redis-benchmark-lo").commands["GET"];
+    assert_eq!(
+        groups,
+        [
+            ("memcached".to_owned(), "get".to_owned(), 104),
+            ("redis".to_owned(), "GET".to_owned(), redis_gets)
+        ],
+        "{hist}"
+    );
+    let top = query_text(
+        &[],
+        &url,
+        &[
+            "top",
+            "--of",
+            "command",
+            "--by",
+            "total",
+            "--command",
+            "get",
+        ],
+    );
+    assert!(
+        top.contains(" redis GET ") && top.contains(" memcached get "),
+        "{top}"
+    );
+}
