@@ -118,6 +118,12 @@ impl LatencyStats {
         }
     }
 
+    /// Requests counted here: exchanges, and those never answered or not timed (the
+    /// dropped ones are among the latter).
+    pub fn seen(&self) -> u64 {
+        self.total_reqs + self.timeouts + self.untimed.iter().sum::<u64>()
+    }
+
     /// The exchanges not timed for one of the [`Unanswered::UNTIMED`] reasons (0 for any
     /// other).
     pub fn untimed_for(&self, why: Unanswered) -> u64 {
@@ -182,16 +188,33 @@ impl LatencyStats {
 
 /// Distinct commands tracked per port; others are counted under `OTHER`.
 const MAX_COMMANDS: usize = 256;
+/// Names past the cap whose sightings are counted, to promote the frequent ones.
+const MAX_CANDIDATES: usize = 64;
+/// Where the commands past the cap are counted.
+const OTHER: &[u8] = b"OTHER";
 
 /// Latency figures of one port, overall and per command.
+///
+/// At most [`MAX_COMMANDS`] names have their own figures; past that an exchange counts under
+/// `OTHER`, and its name as a candidate (at most [`MAX_CANDIDATES`], the least seen dropped
+/// first). A candidate seen more often than the least seen named command takes that one's
+/// place: the evicted figures join `OTHER`, the newcomer's start from there (its earlier
+/// exchanges stay in `OTHER`). So the cap keeps the commands seen most, not the first seen.
 #[derive(Debug, Default, Clone)]
 pub struct PortLatency {
-    /// Per command name, in order of first sight. The port's own figures are their sum
-    /// ([`PortLatency::all`]): each exchange is recorded once.
+    /// Per command name. The port's own figures are their sum ([`PortLatency::all`]): each
+    /// exchange is recorded once.
     pub commands: Vec<(Box<[u8]>, LatencyStats)>,
     index: FxHashMap<Box<[u8]>, usize>,
     /// The command looked up last: consecutive exchanges are often of the same command.
     last: usize,
+    /// Names counted under `OTHER`, and how often each was seen since it became one.
+    candidates: FxHashMap<Box<[u8]>, u64>,
+    /// A lower bound of the sightings of the least seen named command (counts only grow).
+    weakest_seen: u64,
+    /// Sightings of promoted candidates before their promotion (counted under `OTHER`), so
+    /// that a newcomer is not evicted at once by the next candidate.
+    credit: FxHashMap<Box<[u8]>, u64>,
 }
 
 impl PortLatency {
@@ -229,17 +252,68 @@ impl PortLatency {
         if let Some(&i) = self.index.get(name) {
             return i;
         }
-        let name: &[u8] = if self.commands.len() < MAX_COMMANDS {
-            name
-        } else {
-            b"OTHER"
-        };
-        if let Some(&i) = self.index.get(name) {
-            return i;
+        if self.commands.len() < MAX_COMMANDS || name == OTHER {
+            return self.add(name);
         }
+        self.past_the_cap(name)
+    }
+
+    fn add(&mut self, name: &[u8]) -> usize {
         self.index.insert(name.into(), self.commands.len());
         self.commands.push((name.into(), LatencyStats::default()));
         self.commands.len() - 1
+    }
+
+    /// A name that has no figures of its own while the cap is reached: `OTHER`'s index, or
+    /// the index it takes over from the least seen named command.
+    fn past_the_cap(&mut self, name: &[u8]) -> usize {
+        let other = match self.index.get(OTHER) {
+            Some(&i) => i,
+            None => self.add(OTHER),
+        };
+        let seen = {
+            let seen = self.candidates.entry(name.into()).or_insert(0);
+            *seen += 1;
+            *seen
+        };
+        if self.candidates.len() > MAX_CANDIDATES {
+            let least = self
+                .candidates
+                .iter()
+                .min_by_key(|(_, n)| **n)
+                .map(|(k, _)| k.clone());
+            if let Some(least) = least {
+                self.candidates.remove(&least);
+            }
+        }
+        if seen <= self.weakest_seen {
+            return other;
+        }
+        let Some((weakest, weakest_seen)) = self
+            .commands
+            .iter()
+            .enumerate()
+            .filter(|(_, (n, _))| &**n != OTHER)
+            .map(|(i, (n, stats))| (i, stats.seen() + self.credit.get(n).copied().unwrap_or(0)))
+            .min_by_key(|(_, seen)| *seen)
+        else {
+            return other;
+        };
+        self.weakest_seen = weakest_seen;
+        if seen <= weakest_seen {
+            return other;
+        }
+        // The newcomer takes the weakest one's place; the weakest's figures join OTHER.
+        let evicted = std::mem::take(&mut self.commands[weakest].1);
+        self.commands[other].1.merge(&evicted);
+        let old_name = std::mem::replace(&mut self.commands[weakest].0, name.into());
+        self.index.remove(&old_name);
+        self.credit.remove(&old_name);
+        self.index.insert(name.into(), weakest);
+        self.candidates.remove(name);
+        self.credit.insert(name.into(), seen);
+        self.weakest_seen = 0;
+        weakest
     }
 }
 
@@ -606,6 +680,44 @@ mod tests {
 #[cfg(test)]
 mod latency_tests {
     use super::*;
+
+    #[test]
+    fn the_cap_keeps_the_commands_seen_most() {
+        let mut port = PortLatency::default();
+        let names: Vec<Vec<u8>> = (0..MAX_COMMANDS)
+            .map(|i| format!("RARE{i}").into_bytes())
+            .collect();
+        let leaked: Vec<&'static [u8]> = names.into_iter().map(|n| &*n.leak()).collect();
+        for name in &leaked {
+            port.command(name).record(&exchange(name, 10, false), false);
+        }
+        // A burst of one-off names stays under OTHER; a frequent newcomer gets its own.
+        for i in 0..100 {
+            let junk: &'static [u8] = format!("ONCE{i}").into_bytes().leak();
+            port.command(junk).record(&exchange(junk, 10, false), false);
+        }
+        for _ in 0..50 {
+            port.command(b"HOT")
+                .record(&exchange(b"HOT", 10, false), false);
+        }
+        let names: Vec<&[u8]> = port.commands.iter().map(|(n, _)| &**n).collect();
+        assert!(names.contains(&&b"HOT"[..]));
+        assert!(!names.iter().any(|n| n.starts_with(b"ONCE")));
+        assert_eq!(port.commands.len(), MAX_COMMANDS + 1, "256 names and OTHER");
+        // Nothing lost: every exchange is counted once, somewhere.
+        assert_eq!(port.all().total_reqs, (MAX_COMMANDS + 100 + 50) as u64);
+        let hot = &port
+            .commands
+            .iter()
+            .find(|(n, _)| &**n == b"HOT")
+            .unwrap()
+            .1;
+        assert!(hot.total_reqs >= 45, "{}", hot.total_reqs);
+        // The newcomer is not evicted by the next one-off name.
+        port.command(b"ONCE_MORE")
+            .record(&exchange(b"ONCE_MORE", 10, false), false);
+        assert!(port.commands.iter().any(|(n, _)| &**n == b"HOT"));
+    }
 
     fn exchange(command: &'static [u8], latency_us: u64, error: bool) -> Exchange<'static> {
         Exchange {
