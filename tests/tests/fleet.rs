@@ -551,3 +551,51 @@ fn commands_of_two_protocols_are_told_apart() {
         "{top}"
     );
 }
+
+/// A batch the aggregator refuses as impossible (a capture from 1995) is dropped and counted
+/// by the agent, not re-sent forever: the agent ends at once with exit status 3.
+#[test]
+fn a_refused_batch_is_dropped_and_counted_not_resent_forever() {
+    if !requirement(have("editcap"), "editcap (wireshark-common)") {
+        return;
+    }
+    let dir = tempdir();
+    let old = dir.path().join("1995.pcap");
+    let status = std::process::Command::new("editcap")
+        .args(["-t", "-1000000000"])
+        .arg(fixture("redis-multi.pcap"))
+        .arg(&old)
+        .status()
+        .expect("editcap");
+    assert!(status.success());
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let started = std::time::Instant::now();
+    let out = command_in(&[], &tcpkit_bin())
+        .arg("-r")
+        .arg(&old)
+        .args([
+            "-p",
+            "26379",
+            "-m",
+            "redis",
+            "-t",
+            "0",
+            "--summary",
+            "none",
+            "-o",
+            "/dev/null",
+        ])
+        .args(["--aggregator", &agg.url(), "--ship-timeout", "10"])
+        .output()
+        .expect("tcpkit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(8), "{stderr}");
+    assert!(stderr.contains("refused batch 1 (200 events"), "{stderr}");
+    assert!(
+        stderr.contains("0 batches (0 events) unacknowledged, 200 events"),
+        "{stderr}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("aggregator.log")).expect("log");
+    assert_eq!(log.matches("bad batch").count(), 1, "{log}");
+}

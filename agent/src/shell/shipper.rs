@@ -335,7 +335,9 @@ async fn ship(
                     }
                     stream = Some(s);
                     buffer.rewind();
-                    backoff = Backoff::default();
+                    // The backoff starts over with the first acknowledgement, not here: a
+                    // stream that opens and is refused at once is not retried ten times a
+                    // second.
                     warned = false;
                 }
                 Ok(Err(e)) => {
@@ -385,8 +387,24 @@ async fn ship(
             }
             ack = async { stream.as_mut().expect("checked by the guard").acks.message().await }, if stream.is_some() => {
                 match ack {
-                    Ok(Some(ack)) if ack.session == config.hello.session => buffer.ack(ack.seq),
+                    Ok(Some(ack)) if ack.session == config.hello.session => {
+                        buffer.ack(ack.seq);
+                        backoff = Backoff::default();
+                    }
                     Ok(Some(ack)) => tracing::warn!("acknowledgement for another session {}", ack.session),
+                    Err(e) if is_refused_batch(&e) => {
+                        // Every batch before it was acknowledged: the oldest pending one is
+                        // what the aggregator will never take. It goes, counted.
+                        if let Some((seq, events, snapshots)) = buffer.refuse_oldest() {
+                            tracing::warn!(
+                                "aggregator {} refused batch {seq} ({events} events, {snapshots} snapshots): {}; dropped, counted",
+                                config.connector.uri(),
+                                describe_status(&e)
+                            );
+                        }
+                        stream = None;
+                        connect_at = backoff.next_attempt();
+                    }
                     Ok(None) | Err(_) => {
                         if let Err(e) = &ack {
                             tracing::warn!("aggregator {}: {}; reconnecting", config.connector.uri(), describe_status(e));
@@ -442,6 +460,12 @@ async fn ship(
         unacked: buffer.unacked(),
         dropped: buffer.dropped(),
     }
+}
+
+/// The aggregator's answer to a batch it will never store (it does not add up, or holds what
+/// cannot be true): `InvalidArgument`, "bad batch: …".
+fn is_refused_batch(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::InvalidArgument && status.message().starts_with("bad batch")
 }
 
 /// Delivers the sessions earlier runs left in the spool, each under its own hello, retrying

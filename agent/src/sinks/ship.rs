@@ -254,6 +254,18 @@ impl ShipBuffer {
         }
     }
 
+    /// The aggregator refused the oldest pending batch as invalid (it never will take it):
+    /// it goes, its events and snapshots counted as dropped. Its sequence number, events and
+    /// snapshots, when there was one.
+    pub fn refuse_oldest(&mut self) -> Option<(u64, usize, usize)> {
+        let (batch, size) = self.pending.pop_front()?;
+        self.bytes -= size;
+        self.sent = self.sent.saturating_sub(1);
+        self.dropped.events += batch.events.len() as u64;
+        self.dropped.histograms += batch.histograms.len() as u64;
+        Some((batch.seq, batch.events.len(), batch.histograms.len()))
+    }
+
     /// A new stream: every pending batch is to be sent again.
     pub fn rewind(&mut self) {
         self.sent = 0;
@@ -323,6 +335,25 @@ mod tests {
             seed: vec![1; 18],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_refused_batch_goes_and_is_counted() {
+        let mut b = ShipBuffer::new(1 << 20);
+        b.add_events(vec![event(1), event(2)]);
+        b.add_interval(vec![snapshot()], v1::Counters::default());
+        b.add_events(vec![event(3)]);
+        b.close(false);
+        assert_eq!(b.refuse_oldest(), Some((1, 2, 1)));
+        assert_eq!(
+            b.dropped(),
+            Dropped {
+                events: 2,
+                histograms: 1
+            }
+        );
+        assert_eq!(b.unacked(), (1, 1));
+        assert_eq!(b.unsent().iter().map(|b| b.seq).collect::<Vec<_>>(), [2]);
     }
 
     #[test]
