@@ -569,3 +569,53 @@ fn corrupt_and_truncated_captures_end_with_a_reason_never_a_crash() {
         }
     }
 }
+
+/// A spooled batch the aggregator refuses (a capture from 1995) is dropped from the spool,
+/// not re-sent by every later run.
+#[test]
+fn a_refused_spooled_batch_leaves_the_spool() {
+    if !requirement(have("editcap"), "editcap (wireshark-common)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let old = dir.path().join("1995.pcap");
+    let edited = Command::new("editcap")
+        .args(["-t", "-1000000000"])
+        .arg(fixture("redis-multi.pcap"))
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(edited.success());
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let replay = |pcap: &Path, timeout: &str| -> Output {
+        Command::new(tcpkit_bin())
+            .arg("-r")
+            .arg(pcap)
+            .args(["-p", "26379", "-m", "redis", "-t", "0", "--summary", "none"])
+            .args(["--aggregator", &url, "--ship-timeout", timeout])
+            .arg("--spool-dir")
+            .arg(&spool)
+            .stdout(Stdio::null())
+            .output()
+            .expect("run tcpkit")
+    };
+    // No aggregator: the old capture's batches wait in the spool.
+    let first = replay(&old, "1");
+    assert_eq!(first.status.code(), Some(3));
+    assert!(
+        std::fs::read_dir(&spool).unwrap().count() > 1,
+        "batches spooled"
+    );
+    let _aggregator = Aggregator::start(dir.path(), port, &[], &[]);
+    let second = replay(&fixture("redis-slow.pcap"), "20");
+    let stderr = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(second.status.success(), "{stderr}");
+    assert!(stderr.contains("batch 1 refused"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "the spool is empty again: {stderr}"
+    );
+}

@@ -484,10 +484,27 @@ async fn recover(
             .map(|b| (b.seq, b.events.len() as u64))
             .collect();
         let mut acked = 0;
+        let mut refused = Vec::new();
         while acked < last {
             match deliver(&connector, &session.hello, &batches, acked, last).await {
                 Ok(seq) => acked = seq,
-                Err(e) => {
+                Err((durable, e)) if is_refused_batch(&e) => {
+                    // The first batch past what is durable will never be taken: skip it.
+                    let seq = batches
+                        .iter()
+                        .map(|b| b.seq)
+                        .find(|&s| s > durable)
+                        .unwrap_or(last);
+                    tracing::warn!(
+                        "spool: session {}: batch {seq} refused: {}; dropped",
+                        session.hello.session,
+                        describe_status(&e)
+                    );
+                    refused.push(seq);
+                    acked = seq;
+                }
+                Err((durable, e)) => {
+                    acked = acked.max(durable);
                     tracing::warn!(
                         "spool: session {}: {}; retrying",
                         session.hello.session,
@@ -497,12 +514,11 @@ async fn recover(
                 }
             }
         }
-        recovered
-            .0
-            .fetch_add(batches.len() as u64, Ordering::Relaxed);
-        recovered
-            .1
-            .fetch_add(events.values().sum::<u64>(), Ordering::Relaxed);
+        let delivered = events.iter().filter(|(seq, _)| !refused.contains(seq));
+        let (delivered_batches, delivered_events) =
+            delivered.fold((0u64, 0u64), |(b, e), (_, n)| (b + 1, e + n));
+        recovered.0.fetch_add(delivered_batches, Ordering::Relaxed);
+        recovered.1.fetch_add(delivered_events, Ordering::Relaxed);
         session.forget(last, true);
         tracing::info!(
             "spool: session {} recovered ({} batches)",
@@ -513,18 +529,21 @@ async fn recover(
 }
 
 /// One attempt to deliver a left session: the batches after the aggregator's last durable one
-/// (and after `acked`); returns the highest acknowledged sequence number.
+/// (and after `acked`); returns the highest acknowledged sequence number, or why it stopped
+/// with the highest acknowledged by then.
 async fn deliver(
     connector: &Connector,
     hello: &v1::Hello,
     batches: &[v1::Batch],
     acked: u64,
     last: u64,
-) -> Result<u64, tonic::Status> {
-    let mut stream = open_stream(connector, hello).await?;
+) -> Result<u64, (u64, tonic::Status)> {
+    let mut stream = open_stream(connector, hello)
+        .await
+        .map_err(|e| (acked, e))?;
     let mut durable = acked;
     // The first acknowledgement tells what the aggregator already holds.
-    if let Some(ack) = stream.acks.message().await? {
+    if let Some(ack) = stream.acks.message().await.map_err(|e| (durable, e))? {
         durable = durable.max(ack.seq);
     }
     for batch in batches.iter().filter(|b| b.seq > durable) {
@@ -533,11 +552,12 @@ async fn deliver(
         });
     }
     while durable < last {
-        match stream.acks.message().await? {
+        match stream.acks.message().await.map_err(|e| (durable, e))? {
             Some(ack) => durable = durable.max(ack.seq),
             None => {
-                return Err(tonic::Status::unavailable(
-                    "the aggregator closed the stream",
+                return Err((
+                    durable,
+                    tonic::Status::unavailable("the aggregator closed the stream"),
                 ))
             }
         }
