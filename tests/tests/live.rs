@@ -34,6 +34,22 @@ fn drive(port: u16) -> u64 {
     sent
 }
 
+/// Stops a live agent with SIGINT: its stdout, once it has exited with status 0.
+fn stop_agent(agent: &mut Guard) -> String {
+    interrupt(&agent.0);
+    let mut stdout = String::new();
+    agent
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let status = agent.0.wait().unwrap();
+    assert!(status.success(), "tcpkit exit: {status}");
+    stdout
+}
+
 fn stats_document(port: u16) -> serde_json::Value {
     let mut text = String::new();
     TcpStream::connect(("127.0.0.1", port))
@@ -70,17 +86,7 @@ fn live_raw_capture_of_redis_on_lo() {
     assert_eq!(port_stats["req_bytes"], sent);
     assert_eq!(port_stats["rsp_bytes"], 5 * REQUESTS as u64);
 
-    interrupt(&agent.0);
-    let mut stdout = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    let status = agent.0.wait().unwrap();
-    assert!(status.success(), "tcpkit exit: {status}");
+    let stdout = stop_agent(&mut agent);
 
     let requests = stdout.lines().filter(|l| l.contains(" REQ ")).count();
     let replies = stdout
@@ -263,16 +269,7 @@ fn redis_benchmark_counted_on(interface: &str) {
     *calls.get_mut("CONFIG").unwrap() -= 1;
     calls.retain(|_, c| *c > 0);
     std::thread::sleep(Duration::from_millis(1500));
-    interrupt(&agent.0);
-    let mut stdout = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    assert!(agent.0.wait().unwrap().success());
+    let stdout = stop_agent(&mut agent);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let stats = &json[0][port.to_string()];
     // The resetstat call itself was captured: one CONFIG more than the server now reports.
@@ -318,16 +315,7 @@ fn live_redis_mode_over_ipv6_prints_bracketed_addresses() {
         assert_eq!(&reply, b"+PONG\r\n");
     }
     std::thread::sleep(Duration::from_millis(1500));
-    interrupt(&agent.0);
-    let mut stdout = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    assert!(agent.0.wait().unwrap().success());
+    let stdout = stop_agent(&mut agent);
     let lines: Vec<&str> = stdout.lines().filter(|l| l.ends_with("| PING")).collect();
     assert_eq!(lines.len(), 10, "{stdout}");
     assert!(
@@ -407,16 +395,7 @@ fn live_memcached_mode_counts_hits_and_misses() {
         read_until("ERROR");
     }
     std::thread::sleep(Duration::from_millis(1500));
-    interrupt(&agent.0);
-    let mut stdout = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    assert!(agent.0.wait().unwrap().success());
+    let stdout = stop_agent(&mut agent);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let stats = &json[0][port.to_string()];
     assert_eq!(stats["total_reqs"], 450, "{stats}");
@@ -467,16 +446,7 @@ fn live_redis_junk_commands_share_one_label() {
     let sent = drive(port);
     assert!(sent > 0);
     std::thread::sleep(Duration::from_millis(1500));
-    interrupt(&agent.0);
-    let mut stdout = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    assert!(agent.0.wait().unwrap().success());
+    let stdout = stop_agent(&mut agent);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let commands = &json[0][port.to_string()]["commands"];
     assert_eq!(commands["UNKNOWN"]["total_reqs"], 300, "{commands}");
@@ -570,16 +540,7 @@ fn live_dns_mode_over_udp_with_timeouts() {
             .unwrap();
     }
     std::thread::sleep(Duration::from_millis(1500));
-    interrupt(&agent.0);
-    let mut stdout = String::new();
-    agent
-        .0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut stdout)
-        .unwrap();
-    assert!(agent.0.wait().unwrap().success());
+    let stdout = stop_agent(&mut agent);
     let json: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let stats = &json[0][port.to_string()];
     assert!(answered == 40, "dnsmasq answered {answered} of 40");
