@@ -47,8 +47,14 @@ pub fn seed_bucket(latency_us: u64) -> usize {
         .unwrap_or(SEED_BOUNDS_US.len())
 }
 
-/// Upper bounds of the Prometheus buckets in µs: 10 µs doubling to 20.97 s (22 bounds),
-/// fine enough below a millisecond for Redis and memcached; a last bucket holds the rest.
+/// Bounds of the Prometheus buckets in µs: 10 µs doubling to 20.97 s (22 bounds), fine
+/// enough below a millisecond for Redis and memcached; a last bucket holds the rest.
+///
+/// Latencies are whole microseconds, and each bound is an edge of the fine histogram's
+/// buckets, so the Prometheus buckets are read off a [`FineHistogram`] exactly
+/// ([`FineHistogram::prometheus_buckets`]) at no cost per exchange: bucket `i` holds
+/// `[bound[i-1], bound[i])`, the latencies under its bound (a latency of exactly a bound is
+/// in the next bucket, which is within the microsecond the capture's clock can tell).
 pub const PROM_BOUNDS_US: [u64; 22] = {
     let mut bounds = [0; 22];
     let mut i = 0;
@@ -61,13 +67,11 @@ pub const PROM_BOUNDS_US: [u64; 22] = {
 /// Number of Prometheus buckets (the bounds and the one above them).
 pub const PROM_BUCKETS: usize = PROM_BOUNDS_US.len() + 1;
 
-/// The Prometheus bucket of a latency: bucket `i` holds `(bound[i-1], bound[i]]`, as `le`
-/// counts them, the last one everything above 20.97 s.
+/// The Prometheus bucket of a latency: the first whose bound is above it.
 #[inline]
 pub fn prom_bucket(latency_us: u64) -> usize {
-    // (L - 1) / 10 is in [2^(i-1), 2^i) exactly when L is in (10·2^(i-1), 10·2^i].
-    let scaled = latency_us.saturating_sub(1) / 10;
-    ((u64::BITS - scaled.leading_zeros()) as usize).min(PROM_BUCKETS - 1)
+    // L / 10 is in [2^(i-1), 2^i) exactly when L is in [10·2^(i-1), 10·2^i).
+    ((u64::BITS - (latency_us / 10).leading_zeros()) as usize).min(PROM_BUCKETS - 1)
 }
 
 /// Sub-buckets per power of two (2^6).
@@ -102,6 +106,16 @@ pub fn fine_index(value: u64) -> usize {
     let shift = exponent - SUB_BITS;
     let sub = (value >> shift) & (SUB - 1);
     (SUB + u64::from(shift) * SUB + sub) as usize
+}
+
+/// The smallest value of a fine bucket.
+fn fine_lower(index: usize) -> u64 {
+    let index = index as u64;
+    if index < SUB {
+        return index;
+    }
+    let shift = (index - SUB) / SUB;
+    (SUB + (index - SUB) % SUB) << shift
 }
 
 /// The value a fine bucket stands for: its midpoint (exact below 64 µs).
@@ -148,6 +162,18 @@ impl FineHistogram {
         }
         self.total = self.total.saturating_add(other.total);
         self.max_us = self.max_us.max(other.max_us);
+    }
+
+    /// The counts of the Prometheus buckets ([`PROM_BOUNDS_US`]), exact: every fine bucket
+    /// lies within one of them.
+    pub fn prometheus_buckets(&self) -> [u64; PROM_BUCKETS] {
+        let mut out = [0; PROM_BUCKETS];
+        for (i, &count) in self.counts.iter().enumerate() {
+            if count > 0 {
+                out[prom_bucket(fine_lower(i))] += count;
+            }
+        }
+        out
     }
 
     /// The largest latency, µs (exact).
@@ -219,27 +245,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prometheus_buckets_hold_what_their_le_says() {
+    fn prometheus_buckets_hold_what_is_under_their_bound() {
         let edges = PROM_BOUNDS_US.iter().flat_map(|&b| [b - 1, b, b + 1]);
+        let mut fine = FineHistogram::default();
+        let mut direct = [0u64; PROM_BUCKETS];
         for latency in (0..=100_000u64).chain(edges) {
             let i = prom_bucket(latency);
-            let above = i == 0 || latency > PROM_BOUNDS_US[i - 1];
-            let within = i == PROM_BOUNDS_US.len() || latency <= PROM_BOUNDS_US[i];
-            assert!(above && within, "{latency} µs in bucket {i}");
+            let above = i == 0 || latency >= PROM_BOUNDS_US[i - 1];
+            let below = i == PROM_BOUNDS_US.len() || latency < PROM_BOUNDS_US[i];
+            assert!(above && below, "{latency} µs in bucket {i}");
+            fine.record(latency);
+            direct[i] += 1;
         }
+        // Read off the fine histogram, the buckets are exactly the direct counts.
+        assert_eq!(fine.prometheus_buckets(), direct);
         for (latency, bucket) in [
             (0, 0),
-            (10, 0),
-            (11, 1),
-            (20, 1),
-            (21, 2),
-            (20_971_520, 21),
-            (20_971_521, 22),
+            (9, 0),
+            (10, 1),
+            (19, 1),
+            (20, 2),
+            (20_971_519, 21),
+            (20_971_520, 22),
             (u64::MAX, 22),
         ] {
             assert_eq!(prom_bucket(latency), bucket, "{latency}");
         }
     }
+
     use proptest::prelude::*;
 
     #[test]

@@ -1,10 +1,10 @@
 //! The Prometheus text exposition format (version 0.0.4) and an HTTP endpoint serving it
 //! (hyper).
 //!
-//! Latency histograms are exported in seconds with bucket counts kept as `le` counts them
-//! (the agent's 10 µs-doubling buckets, the aggregator's seed buckets of DESIGN.md): a bucket
-//! holds `(bound[i-1], bound[i]]`, exactly Prometheus' cumulative `le` convention, so the
-//! exported buckets are exact, not estimated.
+//! Latency histograms are exported in seconds, cumulative per `le` bound, from exact bucket
+//! counts: the aggregator's seed buckets of DESIGN.md hold `(bound[i-1], bound[i]]`, as `le`
+//! counts; the agent's 10 µs-doubling buckets are read off its fine histogram and hold the
+//! whole-microsecond latencies under each bound (`tcpkit_histogram::PROM_BOUNDS_US`).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -22,8 +22,7 @@ pub type Labels<'a> = &'a [(&'a str, &'a str)];
 /// What a latency histogram series holds: counts of buckets with their upper bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct BucketHistogram<'a> {
-    /// Upper bounds of the buckets but the last, µs (bucket `i` holds `(bound[i-1],
-    /// bound[i]]`, as `le` counts).
+    /// Upper bounds of the buckets but the last, µs.
     pub bounds_us: &'a [u64],
     /// One count per bound, and the last for what is above them all.
     pub counts: &'a [u64],

@@ -15,6 +15,8 @@ struct Series<'a> {
     proto: &'static str,
     command: String,
     stats: &'a LatencyStats,
+    /// The Prometheus buckets, read off the fine histogram.
+    prometheus: [u64; crate::histogram::PROM_BUCKETS],
 }
 
 /// Renders the page from the summary figures, the ports' protocols and the shipper's state.
@@ -28,6 +30,7 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
                 proto: modes.of(port).name(),
                 command: String::from_utf8_lossy(command).into_owned(),
                 stats,
+                prometheus: stats.fine.prometheus_buckets(),
             })
         })
         .collect();
@@ -56,7 +59,7 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
                 &l[..],
                 BucketHistogram {
                     bounds_us: &crate::histogram::PROM_BOUNDS_US,
-                    counts: &s.stats.prometheus,
+                    counts: &s.prometheus,
                     sum_us: s.stats.total_costs,
                 },
             )

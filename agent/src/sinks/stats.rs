@@ -11,9 +11,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::histogram::{
-    prom_bucket, seed_bucket, FineHistogram, PROM_BUCKETS, SEED_BUCKETS, SEED_LABELS,
-};
+use crate::histogram::{seed_bucket, FineHistogram, SEED_BUCKETS, SEED_LABELS};
 use crate::matcher::{Exchange, MatchCounters, Unanswered};
 use crate::steps::capture::KernelStats;
 use crate::steps::decode::DecodeError;
@@ -33,8 +31,6 @@ pub struct LatencyStats {
     pub latencies: [u64; SEED_BUCKETS],
     /// The fine, mergeable histogram (percentiles).
     pub fine: FineHistogram,
-    /// The Prometheus buckets (`PROM_BOUNDS_US`: 10 µs doubling), for the metrics page.
-    pub prometheus: [u64; PROM_BUCKETS],
     /// Error replies.
     pub errors: u64,
     /// Requests never answered (connection ended, idle, or queue overflow).
@@ -69,9 +65,6 @@ impl LatencyStats {
             *mine += theirs;
         }
         self.fine.merge(&other.fine);
-        for (mine, theirs) in self.prometheus.iter_mut().zip(other.prometheus) {
-            *mine += theirs;
-        }
         self.errors += other.errors;
         self.timeouts += other.timeouts;
         self.dropped += other.dropped;
@@ -95,7 +88,6 @@ impl LatencyStats {
         self.slow_reqs += u64::from(slow);
         self.latencies[seed_bucket(e.latency_us)] += 1;
         self.fine.record(e.latency_us);
-        self.prometheus[prom_bucket(e.latency_us)] += 1;
         self.errors += u64::from(e.error);
         self.clock_skew += u64::from(e.rsp_start_us < e.req_done_us);
         self.req_bytes += e.req_bytes;
