@@ -496,9 +496,8 @@ fn complete<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us,
         latency_us: rsp_start_us.saturating_sub(request.req_done_us),
-        // A command the server does not know gets no label of its own.
-        command: if reply.error && reply.head.starts_with(b"ERR unknown comm") {
-            UNKNOWN_TO_SERVER
+        command: if reply.error {
+            error_command(pending, request, reply)
         } else {
             pending.command(request)
         },
@@ -511,6 +510,22 @@ fn complete<S: ExchangeSink>(
         misses: 0,
         rcode: None,
     });
+}
+
+/// The command of an exchange answered by an error: a command the server does not know gets
+/// no label of its own. Out of line: errors are rare, and the common path stays straight.
+#[cold]
+#[inline(never)]
+fn error_command<'a>(
+    pending: &'a PendingQueue,
+    request: &Pending,
+    reply: &Message<'_>,
+) -> &'a [u8] {
+    if reply.head.starts_with(b"ERR unknown comm") {
+        UNKNOWN_TO_SERVER
+    } else {
+        pending.command(request)
+    }
 }
 
 #[cfg(test)]
