@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tcpkit_histogram::PROM_BOUNDS_US;
 use tcpkit_ops::prometheus::{BucketHistogram, Exposition, Labels};
 use tcpkit_proto::v1;
 
@@ -165,13 +166,24 @@ impl Telemetry {
                 ]
             })
             .collect();
+        let buckets: Vec<_> = keys
+            .iter()
+            .map(|k| (k.3.fine.prometheus_buckets(), k))
+            .collect();
         page.latency_histogram(
             "tcpkit_fleet_request_duration_seconds",
-            "Request latency over every agent, since the aggregator started.",
-            labels
-                .iter()
-                .zip(&keys)
-                .map(|(l, k)| (&l[..], BucketHistogram::seed(&k.3.seed, k.3.sum_us))),
+            "Request latency over every agent, since the aggregator started (the agents' \
+             10 µs-doubling buckets, read off the merged fine histograms).",
+            labels.iter().zip(&buckets).map(|(l, (counts, k))| {
+                (
+                    &l[..],
+                    BucketHistogram {
+                        bounds_us: &PROM_BOUNDS_US,
+                        counts,
+                        sum_us: k.3.sum_us,
+                    },
+                )
+            }),
         );
         let per_key = |value: fn(&Merged) -> u64| {
             labels

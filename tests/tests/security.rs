@@ -260,4 +260,14 @@ fn token_and_mutual_tls_guard_every_call() {
         &["le=\"+Inf\""],
     );
     assert_eq!(le_inf, count);
+    // The agents' fine buckets: 10 µs doubling, as on an agent's own page.
+    let under_10us = metric_sum(
+        &page,
+        "tcpkit_fleet_request_duration_seconds_bucket",
+        &["le=\"0.00001\""],
+    );
+    assert!(
+        under_10us <= count && page.contains("le=\"20.97152\""),
+        "{page}"
+    );
 }
