@@ -353,6 +353,22 @@ mod tests {
         }
     }
 
+    /// The endpoint on 127.0.0.1:0 serving `up 1`: its address, its stop, its task.
+    async fn start_endpoint() -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let render: Render = Arc::new(|| "up 1\n".to_owned());
+        let server = tokio::spawn(serve(listener, render, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, server)
+    }
+
     #[test]
     fn endpoint_serves_metrics_and_refuses_garbage() {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -360,13 +376,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let render: Render = Arc::new(|| "up 1\n".to_owned());
-            let server = tokio::spawn(serve(listener, render, async {
-                let _ = stopped.await;
-            }));
+            let (addr, stop, server) = start_endpoint().await;
             let ask = |request: Vec<u8>| async move {
                 let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
                 client.write_all(&request).await.unwrap();
@@ -404,13 +414,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let render: Render = Arc::new(|| "up 1\n".to_owned());
-            let server = tokio::spawn(serve(listener, render, async {
-                let _ = stopped.await;
-            }));
+            let (addr, stop, server) = start_endpoint().await;
             // 64 clients that connect and say nothing, 8 that send half a head.
             let mut idle = Vec::new();
             for i in 0..72 {
