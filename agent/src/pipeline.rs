@@ -68,6 +68,8 @@ impl Sinks {
                         req_done_us: r.ts_us,
                         rsp_start_us: r.ts_us + r.latency_us,
                         latency_us: r.latency_us,
+                        own_us: r.latency_us,
+                        depth: 1,
                         command: r.command.as_bytes(),
                         summary: r.summary.as_bytes(),
                         truncated: false,

@@ -59,6 +59,7 @@ fn event(rng: &mut Rng, ts_us: u64) -> v1::Event {
         req_bytes: 40,
         rsp_bytes: 90,
         status: 0,
+        ..Default::default()
     }
 }
 

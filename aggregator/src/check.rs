@@ -45,6 +45,8 @@ pub const AHEAD_US: u64 = 86_400_000_000;
 pub const LONGEST_US: u64 = 365 * 86_400_000_000;
 /// The largest count or counter taken.
 pub const MAX_COUNT: u64 = 1 << 48;
+/// The deepest pipeline an event may name: more requests than an agent holds pending.
+pub const MAX_DEPTH: u64 = 1 << 24;
 /// The longest agent id.
 pub const MAX_ID_BYTES: usize = 256;
 
@@ -143,6 +145,9 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
             time("request end", e.req_done_us)?;
         }
         bounded("latency", e.latency_us, LONGEST_US)?;
+        // The own time is a part of the latency.
+        bounded("own time", e.own_us, e.latency_us)?;
+        bounded("pipeline depth", u64::from(e.depth), MAX_DEPTH)?;
         bounded("request bytes", e.req_bytes, MAX_COUNT)?;
         bounded("reply bytes", e.rsp_bytes, MAX_COUNT)?;
     }
@@ -171,7 +176,9 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
             }
             bounded("latency sum", h.sum_us, MAX_COUNT.saturating_mul(1 << 14))?;
             bounded("largest latency", h.max_us, LONGEST_US)?;
-            for &n in h.seed.iter().chain(&h.fine_count) {
+            bounded("own time sum", h.own_sum_us, h.sum_us)?;
+            bounded("largest own time", h.own_max_us, h.max_us)?;
+            for &n in h.seed.iter().chain(&h.fine_count).chain(&h.own_fine_count) {
                 bounded("bucket count", n, MAX_COUNT)?;
             }
             let merged = Merged::from_snapshot(&h).map_err(|e| e.to_string())?;

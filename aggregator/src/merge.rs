@@ -1,7 +1,7 @@
 //! Merging histogram snapshots: a sum of counts, exact for both bucket forms (DESIGN.md,
 //! "Aggregator storage"), and the figures read off the merged fine histogram.
 
-use tcpkit_histogram::{BadBucket, FineHistogram, SEED_BUCKETS};
+use tcpkit_histogram::{fine_lower, BadBucket, FineHistogram, SEED_BUCKETS};
 use tcpkit_proto::v1;
 
 /// The sum of any number of histogram snapshots.
@@ -21,6 +21,12 @@ pub struct Merged {
     pub seed: [u64; SEED_BUCKETS],
     /// The fine histogram (percentiles, the exact maximum).
     pub fine: FineHistogram,
+    /// Sum of the own times (time not queued behind earlier requests), µs.
+    pub own_sum_us: u64,
+    /// The own times; it counts only the exchanges of agents that send them.
+    pub own: FineHistogram,
+    /// The pipeline depths, one fine bucket per depth below 128; as `own`.
+    pub depth: FineHistogram,
 }
 
 impl Merged {
@@ -35,6 +41,19 @@ impl Merged {
             *mine = mine.saturating_add(theirs);
         }
         self.fine.merge(&other.fine);
+        self.own_sum_us = self.own_sum_us.saturating_add(other.own_sum_us);
+        self.own.merge(&other.own);
+        self.depth.merge(&other.depth);
+    }
+
+    /// Exchanges sent while an earlier request of their connection was outstanding.
+    pub fn pipelined(&self) -> u64 {
+        let unpipelined = self
+            .depth
+            .nonzero()
+            .find(|&(i, _)| i == 1)
+            .map_or(0, |(_, n)| n);
+        self.depth.total().saturating_sub(unpipelined)
     }
 
     /// A shipped snapshot as a sum of one; its buckets are checked.
@@ -62,6 +81,16 @@ impl Merged {
         }
         let mut seed = [0; SEED_BUCKETS];
         seed.copy_from_slice(&s.seed);
+        let own = part(
+            "own time",
+            s.count,
+            &s.own_fine_index,
+            &s.own_fine_count,
+            |_| s.own_max_us,
+        )?;
+        let depth = part("depth", s.count, &s.depth_index, &s.depth_count, |last| {
+            fine_lower(last as usize)
+        })?;
         Ok(Self {
             count: s.count,
             sum_us: s.sum_us,
@@ -70,12 +99,17 @@ impl Merged {
             timeouts: s.timeouts,
             seed,
             fine,
+            own_sum_us: s.own_sum_us,
+            own,
+            depth,
         })
     }
 
     /// The merged histogram as the Query service returns it, under `key`.
     pub fn to_proto(&self, key: String) -> v1::Histogram {
         let (fine_index, fine_count) = self.fine.nonzero().unzip();
+        let (own_fine_index, own_fine_count) = self.own.nonzero().unzip();
+        let (depth_index, depth_count) = self.depth.nonzero().unzip();
         v1::Histogram {
             key,
             count: self.count,
@@ -92,6 +126,21 @@ impl Merged {
             fine_index,
             fine_count,
             proto: String::new(),
+            own_count: self.own.total(),
+            own_sum_us: self.own_sum_us,
+            own_max_us: self.own.max_us(),
+            own_p50_us: self.own.quantile(0.5),
+            own_p90_us: self.own.quantile(0.9),
+            own_p99_us: self.own.quantile(0.99),
+            own_p999_us: self.own.quantile(0.999),
+            own_fine_index,
+            own_fine_count,
+            pipelined: self.pipelined(),
+            depth_p50: self.depth.quantile(0.5),
+            depth_p99: self.depth.quantile(0.99),
+            depth_max: self.depth.max_us(),
+            depth_index,
+            depth_count,
         }
     }
 
@@ -102,12 +151,18 @@ impl Merged {
 
     /// The fine buckets as stored: (u32 index, u64 count) pairs, little-endian.
     pub fn fine_blob(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (i, c) in self.fine.nonzero() {
-            out.extend_from_slice(&i.to_le_bytes());
-            out.extend_from_slice(&c.to_le_bytes());
-        }
-        out
+        pairs_blob(&self.fine)
+    }
+
+    /// The own times as stored: their largest (u64), then their buckets as [`Merged::fine_blob`];
+    /// empty when there are none.
+    pub fn own_blob(&self) -> Vec<u8> {
+        with_max_blob(&self.own)
+    }
+
+    /// The depths as stored, as [`Merged::own_blob`].
+    pub fn depth_blob(&self) -> Vec<u8> {
+        with_max_blob(&self.depth)
     }
 
     /// Rebuilds a stored sum from its columns.
@@ -120,16 +175,6 @@ impl Merged {
         for (slot, chunk) in seed.iter_mut().zip(seed_bytes.chunks_exact(8)) {
             *slot = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
         }
-        if columns.fine.len() % 12 != 0 {
-            return Err(SnapshotError::FineLengths);
-        }
-        let buckets = columns.fine.chunks_exact(12).map(|pair| {
-            let (i, c) = pair.split_at(4);
-            (
-                u32::from_le_bytes(i.try_into().unwrap_or_default()),
-                u64::from_le_bytes(c.try_into().unwrap_or_default()),
-            )
-        });
         Ok(Self {
             count: columns.count,
             sum_us: columns.sum_us,
@@ -137,9 +182,81 @@ impl Merged {
             errors: columns.errors,
             timeouts: columns.timeouts,
             seed,
-            fine: FineHistogram::from_nonzero(buckets, columns.max_us)?,
+            fine: pairs_from_blob(columns.fine, columns.max_us)?,
+            own_sum_us: columns.own_sum_us,
+            own: with_max_from_blob(columns.own)?,
+            depth: with_max_from_blob(columns.depth)?,
         })
     }
+}
+
+/// One more histogram of a snapshot (own times, depths): none (an older agent), or one count
+/// per exchange. `max_of` gives its largest value from its last bucket.
+fn part(
+    what: &'static str,
+    count: u64,
+    index: &[u32],
+    counts: &[u64],
+    max_of: impl Fn(u32) -> u64,
+) -> Result<FineHistogram, SnapshotError> {
+    if index.len() != counts.len() {
+        return Err(SnapshotError::FineLengths);
+    }
+    let max = index.last().map_or(0, |&last| max_of(last));
+    let h = FineHistogram::from_nonzero(index.iter().copied().zip(counts.iter().copied()), max)?;
+    if h.total() != 0 && h.total() != count {
+        return Err(SnapshotError::PartCounts {
+            what,
+            count,
+            found: h.total(),
+        });
+    }
+    Ok(h)
+}
+
+fn pairs_blob(h: &FineHistogram) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, c) in h.nonzero() {
+        out.extend_from_slice(&i.to_le_bytes());
+        out.extend_from_slice(&c.to_le_bytes());
+    }
+    out
+}
+
+fn pairs_from_blob(bytes: &[u8], max_us: u64) -> Result<FineHistogram, SnapshotError> {
+    if bytes.len() % 12 != 0 {
+        return Err(SnapshotError::FineLengths);
+    }
+    let buckets = bytes.chunks_exact(12).map(|pair| {
+        let (i, c) = pair.split_at(4);
+        (
+            u32::from_le_bytes(i.try_into().unwrap_or_default()),
+            u64::from_le_bytes(c.try_into().unwrap_or_default()),
+        )
+    });
+    Ok(FineHistogram::from_nonzero(buckets, max_us)?)
+}
+
+fn with_max_blob(h: &FineHistogram) -> Vec<u8> {
+    if h.total() == 0 {
+        return Vec::new();
+    }
+    let mut out = h.max_us().to_le_bytes().to_vec();
+    out.extend(pairs_blob(h));
+    out
+}
+
+fn with_max_from_blob(bytes: &[u8]) -> Result<FineHistogram, SnapshotError> {
+    if bytes.is_empty() {
+        return Ok(FineHistogram::default());
+    }
+    let (max, pairs) = bytes
+        .split_at_checked(8)
+        .ok_or(SnapshotError::FineLengths)?;
+    pairs_from_blob(
+        pairs,
+        u64::from_le_bytes(max.try_into().unwrap_or_default()),
+    )
 }
 
 /// The columns a stored sum is kept in.
@@ -161,6 +278,12 @@ pub struct StoredColumns<'a> {
     pub seed: &'a [u8],
     /// [`Merged::fine_blob`].
     pub fine: &'a [u8],
+    /// See [`Merged::own_sum_us`].
+    pub own_sum_us: u64,
+    /// [`Merged::own_blob`].
+    pub own: &'a [u8],
+    /// [`Merged::depth_blob`].
+    pub depth: &'a [u8],
 }
 
 /// A histogram snapshot that does not add up.
@@ -185,6 +308,16 @@ pub enum SnapshotError {
         /// The sum of its fine buckets.
         fine: u64,
     },
+    /// The own times or the depths are neither absent nor one per exchange.
+    #[error("count {count} but the {what} buckets hold {found}")]
+    PartCounts {
+        /// Which.
+        what: &'static str,
+        /// The snapshot's count.
+        count: u64,
+        /// The sum of those buckets.
+        found: u64,
+    },
 }
 
 #[cfg(test)]
@@ -196,11 +329,16 @@ mod tests {
     fn snapshot(latencies: &[u64]) -> v1::HistogramSnapshot {
         let mut fine = FineHistogram::default();
         let mut seed = vec![0; SEED_BUCKETS];
+        let (mut own, mut depth) = (FineHistogram::default(), FineHistogram::default());
         for &l in latencies {
             fine.record(l);
             seed[seed_bucket(l)] += 1;
+            own.record(l / 3);
+            depth.record(1 + l % 70);
         }
         let (fine_index, fine_count) = fine.nonzero().unzip();
+        let (own_fine_index, own_fine_count) = own.nonzero().unzip();
+        let (depth_index, depth_count) = depth.nonzero().unzip();
         v1::HistogramSnapshot {
             count: latencies.len() as u64,
             sum_us: latencies.iter().sum(),
@@ -208,6 +346,12 @@ mod tests {
             seed,
             fine_index,
             fine_count,
+            own_sum_us: latencies.iter().map(|l| l / 3).sum(),
+            own_max_us: own.max_us(),
+            own_fine_index,
+            own_fine_count,
+            depth_index,
+            depth_count,
             ..Default::default()
         }
     }
@@ -225,6 +369,7 @@ mod tests {
                 let stored = Merged::from_stored(StoredColumns {
                     count: one.count, sum_us: one.sum_us, max_us: one.fine.max_us(), slow: 0,
                     errors: 0, timeouts: 0, seed: &one.seed_blob(), fine: &one.fine_blob(),
+                    own_sum_us: one.own_sum_us, own: &one.own_blob(), depth: &one.depth_blob(),
                 }).unwrap();
                 prop_assert_eq!(&stored, &one);
                 merged.merge(&stored);
@@ -266,5 +411,17 @@ mod tests {
         let mut s = snapshot(&[10]);
         s.fine_count.push(1);
         assert_eq!(Merged::from_snapshot(&s), Err(SnapshotError::FineLengths));
+        // Own times and depths: none (an older agent), or one per exchange.
+        let mut s = snapshot(&[10, 20]);
+        (s.depth_index, s.depth_count) = (vec![], vec![]);
+        assert_eq!(Merged::from_snapshot(&s).unwrap().depth.total(), 0);
+        s.own_fine_count[0] += 1;
+        assert!(matches!(
+            Merged::from_snapshot(&s),
+            Err(SnapshotError::PartCounts {
+                what: "own time",
+                ..
+            })
+        ));
     }
 }

@@ -97,6 +97,8 @@ fn slow_event_json(e: &v1::StoredEvent) -> Value {
         "command": ev.command,
         "summary": ev.summary,
         "latency_us": ev.latency_us,
+        "own_us": ev.own_us,
+        "depth": ev.depth,
         "req_bytes": ev.req_bytes,
         "rsp_bytes": ev.rsp_bytes,
         "status": status,
@@ -118,6 +120,17 @@ pub fn histogram_json(h: &v1::Histogram, with_key: bool) -> Value {
         "errors": h.errors,
         "timeouts": h.timeouts,
         "latencies": h.seed,
+        "own_count": h.own_count,
+        "own_sum_us": h.own_sum_us,
+        "own_p50_us": h.own_p50_us,
+        "own_p90_us": h.own_p90_us,
+        "own_p99_us": h.own_p99_us,
+        "own_p999_us": h.own_p999_us,
+        "own_max_us": h.own_max_us,
+        "pipelined": h.pipelined,
+        "depth_p50": h.depth_p50,
+        "depth_p99": h.depth_p99,
+        "depth_max": h.depth_max,
     });
     if with_key {
         v["key"] = json!(h.key);
@@ -210,23 +223,88 @@ const FIGURES_HEADER: [&str; 11] = [
     "timeouts",
 ];
 
+/// The own-time figures of a group (`hist --own`): how many exchanges have one, their
+/// percentiles, the time queued behind earlier requests, and the pipeline depths.
+fn own_row(name: &str, h: &v1::Histogram) -> Vec<String> {
+    let queued = if h.own_count == h.count {
+        ms(h.sum_us.saturating_sub(h.own_sum_us))
+    } else {
+        // Some agents send no own times: the difference would count their latency as queued.
+        "-".to_string()
+    };
+    vec![
+        name.to_string(),
+        h.own_count.to_string(),
+        ms(h.own_sum_us.checked_div(h.own_count).unwrap_or(0)),
+        ms(h.own_p50_us),
+        ms(h.own_p90_us),
+        ms(h.own_p99_us),
+        ms(h.own_p999_us),
+        ms(h.own_max_us),
+        queued,
+        h.pipelined.to_string(),
+        h.depth_p99.to_string(),
+        h.depth_max.to_string(),
+    ]
+}
+
+const OWN_HEADER: [&str; 12] = [
+    "",
+    "count",
+    "avg own ms",
+    "p50 own",
+    "p90 own",
+    "p99 own",
+    "p999 own",
+    "max own",
+    "queued ms",
+    "pipelined",
+    "depth p99",
+    "max depth",
+];
+
+/// The seed buckets of a histogram's own times, from their fine buckets (each counted by the
+/// value it stands for: within 1% of the bucket edges).
+fn own_seed(h: &v1::Histogram) -> Vec<u64> {
+    let mut seed = vec![0u64; SEED_LABELS.len()];
+    for (&i, &n) in h.own_fine_index.iter().zip(&h.own_fine_count) {
+        let bucket = tcpkit_histogram::seed_bucket(tcpkit_histogram::fine_value(i as usize));
+        seed[bucket] = seed[bucket].saturating_add(n);
+    }
+    seed
+}
+
 /// Width of the longest bar.
 const BAR: usize = 40;
 
+/// The cells of one group's row of figures.
+type RowOf = fn(&str, &v1::Histogram) -> Vec<String>;
+
 /// The `hist` answer for people: the figures, then the seed buckets as bars (one column of
-/// counts per group with `--by`).
-pub fn hist_text(reply: &v1::HistReply, grouped: bool) -> String {
-    let all = reply.all.clone().unwrap_or_default();
-    let mut rows = vec![FIGURES_HEADER.iter().map(|s| s.to_string()).collect()];
+/// counts per group with `--by`); with `own`, those of the own times.
+pub fn hist_text(reply: &v1::HistReply, grouped: bool, own: bool) -> String {
+    let mut all = reply.all.clone().unwrap_or_default();
+    let (header, row): (&[&str], RowOf) = if own {
+        (&OWN_HEADER, own_row)
+    } else {
+        (&FIGURES_HEADER, figures_row)
+    };
+    let mut rows = vec![header.iter().map(|s| s.to_string()).collect()];
     if grouped {
-        rows.extend(reply.groups.iter().map(|g| figures_row(&group_name(g), g)));
+        rows.extend(reply.groups.iter().map(|g| row(&group_name(g), g)));
     }
-    rows.push(figures_row("all", &all));
+    rows.push(row("all", &all));
     let mut out = table(&rows);
     out.push('\n');
+    let mut groups = reply.groups.clone();
+    if own {
+        all.seed = own_seed(&all);
+        groups.iter_mut().for_each(|g| g.seed = own_seed(g));
+    }
+    let reply = &v1::HistReply { all: None, groups };
     let max = all.seed.iter().copied().max().unwrap_or(0).max(1);
     let mut buckets = vec![{
-        let mut header = vec!["latency".to_string()];
+        let mut header = vec![if own { "own time" } else { "latency" }.to_string()];
         if grouped {
             header.extend(reply.groups.iter().map(group_name));
         }
@@ -262,6 +340,7 @@ pub fn top_text(rows: &[v1::Histogram]) -> String {
         "count".to_string(),
         "slow".to_string(),
         "p99 ms".to_string(),
+        "own p99 ms".to_string(),
         "total ms".to_string(),
     ]];
     for (i, r) in rows.iter().enumerate() {
@@ -271,6 +350,7 @@ pub fn top_text(rows: &[v1::Histogram]) -> String {
             r.count.to_string(),
             r.slow.to_string(),
             ms(r.p99_us),
+            ms(r.own_p99_us),
             ms(r.sum_us),
         ]);
     }
@@ -472,7 +552,7 @@ mod tests {
             }),
             groups: vec![],
         };
-        let text = hist_text(&reply, false);
+        let text = hist_text(&reply, false, false);
         assert!(
             text.contains(&format!("0ms~0.1ms      2  {}", "#".repeat(40))),
             "{text}"

@@ -465,6 +465,7 @@ impl query_server::Query for QueryService {
                 v1::TopBy::Slow => h.slow,
                 v1::TopBy::P99 => h.p99_us,
                 v1::TopBy::Total => h.sum_us,
+                v1::TopBy::OwnP99 => h.own_p99_us,
             })
         });
         rows.truncate(if req.limit == 0 {

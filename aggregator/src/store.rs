@@ -117,7 +117,23 @@ ALTER TABLE sessions ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN reply_before_request INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sessions ADD COLUMN clock_skew INTEGER NOT NULL DEFAULT 0;
 "#,
+    // Version 3: time inside pipelines: each event's own time and depth, and the own times and
+    // depths of the histograms (empty from older agents).
+    r#"
+ALTER TABLE events ADD COLUMN own_us INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE events ADD COLUMN depth INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE histograms ADD COLUMN own_sum_us INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE histograms ADD COLUMN own BLOB NOT NULL DEFAULT x'';
+ALTER TABLE histograms ADD COLUMN depth BLOB NOT NULL DEFAULT x'';
+ALTER TABLE rollups ADD COLUMN own_sum_us INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN own BLOB NOT NULL DEFAULT x'';
+ALTER TABLE rollups ADD COLUMN depth BLOB NOT NULL DEFAULT x'';
+"#,
 ];
+
+/// The columns a merged histogram is read from ([`merged_from_row`]), in order.
+const MERGED_COLUMNS: &str =
+    "count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth";
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -368,8 +384,8 @@ fn store_batch(
     }
     let mut insert_event = tx.prepare_cached(
         "INSERT INTO events (ts_us, req_done_us, agent, client, server, port, proto, command,
-             summary, latency_us, req_bytes, rsp_bytes, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             summary, latency_us, req_bytes, rsp_bytes, status, own_us, depth)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?;
     for e in &batch.events {
         insert_event.execute(params![
@@ -386,6 +402,8 @@ fn store_batch(
             e.req_bytes as i64,
             e.rsp_bytes as i64,
             e.status,
+            e.own_us as i64,
+            e.depth,
         ])?;
     }
     for h in &batch.histograms {
@@ -440,8 +458,9 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
     let m = &h.merged;
     tx.prepare_cached(
         "INSERT INTO histograms (ts_us, interval_us, agent, server, port, proto, command, count,
-             sum_us, max_us, slow, errors, timeouts, seed, fine)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+             ?18)",
     )?
     .execute(params![
         h.ts_us as i64,
@@ -459,6 +478,9 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         m.timeouts as i64,
         m.seed_blob(),
         m.fine_blob(),
+        m.own_sum_us as i64,
+        m.own_blob(),
+        m.depth_blob(),
     ])?;
     for span in ROLLUP_SPANS_US {
         let bucket = (h.ts_us - h.ts_us % span) as i64;
@@ -472,11 +494,11 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
             h.command
         ];
         let mut sum = tx
-            .prepare_cached(
-                "SELECT count, sum_us, max_us, slow, errors, timeouts, seed, fine FROM rollups
+            .prepare_cached(&format!(
+                "SELECT {MERGED_COLUMNS} FROM rollups
                  WHERE span_us = ?1 AND bucket_us = ?2 AND agent = ?3 AND server = ?4
-                     AND port = ?5 AND proto = ?6 AND command = ?7",
-            )?
+                     AND port = ?5 AND proto = ?6 AND command = ?7"
+            ))?
             .query_row(key, |r| merged_from_row(r, 0))
             .optional()?
             .transpose()?
@@ -484,8 +506,10 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         sum.merge(m);
         tx.prepare_cached(
             "INSERT OR REPLACE INTO rollups (span_us, bucket_us, agent, server, port, proto,
-                 command, count, sum_us, max_us, slow, errors, timeouts, seed, fine)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                 command, count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us,
+                 own, depth)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18)",
         )?
         .execute(params![
             span as i64,
@@ -503,13 +527,15 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
             sum.timeouts as i64,
             sum.seed_blob(),
             sum.fine_blob(),
+            sum.own_sum_us as i64,
+            sum.own_blob(),
+            sum.depth_blob(),
         ])?;
     }
     Ok(())
 }
 
-/// Reads the 8 columns `count, sum_us, max_us, slow, errors, timeouts, seed, fine` from
-/// `first` on.
+/// Reads the [`MERGED_COLUMNS`] from `first` on.
 fn merged_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Result<Merged>> {
     let int = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(first + i)? as u64) };
     let seed = r.get_ref(first + 6)?.as_blob()?;
@@ -523,6 +549,9 @@ fn merged_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Resu
         timeouts: int(5)?,
         seed,
         fine,
+        own_sum_us: int(8)?,
+        own: r.get_ref(first + 9)?.as_blob()?,
+        depth: r.get_ref(first + 10)?.as_blob()?,
     })
     .map_err(StoreError::from))
 }
@@ -665,7 +694,8 @@ impl Reader {
         };
         let sql = format!(
             "SELECT (SELECT name FROM agents WHERE id = agent), ts_us, req_done_us, client,
-                 server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status
+                 server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status,
+                 own_us, depth
              FROM events {} ORDER BY {order} LIMIT {limit}",
             c.where_clause()
         );
@@ -686,6 +716,8 @@ impl Reader {
                     req_bytes: r.get::<_, i64>(10)? as u64,
                     rsp_bytes: r.get::<_, i64>(11)? as u64,
                     status: r.get(12)?,
+                    own_us: r.get::<_, i64>(13)? as u64,
+                    depth: r.get(14)?,
                 }),
             })
         })?;
@@ -744,7 +776,7 @@ impl Reader {
         groups: &mut BTreeMap<String, Merged>,
     ) -> Result<()> {
         let sql = format!(
-            "SELECT {}, count, sum_us, max_us, slow, errors, timeouts, seed, fine FROM {table} {}",
+            "SELECT {}, {MERGED_COLUMNS} FROM {table} {}",
             group.column(),
             c.where_clause()
         );

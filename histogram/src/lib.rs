@@ -109,7 +109,7 @@ pub fn fine_index(value: u64) -> usize {
 }
 
 /// The smallest value of a fine bucket.
-fn fine_lower(index: usize) -> u64 {
+pub fn fine_lower(index: usize) -> u64 {
     let index = index as u64;
     if index < SUB {
         return index;
@@ -171,6 +171,22 @@ impl FineHistogram {
         for (i, &count) in self.counts.iter().enumerate() {
             if count > 0 {
                 out[prom_bucket(fine_lower(i))] += count;
+            }
+        }
+        out
+    }
+
+    /// Counts per bound: `out[i]` holds the values above `bounds[i-1]` and at most
+    /// `bounds[i]`, and a last count the values above them all. Exact for bounds below 128
+    /// (where each fine bucket holds one value) and for any bound one below a power of two;
+    /// elsewhere a bucket straddling a bound counts under the bound above it.
+    pub fn counts_at_most(&self, bounds: &[u64]) -> Vec<u64> {
+        let mut out = vec![0; bounds.len() + 1];
+        for (i, &count) in self.counts.iter().enumerate() {
+            if count > 0 {
+                let largest = fine_lower(i + 1) - 1;
+                let at = bounds.partition_point(|&b| b < largest);
+                out[at] += count;
             }
         }
         out
@@ -271,6 +287,19 @@ mod tests {
         ] {
             assert_eq!(prom_bucket(latency), bucket, "{latency}");
         }
+    }
+
+    #[test]
+    fn counts_at_most_are_exact_where_the_doc_says() {
+        let bounds = [1, 2, 4, 8, 16, 32, 64, 127, 255, 4095];
+        let mut fine = FineHistogram::default();
+        let mut direct = vec![0u64; bounds.len() + 1];
+        for v in 0..10_000u64 {
+            fine.record(v);
+            direct[bounds.partition_point(|&b| b < v)] += 1;
+        }
+        assert_eq!(fine.counts_at_most(&bounds), direct);
+        assert_eq!(fine.counts_at_most(&bounds)[..2], [2, 1]); // 0 and 1; then 2
     }
 
     use proptest::prelude::*;

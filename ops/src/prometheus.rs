@@ -111,11 +111,32 @@ impl Exposition {
         }
     }
 
-    /// A latency histogram family, in seconds.
+    /// A latency histogram family, in seconds (its bounds and sum are µs).
     pub fn latency_histogram<'a>(
         &mut self,
         name: &str,
         help: &str,
+        series: impl IntoIterator<Item = (Labels<'a>, BucketHistogram<'a>)>,
+    ) {
+        self.histogram(name, help, 1e6, series);
+    }
+
+    /// A histogram family of plain numbers (a pipeline depth): bounds and sum as they are.
+    pub fn count_histogram<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        series: impl IntoIterator<Item = (Labels<'a>, BucketHistogram<'a>)>,
+    ) {
+        self.histogram(name, help, 1.0, series);
+    }
+
+    /// A histogram family whose bounds and sums are divided by `unit`.
+    fn histogram<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        unit: f64,
         series: impl IntoIterator<Item = (Labels<'a>, BucketHistogram<'a>)>,
     ) {
         self.header(name, "histogram", help);
@@ -124,7 +145,7 @@ impl Exposition {
             let mut cumulative = 0u64;
             for (bound_us, count) in histogram.bounds_us.iter().zip(histogram.counts) {
                 cumulative = cumulative.saturating_add(*count);
-                let le = (*bound_us as f64 / 1e6).to_string();
+                let le = (*bound_us as f64 / unit).to_string();
                 self.sample(&bucket, labels, Some(("le", &le)), &cumulative.to_string());
             }
             let count = histogram
@@ -132,7 +153,7 @@ impl Exposition {
                 .iter()
                 .fold(0u64, |a, &b| a.saturating_add(b));
             self.sample(&bucket, labels, Some(("le", "+Inf")), &count.to_string());
-            let sum = (histogram.sum_us as f64 / 1e6).to_string();
+            let sum = (histogram.sum_us as f64 / unit).to_string();
             self.sample(&format!("{name}_sum"), labels, None, &sum);
             self.sample(&format!("{name}_count"), labels, None, &count.to_string());
         }

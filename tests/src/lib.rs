@@ -142,6 +142,7 @@ pub const FIXTURES: &[&str] = &[
     "redis-client-reply",
     "redis-pubsub",
     "redis-slow",
+    "redis-pipeline",
     "memcached-text",
     "memcached-meta",
     "memcached-binary",
@@ -153,6 +154,7 @@ pub const REDIS_FIXTURES: &[&str] = &[
     "redis-benchmark-lo",
     "redis-bigvalues-any",
     "redis-pipelined-sll",
+    "redis-pipeline",
 ];
 
 /// Returns false (after saying why) when a test cannot run here; in CI (`CI=true`) a

@@ -134,6 +134,77 @@ fn two_agents_queries_equal_the_fixtures() {
     }
 }
 
+/// Own times and pipeline depths reach the fleet whole: each agent's figures come back from
+/// the store (events and merged histograms), and rank `top --by own-p99`.
+#[test]
+fn own_times_and_depths_fleet_wide() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let url = agg.url();
+    let a1 = finish_agent(start_agent(&[], "redis-pipeline", "p1", "20", &url));
+    let a2 = finish_agent(start_agent(&[], "redis-pipelined-sll", "p2", "1000", &url));
+    let by_agent = query_json(&[], &url, &["hist", "--by", "agent"]);
+    let groups = by_agent["groups"].as_array().expect("groups");
+    assert_eq!(groups.len(), 2);
+    for (group, agent) in groups.iter().zip([&a1, &a2]) {
+        let p = &agent.port;
+        assert_eq!(group["own_count"], p["total_reqs"]);
+        assert_eq!(group["own_sum_us"], p["own_costs"]);
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert_eq!(
+                group[format!("own_{key}_us")],
+                p[format!("own_{key}_us")],
+                "{key}"
+            );
+        }
+        assert_eq!(group["pipelined"], p["pipelined_reqs"]);
+        for key in ["depth_p50", "depth_p99", "depth_max"] {
+            assert_eq!(group[key], p[key], "{key}");
+        }
+    }
+    // Every slow event carries its own time and depth: those of p1 add up to its figures.
+    let events = query_json(&[], &url, &["slow", "--agent", "p1", "--limit", "1000"]);
+    let events = events.as_array().expect("array");
+    assert_eq!(events.len() as u64, u(&a1.port["slow_reqs"]));
+    let own: u64 = events.iter().map(|e| u(&e["own_us"])).sum();
+    assert_eq!(own, u(&a1.port["own_costs"]));
+    let mut depths = std::collections::BTreeMap::<String, u64>::new();
+    for e in events {
+        *depths.entry(e["depth"].to_string()).or_default() += 1;
+    }
+    assert_eq!(serde_json::json!(depths), a1.port["depths"]);
+    // Ranked by own p99: the DEBUG SLEEP heads first, though the GETs behind them are as slow.
+    let top = query_json(&[], &url, &["top", "--by", "own-p99"]);
+    let keys: Vec<&str> = top
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| r["key"].as_str().expect("key"))
+        .collect();
+    assert_eq!(keys.first(), Some(&"DEBUG"), "{top}");
+    let text = query_text(&[], &url, &["hist", "--own", "--by", "command"]);
+    assert!(
+        text.contains("queued ms") && text.contains("own time"),
+        "{text}"
+    );
+    let get = text
+        .lines()
+        .find(|l| l.starts_with("redis GET "))
+        .expect("a GET row");
+    assert!(
+        get.contains(&format!(
+            " {} ",
+            a1.port["commands"]["GET"]["pipelined_reqs"]
+                .as_u64()
+                .unwrap()
+                + a2.port["commands"]["GET"]["pipelined_reqs"]
+                    .as_u64()
+                    .unwrap()
+        )),
+        "{text}"
+    );
+}
+
 /// What the aggregator must answer after agents `a1` (redis-benchmark-lo, -t 1) and `a2`
 /// (redis-slow, -t 20) have shipped.
 fn check_fleet(prefix: &[&str], url: &str, a1: &AgentOutput, a2: &AgentOutput) {

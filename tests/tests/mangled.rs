@@ -3,7 +3,8 @@
 //! the oracle: every latency line printed from a mangled capture must be a line of the clean
 //! run with the same latency (within 5 µs) — no wrong pairing, ever — and reordering and
 //! duplication must keep at least 99.9% of the lines. Loss costs the exchanges it touches:
-//! the recall is printed per fault, and at 1% loss must stay at least 96%.
+//! the recall is printed per fault, and at 1% loss must stay at least 96%. The same holds for
+//! each exchange's own time and pipeline depth (printed by a Lua script).
 
 use tcpkit_tests::mangle::{Comparison, Fault, Pcap};
 use tcpkit_tests::{fixture, run_tcpkit, Expected, FIXTURES};
@@ -45,18 +46,36 @@ fn seeds(records: usize) -> u64 {
     (20_000 / records.max(1)).clamp(3, 40) as u64
 }
 
+/// Every exchange as a slow-log line whose summary ends with its own time and depth, from
+/// `on_exchange` (the slow log itself is off).
+const PIPELINE_LINES: &str = r#"
+function on_exchange(e)
+  tcpkit.log(string.format("%d %s => %s | %d.%03d ms | %s own=%d depth=%d", e.ts_us, e.client,
+    e.server, e.latency_us // 1000, e.latency_us % 1000, e.summary, e.own_us, e.depth))
+end
+"#;
+
 /// Replays every fixture with `fault`; returns the counts over all of them, and fails on
 /// any wrong line.
 fn replay(fault: Fault) -> Comparison {
+    replay_with(fault, &fixtures(), lines_of)
+}
+
+/// Replays `fixtures` with `fault`, comparing the lines `lines` prints.
+fn replay_with(
+    fault: Fault,
+    fixtures: &[(&str, Vec<&str>)],
+    lines: impl Fn(&std::path::Path, u16, &[&str]) -> String,
+) -> Comparison {
     let dir = tempfile::tempdir().unwrap();
     // TCPKIT_KEEP_MANGLED=DIR keeps every mangled capture there.
     let keep = std::env::var_os("TCPKIT_KEEP_MANGLED").map(std::path::PathBuf::from);
     let mut total = Comparison::default();
     let mut report = Vec::new();
-    for (name, args) in fixtures() {
+    for (name, args) in fixtures {
         let path = fixture(&format!("{name}.pcap"));
         let port = Expected::of(name).port;
-        let clean = lines_of(&path, port, &args);
+        let clean = lines(&path, port, args);
         let pcap = Pcap::read(&path);
         let mut sum = Comparison::default();
         for seed in 0..seeds(pcap.len()) {
@@ -67,7 +86,7 @@ fn replay(fault: Fault) -> Comparison {
                 let _ = std::fs::copy(&mangled_path, keep.join(name));
             }
             let mut wrong = Vec::new();
-            let c = Comparison::of(&clean, &lines_of(&mangled_path, port, &args), &mut wrong);
+            let c = Comparison::of(&clean, &lines(&mangled_path, port, args), &mut wrong);
             if !wrong.is_empty() && std::env::var_os("TCPKIT_MANGLE_REPORT_ONLY").is_none() {
                 // Kept for whoever looks into it.
                 let kept = std::env::temp_dir().join(format!("tcpkit-mangled-{name}-{seed}.pcap"));
@@ -123,6 +142,50 @@ fn duplication_never_mispairs_and_loses_nothing() {
         let c = replay(fault);
         assert!(c.recall() >= 0.999, "{fault}: recall {:.4}", c.recall());
     }
+}
+
+#[test]
+fn own_times_and_depths_are_never_wrong_under_faults() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("pipeline.lua");
+    std::fs::write(&script, PIPELINE_LINES).unwrap();
+    let script = script.to_str().unwrap();
+    // The captures with pipelines: their clean runs have depths above 1 and time queued.
+    let pipelined: Vec<_> = fixtures()
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("redis-pipeline") || name.starts_with("memcached"))
+        .collect();
+    let clean = lines_with_script(
+        &fixture("redis-pipeline.pcap"),
+        Expected::of("redis-pipeline").port,
+        &["-m", "redis"],
+        script,
+    );
+    assert!(
+        clean.contains("depth=8") && clean.contains("own=0 "),
+        "{clean}"
+    );
+    for fault in [
+        Fault::Drop(0.01),
+        Fault::SwapAdjacent(0.05),
+        Fault::MoveAhead(0.01),
+        Fault::Duplicate(0.01),
+        Fault::ResendLater(0.01),
+    ] {
+        let c = replay_with(fault, &pipelined, |pcap, port, args| {
+            lines_with_script(pcap, port, args, script)
+        });
+        if !matches!(fault, Fault::Drop(_)) {
+            assert!(c.recall() >= 0.999, "{fault}: recall {:.4}", c.recall());
+        }
+    }
+}
+
+/// The lines of [`PIPELINE_LINES`] for every exchange of a capture.
+fn lines_with_script(pcap: &std::path::Path, port: u16, args: &[&str], script: &str) -> String {
+    let mut all = args.to_vec();
+    all.extend(["-S", script, "-t", "100000000"]);
+    lines_of(pcap, port, &all)
 }
 
 #[test]

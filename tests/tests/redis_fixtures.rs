@@ -104,6 +104,114 @@ fn pipelined_requests_pair_exactly() {
     assert_eq!(stats["commands"]["GET"]["total_reqs"], e.commands["GET"]);
 }
 
+/// Pipelines of 8 requests, a 20 ms DEBUG SLEEP at the head: every GET waits for it (its
+/// latency is over 20 ms) but takes the server almost nothing. Sent in one write, the requests
+/// of a pipeline share one capture time, so each one's own time is its latency less the one
+/// before it, and a pipeline's own times sum to its last latency — checked per exchange, from
+/// the Lua script's view, and in the stats JSON.
+#[test]
+fn own_time_and_depth_inside_pipelines_are_exact() {
+    let name = "redis-pipeline";
+    let e = Expected::of(name);
+    let depth = e.extra("depth").unwrap() as usize;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("each.lua");
+    std::fs::write(
+        &script,
+        "function on_exchange(e) tcpkit.log(e.depth .. ' ' .. e.own_us .. ' ' .. e.latency_us .. ' ' .. e.command) end",
+    )
+    .unwrap();
+    let out = redis(
+        name,
+        &[
+            "-S",
+            script.to_str().unwrap(),
+            "-t",
+            "100000",
+            "--summary",
+            "none",
+        ],
+    );
+    let rows: Vec<(usize, u64, u64, String)> = out
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                f[3].to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(rows.len() as u64, e.exchanges(), "{out}");
+    let mut own_sum = 0;
+    for pipeline in rows.chunks(depth) {
+        for (i, (d, own, latency, command)) in pipeline.iter().enumerate() {
+            assert_eq!(*d, i + 1, "{pipeline:?}");
+            assert!(*latency >= 20_000, "{pipeline:?}");
+            if i == 0 {
+                assert_eq!(command, "DEBUG");
+                assert_eq!(own, latency, "nothing before the head: {pipeline:?}");
+            } else {
+                assert_eq!(*own, latency - pipeline[i - 1].2, "{pipeline:?}");
+                assert!(
+                    *own < 5_000,
+                    "a GET behind the sleep is queued: {pipeline:?}"
+                );
+            }
+        }
+        own_sum += pipeline.last().unwrap().2;
+    }
+    let (_, stats) = redis_json(name, "20");
+    assert_eq!(stats["own_costs"], own_sum);
+    assert_eq!(
+        stats["commands"]["DEBUG"]["own_costs"],
+        stats["commands"]["DEBUG"]["total_costs"]
+    );
+    assert_eq!(stats["depths"], e.json["depths"]);
+    assert_eq!(stats["depth_max"], depth);
+    assert_eq!(
+        stats["pipelined_reqs"],
+        e.exchanges() - e.extra("pipelines").unwrap()
+    );
+    assert_eq!(stats["slow_reqs"], e.extra("slow_20ms").unwrap());
+    assert!(stats["commands"]["GET"]["own_p99_us"].as_u64().unwrap() < 5_000);
+    let text = redis(name, &["-t", "20", "--summary", "text"]);
+    assert!(
+        text.contains("  pipelined: 70 requests, depth p50 4, p99 8, max 8; own time p50 "),
+        "{text}"
+    );
+}
+
+/// redis-benchmark -P 16 writes 16 requests and reads their 16 replies: each depth from 1 to
+/// 16 once per pipeline (3200 requests: 200 each), and its two CONFIG GETs at the start, sent
+/// together, at depths 1 and 2.
+#[test]
+fn redis_benchmark_pipelines_have_every_depth_to_16() {
+    let (e, stats) = redis_json("redis-pipelined-sll", "100000");
+    let per_depth = (e.commands["SET"] + e.commands["GET"]) / 16;
+    for d in 1..=16u64 {
+        let config = u64::from(d <= 2);
+        assert_eq!(
+            stats["depths"][d.to_string()],
+            per_depth + config,
+            "depth {d}: {}",
+            stats["depths"]
+        );
+    }
+    assert_eq!(stats["depth_max"], 16);
+    assert_eq!(
+        stats["commands"]["CONFIG"]["depths"],
+        serde_json::json!({"1": 1, "2": 1})
+    );
+    let own = stats["own_costs"].as_u64().unwrap();
+    assert!(
+        own > 0 && own < stats["total_costs"].as_u64().unwrap(),
+        "{stats}"
+    );
+}
+
 #[test]
 fn text_summary_in_the_c_tools_words() {
     let out = redis("redis-slow", &["-t", "20", "--summary", "text"]);

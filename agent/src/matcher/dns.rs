@@ -151,6 +151,8 @@ impl DnsMatcher {
         cx.sink.exchange(&Exchange {
             rsp_start_us: rsp_us,
             latency_us: rsp_us.saturating_sub(query.ts_us),
+            // A DNS server answers each query on its own: no time queued behind others.
+            own_us: rsp_us.saturating_sub(query.ts_us),
             summary: summary.as_bytes(),
             rsp_bytes,
             error: !matches!(rcode, 0 | 3),
@@ -259,6 +261,8 @@ impl Query {
             req_done_us: self.ts_us,
             rsp_start_us: self.ts_us,
             latency_us: 0,
+            own_us: 0,
+            depth: 1,
             command: &self.summary.as_bytes()[..self.type_len],
             summary: self.summary.as_bytes(),
             truncated: false,

@@ -11,7 +11,10 @@ use std::collections::VecDeque;
 
 use super::duplex::{InvalidBytes, Protocol, UNKNOWN_TO_SERVER};
 use super::memcached_binary::BinaryPairing;
-use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{
+    give_up_all, make_room, settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext,
+    PipelineClock, Unanswered,
+};
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
 use crate::steps::flow::{Direction, FlowKey};
 
@@ -23,6 +26,8 @@ struct Pending {
     req_start_us: u64,
     req_done_us: u64,
     req_bytes: u64,
+    /// Requests outstanding when it was sent, itself included.
+    depth: u32,
     expect: Expect,
     keys: u32,
     meta: Option<(u8, bool)>,
@@ -56,6 +61,7 @@ pub struct MemcachedPairing {
     pending: VecDeque<Pending>,
     req_clock: ChunkClock,
     rsp_clock: ChunkClock,
+    pipeline: PipelineClock,
     /// Set when the connection speaks the binary protocol (its first request byte is 0x80).
     binary: Option<Box<BinaryPairing>>,
 }
@@ -68,6 +74,7 @@ impl Default for MemcachedPairing {
             pending: VecDeque::new(),
             req_clock: ChunkClock::default(),
             rsp_clock: ChunkClock::default(),
+            pipeline: PipelineClock::default(),
             binary: None,
         }
     }
@@ -168,6 +175,7 @@ impl Protocol for MemcachedPairing {
         give_up_all(&mut self.pending, key.server, Pending::command, why, cx);
         self.requests.reset();
         self.replies.reset();
+        self.pipeline.reset();
     }
 
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
@@ -213,11 +221,14 @@ impl MemcachedPairing {
     ) -> bool {
         let mut timer = self.rsp_clock.begin(ts_us, self.replies.in_message());
         let Self {
-            replies, pending, ..
+            replies,
+            pending,
+            pipeline,
+            ..
         } = self;
         let result = replies.feed(bytes, &mut |m| {
             let start = timer.next_start();
-            pair(key, m, start, pending, cx);
+            pair(key, m, start, pending, pipeline, cx);
         });
         self.rsp_clock.end(&timer, self.replies.in_message());
         result.is_ok()
@@ -248,6 +259,7 @@ fn queue<S: ExchangeSink>(
         req_start_us,
         req_done_us,
         req_bytes: m.bytes,
+        depth: pending.len() as u32 + 1,
         expect: m.expect,
         keys: m.keys,
         meta: m.meta,
@@ -295,8 +307,10 @@ fn pair<S: ExchangeSink>(
     m: &Message<'_>,
     rsp_start_us: u64,
     pending: &mut VecDeque<Pending>,
+    pipeline: &mut PipelineClock,
     cx: &mut MatchContext<'_, S>,
 ) {
+    let mut silent = 0;
     while pending
         .front()
         .is_some_and(|front| answered_by_silence(front, m))
@@ -304,6 +318,13 @@ fn pair<S: ExchangeSink>(
         pending.pop_front();
         cx.counters.pending -= 1;
         cx.counters.noreply += 1;
+        silent += 1;
+    }
+    if silent > 0 {
+        // Answered, quietly, by the time this reply came.
+        settle_depths(pending, rsp_start_us, silent, |p| {
+            (p.req_done_us, &mut p.depth)
+        });
     }
     let Some(front) = pending.front_mut() else {
         cx.counters.unmatched += 1;
@@ -333,6 +354,7 @@ fn pair<S: ExchangeSink>(
         return;
     };
     cx.counters.pending -= 1;
+    settle_depths(pending, start, 1, |p| (p.req_done_us, &mut p.depth));
     let summary = request.summary();
     let (hits, misses) = match (request.expect, m.unit, request.meta) {
         (Expect::Values, unit, _) if !unit.is_error() => {
@@ -349,6 +371,8 @@ fn pair<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us: start,
         latency_us: start.saturating_sub(request.req_done_us),
+        own_us: pipeline.own_time(request.req_done_us, start),
+        depth: request.depth,
         // A command the server does not know gets no label of its own.
         command: if m.unit == Unit::UnknownCommand {
             UNKNOWN_TO_SERVER

@@ -7,7 +7,10 @@
 use std::collections::VecDeque;
 
 use super::duplex::{InvalidBytes, Protocol};
-use super::{give_up_all, make_room, ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{
+    give_up_all, make_room, settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext,
+    PipelineClock, Unanswered,
+};
 use crate::l7::memcached_binary::{
     is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
 };
@@ -30,6 +33,8 @@ struct Pending {
     req_start_us: u64,
     req_done_us: u64,
     req_bytes: u64,
+    /// Requests outstanding when it was sent, itself included.
+    depth: u32,
     opcode: u8,
     opaque: u32,
     summary: [u8; SUMMARY],
@@ -44,6 +49,7 @@ pub struct BinaryPairing {
     pending: VecDeque<Pending>,
     req_clock: ChunkClock,
     rsp_clock: ChunkClock,
+    pipeline: PipelineClock,
 }
 
 impl Default for BinaryPairing {
@@ -54,6 +60,7 @@ impl Default for BinaryPairing {
             pending: VecDeque::new(),
             req_clock: ChunkClock::default(),
             rsp_clock: ChunkClock::default(),
+            pipeline: PipelineClock::default(),
         }
     }
 }
@@ -83,10 +90,13 @@ impl Protocol for BinaryPairing {
             Direction::Response => {
                 let mut timer = self.rsp_clock.begin(ts_us, self.responses.in_message());
                 let Self {
-                    responses, pending, ..
+                    responses,
+                    pending,
+                    pipeline,
+                    ..
                 } = self;
                 let result = responses.feed(bytes, &mut |p| {
-                    pair(key, p, timer.next_start(), pending, cx);
+                    pair(key, p, timer.next_start(), pending, pipeline, cx);
                 });
                 self.rsp_clock.end(&timer, self.responses.in_message());
                 result
@@ -119,6 +129,7 @@ impl Protocol for BinaryPairing {
         give_up_all(&mut self.pending, key.server, Pending::command, why, cx);
         self.requests.reset();
         self.responses.reset();
+        self.pipeline.reset();
     }
 
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
@@ -162,6 +173,7 @@ fn queue<S: ExchangeSink>(
         req_start_us,
         req_done_us,
         req_bytes: p.bytes,
+        depth: pending.len() as u32 + 1,
         opcode: p.opcode,
         opaque: p.opaque,
         summary,
@@ -175,6 +187,7 @@ fn pair<S: ExchangeSink>(
     p: &Packet<'_>,
     rsp_start_us: u64,
     pending: &mut VecDeque<Pending>,
+    pipeline: &mut PipelineClock,
     cx: &mut MatchContext<'_, S>,
 ) {
     let Some(at) = pending
@@ -198,6 +211,10 @@ fn pair<S: ExchangeSink>(
         return;
     };
     cx.counters.pending -= 1;
+    // The requests before it were answered by now too (quietly, or never).
+    settle_depths(pending, rsp_start_us, at as u32 + 1, |p| {
+        (p.req_done_us, &mut p.depth)
+    });
     let (hits, misses) = match (is_retrieval(request.opcode), p.status) {
         (true, 0) => (1, 0),
         (true, KEY_NOT_FOUND) => (0, 1),
@@ -212,6 +229,8 @@ fn pair<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us,
         latency_us: rsp_start_us.saturating_sub(request.req_done_us),
+        own_us: pipeline.own_time(request.req_done_us, rsp_start_us),
+        depth: request.depth,
         command: &summary[..name_len],
         summary,
         truncated: false,

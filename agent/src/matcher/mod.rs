@@ -39,6 +39,15 @@ pub struct Exchange<'a> {
     /// `rsp_start_us - req_done_us`; 0 when negative (two CPUs' capture clocks: counted as
     /// clock skew).
     pub latency_us: u64,
+    /// The part of the latency the server spent on this request: its reply's time minus the
+    /// later of its request's time and the previous reply's on the connection. The rest,
+    /// `latency_us - own_us`, it waited behind earlier requests of the connection. Equal to
+    /// the latency when nothing was outstanding (and for DNS, whose server answers each
+    /// query on its own).
+    pub own_us: u64,
+    /// Requests outstanding on the connection when this one was sent, itself included: 1
+    /// unpipelined.
+    pub depth: u32,
     /// The command name, upper case (`GET`).
     pub command: &'a [u8],
     /// The command and its arguments as sent, cut at [`SUMMARY_BYTES`].
@@ -256,6 +265,52 @@ impl ChunkClock {
             self.partial_start_us = timer.ts_us;
             self.partial_latest_us = timer.ts_us;
         }
+    }
+}
+
+/// The time inside a pipeline of one connection: when its previous reply came, for the own
+/// time of the next exchange ([`Exchange::own_us`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PipelineClock {
+    last_reply_us: u64,
+}
+
+impl PipelineClock {
+    /// The own time of an exchange paired now (replies pair in stream order), and remembers
+    /// its reply.
+    #[inline(always)]
+    pub fn own_time(&mut self, req_done_us: u64, rsp_start_us: u64) -> u64 {
+        let from = req_done_us.max(self.last_reply_us);
+        self.last_reply_us = self.last_reply_us.max(rsp_start_us);
+        rsp_start_us.saturating_sub(from)
+    }
+
+    /// Positions were lost: what was outstanding is unknown, and the duplex resumes only at
+    /// a request sent once every earlier reply had come.
+    pub fn reset(&mut self) {
+        self.last_reply_us = 0;
+    }
+}
+
+/// The pending requests of a connection whose depth counted `answered` requests just
+/// answered by a reply at `rsp_start_us` (the reply's own request, and quiet ones before it
+/// that its coming proves answered): those sent at or after that reply (the capture
+/// delivered them before it) had not these requests outstanding. `depth_of` gives a pending
+/// request's time and its depth; requests are in sending order, so only the latest ones
+/// need looking at.
+#[inline(always)]
+pub(crate) fn settle_depths<T>(
+    pending: &mut VecDeque<T>,
+    rsp_start_us: u64,
+    answered: u32,
+    mut depth_of: impl FnMut(&mut T) -> (u64, &mut u32),
+) {
+    for p in pending.iter_mut().rev() {
+        let (req_done_us, depth) = depth_of(p);
+        if req_done_us < rsp_start_us {
+            break;
+        }
+        *depth = depth.saturating_sub(answered).max(1);
     }
 }
 

@@ -9,7 +9,9 @@
 use std::collections::VecDeque;
 
 use super::duplex::{InvalidBytes, Protocol, UNKNOWN_TO_SERVER};
-use super::{ChunkClock, Exchange, ExchangeSink, MatchContext, Unanswered};
+use super::{
+    settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext, PipelineClock, Unanswered,
+};
 
 use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
 use crate::steps::flow::{Direction, FlowKey};
@@ -21,6 +23,8 @@ struct Pending {
     req_start_us: u64,
     req_done_us: u64,
     req_bytes: u64,
+    /// Requests outstanding when it was sent, itself included.
+    depth: u32,
     /// Where its text starts in [`PendingQueue::text`]: the summary, then the command in
     /// upper case unless the summary starts with it so.
     text_start: usize,
@@ -113,6 +117,7 @@ pub struct RedisPairing {
     /// First-packet times of the requests and replies being read.
     req_clock: ChunkClock,
     rsp_clock: ChunkClock,
+    pipeline: PipelineClock,
     reply_mode: ReplyMode,
     pubsub: bool,
     monitor: bool,
@@ -126,6 +131,7 @@ impl Default for RedisPairing {
             pending: PendingQueue::default(),
             req_clock: ChunkClock::default(),
             rsp_clock: ChunkClock::default(),
+            pipeline: PipelineClock::default(),
             reply_mode: ReplyMode::On,
             pubsub: false,
             monitor: false,
@@ -215,6 +221,7 @@ impl Protocol for RedisPairing {
         self.give_up_pending(key, why, cx);
         self.requests.reset();
         self.replies.reset();
+        self.pipeline.reset();
     }
 
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
@@ -260,6 +267,7 @@ impl RedisPairing {
         let Self {
             replies,
             pending,
+            pipeline,
             reply_mode,
             pubsub,
             monitor,
@@ -267,7 +275,9 @@ impl RedisPairing {
         } = self;
         let result = replies.feed(bytes, &mut |m| {
             let start = timer.next_start();
-            pair_reply(key, m, start, pending, reply_mode, pubsub, monitor, cx);
+            pair_reply(
+                key, m, start, pending, pipeline, reply_mode, pubsub, monitor, cx,
+            );
         });
         self.rsp_clock.end(&timer, self.replies.in_message());
         result.map_err(|_| InvalidBytes)
@@ -378,6 +388,7 @@ fn queue_request<S: ExchangeSink>(
         req_start_us,
         req_done_us,
         req_bytes: m.bytes,
+        depth: pending.len() as u32 + 1,
         text_start: 0,
         summary_len: 0,
         command_at: 0,
@@ -410,6 +421,7 @@ fn pair_reply<S: ExchangeSink>(
     m: &Message<'_>,
     rsp_start_us: u64,
     pending: &mut PendingQueue,
+    pipeline: &mut PipelineClock,
     reply_mode: &mut ReplyMode,
     pubsub: &mut bool,
     monitor: &mut bool,
@@ -432,7 +444,7 @@ fn pair_reply<S: ExchangeSink>(
                 Some(front) if front_subscribes => {
                     // Timed by the first confirmation; one more follows per channel.
                     if !front.answered {
-                        complete(key, pending, front, m, rsp_start_us, cx);
+                        complete(key, pending, front, m, rsp_start_us, pipeline, cx);
                     }
                     if let Some(front) = pending.entries.front_mut() {
                         front.answered = true;
@@ -470,7 +482,10 @@ fn pair_reply<S: ExchangeSink>(
         }
         _ => {}
     }
-    complete(key, pending, &request, m, rsp_start_us, cx);
+    settle_depths(&mut pending.entries, rsp_start_us, 1, |p| {
+        (p.req_done_us, &mut p.depth)
+    });
+    complete(key, pending, &request, m, rsp_start_us, pipeline, cx);
 }
 
 fn front_effect(pending: &PendingQueue) -> ReplyEffect {
@@ -487,6 +502,7 @@ fn complete<S: ExchangeSink>(
     request: &Pending,
     reply: &Message<'_>,
     rsp_start_us: u64,
+    pipeline: &mut PipelineClock,
     cx: &mut MatchContext<'_, S>,
 ) {
     cx.sink.exchange(&Exchange {
@@ -496,6 +512,8 @@ fn complete<S: ExchangeSink>(
         req_done_us: request.req_done_us,
         rsp_start_us,
         latency_us: rsp_start_us.saturating_sub(request.req_done_us),
+        own_us: pipeline.own_time(request.req_done_us, rsp_start_us),
+        depth: request.depth,
         command: if reply.error {
             error_command(pending, request, reply)
         } else {
@@ -538,6 +556,8 @@ mod tests {
         exchanges: Vec<(String, u64, bool)>,
         commands: Vec<String>,
         unanswered: Vec<(String, Unanswered)>,
+        /// Latency, own time and depth of each exchange.
+        pipeline: Vec<(u64, u64, u32)>,
     }
 
     impl ExchangeSink for Recorder {
@@ -549,6 +569,7 @@ mod tests {
             ));
             self.commands
                 .push(String::from_utf8_lossy(e.command).into_owned());
+            self.pipeline.push((e.latency_us, e.own_us, e.depth));
         }
         fn unanswered(&mut self, _: SocketAddr, command: &[u8], why: Unanswered) {
             self.unanswered
@@ -608,6 +629,56 @@ mod tests {
         assert_eq!(h.counters.pending, 0);
         // Replies that started in the first segment are timed by it, the rest by the second.
         assert!(h.sink.exchanges.iter().all(|e| e.1 == 10 || e.1 == 20));
+    }
+
+    #[test]
+    fn requests_behind_a_slow_one_are_queued_not_slow_themselves() {
+        let mut h = Harness::redis();
+        let mut batch = cmd(&["DEBUG", "SLEEP", "1"]);
+        for key in ["a", "b", "c"] {
+            batch.extend_from_slice(&cmd(&["GET", key]));
+        }
+        h.req(10, &batch);
+        h.rsp(1_010, b"+OK\r\n");
+        h.rsp(1_012, b"$-1\r\n$-1\r\n$-1\r\n");
+        // Each waited for the one before: depth 1 to 4; only the head took the server long.
+        assert_eq!(
+            h.sink.pipeline,
+            [
+                (1_000, 1_000, 1),
+                (1_002, 2, 2),
+                (1_002, 0, 3),
+                (1_002, 0, 4)
+            ]
+        );
+        // The next request was sent once every reply had come: nothing outstanding.
+        h.req(2_000, &cmd(&["GET", "d"]));
+        h.rsp(2_005, b"$-1\r\n");
+        assert_eq!(h.sink.pipeline[4], (5, 5, 1));
+    }
+
+    #[test]
+    fn a_request_captured_before_an_earlier_reply_did_not_wait_for_it() {
+        let mut h = Harness::redis();
+        h.req(0, &cmd(&["GET", "a"]));
+        // GET b was sent at 20, after GET a's reply at 10, but the capture delivers it first.
+        h.req(20, &cmd(&["GET", "b"]));
+        h.rsp(10, b"$-1\r\n");
+        h.rsp(30, b"$-1\r\n");
+        assert_eq!(h.sink.pipeline, [(10, 10, 1), (10, 10, 1)]);
+    }
+
+    #[test]
+    fn after_a_gap_nothing_is_taken_as_outstanding() {
+        let mut h = Harness::redis();
+        h.req(0, &[cmd(&["GET", "a"]), cmd(&["GET", "b"])].concat());
+        // Both replies lost; a bare ACK of the server's says it had both requests.
+        h.gap(Direction::Response, 5, 10);
+        let ack = crate::steps::flow::StreamEvent::Ack { ack_pos: 40 };
+        h.event(Direction::Response, 5, ack);
+        h.req(100, &cmd(&["GET", "c"]));
+        h.rsp(110, b"$-1\r\n");
+        assert_eq!(h.sink.pipeline.last(), Some(&(10, 10, 1)));
     }
 
     #[test]

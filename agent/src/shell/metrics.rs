@@ -17,6 +17,23 @@ struct Series<'a> {
     stats: &'a LatencyStats,
     /// The Prometheus buckets, read off the fine histogram.
     prometheus: [u64; crate::histogram::PROM_BUCKETS],
+    /// The same of the own times.
+    own: [u64; crate::histogram::PROM_BUCKETS],
+    /// The pipeline depths, in [`DEPTH_BOUNDS`].
+    depth: Vec<u64>,
+}
+
+/// Bounds of the pipeline-depth buckets: exact, since the fine form keeps depths below 128
+/// one by one.
+const DEPTH_BOUNDS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// The sum of the depths of a set of exchanges, from their fine histogram (exact up to 127).
+fn depth_sum(stats: &LatencyStats) -> u64 {
+    stats
+        .depth
+        .nonzero()
+        .map(|(i, n)| crate::histogram::fine_value(i as usize) * n)
+        .sum()
 }
 
 /// Renders the page from the summary figures, the ports' protocols and the shipper's state.
@@ -31,6 +48,8 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
                 command: String::from_utf8_lossy(command).into_owned(),
                 stats,
                 prometheus: stats.fine.prometheus_buckets(),
+                own: stats.own.prometheus_buckets(),
+                depth: stats.depth.counts_at_most(&DEPTH_BOUNDS),
             })
         })
         .collect();
@@ -61,6 +80,34 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
                     bounds_us: &crate::histogram::PROM_BOUNDS_US,
                     counts: &s.prometheus,
                     sum_us: s.stats.total_costs,
+                },
+            )
+        }),
+    );
+    page.latency_histogram(
+        "tcpkit_request_own_duration_seconds",
+        "Request own time: its latency less the time it waited behind earlier requests of its connection (pipelining).",
+        labels.iter().zip(&series).map(|(l, s)| {
+            (
+                &l[..],
+                BucketHistogram {
+                    bounds_us: &crate::histogram::PROM_BOUNDS_US,
+                    counts: &s.own,
+                    sum_us: s.stats.own_costs,
+                },
+            )
+        }),
+    );
+    page.count_histogram(
+        "tcpkit_request_pipeline_depth",
+        "Requests outstanding on the connection when a request was sent, itself included.",
+        labels.iter().zip(&series).map(|(l, s)| {
+            (
+                &l[..],
+                BucketHistogram {
+                    bounds_us: &DEPTH_BOUNDS,
+                    counts: &s.depth,
+                    sum_us: depth_sum(s.stats),
                 },
             )
         }),

@@ -4,8 +4,8 @@
 //! `finish()` run before the first packet and at exit.
 //!
 //! In a protocol mode, `on_exchange(e)` is called, when defined, for every paired request,
-//! with `e.client, e.server, e.proto, e.command, e.summary, e.latency_us, e.ts_us,
-//! e.req_bytes, e.rsp_bytes, e.status`. The `tcpkit` library lets a script be a protocol
+//! with `e.client, e.server, e.proto, e.command, e.summary, e.latency_us, e.own_us, e.depth,
+//! e.ts_us, e.req_bytes, e.rsp_bytes, e.status`. The `tcpkit` library lets a script be a protocol
 //! parser of its own: `tcpkit.record{port=…, latency_us=…, command=…, summary=…, client=…,
 //! server=…, status=…}` adds an exchange to the port's stats (and the slow log), and
 //! `tcpkit.log(…)` writes a line to the log.
@@ -360,13 +360,15 @@ impl Script {
             return;
         };
         let table = (|| -> mlua::Result<Table> {
-            let t = self.lua.create_table_with_capacity(0, 10)?;
+            let t = self.lua.create_table_with_capacity(0, 12)?;
             t.raw_set("client", e.client.to_string())?;
             t.raw_set("server", e.server.to_string())?;
             t.raw_set("proto", proto)?;
             t.raw_set("command", self.lua.create_string(e.command)?)?;
             t.raw_set("summary", self.lua.create_string(e.summary)?)?;
             t.raw_set("latency_us", e.latency_us)?;
+            t.raw_set("own_us", e.own_us)?;
+            t.raw_set("depth", e.depth)?;
             t.raw_set("ts_us", e.req_start_us)?;
             t.raw_set("req_bytes", e.req_bytes)?;
             t.raw_set("rsp_bytes", e.rsp_bytes)?;

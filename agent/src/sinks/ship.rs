@@ -61,6 +61,8 @@ impl IntervalHistograms {
         for ((server, port), (proto, latency)) in self.series.drain() {
             for (command, s) in latency.commands {
                 let (fine_index, fine_count) = s.fine.nonzero().unzip();
+                let (own_fine_index, own_fine_count) = s.own.nonzero().unzip();
+                let (depth_index, depth_count) = s.depth.nonzero().unzip();
                 out.push(v1::HistogramSnapshot {
                     ts_us: start_us,
                     interval_us,
@@ -77,6 +79,12 @@ impl IntervalHistograms {
                     seed: s.latencies.to_vec(),
                     fine_index,
                     fine_count,
+                    own_sum_us: s.own_costs,
+                    own_max_us: s.own.max_us(),
+                    own_fine_index,
+                    own_fine_count,
+                    depth_index,
+                    depth_count,
                 });
             }
         }
@@ -116,6 +124,8 @@ pub fn event_of(e: &Exchange<'_>, proto: &str, timeout: bool) -> v1::Event {
         req_bytes: e.req_bytes,
         rsp_bytes: e.rsp_bytes,
         status: status as i32,
+        own_us: if timeout { 0 } else { e.own_us },
+        depth: e.depth,
     }
 }
 

@@ -88,6 +88,8 @@ mod tests {
             req_done_us: 0,
             rsp_start_us: 0,
             latency_us: 11_204,
+            own_us: 11_204,
+            depth: 1,
             command: b"SET",
             summary: b"set foo b\x01r",
             truncated: true,

@@ -11,7 +11,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::histogram::{seed_bucket, FineHistogram, SEED_BUCKETS, SEED_LABELS};
+use crate::histogram::{fine_lower, seed_bucket, FineHistogram, SEED_BUCKETS, SEED_LABELS};
 use crate::matcher::{Exchange, MatchCounters, Unanswered};
 use crate::steps::capture::KernelStats;
 use crate::steps::decode::DecodeError;
@@ -31,6 +31,13 @@ pub struct LatencyStats {
     pub latencies: [u64; SEED_BUCKETS],
     /// The fine, mergeable histogram (percentiles).
     pub fine: FineHistogram,
+    /// Sum of the exchanges' own times ([`Exchange::own_us`]), µs: `total_costs - own_costs`
+    /// is the time they spent queued behind earlier requests of their connections.
+    pub own_costs: u64,
+    /// The own times, in the fine form.
+    pub own: FineHistogram,
+    /// The pipeline depths ([`Exchange::depth`]), in the fine form: exact up to 63.
+    pub depth: FineHistogram,
     /// Error replies.
     pub errors: u64,
     /// Requests never answered (connection ended, idle, or queue overflow).
@@ -65,6 +72,9 @@ impl LatencyStats {
             *mine += theirs;
         }
         self.fine.merge(&other.fine);
+        self.own_costs += other.own_costs;
+        self.own.merge(&other.own);
+        self.depth.merge(&other.depth);
         self.errors += other.errors;
         self.timeouts += other.timeouts;
         self.dropped += other.dropped;
@@ -88,6 +98,9 @@ impl LatencyStats {
         self.slow_reqs += u64::from(slow);
         self.latencies[seed_bucket(e.latency_us)] += 1;
         self.fine.record(e.latency_us);
+        self.own_costs += e.own_us;
+        self.own.record(e.own_us);
+        self.depth.record(u64::from(e.depth));
         self.errors += u64::from(e.error);
         self.clock_skew += u64::from(e.rsp_start_us < e.req_done_us);
         self.req_bytes += e.req_bytes;
@@ -108,6 +121,16 @@ impl LatencyStats {
         if let Some(i) = Unanswered::UNTIMED.iter().position(|(u, _)| *u == why) {
             self.untimed[i] += 1;
         }
+    }
+
+    /// Exchanges sent while an earlier request of their connection was outstanding.
+    pub fn pipelined(&self) -> u64 {
+        let unpipelined = self
+            .depth
+            .nonzero()
+            .find(|&(i, _)| fine_lower(i as usize) == 1)
+            .map_or(0, |(_, n)| n);
+        self.depth.total() - unpipelined
     }
 
     /// Requests counted here: exchanges, and those never answered or not timed (the
@@ -145,6 +168,16 @@ impl LatencyStats {
             ("p99_us", f.quantile(0.99)),
             ("p999_us", f.quantile(0.999)),
             ("max_us", f.max_us()),
+            ("own_costs", self.own_costs),
+            ("own_p50_us", self.own.quantile(0.5)),
+            ("own_p90_us", self.own.quantile(0.9)),
+            ("own_p99_us", self.own.quantile(0.99)),
+            ("own_p999_us", self.own.quantile(0.999)),
+            ("own_max_us", self.own.max_us()),
+            ("pipelined_reqs", self.pipelined()),
+            ("depth_p50", self.depth.quantile(0.5)),
+            ("depth_p99", self.depth.quantile(0.99)),
+            ("depth_max", self.depth.max_us()),
             ("errors", self.errors),
             ("timeouts", self.timeouts),
             ("dropped", self.dropped),
@@ -157,6 +190,12 @@ impl LatencyStats {
             m.insert(k.to_string(), json!(v));
         }
         m.insert("latencies".to_string(), json!(self.latencies));
+        let depths: Map<String, Value> = self
+            .depth
+            .nonzero()
+            .map(|(i, n)| (fine_lower(i as usize).to_string(), json!(n)))
+            .collect();
+        m.insert("depths".to_string(), Value::Object(depths));
         let untimed: Map<String, Value> = self
             .untimed()
             .map(|(k, n)| (k.to_string(), json!(n)))
@@ -626,6 +665,19 @@ fn latency_text(port: u16, l: &LatencyStats, threshold_us: u64) -> String {
         l.timeouts,
         l.dropped
     ));
+    let pipelined = l.pipelined();
+    if pipelined > 0 {
+        let queued = l.total_costs.saturating_sub(l.own_costs);
+        s.push_str(&format!(
+            "  pipelined: {pipelined} requests, depth p50 {}, p99 {}, max {}; own time p50 {} ms, p99 {} ms; {} ms queued in all\n",
+            l.depth.quantile(0.5),
+            l.depth.quantile(0.99),
+            l.depth.max_us(),
+            ms(l.own.quantile(0.5)),
+            ms(l.own.quantile(0.99)),
+            ms(queued),
+        ));
+    }
     if l.hits + l.misses > 0 {
         s.push_str(&format!("  {} hits, {} misses\n", l.hits, l.misses));
     }
@@ -719,6 +771,8 @@ mod latency_tests {
             req_done_us: 0,
             rsp_start_us: latency_us,
             latency_us,
+            own_us: latency_us,
+            depth: 1,
             command,
             summary: command,
             truncated: false,

@@ -17,7 +17,7 @@ use tcpkit_proto::v1;
 #[command(
     name = "tcpkit-query",
     version,
-    after_help = "EXAMPLES:\n  tcpkit-query slow --since 1h --min-ms 10 --command GET\n  tcpkit-query slow --grep 'user:*' --slowest --limit 20\n  tcpkit-query hist --since 24h --port 6379 --by server\n  tcpkit-query top --of server --by p99\n  tcpkit-query agents --json"
+    after_help = "EXAMPLES:\n  tcpkit-query slow --since 1h --min-ms 10 --command GET\n  tcpkit-query slow --grep 'user:*' --slowest --limit 20\n  tcpkit-query hist --since 24h --port 6379 --by server\n  tcpkit-query top --of server --by p99\n  tcpkit-query hist --own --port 6379\n  tcpkit-query agents --json"
 )]
 struct Cli {
     /// The aggregator
@@ -67,8 +67,12 @@ enum Command {
         /// One row per group, side by side
         #[arg(long, value_enum)]
         by: Option<GroupArg>,
+        /// Own times instead of latencies: the time the server spent on each request, less
+        /// what it waited behind earlier requests of its connection (pipelining)
+        #[arg(long)]
+        own: bool,
     },
-    /// Commands or servers ranked by slow count, p99 or total time
+    /// Commands or servers ranked by slow count, p99, own-time p99 or total time
     Top {
         #[command(flatten)]
         filter: FilterArgs,
@@ -175,6 +179,8 @@ impl From<GroupArg> for v1::GroupBy {
 enum RankArg {
     Slow,
     P99,
+    /// The p99 of the own times (latency less the time queued in a pipeline)
+    OwnP99,
     Total,
 }
 
@@ -258,7 +264,7 @@ async fn query(cli: &Cli) -> Result<Output> {
                 empty: reply.events.is_empty(),
             }
         }
-        Command::Hist { filter, by } => {
+        Command::Hist { filter, by, own } => {
             let reply = client
                 .hist(v1::HistRequest {
                     filter: Some(filter.to_proto()?),
@@ -270,7 +276,7 @@ async fn query(cli: &Cli) -> Result<Output> {
             let text = if cli.json {
                 json(report::hist_json(&reply, by.is_some()))
             } else {
-                report::hist_text(&reply, by.is_some())
+                report::hist_text(&reply, by.is_some(), *own)
             };
             Output {
                 text,
@@ -286,6 +292,7 @@ async fn query(cli: &Cli) -> Result<Output> {
             let rank = match by {
                 RankArg::Slow => v1::TopBy::Slow,
                 RankArg::P99 => v1::TopBy::P99,
+                RankArg::OwnP99 => v1::TopBy::OwnP99,
                 RankArg::Total => v1::TopBy::Total,
             };
             let reply = client
