@@ -270,6 +270,16 @@ fn parse_port_spec(text: &str) -> Result<PortSpec, String> {
 
 impl Args {
     /// The monitored port numbers, in the order given.
+    /// A port that `-p` names more than once (each port is reported once, with one mode).
+    pub fn repeated_port(&self) -> Option<u16> {
+        let ports = self.port_numbers();
+        ports
+            .iter()
+            .enumerate()
+            .find(|(i, p)| ports[..*i].contains(p))
+            .map(|(_, &p)| p)
+    }
+
     pub fn port_numbers(&self) -> Vec<u16> {
         self.ports.iter().map(|p| p.port).collect()
     }
@@ -342,7 +352,13 @@ pub fn parse() -> Args {
             }
         };
     match Args::try_parse_from(argv) {
-        Ok(args) => args,
+        Ok(args) => {
+            if let Some(port) = args.repeated_port() {
+                eprintln!("tcpkit: port {port} is given twice in -p (see tcpkit --help)");
+                std::process::exit(2);
+            }
+            args
+        }
         Err(e) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
@@ -446,5 +462,8 @@ mod tests {
         assert!(parse(&["-p", "65536"]).is_err());
         assert!(parse(&["-p", "1", "-m", "http"]).is_err());
         assert!(parse(&["-p", "1", "-s", "not-an-ip"]).is_err());
+        let twice = parse(&["-p", "6379,11211", "-p", "6379:memcached"]).unwrap();
+        assert_eq!(twice.repeated_port(), Some(6379));
+        assert_eq!(parse(&["-p", "1,2"]).unwrap().repeated_port(), None);
     }
 }

@@ -79,6 +79,8 @@ impl Sinks {
                         hits: 0,
                         misses: 0,
                         rcode: None,
+                        slot: None,
+                        redirect: None,
                     });
                 }
             }

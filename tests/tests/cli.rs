@@ -45,6 +45,11 @@ fn argument_errors_exit_2() {
     );
     refused(&["-p", "6379", "-s", "not-an-ip"], 2, "not-an-ip");
     refused(&["-p", "6379", "--bogus"], 2, "--bogus");
+    refused(
+        &["-p", "6379,6380", "-p", "6379"],
+        2,
+        "port 6379 is given twice",
+    );
 }
 
 #[test]

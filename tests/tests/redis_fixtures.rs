@@ -212,6 +212,68 @@ fn redis_benchmark_pipelines_have_every_depth_to_16() {
     );
 }
 
+/// A 3-node Redis Cluster (tests/fixtures/redis_cluster.py): a client that asks every key
+/// of the first node draws -MOVED for the keys the others own, and a slot in migration draws
+/// -ASK. Redirects are counted per port and per slot, never as errors; every keyed request
+/// is counted under the slot the servers' own CLUSTER KEYSLOT names.
+#[test]
+fn cluster_redirects_and_slots_are_counted_exactly() {
+    let name = "redis-cluster";
+    let e = Expected::of(name);
+    let cluster = |args: &[&str]| {
+        let pcap = tcpkit_tests::fixture(&format!("{name}.pcap"));
+        let mut all = vec![
+            "-r",
+            pcap.to_str().unwrap(),
+            "-p",
+            "27001,27002,27003",
+            "-m",
+            "redis",
+        ];
+        all.extend_from_slice(args);
+        tcpkit_tests::run_tcpkit(&all)
+    };
+    let out = cluster(&["-t", "100000", "--summary", "json"]);
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let expected = e.json["ports"].as_object().unwrap();
+    assert_eq!(json.as_array().unwrap().len(), expected.len());
+    for (i, (port, want)) in expected.iter().enumerate() {
+        let got = &json[i][port];
+        for key in ["moved", "ask"] {
+            assert_eq!(got[key], want[key], "{port} {key}");
+        }
+        assert_eq!(got["total_reqs"], want["exchanges"], "{port}");
+        assert_eq!(got["errors"], 0, "{port}: redirects are no errors");
+        let slots = want["slots"].as_object().unwrap();
+        assert_eq!(got["slots_seen"], slots.len(), "{port}");
+        let shown = got["slots"].as_object().unwrap();
+        assert!(shown.len() >= slots.len().min(32), "{port}: {shown:?}");
+        for (slot, figures) in shown {
+            assert_eq!(figures["reqs"], slots[slot], "{port} slot {slot}");
+        }
+    }
+    // The moved requests are those of the first node's keys that live elsewhere: SET.
+    assert_eq!(
+        json[0]["27001"]["commands"]["SET"]["moved"],
+        expected["27001"]["moved"]
+    );
+    // The slot asked 5 times on its owner, and 5 times (after ASKING) on the importing node.
+    let asked = &json[2]["27003"]["slots"];
+    let (slot, figures) = asked
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(_, f)| f["ask"] != 0)
+        .unwrap();
+    assert_eq!(figures["ask"], 5);
+    assert_eq!(json[0]["27001"]["slots"][slot]["reqs"], 5);
+    let text = cluster(&["-t", "100000"]);
+    assert!(
+        text.contains("  redirects: 42 moved, 0 ask (Redis Cluster; not errors)"),
+        "{text}"
+    );
+}
+
 #[test]
 fn text_summary_in_the_c_tools_words() {
     let out = redis("redis-slow", &["-t", "20", "--summary", "text"]);

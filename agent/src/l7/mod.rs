@@ -2,6 +2,7 @@
 //! as reassembled, and yields complete messages; "need more" is not an error. Every TCP
 //! parser is a [`StreamParser`].
 
+pub mod cluster;
 pub mod dns;
 pub mod memcached;
 pub mod memcached_binary;

@@ -22,6 +22,7 @@
 //! chunk are parsed in place, without a copy. Invalid input is an error: the caller resets
 //! the parser and resynchronises.
 
+use super::cluster::{self, KeyAt, SlotHasher};
 use memchr::memchr;
 
 /// Longest line (type byte to `\n`, or an inline command) held across chunks.
@@ -86,6 +87,9 @@ pub struct Message<'a> {
     pub truncated: bool,
     /// Number of top-level elements (arguments of a command).
     pub elements: u64,
+    /// For a request: the Redis Cluster hash slot of its first key, when it has one
+    /// ([`cluster::key_at`]).
+    pub slot: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -126,6 +130,12 @@ pub struct RespParser {
     /// The head is the start of the kept bytes (a request's first element): its length.
     head_len: usize,
     truncated: bool,
+    /// The request's first key: which argument it is, once the command is known, and its
+    /// slot so far.
+    key_at: KeyAt,
+    key: Option<SlotHasher>,
+    /// An `EVAL`'s numkeys as its digits come (`None` once a byte is not a digit).
+    numkeys: Option<u64>,
 }
 
 impl RespParser {
@@ -151,6 +161,9 @@ impl RespParser {
             },
             head_len: 0,
             truncated: false,
+            key_at: KeyAt::Nowhere,
+            key: None,
+            numkeys: Some(0),
         }
     }
 
@@ -192,6 +205,7 @@ impl RespParser {
                 if let Some(n) = whole {
                     if self.collecting {
                         self.collect(&data[..n]);
+                        self.hash_key(&data[..n]);
                     }
                     if !crlf_at(data, n) {
                         self.reset();
@@ -212,6 +226,7 @@ impl RespParser {
                     .min(data.len());
                 if self.collecting {
                     self.collect(&data[..n]);
+                    self.hash_key(&data[..n]);
                 }
                 self.bulk_left -= n as u64;
                 self.bytes += n as u64;
@@ -307,6 +322,8 @@ impl RespParser {
         }
         let mut kept = 0;
         let mut truncated = false;
+        let mut key_at = KeyAt::Nowhere;
+        let mut key = None;
         for i in 0..n {
             if data.get(pos) != Some(&b'$') {
                 return None;
@@ -330,6 +347,13 @@ impl RespParser {
             kept += take;
             if i == 0 {
                 self.head_len = kept.min(COMMAND_BYTES);
+                key_at = cluster::key_at(&data[start..end]);
+            } else if key_at.is_arg(i) {
+                let mut hasher = SlotHasher::default();
+                hasher.update(&data[start..end]);
+                key = Some(hasher);
+            } else if i == 2 && key_at == KeyAt::AfterNumkeys {
+                key_at = numkeys_then_key(&data[start..end]);
             }
             pos = end + 2;
         }
@@ -337,6 +361,7 @@ impl RespParser {
         self.truncated = truncated;
         self.kind = b'*';
         self.elements = n as u64;
+        self.key = key;
         Some(pos)
     }
 
@@ -407,6 +432,9 @@ impl RespParser {
                 self.collecting = self.collects_here();
                 if self.collecting && self.role == Role::Request && self.element > 0 {
                     self.separate();
+                    if self.key_at.is_arg(self.element as usize) {
+                        self.key = Some(SlotHasher::default());
+                    }
                 }
                 self.bulk_left = len as u64;
                 self.expect_crlf = len == 0;
@@ -458,6 +486,39 @@ impl RespParser {
         }
     }
 
+    /// Bytes of a request's argument: hashed when it is the first key, read when it is an
+    /// `EVAL`'s numkeys.
+    #[inline(always)]
+    fn hash_key(&mut self, bytes: &[u8]) {
+        if let Some(key) = self.key.as_mut() {
+            if self.key_at.is_arg(self.element as usize) {
+                key.update(bytes);
+            }
+        } else if self.key_at == KeyAt::AfterNumkeys && self.element == 2 {
+            self.numkeys = self.numkeys.and_then(|start| {
+                bytes.iter().try_fold(start, |n, &b| {
+                    b.is_ascii_digit()
+                        .then(|| n.saturating_mul(10).saturating_add(u64::from(b - b'0')))
+                })
+            });
+        }
+    }
+
+    /// A request's argument ended (`self.element` counts it): after the command, where its
+    /// first key is; after `numkeys`, whether there is one.
+    fn argument_done(&mut self) {
+        match (self.element, self.key_at) {
+            (1, _) => self.key_at = cluster::key_at(&self.kept[..self.head_len]),
+            (3, KeyAt::AfterNumkeys) => {
+                self.key_at = match self.numkeys {
+                    Some(n) if n > 0 => KeyAt::Arg(3),
+                    _ => KeyAt::Nowhere,
+                };
+            }
+            _ => {}
+        }
+    }
+
     /// Keeps what fits of `bytes`; while the first element is read, it is the head.
     fn collect(&mut self, bytes: &[u8]) {
         self.keep(bytes, bytes.len());
@@ -479,13 +540,16 @@ impl RespParser {
     fn value_done(&mut self, on_message: &mut impl FnMut(&Message<'_>)) -> Result<(), RespError> {
         loop {
             let depth = self.stack.len();
+            if depth == 1 {
+                self.element += 1;
+                if self.role == Role::Request {
+                    self.argument_done();
+                }
+            }
             let Some(open) = self.stack.last_mut() else {
                 self.emit(on_message);
                 return Ok(());
             };
-            if depth == 1 {
-                self.element += 1;
-            }
             open.remaining -= 1;
             if open.remaining > 0 {
                 return Ok(());
@@ -512,10 +576,16 @@ impl RespParser {
         };
         self.collect(first);
         self.element = 1;
+        self.argument_done();
         for word in words {
             self.separate();
+            if self.key_at.is_arg(self.element as usize) {
+                self.key = Some(SlotHasher::default());
+            }
             self.collect(word);
+            self.hash_key(word);
             self.element += 1;
+            self.argument_done();
         }
         self.elements = self.element;
         self.kind = b'*';
@@ -535,6 +605,7 @@ impl RespParser {
             },
             truncated: self.truncated,
             elements: self.elements,
+            slot: self.key.map(|k| k.slot()),
         });
         self.start_message();
     }
@@ -548,6 +619,19 @@ impl RespParser {
         self.kept_len = 0;
         self.head_len = 0;
         self.truncated = false;
+        self.key_at = KeyAt::Nowhere;
+        self.key = None;
+        self.numkeys = Some(0);
+    }
+}
+
+/// After `numkeys` (an `EVAL`'s third argument): the first key is next when there is one.
+fn numkeys_then_key(numkeys: &[u8]) -> KeyAt {
+    let digits = !numkeys.is_empty() && numkeys.iter().all(u8::is_ascii_digit);
+    if digits && numkeys.iter().any(|&d| d != b'0') {
+        KeyAt::Arg(3)
+    } else {
+        KeyAt::Nowhere
     }
 }
 
@@ -650,6 +734,7 @@ mod tests {
         head: String,
         summary: String,
         elements: u64,
+        slot: Option<u16>,
     }
 
     fn got(m: &Message<'_>) -> Got {
@@ -660,6 +745,40 @@ mod tests {
             head: String::from_utf8_lossy(m.head).into_owned(),
             summary: String::from_utf8_lossy(m.summary).into_owned(),
             elements: m.elements,
+            slot: m.slot,
+        }
+    }
+
+    #[test]
+    fn requests_get_the_slot_of_their_first_key_however_cut() {
+        use crate::l7::cluster::key_slot;
+        let arg = |a: &str| format!("${}\r\n{a}\r\n", a.len());
+        let cmd = |args: &[&str]| {
+            let mut out = format!("*{}\r\n", args.len());
+            args.iter().for_each(|a| out.push_str(&arg(a)));
+            out
+        };
+        let long_key = format!("{{user1000}}:{}", "x".repeat(300));
+        let script = "return redis.call('GET', KEYS[1]) -- ".to_string() + &"-".repeat(200);
+        for (request, slot) in [
+            (cmd(&["GET", "foo"]), Some(12182)),
+            (cmd(&["mget", "bar", "foo"]), Some(5061)),
+            (cmd(&["SET", &long_key, "v"]), Some(key_slot(b"user1000"))),
+            (cmd(&["PING"]), None),
+            (cmd(&["CLUSTER", "KEYSLOT", "foo"]), None),
+            (cmd(&["EVALSHA", "abc", "1", "foo", "x"]), Some(12182)),
+            (cmd(&["EVALSHA", "abc", "0", "foo"]), None),
+            // A script longer than the summary keeps: numkeys is read all the same.
+            (cmd(&["EVAL", &script, "1", "foo"]), Some(12182)),
+            (cmd(&["EVAL", &script, "1x", "foo"]), None),
+            (cmd(&["EVALSHA", "abc", "+1", "foo"]), None),
+            (cmd(&["BITOP", "AND", "bar", "foo"]), Some(5061)),
+            ("GET foo\r\n".to_string(), Some(12182)),
+            ("ping\r\n".to_string(), None),
+        ] {
+            let got = parse_every_way(Role::Request, request.as_bytes());
+            assert_eq!(got.len(), 1, "{request:?}");
+            assert_eq!(got[0].slot, slot, "{request:?}");
         }
     }
 

@@ -272,6 +272,8 @@ impl Query {
             hits: 0,
             misses: 0,
             rcode: None,
+            slot: None,
+            redirect: None,
         }
     }
 }

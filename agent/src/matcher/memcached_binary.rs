@@ -240,6 +240,8 @@ fn pair<S: ExchangeSink>(
         hits,
         misses,
         rcode: None,
+        slot: None,
+        redirect: None,
     });
 }
 

@@ -66,6 +66,11 @@ pub struct Exchange<'a> {
     pub misses: u32,
     /// The response code (DNS).
     pub rcode: Option<u8>,
+    /// The Redis Cluster hash slot of the request's first key (Redis).
+    pub slot: Option<u16>,
+    /// The reply redirects the client to another node (Redis Cluster `-MOVED`, `-ASK`): not
+    /// an error.
+    pub redirect: Option<crate::l7::cluster::Redirect>,
 }
 
 /// Why an exchange was not timed.

@@ -13,6 +13,7 @@ use super::{
     settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext, PipelineClock, Unanswered,
 };
 
+use crate::l7::cluster::redirect_of;
 use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
 use crate::steps::flow::{Direction, FlowKey};
 
@@ -25,6 +26,8 @@ struct Pending {
     req_bytes: u64,
     /// Requests outstanding when it was sent, itself included.
     depth: u32,
+    /// The hash slot of its first key.
+    slot: Option<u16>,
     /// Where its text starts in [`PendingQueue::text`]: the summary, then the command in
     /// upper case unless the summary starts with it so.
     text_start: usize,
@@ -389,6 +392,7 @@ fn queue_request<S: ExchangeSink>(
         req_done_us,
         req_bytes: m.bytes,
         depth: pending.len() as u32 + 1,
+        slot: m.slot,
         text_start: 0,
         summary_len: 0,
         command_at: 0,
@@ -505,6 +509,11 @@ fn complete<S: ExchangeSink>(
     pipeline: &mut PipelineClock,
     cx: &mut MatchContext<'_, S>,
 ) {
+    let redirect = if reply.error {
+        redirect_of(reply.head).map(|(kind, _)| kind)
+    } else {
+        None
+    };
     cx.sink.exchange(&Exchange {
         client: key.client,
         server: key.server,
@@ -514,7 +523,7 @@ fn complete<S: ExchangeSink>(
         latency_us: rsp_start_us.saturating_sub(request.req_done_us),
         own_us: pipeline.own_time(request.req_done_us, rsp_start_us),
         depth: request.depth,
-        command: if reply.error {
+        command: if reply.error && redirect.is_none() {
             error_command(pending, request, reply)
         } else {
             pending.command(request)
@@ -523,10 +532,12 @@ fn complete<S: ExchangeSink>(
         truncated: request.truncated,
         req_bytes: request.req_bytes,
         rsp_bytes: reply.bytes,
-        error: reply.error,
+        error: reply.error && redirect.is_none(),
         hits: 0,
         misses: 0,
         rcode: None,
+        slot: request.slot,
+        redirect,
     });
 }
 

@@ -118,6 +118,16 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
         per_command(|s| s.errors),
     );
     page.counter(
+        "tcpkit_request_moved_total",
+        "Redis Cluster -MOVED replies: the key's slot lives on another node (not errors).",
+        per_command(|s| s.moved),
+    );
+    page.counter(
+        "tcpkit_request_ask_total",
+        "Redis Cluster -ASK replies: the key's slot is migrating (not errors).",
+        per_command(|s| s.ask),
+    );
+    page.counter(
         "tcpkit_request_timeouts_total",
         "Requests never answered (connection ended or idle, or evicted from a full queue).",
         per_command(|s| s.timeouts),

@@ -99,6 +99,8 @@ mod tests {
             hits: 0,
             misses: 0,
             rcode: None,
+            slot: None,
+            redirect: None,
         };
         let mut out = Vec::new();
         SlowLog::new(Some(10.0)).format(&e, &mut out);

@@ -11,7 +11,11 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::histogram::{fine_lower, seed_bucket, FineHistogram, SEED_BUCKETS, SEED_LABELS};
+use crate::histogram::{
+    fine_lower, prom_bucket, seed_bucket, FineHistogram, PROM_BOUNDS_US, PROM_BUCKETS,
+    SEED_BUCKETS, SEED_LABELS,
+};
+use crate::l7::cluster::Redirect;
 use crate::matcher::{Exchange, MatchCounters, Unanswered};
 use crate::steps::capture::KernelStats;
 use crate::steps::decode::DecodeError;
@@ -40,6 +44,10 @@ pub struct LatencyStats {
     pub depth: FineHistogram,
     /// Error replies.
     pub errors: u64,
+    /// Redis Cluster redirects: `-MOVED` replies (the slot lives on another node).
+    pub moved: u64,
+    /// `-ASK` replies (the slot is migrating).
+    pub ask: u64,
     /// Requests never answered (connection ended, idle, or queue overflow).
     pub timeouts: u64,
     /// Requests dropped when their stream desynchronised (reply lost, or position
@@ -76,6 +84,8 @@ impl LatencyStats {
         self.own.merge(&other.own);
         self.depth.merge(&other.depth);
         self.errors += other.errors;
+        self.moved += other.moved;
+        self.ask += other.ask;
         self.timeouts += other.timeouts;
         self.dropped += other.dropped;
         for (mine, theirs) in self.untimed.iter_mut().zip(other.untimed) {
@@ -102,6 +112,9 @@ impl LatencyStats {
         self.own.record(e.own_us);
         self.depth.record(u64::from(e.depth));
         self.errors += u64::from(e.error);
+        if let Some(redirect) = e.redirect {
+            self.redirected(redirect);
+        }
         self.clock_skew += u64::from(e.rsp_start_us < e.req_done_us);
         self.req_bytes += e.req_bytes;
         self.rsp_bytes += e.rsp_bytes;
@@ -109,6 +122,14 @@ impl LatencyStats {
         self.misses += u64::from(e.misses);
         if let Some(rcode) = e.rcode {
             self.rcodes[usize::from(rcode & 15)] += 1;
+        }
+    }
+
+    #[cold]
+    fn redirected(&mut self, redirect: Redirect) {
+        match redirect {
+            Redirect::Moved => self.moved += 1,
+            Redirect::Ask => self.ask += 1,
         }
     }
 
@@ -179,6 +200,8 @@ impl LatencyStats {
             ("depth_p99", self.depth.quantile(0.99)),
             ("depth_max", self.depth.max_us()),
             ("errors", self.errors),
+            ("moved", self.moved),
+            ("ask", self.ask),
             ("timeouts", self.timeouts),
             ("dropped", self.dropped),
             ("clock_skew", self.clock_skew),
@@ -217,6 +240,75 @@ impl LatencyStats {
     }
 }
 
+/// The figures of one Redis Cluster hash slot on a port: requests, redirects, and their
+/// latencies in the Prometheus buckets (10 µs doubling: exact, and small enough for every
+/// one of the 16384 slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotStats {
+    /// Exchanges whose first key is in the slot.
+    pub reqs: u64,
+    /// Of them, answered `-MOVED`.
+    pub moved: u64,
+    /// Of them, answered `-ASK`.
+    pub ask: u64,
+    /// Their latencies per [`PROM_BOUNDS_US`] bucket.
+    pub latencies: [u32; PROM_BUCKETS],
+}
+
+impl Default for SlotStats {
+    fn default() -> Self {
+        Self {
+            reqs: 0,
+            moved: 0,
+            ask: 0,
+            latencies: [0; PROM_BUCKETS],
+        }
+    }
+}
+
+impl SlotStats {
+    fn record(&mut self, e: &Exchange<'_>) {
+        self.reqs += 1;
+        match e.redirect {
+            Some(Redirect::Moved) => self.moved += 1,
+            Some(Redirect::Ask) => self.ask += 1,
+            None => {}
+        }
+        let bucket = &mut self.latencies[prom_bucket(e.latency_us)];
+        *bucket = bucket.saturating_add(1);
+    }
+
+    fn merge(&mut self, other: &SlotStats) {
+        self.reqs += other.reqs;
+        self.moved += other.moved;
+        self.ask += other.ask;
+        for (mine, theirs) in self.latencies.iter_mut().zip(other.latencies) {
+            *mine = mine.saturating_add(theirs);
+        }
+    }
+
+    /// The bound of the bucket holding the `q` quantile, µs: an upper bound of it within a
+    /// factor of two (0 when empty; the last bound for the bucket past them).
+    pub fn quantile_bound_us(&self, q: f64) -> u64 {
+        let total: u64 = self.latencies.iter().map(|&n| u64::from(n)).sum();
+        if total == 0 {
+            return 0;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, &n) in self.latencies.iter().enumerate() {
+            seen += u64::from(n);
+            if seen >= rank {
+                return PROM_BOUNDS_US[i.min(PROM_BOUNDS_US.len() - 1)];
+            }
+        }
+        PROM_BOUNDS_US[PROM_BOUNDS_US.len() - 1]
+    }
+}
+
+/// Slots shown in the stats JSON: the busiest, and every slot redirected.
+const SHOWN_SLOTS: usize = 32;
+
 /// Distinct commands tracked per port; others are counted under `OTHER`.
 const MAX_COMMANDS: usize = 256;
 /// Names past the cap whose sightings are counted, to promote the frequent ones.
@@ -246,6 +338,8 @@ pub struct PortLatency {
     /// Sightings of promoted candidates before their promotion (counted under `OTHER`), so
     /// that a newcomer is not evicted at once by the next candidate.
     credit: FxHashMap<Box<[u8]>, u64>,
+    /// Per Redis Cluster hash slot (at most 16384), once a request with a key is seen.
+    pub slots: FxHashMap<u16, SlotStats>,
 }
 
 impl PortLatency {
@@ -261,6 +355,31 @@ impl PortLatency {
         for (name, stats) in &other.commands {
             self.command(name).merge(stats);
         }
+        for (slot, stats) in &other.slots {
+            self.slots.entry(*slot).or_default().merge(stats);
+        }
+    }
+
+    /// Counts one exchange.
+    #[inline(always)]
+    pub(crate) fn record(&mut self, e: &Exchange<'_>, slow: bool) {
+        self.command(e.command).record(e, slow);
+        if let Some(slot) = e.slot {
+            self.slots.entry(slot).or_default().record(e);
+        }
+    }
+
+    /// The slots the stats JSON shows: the [`SHOWN_SLOTS`] with the most requests, and every
+    /// one redirected; busiest first.
+    pub fn shown_slots(&self) -> Vec<(u16, SlotStats)> {
+        let mut all: Vec<(u16, SlotStats)> = self.slots.iter().map(|(&k, &v)| (k, v)).collect();
+        all.sort_by_key(|(slot, s)| (std::cmp::Reverse(s.reqs), *slot));
+        let mut shown = 0;
+        all.retain(|(_, s)| {
+            shown += 1;
+            shown <= SHOWN_SLOTS || s.moved + s.ask > 0
+        });
+        all
     }
 
     /// The figures of one command (`OTHER` past [`MAX_COMMANDS`]). Consecutive exchanges are
@@ -413,7 +532,7 @@ impl PortStats {
     #[inline(always)]
     pub fn record_exchange(&mut self, e: &Exchange<'_>, slow: bool) {
         if let Some(port) = self.port_latency(e.server.port()) {
-            port.command(e.command).record(e, slow);
+            port.record(e, slow);
         }
     }
 
@@ -480,6 +599,24 @@ impl PortStats {
                     })
                     .collect();
                 fields.insert("commands".to_string(), Value::Object(commands));
+                if !l.slots.is_empty() {
+                    let slots: Map<String, Value> = l
+                        .shown_slots()
+                        .into_iter()
+                        .map(|(slot, s)| {
+                            let figures = json!({
+                                "reqs": s.reqs,
+                                "moved": s.moved,
+                                "ask": s.ask,
+                                "p50_le_us": s.quantile_bound_us(0.5),
+                                "p99_le_us": s.quantile_bound_us(0.99),
+                            });
+                            (slot.to_string(), figures)
+                        })
+                        .collect();
+                    fields.insert("slots_seen".to_string(), json!(l.slots.len()));
+                    fields.insert("slots".to_string(), Value::Object(slots));
+                }
             }
             Value::Object(fields)
         };
@@ -678,6 +815,12 @@ fn latency_text(port: u16, l: &LatencyStats, threshold_us: u64) -> String {
             ms(queued),
         ));
     }
+    if l.moved + l.ask > 0 {
+        s.push_str(&format!(
+            "  redirects: {} moved, {} ask (Redis Cluster; not errors)\n",
+            l.moved, l.ask
+        ));
+    }
     if l.hits + l.misses > 0 {
         s.push_str(&format!("  {} hits, {} misses\n", l.hits, l.misses));
     }
@@ -782,6 +925,8 @@ mod latency_tests {
             hits: 0,
             misses: 0,
             rcode: None,
+            slot: None,
+            redirect: None,
         }
     }
 

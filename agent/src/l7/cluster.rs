@@ -1,0 +1,360 @@
+//! Redis Cluster, pure: the hash slot of a key (CRC16 of the key, or of its `{hash tag}`,
+//! modulo 16384: the cluster's rule), which argument of a command is its first key, and the
+//! redirect replies (`-MOVED slot host:port`, `-ASK slot host:port`).
+
+/// Hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// CRC16-CCITT (XMODEM: polynomial 0x1021, initial value 0), as Redis Cluster hashes keys.
+const CRC16_TABLE: [u16; 256] = {
+    let mut table = [0u16; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = (i as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+            bit += 1;
+        }
+        table[i] = crc;
+        i += 1;
+    }
+    table
+};
+
+#[inline(always)]
+fn crc16_update(crc: u16, bytes: &[u8]) -> u16 {
+    bytes.iter().fold(crc, |crc, &b| {
+        (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ b)]
+    })
+}
+
+/// Where a key's hash tag stands, as its bytes stream by.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    /// No `{` yet.
+    #[default]
+    Seeking,
+    /// After the first `{`: the tag's bytes so far, and how many.
+    Open { crc: u16, len: u32 },
+    /// The first `}` after the first `{` closed a tag of at least one byte.
+    Closed { crc: u16 },
+    /// `{}`, or a `{` never closed: the whole key is hashed.
+    Whole,
+}
+
+/// The hash slot of one key whose bytes come in pieces.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SlotHasher {
+    whole: u16,
+    tag: Tag,
+}
+
+impl SlotHasher {
+    /// The next bytes of the key.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.whole = crc16_update(self.whole, bytes);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match self.tag {
+                Tag::Seeking => match rest.iter().position(|&b| b == b'{') {
+                    Some(i) => {
+                        self.tag = Tag::Open { crc: 0, len: 0 };
+                        rest = &rest[i + 1..];
+                    }
+                    None => return,
+                },
+                Tag::Open { crc, len } => match rest.iter().position(|&b| b == b'}') {
+                    Some(0) if len == 0 => {
+                        self.tag = Tag::Whole;
+                        return;
+                    }
+                    Some(i) => {
+                        self.tag = Tag::Closed {
+                            crc: crc16_update(crc, &rest[..i]),
+                        };
+                        return;
+                    }
+                    None => {
+                        self.tag = Tag::Open {
+                            crc: crc16_update(crc, rest),
+                            len: len.saturating_add(rest.len() as u32),
+                        };
+                        return;
+                    }
+                },
+                Tag::Closed { .. } | Tag::Whole => return,
+            }
+        }
+    }
+
+    /// The key's slot.
+    pub fn slot(&self) -> u16 {
+        let crc = match self.tag {
+            Tag::Closed { crc } => crc,
+            _ => self.whole,
+        };
+        crc % SLOTS
+    }
+}
+
+/// The hash slot of a whole key.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let mut h = SlotHasher::default();
+    h.update(key);
+    h.slot()
+}
+
+/// Which argument of a command holds its first key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAt {
+    /// None: the command takes no key (`PING`, `INFO`, `CLUSTER …`), or its key's place is
+    /// not fixed (`XREAD … STREAMS key`, `MIGRATE`).
+    Nowhere,
+    /// Argument `n` (the command is argument 0).
+    Arg(u8),
+    /// Argument 3 when argument 2 (numkeys) is above 0: `EVAL script numkeys key …`.
+    AfterNumkeys,
+}
+
+/// Commands that take no key, or whose first key has no fixed place. Every other command's
+/// first key is its first argument, but for [`SECOND_ARG`] and [`AFTER_NUMKEYS`].
+const NO_KEY: [&[u8]; 56] = [
+    b"ACL",
+    b"ASKING",
+    b"AUTH",
+    b"BGREWRITEAOF",
+    b"BGSAVE",
+    b"CLIENT",
+    b"CLUSTER",
+    b"COMMAND",
+    b"CONFIG",
+    b"DBSIZE",
+    b"DEBUG",
+    b"DISCARD",
+    b"ECHO",
+    b"EXEC",
+    b"FAILOVER",
+    b"FLUSHALL",
+    b"FLUSHDB",
+    b"FUNCTION",
+    b"HELLO",
+    b"INFO",
+    b"KEYS",
+    b"LASTSAVE",
+    b"LATENCY",
+    b"LOLWUT",
+    b"MEMORY",
+    b"MIGRATE",
+    b"MODULE",
+    b"MONITOR",
+    b"MULTI",
+    b"OBJECT",
+    b"PING",
+    b"PSUBSCRIBE",
+    b"PSYNC",
+    b"PUBLISH",
+    b"PUBSUB",
+    b"PUNSUBSCRIBE",
+    b"QUIT",
+    b"RANDOMKEY",
+    b"READONLY",
+    b"READWRITE",
+    b"REPLCONF",
+    b"REPLICAOF",
+    b"RESET",
+    b"ROLE",
+    b"SAVE",
+    b"SCAN",
+    b"SCRIPT",
+    b"SELECT",
+    b"SHUTDOWN",
+    b"SLAVEOF",
+    b"SLOWLOG",
+    b"SUBSCRIBE",
+    b"SWAPDB",
+    b"TIME",
+    b"UNSUBSCRIBE",
+    b"UNWATCH",
+];
+/// Commands whose first key is their second argument (`OBJECT ENCODING key`, `BITOP AND
+/// dest …`); `OBJECT` and `MEMORY` as a whole are in [`NO_KEY`] but for these forms.
+const SECOND_ARG: [&[u8]; 2] = [b"BITOP", b"XINFO"];
+/// Commands with `numkeys` before their keys.
+const AFTER_NUMKEYS: [&[u8]; 6] = [
+    b"EVAL",
+    b"EVALSHA",
+    b"EVAL_RO",
+    b"EVALSHA_RO",
+    b"FCALL",
+    b"FCALL_RO",
+];
+/// Commands whose keys follow a keyword: their place varies.
+const KEY_AFTER_KEYWORD: [&[u8]; 3] = [b"XREAD", b"XREADGROUP", b"WAIT"];
+
+/// Buckets of the commands that are not [`KeyAt::Arg`]`(1)`, by [`bucket_of`].
+const BUCKETS: usize = 128;
+
+/// A command name's bucket: from its length and its first and last letters, any case.
+#[inline(always)]
+fn bucket_of(command: &[u8]) -> usize {
+    let (first, last) = match (command.first(), command.last()) {
+        (Some(f), Some(l)) => (f.to_ascii_uppercase(), l.to_ascii_uppercase()),
+        _ => return 0,
+    };
+    (command.len() * 31 + usize::from(first) * 7 + usize::from(last)) % BUCKETS
+}
+
+/// Commands and where their first key is, in [`bucket_of`] buckets.
+type Exceptions = [Vec<(&'static [u8], KeyAt)>; BUCKETS];
+
+/// The commands that are not [`KeyAt::Arg`]`(1)`, in buckets: a lookup compares one or two
+/// names, not every one (this runs for every request).
+fn exceptions() -> &'static Exceptions {
+    static TABLE: std::sync::OnceLock<Exceptions> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table: Exceptions = std::array::from_fn(|_| Vec::new());
+        let all = NO_KEY
+            .iter()
+            .chain(&KEY_AFTER_KEYWORD)
+            .map(|c| (*c, KeyAt::Nowhere))
+            .chain(SECOND_ARG.iter().map(|c| (*c, KeyAt::Arg(2))))
+            .chain(AFTER_NUMKEYS.iter().map(|c| (*c, KeyAt::AfterNumkeys)));
+        for (name, at) in all {
+            table[bucket_of(name)].push((name, at));
+        }
+        table
+    })
+}
+
+/// Where the first key of `command` (any case) is.
+#[inline]
+pub fn key_at(command: &[u8]) -> KeyAt {
+    exceptions()[bucket_of(command)]
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(command))
+        .map_or(KeyAt::Arg(1), |&(_, at)| at)
+}
+
+impl KeyAt {
+    /// True when argument `i` is the key.
+    #[inline(always)]
+    pub fn is_arg(self, i: usize) -> bool {
+        matches!(self, KeyAt::Arg(n) if usize::from(n) == i)
+    }
+}
+
+/// A cluster redirect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirect {
+    /// `-MOVED slot host:port`: the slot lives on another node.
+    Moved,
+    /// `-ASK slot host:port`: the slot is migrating; this key is asked of the other node.
+    Ask,
+}
+
+/// The redirect an error reply's first bytes (without the `-`) say, with its slot when the
+/// bytes hold it.
+pub fn redirect_of(head: &[u8]) -> Option<(Redirect, Option<u16>)> {
+    let (kind, rest) = if let Some(rest) = head.strip_prefix(b"MOVED ") {
+        (Redirect::Moved, rest)
+    } else if let Some(rest) = head.strip_prefix(b"ASK ") {
+        (Redirect::Ask, rest)
+    } else {
+        return None;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let whole = digits > 0 && rest.get(digits) == Some(&b' ');
+    let slot = std::str::from_utf8(&rest[..digits])
+        .ok()
+        .and_then(|s| s.parse::<u16>().ok())
+        .filter(|&s| whole && s < SLOTS);
+    Some((kind, slot))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc16_is_xmodem_and_slots_follow_redis() {
+        assert_eq!(crc16_update(0, b"123456789"), 0x31c3);
+        // CLUSTER KEYSLOT, as Redis answers it.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"bar"), 5061);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(
+            key_slot(b"foo{}{bar}"),
+            crc16_update(0, b"foo{}{bar}") % SLOTS
+        );
+        assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+        assert_eq!(
+            key_slot(b"{never closed"),
+            crc16_update(0, b"{never closed") % SLOTS
+        );
+    }
+
+    #[test]
+    fn a_key_split_anywhere_hashes_the_same() {
+        for key in [
+            &b"user:1000:cart"[..],
+            b"{user1000}.following",
+            b"foo{}{bar}",
+            b"a{b}c{d}",
+            b"{",
+            b"}{x}",
+            b"",
+        ] {
+            let whole = key_slot(key);
+            for cut in 0..=key.len() {
+                let mut h = SlotHasher::default();
+                h.update(&key[..cut]);
+                h.update(&key[cut..]);
+                assert_eq!(
+                    h.slot(),
+                    whole,
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(key)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn first_keys_and_redirects() {
+        assert_eq!(key_at(b"get"), KeyAt::Arg(1));
+        assert_eq!(key_at(b"MGET"), KeyAt::Arg(1));
+        assert_eq!(key_at(b"ping"), KeyAt::Nowhere);
+        assert_eq!(key_at(b"EVALSHA"), KeyAt::AfterNumkeys);
+        assert_eq!(key_at(b"bitop"), KeyAt::Arg(2));
+        for name in NO_KEY.iter().chain(&KEY_AFTER_KEYWORD) {
+            assert_eq!(
+                key_at(name),
+                KeyAt::Nowhere,
+                "{}",
+                String::from_utf8_lossy(name)
+            );
+            assert_eq!(key_at(&name.to_ascii_lowercase()), KeyAt::Nowhere);
+        }
+        let longest = exceptions().iter().map(Vec::len).max();
+        assert!(longest <= Some(4), "buckets of {longest:?} names");
+        assert_eq!(
+            redirect_of(b"MOVED 3999 127.0.0.1:6381"),
+            Some((Redirect::Moved, Some(3999)))
+        );
+        assert_eq!(
+            redirect_of(b"ASK 3999 127.0.0.1:6381"),
+            Some((Redirect::Ask, Some(3999)))
+        );
+        // Cut short by the kept head: the kind is known, the slot only when whole.
+        assert_eq!(redirect_of(b"MOVED 39"), Some((Redirect::Moved, None)));
+        assert_eq!(redirect_of(b"MOVED 99999 x"), Some((Redirect::Moved, None)));
+        assert_eq!(redirect_of(b"ERR unknown command"), None);
+    }
+}
