@@ -172,6 +172,12 @@ pub struct Args {
     #[arg(long = "max-pending", default_value_t = 4096, value_name = "N")]
     pub max_pending: usize,
 
+    /// Redis Cluster: the hash slot of every keyed request (CRC16 of its first key), and
+    /// figures per slot in the stats JSON and what is shipped. Redirects (-MOVED, -ASK) are
+    /// counted without it
+    #[arg(long = "slots")]
+    pub slots: bool,
+
     /// Serve Prometheus metrics (latency histograms, counters) on this address, e.g.
     /// 127.0.0.1:33334
     #[arg(long = "metrics-listen", value_name = "ADDR", value_parser = parse_listen_address)]

@@ -11,6 +11,7 @@
 use tcpkit_proto::v1;
 
 use crate::merge::Merged;
+use crate::slots::{CheckedSlot, SlotSum};
 use crate::store::{CheckedBatch, CheckedSnapshot};
 
 /// Limits on what an agent may send.
@@ -178,6 +179,7 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
             bounded("largest latency", h.max_us, LONGEST_US)?;
             bounded("own time sum", h.own_sum_us, h.sum_us)?;
             bounded("largest own time", h.own_max_us, h.max_us)?;
+            bounded("redirects", h.moved.saturating_add(h.ask), h.count)?;
             for &n in h.seed.iter().chain(&h.fine_count).chain(&h.own_fine_count) {
                 bounded("bucket count", n, MAX_COUNT)?;
             }
@@ -193,6 +195,30 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
             })
         })
         .collect::<Result<_, String>>()?;
+    let slots = batch
+        .slots
+        .into_iter()
+        .map(|s| {
+            too_long("server", &s.server)?;
+            plain("server", &s.server)?;
+            port(s.port)?;
+            time("slot snapshot time", s.ts_us)?;
+            bounded("interval", s.interval_us, LONGEST_US)?;
+            for n in [s.count, s.moved, s.ask].iter().chain(&s.buckets) {
+                bounded("slot count", *n, MAX_COUNT)?;
+            }
+            bounded("latency sum", s.sum_us, MAX_COUNT.saturating_mul(1 << 14))?;
+            let sum = SlotSum::from_snapshot(&s)?;
+            Ok(CheckedSlot {
+                ts_us: s.ts_us,
+                interval_us: s.interval_us,
+                server: s.server,
+                port: s.port,
+                slot: s.slot as u16,
+                sum,
+            })
+        })
+        .collect::<Result<_, String>>()?;
     if let Some(c) = &batch.counters {
         counters(c)?;
     }
@@ -200,6 +226,7 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
         seq: batch.seq,
         events: batch.events,
         histograms,
+        slots,
         counters: batch.counters,
     })
 }
@@ -326,6 +353,15 @@ mod tests {
             events: vec![event()],
             histograms: vec![snapshot()],
             counters: Some(v1::Counters::default()),
+            slots: vec![v1::SlotSnapshot {
+                ts_us: NOW_US,
+                server: "10.0.0.2".into(),
+                port: 6379,
+                slot: 12182,
+                count: 1,
+                buckets: vec![1; 1].into_iter().chain([0; 22]).collect(),
+                ..Default::default()
+            }],
         };
         if let Err(e) = check_batch(ok.clone(), &limits, NOW_US) {
             panic!("{e}");
@@ -338,6 +374,11 @@ mod tests {
             histograms: vec![h],
             ..ok.clone()
         };
+        let with_slot = |f: fn(&mut v1::SlotSnapshot)| {
+            let mut b = ok.clone();
+            f(&mut b.slots[0]);
+            b
+        };
         let cases = [
             (
                 v1::Batch {
@@ -345,6 +386,19 @@ mod tests {
                     ..ok.clone()
                 },
                 "start at 1",
+            ),
+            (
+                with_slot(|s| s.count = 2),
+                "slot count 2 but its buckets hold 1",
+            ),
+            (
+                with_slot(|s| s.slot = 16384),
+                "slot 16384 is not in 0..16384",
+            ),
+            (with_slot(|s| s.moved = 2), "2 redirects among 1 exchanges"),
+            (
+                with_slot(|s| s.server = "\u{1b}x".into()),
+                "server holds the control",
             ),
             (
                 v1::Batch {

@@ -9,5 +9,6 @@ pub mod merge;
 pub mod metrics;
 pub mod report;
 pub mod server;
+pub mod slots;
 pub mod store;
 pub mod units;

@@ -27,6 +27,10 @@ pub struct Merged {
     pub own: FineHistogram,
     /// The pipeline depths, one fine bucket per depth below 128; as `own`.
     pub depth: FineHistogram,
+    /// Redis Cluster `-MOVED` replies among the exchanges.
+    pub moved: u64,
+    /// `-ASK` replies.
+    pub ask: u64,
 }
 
 impl Merged {
@@ -44,6 +48,8 @@ impl Merged {
         self.own_sum_us = self.own_sum_us.saturating_add(other.own_sum_us);
         self.own.merge(&other.own);
         self.depth.merge(&other.depth);
+        self.moved = self.moved.saturating_add(other.moved);
+        self.ask = self.ask.saturating_add(other.ask);
     }
 
     /// Exchanges sent while an earlier request of their connection was outstanding.
@@ -102,6 +108,8 @@ impl Merged {
             own_sum_us: s.own_sum_us,
             own,
             depth,
+            moved: s.moved,
+            ask: s.ask,
         })
     }
 
@@ -141,6 +149,10 @@ impl Merged {
             depth_max: self.depth.max_us(),
             depth_index,
             depth_count,
+            moved: self.moved,
+            ask: self.ask,
+            p50_le_us: 0,
+            p99_le_us: 0,
         }
     }
 
@@ -186,6 +198,8 @@ impl Merged {
             own_sum_us: columns.own_sum_us,
             own: with_max_from_blob(columns.own)?,
             depth: with_max_from_blob(columns.depth)?,
+            moved: columns.moved,
+            ask: columns.ask,
         })
     }
 }
@@ -284,6 +298,10 @@ pub struct StoredColumns<'a> {
     pub own: &'a [u8],
     /// [`Merged::depth_blob`].
     pub depth: &'a [u8],
+    /// See [`Merged::moved`].
+    pub moved: u64,
+    /// See [`Merged::ask`].
+    pub ask: u64,
 }
 
 /// A histogram snapshot that does not add up.
@@ -370,6 +388,7 @@ mod tests {
                     count: one.count, sum_us: one.sum_us, max_us: one.fine.max_us(), slow: 0,
                     errors: 0, timeouts: 0, seed: &one.seed_blob(), fine: &one.fine_blob(),
                     own_sum_us: one.own_sum_us, own: &one.own_blob(), depth: &one.depth_blob(),
+                    moved: 0, ask: 0,
                 }).unwrap();
                 prop_assert_eq!(&stored, &one);
                 merged.merge(&stored);

@@ -131,7 +131,14 @@ pub fn histogram_json(h: &v1::Histogram, with_key: bool) -> Value {
         "depth_p50": h.depth_p50,
         "depth_p99": h.depth_p99,
         "depth_max": h.depth_max,
+        "moved": h.moved,
+        "ask": h.ask,
     });
+    if h.p99_le_us > 0 {
+        // A slot's row: bounds of its percentiles, not the percentiles.
+        v["p50_le_us"] = json!(h.p50_le_us);
+        v["p99_le_us"] = json!(h.p99_le_us);
+    }
     if with_key {
         v["key"] = json!(h.key);
         if !h.proto.is_empty() {
@@ -351,6 +358,38 @@ pub fn top_text(rows: &[v1::Histogram]) -> String {
             r.slow.to_string(),
             ms(r.p99_us),
             ms(r.own_p99_us),
+            ms(r.sum_us),
+        ]);
+    }
+    table(&t)
+}
+
+/// The `top --of slot` answer for people: per slot its requests, redirects, the bounds of
+/// its median and p99 (the slots' latencies are kept in 10 µs-doubling buckets) and its
+/// total time.
+pub fn top_slots_text(rows: &[v1::Histogram]) -> String {
+    let mut t = vec![[
+        "#",
+        "slot",
+        "count",
+        "moved",
+        "ask",
+        "p50 ≤ ms",
+        "p99 ≤ ms",
+        "total ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for (i, r) in rows.iter().enumerate() {
+        t.push(vec![
+            (i + 1).to_string(),
+            r.key.clone(),
+            r.count.to_string(),
+            r.moved.to_string(),
+            r.ask.to_string(),
+            ms(r.p50_le_us),
+            ms(r.p99_le_us),
             ms(r.sum_us),
         ]);
     }

@@ -26,6 +26,7 @@ pub use crate::check::Limits;
 use crate::check::{check_batch, check_filter, check_hello};
 use crate::merge::Merged;
 use crate::metrics::Telemetry;
+use crate::slots::SlotSum;
 use crate::store::{split_command_key, CheckedBatch, Group, Reader, SessionKey, Store, StoreError};
 
 /// Batches committed together at most.
@@ -378,6 +379,11 @@ fn group_of(by: i32) -> Result<Group, Status> {
         Ok(v1::GroupBy::Agent) => Group::Agent,
         Ok(v1::GroupBy::Command) => Group::Command,
         Ok(v1::GroupBy::Port) => Group::Port,
+        Ok(v1::GroupBy::Slot) => {
+            return Err(Status::invalid_argument(
+                "slots are kept apart from the histograms: ask top --of slot",
+            ))
+        }
         Err(_) => return Err(Status::invalid_argument(format!("unknown grouping {by}"))),
     })
 }
@@ -391,6 +397,40 @@ fn histogram_of(group: Group, key: String, merged: &Merged) -> v1::Histogram {
     let mut h = merged.to_proto(command.to_string());
     h.proto = proto.to_string();
     h
+}
+
+impl QueryService {
+    /// `top --of slot`: the Redis Cluster slots of the fleet, summed, ranked.
+    async fn top_slots(
+        &self,
+        filter: v1::Filter,
+        by: v1::TopBy,
+        limit: usize,
+    ) -> Result<Response<v1::TopReply>, Status> {
+        if !filter.command.is_empty() {
+            return Err(Status::invalid_argument(
+                "slots are not kept per command: leave out --command",
+            ));
+        }
+        let rank: fn(&SlotSum) -> u64 = match by {
+            v1::TopBy::Requests | v1::TopBy::Slow => |s| s.count,
+            v1::TopBy::Redirects => |s| s.moved.saturating_add(s.ask),
+            v1::TopBy::P99 => |s| s.quantile_bound_us(0.99),
+            v1::TopBy::Total => |s| s.sum_us,
+            v1::TopBy::OwnP99 => return Err(Status::invalid_argument(
+                "own times are not kept per slot: rank slots by requests, redirects, p99 or total",
+            )),
+        };
+        let sums = self.read(move |r| r.slots(&filter)).await?;
+        let mut sums: Vec<(u16, SlotSum)> = sums.into_iter().collect();
+        sums.sort_by_key(|(slot, s)| (std::cmp::Reverse(rank(s)), *slot));
+        let rows = sums
+            .into_iter()
+            .take(limit)
+            .map(|(slot, s)| s.to_proto(slot))
+            .collect();
+        Ok(Response::new(v1::TopReply { rows }))
+    }
 }
 
 fn filter_ok(filter: Option<&v1::Filter>) -> Result<(), Status> {
@@ -447,13 +487,23 @@ impl query_server::Query for QueryService {
         request: Request<v1::TopRequest>,
     ) -> Result<Response<v1::TopReply>, Status> {
         let req = request.into_inner();
+        let by = v1::TopBy::try_from(req.by)
+            .map_err(|_| Status::invalid_argument(format!("unknown ranking {}", req.by)))?;
+        filter_ok(req.filter.as_ref())?;
+        let limit = if req.limit == 0 {
+            10
+        } else {
+            req.limit as usize
+        };
+        if req.of == v1::GroupBy::Slot as i32 {
+            return self
+                .top_slots(req.filter.unwrap_or_default(), by, limit)
+                .await;
+        }
         let group = match group_of(req.of)? {
             Group::None => Group::Command,
             g => g,
         };
-        let by = v1::TopBy::try_from(req.by)
-            .map_err(|_| Status::invalid_argument(format!("unknown ranking {}", req.by)))?;
-        filter_ok(req.filter.as_ref())?;
         let filter = req.filter.unwrap_or_default();
         let groups = self.read(move |r| r.merged(&filter, group)).await?;
         let mut rows: Vec<v1::Histogram> = groups
@@ -466,13 +516,11 @@ impl query_server::Query for QueryService {
                 v1::TopBy::P99 => h.p99_us,
                 v1::TopBy::Total => h.sum_us,
                 v1::TopBy::OwnP99 => h.own_p99_us,
+                v1::TopBy::Requests => h.count,
+                v1::TopBy::Redirects => h.moved.saturating_add(h.ask),
             })
         });
-        rows.truncate(if req.limit == 0 {
-            10
-        } else {
-            req.limit as usize
-        });
+        rows.truncate(limit);
         Ok(Response::new(v1::TopReply { rows }))
     }
 

@@ -15,6 +15,7 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 use tcpkit_proto::v1;
 
 use crate::merge::{Merged, SnapshotError, StoredColumns};
+use crate::slots::SlotSum;
 
 /// An hour, µs.
 pub const HOUR_US: u64 = 3_600_000_000;
@@ -129,11 +130,34 @@ ALTER TABLE rollups ADD COLUMN own_sum_us INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE rollups ADD COLUMN own BLOB NOT NULL DEFAULT x'';
 ALTER TABLE rollups ADD COLUMN depth BLOB NOT NULL DEFAULT x'';
 "#,
+    // Version 4: Redis Cluster: the redirects among a histogram's exchanges, and per slot
+    // snapshots.
+    r#"
+ALTER TABLE histograms ADD COLUMN moved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE histograms ADD COLUMN ask INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN moved INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN ask INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE slots (
+    id INTEGER PRIMARY KEY,
+    ts_us INTEGER NOT NULL,
+    interval_us INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    server TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    sum_us INTEGER NOT NULL,
+    moved INTEGER NOT NULL,
+    ask INTEGER NOT NULL,
+    buckets BLOB NOT NULL
+);
+CREATE INDEX slots_by_time ON slots (ts_us);
+"#,
 ];
 
 /// The columns a merged histogram is read from ([`merged_from_row`]), in order.
 const MERGED_COLUMNS: &str =
-    "count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth";
+    "count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask";
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +217,8 @@ pub struct CheckedBatch {
     pub events: Vec<v1::Event>,
     /// Histogram snapshots.
     pub histograms: Vec<CheckedSnapshot>,
+    /// Redis Cluster slot snapshots.
+    pub slots: Vec<crate::slots::CheckedSlot>,
     /// The agent's counters when it sent the batch.
     pub counters: Option<v1::Counters>,
 }
@@ -329,6 +355,7 @@ impl Store {
                 let oldest: Option<i64> = self.conn.query_row(
                     "SELECT min(t) FROM (SELECT min(ts_us) AS t FROM events
                      UNION ALL SELECT min(ts_us) FROM histograms
+                     UNION ALL SELECT min(ts_us) FROM slots
                      UNION ALL SELECT min(bucket_us) FROM rollups)",
                     [],
                     |r| r.get(0),
@@ -357,6 +384,7 @@ impl Store {
         let cutoff = cutoff_us as i64;
         let mut n = tx.execute("DELETE FROM events WHERE ts_us < ?1", [cutoff])?;
         n += tx.execute("DELETE FROM histograms WHERE ts_us < ?1", [cutoff])?;
+        n += tx.execute("DELETE FROM slots WHERE ts_us < ?1", [cutoff])?;
         // A roll-up goes with its last snapshot.
         n += tx.execute(
             "DELETE FROM rollups WHERE bucket_us + span_us <= ?1",
@@ -409,6 +437,26 @@ fn store_batch(
     for h in &batch.histograms {
         insert_histogram(tx, key.agent, h)?;
     }
+    let mut insert_slot = tx.prepare_cached(
+        "INSERT INTO slots (ts_us, interval_us, agent, server, port, slot, count, sum_us, moved,
+             ask, buckets)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?;
+    for s in &batch.slots {
+        insert_slot.execute(params![
+            s.ts_us as i64,
+            s.interval_us as i64,
+            key.agent,
+            s.server,
+            s.port,
+            s.slot,
+            s.sum.count as i64,
+            s.sum.sum_us as i64,
+            s.sum.moved as i64,
+            s.sum.ask as i64,
+            s.sum.buckets_blob(),
+        ])?;
+    }
     tx.prepare_cached(
         "UPDATE sessions SET last_seq = ?3, events = events + ?4 WHERE agent = ?1 AND session = ?2",
     )?
@@ -458,9 +506,9 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
     let m = &h.merged;
     tx.prepare_cached(
         "INSERT INTO histograms (ts_us, interval_us, agent, server, port, proto, command, count,
-             sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth)
+             sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-             ?18)",
+             ?18, ?19, ?20)",
     )?
     .execute(params![
         h.ts_us as i64,
@@ -481,6 +529,8 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         m.own_sum_us as i64,
         m.own_blob(),
         m.depth_blob(),
+        m.moved as i64,
+        m.ask as i64,
     ])?;
     for span in ROLLUP_SPANS_US {
         let bucket = (h.ts_us - h.ts_us % span) as i64;
@@ -507,9 +557,9 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         tx.prepare_cached(
             "INSERT OR REPLACE INTO rollups (span_us, bucket_us, agent, server, port, proto,
                  command, count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us,
-                 own, depth)
+                 own, depth, moved, ask)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18)",
+                 ?18, ?19, ?20)",
         )?
         .execute(params![
             span as i64,
@@ -530,6 +580,8 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
             sum.own_sum_us as i64,
             sum.own_blob(),
             sum.depth_blob(),
+            sum.moved as i64,
+            sum.ask as i64,
         ])?;
     }
     Ok(())
@@ -552,6 +604,8 @@ fn merged_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Resu
         own_sum_us: int(8)?,
         own: r.get_ref(first + 9)?.as_blob()?,
         depth: r.get_ref(first + 10)?.as_blob()?,
+        moved: int(11)?,
+        ask: int(12)?,
     })
     .map_err(StoreError::from))
 }
@@ -795,6 +849,40 @@ impl Reader {
         Ok(())
     }
 
+    /// The Redis Cluster slots matching `filter`, summed per slot over agents, servers and
+    /// time (slot snapshots are not rolled up: an agent ships only the slots it saw).
+    /// Slots are Redis' and not per command: a filter on another protocol matches none.
+    pub fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {
+        let mut sums = BTreeMap::new();
+        if !filter.proto.is_empty() && !filter.proto.eq_ignore_ascii_case("redis") {
+            return Ok(sums);
+        }
+        let f = v1::Filter {
+            proto: String::new(),
+            command: String::new(),
+            ..filter.clone()
+        };
+        let mut c = Conditions::new(&f);
+        c.time("ts_us", f.from_us, f.to_us);
+        let sql = format!(
+            "SELECT slot, count, sum_us, moved, ask, buckets FROM slots {}",
+            c.where_clause()
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let mut rows = stmt.query(params_from_iter(c.values.iter()))?;
+        while let Some(r) = rows.next()? {
+            let int = |i: usize| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)? as u64) };
+            let slot = r.get::<_, i64>(0)? as u16;
+            let blob = r.get_ref(5)?.as_blob().map_err(rusqlite::Error::from)?;
+            let sum = SlotSum::from_stored(int(1)?, int(2)?, int(3)?, int(4)?, blob)
+                .ok_or(StoreError::Histogram(SnapshotError::FineLengths))?;
+            sums.entry(slot)
+                .or_insert_with(SlotSum::default)
+                .merge(&sum);
+        }
+        Ok(sums)
+    }
+
     /// Every agent, with its sessions' counters summed.
     pub fn agents(&self) -> Result<Vec<v1::AgentInfo>> {
         let mut stmt = self.conn.prepare(
@@ -917,6 +1005,7 @@ mod tests {
             seq: 1,
             events: vec![event(5, 12_000, "GET user:1"), event(6, 30_000, "SET x 1")],
             histograms: vec![snapshot(0, "GET", &[10, 20, 12_000])],
+            slots: Vec::new(),
             counters: Some(v1::Counters {
                 gaps: 2,
                 ..Default::default()

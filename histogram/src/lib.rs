@@ -152,6 +152,20 @@ impl FineHistogram {
         self.max_us = self.max_us.max(latency_us);
     }
 
+    /// Counts `n` of the same latency (saturating).
+    pub fn record_n(&mut self, latency_us: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let i = fine_index(latency_us);
+        if i >= self.counts.len() {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] = self.counts[i].saturating_add(n);
+        self.total = self.total.saturating_add(n);
+        self.max_us = self.max_us.max(latency_us);
+    }
+
     /// Adds another histogram's counts to this one (saturating: a sum never wraps).
     pub fn merge(&mut self, other: &FineHistogram) {
         if other.counts.len() > self.counts.len() {

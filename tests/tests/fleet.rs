@@ -205,6 +205,143 @@ fn own_times_and_depths_fleet_wide() {
     );
 }
 
+/// Redis Cluster slots across the fleet: two agents each see a part of a real 3-node
+/// cluster's traffic (tests/fixtures/redis-cluster.pcap); `top --of slot` sums them into the
+/// requests per slot the servers' own CLUSTER KEYSLOT counted, with every redirect.
+#[test]
+fn cluster_slots_fleet_wide() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let url = agg.url();
+    let pcap = fixture("redis-cluster.pcap");
+    let agent = |ports: &str, id: &str| {
+        let out = command_in(&[], &tcpkit_bin())
+            .arg("-r")
+            .arg(&pcap)
+            .args([
+                "-p",
+                ports,
+                "-m",
+                "redis",
+                "--slots",
+                "-t",
+                "100000",
+                "--summary",
+                "json",
+            ])
+            .args([
+                "--aggregator",
+                &url,
+                "--agent-id",
+                id,
+                "--ship-timeout",
+                "60",
+            ])
+            .output()
+            .expect("run tcpkit");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(out.stdout.trim_ascii_end()).expect("JSON");
+        json
+    };
+    let mut ports = agent("27001", "c1").as_array().expect("array").clone();
+    ports.extend(
+        agent("27002,27003", "c2")
+            .as_array()
+            .expect("array")
+            .iter()
+            .cloned(),
+    );
+    let expected = Expected::of("redis-cluster").json["ports"].clone();
+    let mut want = std::collections::BTreeMap::<String, (u64, u64, u64)>::new();
+    for (port, figures) in expected.as_object().expect("ports") {
+        for (slot, n) in figures["slots"].as_object().expect("slots") {
+            want.entry(slot.clone()).or_default().0 += u(n);
+        }
+        // Every redirected slot is in the agent's JSON.
+        let agent_port = ports.iter().find_map(|p| p.get(port)).expect("port");
+        for (slot, f) in agent_port["slots"].as_object().expect("slots") {
+            let w = want.entry(slot.clone()).or_default();
+            w.1 += u(&f["moved"]);
+            w.2 += u(&f["ask"]);
+        }
+    }
+    let top = query_json(&[], &url, &["top", "--of", "slot", "--limit", "100000"]);
+    let rows = top.as_array().expect("rows");
+    assert_eq!(rows.len(), want.len(), "{top}");
+    for row in rows {
+        let slot = row["key"].as_str().expect("key");
+        let (count, moved, ask) = want[slot];
+        assert_eq!(
+            (u(&row["count"]), u(&row["moved"]), u(&row["ask"])),
+            (count, moved, ask),
+            "slot {slot}"
+        );
+        assert!(
+            u(&row["p99_le_us"]) >= u(&row["p50_le_us"]) && u(&row["p50_le_us"]) > 0,
+            "{row}"
+        );
+    }
+    // Ranked by requests: counts never grow down the list.
+    let counts: Vec<u64> = rows.iter().map(|r| u(&r["count"])).collect();
+    assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+    let by_redirects = query_json(
+        &[],
+        &url,
+        &["top", "--of", "slot", "--by", "redirects", "--limit", "1"],
+    );
+    assert_eq!(u(&by_redirects[0]["ask"]), 5, "{by_redirects}");
+    // Per agent, and as a table for people.
+    let c1 = query_json(
+        &[],
+        &url,
+        &["top", "--of", "slot", "--agent", "c2", "--limit", "100000"],
+    );
+    let c2_slots: u64 = ["27002", "27003"]
+        .iter()
+        .map(|p| {
+            expected[p]["slots"]
+                .as_object()
+                .expect("slots")
+                .values()
+                .map(u)
+                .sum::<u64>()
+        })
+        .sum();
+    assert_eq!(
+        c1.as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| u(&r["count"]))
+            .sum::<u64>(),
+        c2_slots
+    );
+    let text = query_text(&[], &url, &["top", "--of", "slot", "--by", "redirects"]);
+    assert!(
+        text.contains("p99 ≤ ms") && text.contains("moved"),
+        "{text}"
+    );
+    // The redirects also reach the per-command histograms.
+    let hist = query_json(&[], &url, &["hist", "--port", "27001"]);
+    assert_eq!(hist["moved"], expected["27001"]["moved"]);
+    let refused = command_in(&[], &bin("tcpkit-query"))
+        .args([
+            "--aggregator",
+            &url,
+            "top",
+            "--of",
+            "slot",
+            "--command",
+            "GET",
+        ])
+        .output()
+        .expect("run tcpkit-query");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not kept per command"));
+}
+
 /// What the aggregator must answer after agents `a1` (redis-benchmark-lo, -t 1) and `a2`
 /// (redis-slow, -t 20) have shipped.
 fn check_fleet(prefix: &[&str], url: &str, a1: &AgentOutput, a2: &AgentOutput) {

@@ -229,6 +229,7 @@ fn cluster_redirects_and_slots_are_counted_exactly() {
             "27001,27002,27003",
             "-m",
             "redis",
+            "--slots",
         ];
         all.extend_from_slice(args);
         tcpkit_tests::run_tcpkit(&all)
@@ -272,6 +273,21 @@ fn cluster_redirects_and_slots_are_counted_exactly() {
         text.contains("  redirects: 42 moved, 0 ask (Redis Cluster; not errors)"),
         "{text}"
     );
+    // Without --slots the redirects are counted all the same, and no key is hashed.
+    let pcap = tcpkit_tests::fixture(&format!("{name}.pcap"));
+    let plain = tcpkit_tests::run_tcpkit(&[
+        "-r",
+        pcap.to_str().unwrap(),
+        "-p",
+        "27001,27002,27003",
+        "-m",
+        "redis",
+        "--summary",
+        "json",
+    ]);
+    let plain: serde_json::Value = serde_json::from_str(plain.lines().last().unwrap()).unwrap();
+    assert_eq!(plain[0]["27001"]["moved"], expected["27001"]["moved"]);
+    assert!(plain[0]["27001"].get("slots").is_none(), "{plain}");
 }
 
 #[test]

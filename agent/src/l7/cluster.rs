@@ -26,11 +26,47 @@ const CRC16_TABLE: [u16; 256] = {
     table
 };
 
+/// `CRC16_SLICES[k][b]`: the CRC of byte `b` followed by `k` zero bytes, so that eight bytes
+/// are taken in one step (slicing-by-8: the CRC is linear in its input).
+const CRC16_SLICES: [[u16; 256]; 8] = {
+    let mut slices = [[0u16; 256]; 8];
+    slices[0] = CRC16_TABLE;
+    let mut k = 1;
+    while k < 8 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = slices[k - 1][i];
+            slices[k][i] = (prev << 8) ^ CRC16_TABLE[(prev >> 8) as usize];
+            i += 1;
+        }
+        k += 1;
+    }
+    slices
+};
+
 #[inline(always)]
-fn crc16_update(crc: u16, bytes: &[u8]) -> u16 {
+fn crc16_bytewise(crc: u16, bytes: &[u8]) -> u16 {
     bytes.iter().fold(crc, |crc, &b| {
         (crc << 8) ^ CRC16_TABLE[usize::from((crc >> 8) as u8 ^ b)]
     })
+}
+
+#[inline(always)]
+fn crc16_update(mut crc: u16, bytes: &[u8]) -> u16 {
+    let t = &CRC16_SLICES;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let [hi, lo] = crc.to_be_bytes();
+        crc = t[7][usize::from(c[0] ^ hi)]
+            ^ t[6][usize::from(c[1] ^ lo)]
+            ^ t[5][usize::from(c[2])]
+            ^ t[4][usize::from(c[3])]
+            ^ t[3][usize::from(c[4])]
+            ^ t[2][usize::from(c[5])]
+            ^ t[1][usize::from(c[6])]
+            ^ t[0][usize::from(c[7])];
+    }
+    crc16_bytewise(crc, chunks.remainder())
 }
 
 /// Where a key's hash tag stands, as its bytes stream by.
@@ -102,18 +138,74 @@ impl SlotHasher {
     }
 }
 
-/// The hash slot of a whole key.
+/// The hash slot of a whole key. Keys rarely hold a `{`: the whole key's CRC is taken while
+/// looking for one, eight bytes at a time; only a key with one is looked at again for its
+/// hash tag.
+#[inline]
 pub fn key_slot(key: &[u8]) -> u16 {
-    let mut h = SlotHasher::default();
-    h.update(key);
-    h.slot()
+    match crc16_unless_brace(key) {
+        Some(crc) => crc % SLOTS,
+        None => tagged_slot(key),
+    }
+}
+
+/// A key with a `{`: its hash tag's slot, or the whole key's when the tag is empty or open.
+#[cold]
+fn tagged_slot(key: &[u8]) -> u16 {
+    let hashed = match memchr::memchr(b'{', key) {
+        Some(open) => match memchr::memchr(b'}', &key[open + 1..]) {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        },
+        None => key,
+    };
+    crc16_update(0, hashed) % SLOTS
+}
+
+/// True when one of the eight bytes of `word` is `{` (the classic zero-byte test on
+/// `word ^ '{'…`).
+#[inline(always)]
+fn has_brace(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const BRACES: u64 = ONES * b'{' as u64;
+    let x = word ^ BRACES;
+    x.wrapping_sub(ONES) & !x & (ONES << 7) != 0
+}
+
+/// The CRC of `bytes` from 0, or `None` when they hold a `{`.
+#[inline(always)]
+fn crc16_unless_brace(bytes: &[u8]) -> Option<u16> {
+    let t = &CRC16_SLICES;
+    let mut crc = 0u16;
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let word = u64::from_le_bytes(c.try_into().unwrap_or_default());
+        if has_brace(word) {
+            return None;
+        }
+        let [hi, lo] = crc.to_be_bytes();
+        crc = t[7][usize::from(c[0] ^ hi)]
+            ^ t[6][usize::from(c[1] ^ lo)]
+            ^ t[5][usize::from(c[2])]
+            ^ t[4][usize::from(c[3])]
+            ^ t[3][usize::from(c[4])]
+            ^ t[2][usize::from(c[5])]
+            ^ t[1][usize::from(c[6])]
+            ^ t[0][usize::from(c[7])];
+    }
+    let rest = chunks.remainder();
+    if rest.contains(&b'{') {
+        return None;
+    }
+    Some(crc16_bytewise(crc, rest))
 }
 
 /// Which argument of a command holds its first key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KeyAt {
     /// None: the command takes no key (`PING`, `INFO`, `CLUSTER …`), or its key's place is
     /// not fixed (`XREAD … STREAMS key`, `MIGRATE`).
+    #[default]
     Nowhere,
     /// Argument `n` (the command is argument 0).
     Arg(u8),
@@ -231,6 +323,34 @@ fn exceptions() -> &'static Exceptions {
     })
 }
 
+/// The last two commands looked up (names of at most 8 bytes, as sent) and where their keys
+/// are: consecutive requests mostly repeat a few commands, so most lookups are a compare.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct KeyAtCache {
+    entries: [(u64, usize, KeyAt); 2],
+    next: usize,
+}
+
+impl KeyAtCache {
+    /// [`key_at`] of `command`.
+    #[inline(always)]
+    pub fn key_at(&mut self, command: &[u8]) -> KeyAt {
+        if command.is_empty() || command.len() > 8 {
+            return key_at(command);
+        }
+        let mut bytes = [0u8; 8];
+        bytes[..command.len()].copy_from_slice(command);
+        let (word, len) = (u64::from_le_bytes(bytes), command.len());
+        if let Some(&(_, _, at)) = self.entries.iter().find(|e| e.0 == word && e.1 == len) {
+            return at;
+        }
+        let at = key_at(command);
+        self.entries[self.next] = (word, len, at);
+        self.next ^= 1;
+        at
+    }
+}
+
 /// Where the first key of `command` (any case) is.
 #[inline]
 pub fn key_at(command: &[u8]) -> KeyAt {
@@ -298,6 +418,67 @@ mod tests {
             key_slot(b"{never closed"),
             crc16_update(0, b"{never closed") % SLOTS
         );
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_table() {
+        let mut cache = KeyAtCache::default();
+        let names: [&[u8]; 10] = [
+            b"GET",
+            b"get",
+            b"PING",
+            b"ping",
+            b"EVALSHA",
+            b"Set",
+            b"BITOP",
+            b"x",
+            b"CLUSTERS",
+            b"CLUSTER",
+        ];
+        for _ in 0..3 {
+            for name in names {
+                assert_eq!(
+                    cache.key_at(name),
+                    key_at(name),
+                    "{}",
+                    String::from_utf8_lossy(name)
+                );
+            }
+        }
+        // Braces anywhere, in keys of every length: the fast path hands them to the slow one.
+        for len in 0..40 {
+            for at in 0..len {
+                let mut key = vec![b'k'; len];
+                key[at] = b'{';
+                if at + 2 < len {
+                    key[at + 2] = b'}';
+                }
+                let mut h = SlotHasher::default();
+                h.update(&key);
+                assert_eq!(
+                    key_slot(&key),
+                    h.slot(),
+                    "{}",
+                    String::from_utf8_lossy(&key)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn slicing_by_8_is_the_bytewise_crc() {
+        let data: Vec<u8> = (0..300u32).map(|i| (i * 7919 % 251) as u8).collect();
+        for len in 0..data.len() {
+            assert_eq!(
+                crc16_update(0, &data[..len]),
+                crc16_bytewise(0, &data[..len]),
+                "{len}"
+            );
+            assert_eq!(
+                crc16_update(0x1234, &data[..len]),
+                crc16_bytewise(0x1234, &data[..len])
+            );
+        }
     }
 
     #[test]

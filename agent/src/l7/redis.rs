@@ -22,7 +22,7 @@
 //! chunk are parsed in place, without a copy. Invalid input is an error: the caller resets
 //! the parser and resynchronises.
 
-use super::cluster::{self, KeyAt, SlotHasher};
+use super::cluster::{self, KeyAt, KeyAtCache, SlotHasher};
 use memchr::memchr;
 
 /// Longest line (type byte to `\n`, or an inline command) held across chunks.
@@ -134,6 +134,12 @@ pub struct RespParser {
     /// slot so far.
     key_at: KeyAt,
     key: Option<SlotHasher>,
+    /// Keys are hashed to slots ([`RespParser::hash_slots`]).
+    hash_keys: bool,
+    /// Where the first keys of the commands seen last are.
+    key_at_cache: KeyAtCache,
+    /// The slot of a request read whole ([`RespParser::whole_command`]).
+    slot: Option<u16>,
     /// An `EVAL`'s numkeys as its digits come (`None` once a byte is not a digit).
     numkeys: Option<u64>,
 }
@@ -163,7 +169,23 @@ impl RespParser {
             truncated: false,
             key_at: KeyAt::Nowhere,
             key: None,
+            slot: None,
+            hash_keys: false,
+            key_at_cache: KeyAtCache::default(),
             numkeys: Some(0),
+        }
+    }
+
+    /// Whether requests get the Redis Cluster hash slot of their first key
+    /// ([`Message::slot`]); off, the parser does no work for it.
+    #[inline(always)]
+    pub fn hash_slots(&mut self, on: bool) {
+        if self.hash_keys != on {
+            self.hash_keys = on;
+            self.key_at = KeyAt::Nowhere;
+            self.key = None;
+            self.slot = None;
+            self.numkeys = Some(0);
         }
     }
 
@@ -279,7 +301,9 @@ impl RespParser {
         on_message: &mut impl FnMut(&Message<'_>),
     ) -> Option<usize> {
         let used = match (self.role, data[0]) {
-            (Role::Request, b'*') => self.whole_command(data),
+            // Two copies of the loop: with slots off it does nothing for them.
+            (Role::Request, b'*') if self.hash_keys => self.whole_command::<true>(data),
+            (Role::Request, b'*') => self.whole_command::<false>(data),
             (Role::Reply, b'+' | b'-' | b':') => {
                 let end = find_newline(data)?;
                 let line_len = end - 1 - usize::from(data[end - 1] == b'\r');
@@ -315,15 +339,15 @@ impl RespParser {
 
     /// `*<n>\r\n` then n bulk strings, all buffered. The hot path of a busy server: the
     /// summary is built in locals and short arguments are copied 16 bytes at once.
-    fn whole_command(&mut self, data: &[u8]) -> Option<usize> {
+    /// With `SLOTS`, the first four arguments are remembered, for the slot of the first key.
+    fn whole_command<const SLOTS: bool>(&mut self, data: &[u8]) -> Option<usize> {
         let (n, mut pos) = parse_count(data, 1)?;
         if !(1..=1024).contains(&n) {
             return None;
         }
         let mut kept = 0;
         let mut truncated = false;
-        let mut key_at = KeyAt::Nowhere;
-        let mut key = None;
+        let mut args: [&[u8]; 4] = [&[]; 4];
         for i in 0..n {
             if data.get(pos) != Some(&b'$') {
                 return None;
@@ -347,13 +371,9 @@ impl RespParser {
             kept += take;
             if i == 0 {
                 self.head_len = kept.min(COMMAND_BYTES);
-                key_at = cluster::key_at(&data[start..end]);
-            } else if key_at.is_arg(i) {
-                let mut hasher = SlotHasher::default();
-                hasher.update(&data[start..end]);
-                key = Some(hasher);
-            } else if i == 2 && key_at == KeyAt::AfterNumkeys {
-                key_at = numkeys_then_key(&data[start..end]);
+            }
+            if SLOTS && i < args.len() {
+                args[i] = &data[start..end];
             }
             pos = end + 2;
         }
@@ -361,7 +381,9 @@ impl RespParser {
         self.truncated = truncated;
         self.kind = b'*';
         self.elements = n as u64;
-        self.key = key;
+        if SLOTS {
+            self.slot = slot_of_args(&mut self.key_at_cache, &args[..n.min(args.len())]);
+        }
         Some(pos)
     }
 
@@ -508,7 +530,9 @@ impl RespParser {
     /// first key is; after `numkeys`, whether there is one.
     fn argument_done(&mut self) {
         match (self.element, self.key_at) {
-            (1, _) => self.key_at = cluster::key_at(&self.kept[..self.head_len]),
+            (1, _) if self.hash_keys => {
+                self.key_at = self.key_at_cache.key_at(&self.kept[..self.head_len]);
+            }
             (3, KeyAt::AfterNumkeys) => {
                 self.key_at = match self.numkeys {
                     Some(n) if n > 0 => KeyAt::Arg(3),
@@ -605,7 +629,11 @@ impl RespParser {
             },
             truncated: self.truncated,
             elements: self.elements,
-            slot: self.key.map(|k| k.slot()),
+            slot: if self.hash_keys {
+                self.slot.or(self.key.map(|k| k.slot()))
+            } else {
+                None
+            },
         });
         self.start_message();
     }
@@ -619,10 +647,29 @@ impl RespParser {
         self.kept_len = 0;
         self.head_len = 0;
         self.truncated = false;
-        self.key_at = KeyAt::Nowhere;
-        self.key = None;
-        self.numkeys = Some(0);
+        if self.hash_keys {
+            self.key_at = KeyAt::Nowhere;
+            self.key = None;
+            self.slot = None;
+            self.numkeys = Some(0);
+        }
     }
+}
+
+/// The hash slot of a command's first key, from its first arguments (the command first).
+fn slot_of_args(cache: &mut KeyAtCache, args: &[&[u8]]) -> Option<u16> {
+    let key = match cache.key_at(args.first()?) {
+        KeyAt::Arg(i) => usize::from(i),
+        KeyAt::AfterNumkeys
+            if args
+                .get(2)
+                .is_some_and(|n| numkeys_then_key(n) == KeyAt::Arg(3)) =>
+        {
+            3
+        }
+        _ => return None,
+    };
+    args.get(key).map(|k| cluster::key_slot(k))
 }
 
 /// After `numkeys` (an `EVAL`'s third argument): the first key is next when there is one.
@@ -779,12 +826,19 @@ mod tests {
             let got = parse_every_way(Role::Request, request.as_bytes());
             assert_eq!(got.len(), 1, "{request:?}");
             assert_eq!(got[0].slot, slot, "{request:?}");
+            // Off (the default), nothing is hashed.
+            let mut off = RespParser::new(Role::Request);
+            let mut slots = Vec::new();
+            off.feed(request.as_bytes(), &mut |m| slots.push(m.slot))
+                .unwrap();
+            assert_eq!(slots, [None]);
         }
     }
 
     /// Feeds `input` in the given pieces; all messages and the first error.
     fn parse_pieces(role: Role, pieces: &[&[u8]]) -> (Vec<Got>, Option<RespError>) {
         let mut p = RespParser::new(role);
+        p.hash_slots(true);
         let mut out = Vec::new();
         for piece in pieces {
             if let Err(e) = p.feed(piece, &mut |m| out.push(got(m))) {

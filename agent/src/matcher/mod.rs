@@ -145,7 +145,7 @@ pub trait ExchangeSink {
     }
 }
 
-/// Caps on pending requests.
+/// Caps on pending requests, and what matching works out beside the pairs.
 #[derive(Debug, Clone, Copy)]
 pub struct MatchLimits {
     /// Pending requests per connection; past it the oldest is given up as a timeout.
@@ -154,6 +154,8 @@ pub struct MatchLimits {
     pub max_pending_total: usize,
     /// How long a DNS query waits for its response, µs.
     pub dns_timeout_us: u64,
+    /// Redis requests get the hash slot of their first key (`--slots`).
+    pub hash_slots: bool,
 }
 
 impl Default for MatchLimits {
@@ -162,6 +164,7 @@ impl Default for MatchLimits {
             max_pending_per_connection: 4096,
             max_pending_total: 1 << 20,
             dns_timeout_us: 5_000_000,
+            hash_slots: false,
         }
     }
 }
@@ -310,6 +313,13 @@ pub(crate) fn settle_depths<T>(
     answered: u32,
     mut depth_of: impl FnMut(&mut T) -> (u64, &mut u32),
 ) {
+    // In capture order the latest request was sent before the reply: the common case.
+    let Some(last) = pending.back_mut() else {
+        return;
+    };
+    if depth_of(last).0 < rsp_start_us {
+        return;
+    }
     for p in pending.iter_mut().rev() {
         let (req_done_us, depth) = depth_of(p);
         if req_done_us < rsp_start_us {

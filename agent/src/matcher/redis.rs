@@ -241,6 +241,7 @@ impl RedisPairing {
         cx: &mut MatchContext<'_, S>,
     ) -> Result<(), InvalidBytes> {
         let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
+        self.requests.hash_slots(cx.limits.hash_slots);
         let Self {
             requests,
             pending,

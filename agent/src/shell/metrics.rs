@@ -30,7 +30,7 @@ const DEPTH_BOUNDS: [u64; 7] = [1, 2, 4, 8, 16, 32, 64];
 /// The sum of the depths of a set of exchanges, from their fine histogram (exact up to 127).
 fn depth_sum(stats: &LatencyStats) -> u64 {
     stats
-        .depth
+        .depths()
         .nonzero()
         .map(|(i, n)| crate::histogram::fine_value(i as usize) * n)
         .sum()
@@ -49,7 +49,7 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
                 stats,
                 prometheus: stats.fine.prometheus_buckets(),
                 own: stats.own.prometheus_buckets(),
-                depth: stats.depth.counts_at_most(&DEPTH_BOUNDS),
+                depth: stats.depths().counts_at_most(&DEPTH_BOUNDS),
             })
         })
         .collect();

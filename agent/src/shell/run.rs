@@ -300,6 +300,7 @@ fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
         match_limits: MatchLimits {
             max_pending_per_connection: args.max_pending.max(1),
             dns_timeout_us: u64::from(args.dns_timeout_ms.max(1)) * 1000,
+            hash_slots: args.slots,
             ..MatchLimits::default()
         },
         threshold_ms: args.threshold_ms,

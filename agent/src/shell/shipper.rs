@@ -21,7 +21,7 @@ use tcpkit_proto::v1::{self, agent_message::Body};
 
 use crate::matcher::{Exchange, Unanswered};
 use crate::shell::spool::{LeftSession, Spool};
-use crate::sinks::ship::{event_of, Dropped, IntervalHistograms, ShipBuffer};
+use crate::sinks::ship::{event_of, Dropped, IntervalHistograms, IntervalSnapshots, ShipBuffer};
 
 /// Commands queued from the capture thread at most; past it what is sent is dropped
 /// (counted).
@@ -46,7 +46,7 @@ pub struct ShipperConfig {
 
 enum Command {
     Events(Vec<v1::Event>),
-    Interval(Vec<v1::HistogramSnapshot>, v1::Counters),
+    Interval(IntervalSnapshots, v1::Counters),
     Finish(Duration),
 }
 
@@ -124,7 +124,7 @@ impl ShipTap {
     }
 
     /// Queues an interval's snapshots with the pipeline's counters.
-    pub fn interval(&self, histograms: Vec<v1::HistogramSnapshot>, counters: v1::Counters) {
+    pub fn interval(&self, histograms: IntervalSnapshots, counters: v1::Counters) {
         let n = histograms.len() as u64;
         if self
             .commands

@@ -39,8 +39,11 @@ impl IntervalHistograms {
 
     /// Counts one exchange.
     pub fn record(&mut self, e: &Exchange<'_>, slow: bool, proto: &'static str) {
-        self.stats(e.server.ip(), e.server.port(), proto, e.command)
-            .record(e, slow);
+        let (_, port) = self
+            .series
+            .entry((e.server.ip(), e.server.port()))
+            .or_insert_with(|| (proto, PortLatency::default()));
+        port.record(e, slow);
     }
 
     /// Counts one request that will never be answered.
@@ -56,13 +59,28 @@ impl IntervalHistograms {
     }
 
     /// The snapshots of the interval `[start_us, start_us + interval_us)`, emptying it.
-    pub fn take(&mut self, start_us: u64, interval_us: u64) -> Vec<v1::HistogramSnapshot> {
+    pub fn take(&mut self, start_us: u64, interval_us: u64) -> IntervalSnapshots {
         let mut out = Vec::new();
+        let mut slots = Vec::new();
         for ((server, port), (proto, latency)) in self.series.drain() {
+            for (slot, s) in latency.slots.iter() {
+                slots.push(v1::SlotSnapshot {
+                    ts_us: start_us,
+                    interval_us,
+                    server: server.to_string(),
+                    port: u32::from(port),
+                    slot: u32::from(slot),
+                    count: s.reqs,
+                    sum_us: s.sum_us,
+                    moved: s.moved,
+                    ask: s.ask,
+                    buckets: s.latencies.iter().map(|&n| u64::from(n)).collect(),
+                });
+            }
             for (command, s) in latency.commands {
                 let (fine_index, fine_count) = s.fine.nonzero().unzip();
                 let (own_fine_index, own_fine_count) = s.own.nonzero().unzip();
-                let (depth_index, depth_count) = s.depth.nonzero().unzip();
+                let (depth_index, depth_count) = s.depths().nonzero().unzip();
                 out.push(v1::HistogramSnapshot {
                     ts_us: start_us,
                     interval_us,
@@ -85,10 +103,36 @@ impl IntervalHistograms {
                     own_fine_count,
                     depth_index,
                     depth_count,
+                    moved: s.moved,
+                    ask: s.ask,
                 });
             }
         }
-        out
+        IntervalSnapshots {
+            histograms: out,
+            slots,
+        }
+    }
+}
+
+/// What an interval ships: its histogram snapshots, and its Redis Cluster slots.
+#[derive(Debug, Default)]
+pub struct IntervalSnapshots {
+    /// Per (server, port, command).
+    pub histograms: Vec<v1::HistogramSnapshot>,
+    /// Per (server, port, slot).
+    pub slots: Vec<v1::SlotSnapshot>,
+}
+
+impl IntervalSnapshots {
+    /// Snapshots of both kinds (the shipper counts them alike when it must drop them).
+    pub fn len(&self) -> usize {
+        self.histograms.len() + self.slots.len()
+    }
+
+    /// True when there is nothing to ship.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -127,6 +171,11 @@ pub fn event_of(e: &Exchange<'_>, proto: &str, timeout: bool) -> v1::Event {
         own_us: if timeout { 0 } else { e.own_us },
         depth: e.depth,
     }
+}
+
+/// The snapshots a batch holds: histograms and slots (counted alike when dropped).
+fn snapshots_of(batch: &v1::Batch) -> u64 {
+    (batch.histograms.len() + batch.slots.len()) as u64
 }
 
 /// Events per batch at most.
@@ -190,9 +239,10 @@ impl ShipBuffer {
     }
 
     /// Adds an interval's snapshots and the pipeline's counters, and closes the batch.
-    pub fn add_interval(&mut self, histograms: Vec<v1::HistogramSnapshot>, counters: v1::Counters) {
+    pub fn add_interval(&mut self, snapshots: IntervalSnapshots, counters: v1::Counters) {
         self.counters = counters;
-        self.open.histograms.extend(histograms);
+        self.open.histograms.extend(snapshots.histograms);
+        self.open.slots.extend(snapshots.slots);
         self.close(true);
     }
 
@@ -204,7 +254,9 @@ impl ShipBuffer {
 
     /// True when the open batch holds anything.
     pub fn has_open(&self) -> bool {
-        !self.open.events.is_empty() || !self.open.histograms.is_empty()
+        !self.open.events.is_empty()
+            || !self.open.histograms.is_empty()
+            || !self.open.slots.is_empty()
     }
 
     /// Closes the open batch: it gets the next sequence number and the counters and joins
@@ -243,7 +295,7 @@ impl ShipBuffer {
                 self.bytes -= *size - new_size;
                 *size = new_size;
             } else if let Some((batch, size)) = self.pending.pop_front() {
-                self.dropped.histograms += batch.histograms.len() as u64;
+                self.dropped.histograms += snapshots_of(&batch);
                 self.bytes -= size;
                 self.sent = self.sent.saturating_sub(1);
             }
@@ -272,8 +324,8 @@ impl ShipBuffer {
         self.bytes -= size;
         self.sent = self.sent.saturating_sub(1);
         self.dropped.events += batch.events.len() as u64;
-        self.dropped.histograms += batch.histograms.len() as u64;
-        Some((batch.seq, batch.events.len(), batch.histograms.len()))
+        self.dropped.histograms += snapshots_of(&batch);
+        Some((batch.seq, batch.events.len(), snapshots_of(&batch) as usize))
     }
 
     /// A new stream: every pending batch is to be sent again.
@@ -339,6 +391,13 @@ mod tests {
         }
     }
 
+    fn histograms(histograms: Vec<v1::HistogramSnapshot>) -> IntervalSnapshots {
+        IntervalSnapshots {
+            histograms,
+            slots: Vec::new(),
+        }
+    }
+
     fn snapshot() -> v1::HistogramSnapshot {
         v1::HistogramSnapshot {
             count: 1,
@@ -351,7 +410,7 @@ mod tests {
     fn a_refused_batch_goes_and_is_counted() {
         let mut b = ShipBuffer::new(1 << 20);
         b.add_events(vec![event(1), event(2)]);
-        b.add_interval(vec![snapshot()], v1::Counters::default());
+        b.add_interval(histograms(vec![snapshot()]), v1::Counters::default());
         b.add_events(vec![event(3)]);
         b.close(false);
         assert_eq!(b.refuse_oldest(), Some((1, 2, 1)));
@@ -372,7 +431,7 @@ mod tests {
         b.add_events((0..10).map(event).collect());
         b.close(false);
         b.close(false); // nothing open: no batch
-        b.add_interval(vec![snapshot()], v1::Counters::default());
+        b.add_interval(histograms(vec![snapshot()]), v1::Counters::default());
         let sent = b.unsent();
         assert_eq!(sent.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(sent[0].events.len(), 10);
@@ -399,7 +458,7 @@ mod tests {
         let mut b = ShipBuffer::new(4000);
         for _ in 0..5 {
             b.add_events((0..10).map(event).collect());
-            b.add_interval(vec![snapshot()], v1::Counters::default());
+            b.add_interval(histograms(vec![snapshot()]), v1::Counters::default());
         }
         // 50 events of ~110 bytes cannot fit in 4000 bytes; every histogram can.
         let d = b.dropped();
@@ -413,7 +472,7 @@ mod tests {
         assert_eq!(last.counters.unwrap().shipper_dropped_events, d.events);
 
         let mut tiny = ShipBuffer::new(10);
-        tiny.add_interval(vec![snapshot(); 3], v1::Counters::default());
+        tiny.add_interval(histograms(vec![snapshot(); 3]), v1::Counters::default());
         assert_eq!(tiny.dropped().histograms, 3);
         assert!(tiny.unsent().is_empty());
     }

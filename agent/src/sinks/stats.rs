@@ -40,8 +40,10 @@ pub struct LatencyStats {
     pub own_costs: u64,
     /// The own times, in the fine form.
     pub own: FineHistogram,
-    /// The pipeline depths ([`Exchange::depth`]), in the fine form: exact up to 63.
-    pub depth: FineHistogram,
+    /// The pipeline depths above 1 ([`Exchange::depth`]), in the fine form (exact below
+    /// 128); those of 1 are the rest of `total_reqs` ([`LatencyStats::depths`]), so that
+    /// unpipelined traffic pays nothing for them.
+    pub pipelined_depths: FineHistogram,
     /// Error replies.
     pub errors: u64,
     /// Redis Cluster redirects: `-MOVED` replies (the slot lives on another node).
@@ -82,7 +84,7 @@ impl LatencyStats {
         self.fine.merge(&other.fine);
         self.own_costs += other.own_costs;
         self.own.merge(&other.own);
-        self.depth.merge(&other.depth);
+        self.pipelined_depths.merge(&other.pipelined_depths);
         self.errors += other.errors;
         self.moved += other.moved;
         self.ask += other.ask;
@@ -110,7 +112,9 @@ impl LatencyStats {
         self.fine.record(e.latency_us);
         self.own_costs += e.own_us;
         self.own.record(e.own_us);
-        self.depth.record(u64::from(e.depth));
+        if e.depth > 1 {
+            self.pipelined_depths.record(u64::from(e.depth));
+        }
         self.errors += u64::from(e.error);
         if let Some(redirect) = e.redirect {
             self.redirected(redirect);
@@ -146,12 +150,14 @@ impl LatencyStats {
 
     /// Exchanges sent while an earlier request of their connection was outstanding.
     pub fn pipelined(&self) -> u64 {
-        let unpipelined = self
-            .depth
-            .nonzero()
-            .find(|&(i, _)| fine_lower(i as usize) == 1)
-            .map_or(0, |(_, n)| n);
-        self.depth.total() - unpipelined
+        self.pipelined_depths.total()
+    }
+
+    /// The depths of every exchange, in the fine form (exact below 128).
+    pub fn depths(&self) -> FineHistogram {
+        let mut all = self.pipelined_depths.clone();
+        all.record_n(1, self.total_reqs.saturating_sub(all.total()));
+        all
     }
 
     /// Requests counted here: exchanges, and those never answered or not timed (the
@@ -179,6 +185,7 @@ impl LatencyStats {
 
     fn to_json(&self) -> Map<String, Value> {
         let f = &self.fine;
+        let depths = self.depths();
         let mut m = Map::new();
         for (k, v) in [
             ("total_reqs", self.total_reqs),
@@ -196,9 +203,9 @@ impl LatencyStats {
             ("own_p999_us", self.own.quantile(0.999)),
             ("own_max_us", self.own.max_us()),
             ("pipelined_reqs", self.pipelined()),
-            ("depth_p50", self.depth.quantile(0.5)),
-            ("depth_p99", self.depth.quantile(0.99)),
-            ("depth_max", self.depth.max_us()),
+            ("depth_p50", depths.quantile(0.5)),
+            ("depth_p99", depths.quantile(0.99)),
+            ("depth_max", depths.max_us()),
             ("errors", self.errors),
             ("moved", self.moved),
             ("ask", self.ask),
@@ -213,8 +220,7 @@ impl LatencyStats {
             m.insert(k.to_string(), json!(v));
         }
         m.insert("latencies".to_string(), json!(self.latencies));
-        let depths: Map<String, Value> = self
-            .depth
+        let depths: Map<String, Value> = depths
             .nonzero()
             .map(|(i, n)| (fine_lower(i as usize).to_string(), json!(n)))
             .collect();
@@ -247,6 +253,8 @@ impl LatencyStats {
 pub struct SlotStats {
     /// Exchanges whose first key is in the slot.
     pub reqs: u64,
+    /// Sum of their latencies, µs.
+    pub sum_us: u64,
     /// Of them, answered `-MOVED`.
     pub moved: u64,
     /// Of them, answered `-ASK`.
@@ -259,6 +267,7 @@ impl Default for SlotStats {
     fn default() -> Self {
         Self {
             reqs: 0,
+            sum_us: 0,
             moved: 0,
             ask: 0,
             latencies: [0; PROM_BUCKETS],
@@ -269,6 +278,7 @@ impl Default for SlotStats {
 impl SlotStats {
     fn record(&mut self, e: &Exchange<'_>) {
         self.reqs += 1;
+        self.sum_us += e.latency_us;
         match e.redirect {
             Some(Redirect::Moved) => self.moved += 1,
             Some(Redirect::Ask) => self.ask += 1,
@@ -280,6 +290,7 @@ impl SlotStats {
 
     fn merge(&mut self, other: &SlotStats) {
         self.reqs += other.reqs;
+        self.sum_us += other.sum_us;
         self.moved += other.moved;
         self.ask += other.ask;
         for (mine, theirs) in self.latencies.iter_mut().zip(other.latencies) {
@@ -303,6 +314,73 @@ impl SlotStats {
             }
         }
         PROM_BOUNDS_US[PROM_BOUNDS_US.len() - 1]
+    }
+}
+
+/// Slots per chunk of a [`SlotTable`].
+const SLOT_CHUNK: usize = 128;
+
+/// The figures of every hash slot seen on a port: 128 chunks of 128 slots, each allocated
+/// when one of its slots is first seen (16 KB), so that a lookup is two indexes and a port
+/// that sees every slot holds 2 MB.
+#[derive(Debug, Clone, Default)]
+pub struct SlotTable {
+    chunks: Vec<Option<Box<[SlotStats; SLOT_CHUNK]>>>,
+    seen: usize,
+}
+
+impl SlotTable {
+    #[inline(always)]
+    fn get_mut(&mut self, slot: u16) -> &mut SlotStats {
+        let (chunk, at) = (
+            usize::from(slot) / SLOT_CHUNK,
+            usize::from(slot) % SLOT_CHUNK,
+        );
+        if chunk >= self.chunks.len() {
+            self.chunks.resize(chunk + 1, None);
+        }
+        let stats = &mut self.chunks[chunk]
+            .get_or_insert_with(|| Box::new([SlotStats::default(); SLOT_CHUNK]))[at];
+        if stats.reqs == 0 {
+            self.seen += 1;
+        }
+        stats
+    }
+
+    /// Counts one exchange under its slot.
+    #[inline(always)]
+    pub fn record(&mut self, slot: u16, e: &Exchange<'_>) {
+        self.get_mut(slot).record(e);
+    }
+
+    /// Adds another table's figures.
+    pub fn merge(&mut self, other: &SlotTable) {
+        for (slot, stats) in other.iter() {
+            self.get_mut(slot).merge(stats);
+        }
+    }
+
+    /// The slots with requests, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = (u16, &SlotStats)> + '_ {
+        self.chunks.iter().enumerate().flat_map(|(c, chunk)| {
+            chunk.iter().flat_map(move |chunk| {
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.reqs > 0)
+                    .map(move |(i, s)| ((c * SLOT_CHUNK + i) as u16, s))
+            })
+        })
+    }
+
+    /// Slots with requests.
+    pub fn len(&self) -> usize {
+        self.seen
+    }
+
+    /// True when no slot was seen.
+    pub fn is_empty(&self) -> bool {
+        self.seen == 0
     }
 }
 
@@ -338,8 +416,8 @@ pub struct PortLatency {
     /// Sightings of promoted candidates before their promotion (counted under `OTHER`), so
     /// that a newcomer is not evicted at once by the next candidate.
     credit: FxHashMap<Box<[u8]>, u64>,
-    /// Per Redis Cluster hash slot (at most 16384), once a request with a key is seen.
-    pub slots: FxHashMap<u16, SlotStats>,
+    /// Per Redis Cluster hash slot, with `--slots`.
+    pub slots: SlotTable,
 }
 
 impl PortLatency {
@@ -355,9 +433,7 @@ impl PortLatency {
         for (name, stats) in &other.commands {
             self.command(name).merge(stats);
         }
-        for (slot, stats) in &other.slots {
-            self.slots.entry(*slot).or_default().merge(stats);
-        }
+        self.slots.merge(&other.slots);
     }
 
     /// Counts one exchange.
@@ -365,14 +441,14 @@ impl PortLatency {
     pub(crate) fn record(&mut self, e: &Exchange<'_>, slow: bool) {
         self.command(e.command).record(e, slow);
         if let Some(slot) = e.slot {
-            self.slots.entry(slot).or_default().record(e);
+            self.slots.record(slot, e);
         }
     }
 
     /// The slots the stats JSON shows: the [`SHOWN_SLOTS`] with the most requests, and every
     /// one redirected; busiest first.
     pub fn shown_slots(&self) -> Vec<(u16, SlotStats)> {
-        let mut all: Vec<(u16, SlotStats)> = self.slots.iter().map(|(&k, &v)| (k, v)).collect();
+        let mut all: Vec<(u16, SlotStats)> = self.slots.iter().map(|(k, &v)| (k, v)).collect();
         all.sort_by_key(|(slot, s)| (std::cmp::Reverse(s.reqs), *slot));
         let mut shown = 0;
         all.retain(|(_, s)| {
@@ -807,9 +883,9 @@ fn latency_text(port: u16, l: &LatencyStats, threshold_us: u64) -> String {
         let queued = l.total_costs.saturating_sub(l.own_costs);
         s.push_str(&format!(
             "  pipelined: {pipelined} requests, depth p50 {}, p99 {}, max {}; own time p50 {} ms, p99 {} ms; {} ms queued in all\n",
-            l.depth.quantile(0.5),
-            l.depth.quantile(0.99),
-            l.depth.max_us(),
+            l.depths().quantile(0.5),
+            l.depths().quantile(0.99),
+            l.depths().max_us(),
             ms(l.own.quantile(0.5)),
             ms(l.own.quantile(0.99)),
             ms(queued),

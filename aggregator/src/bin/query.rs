@@ -72,13 +72,14 @@ enum Command {
         #[arg(long)]
         own: bool,
     },
-    /// Commands or servers ranked by slow count, p99, own-time p99 or total time
+    /// Commands, servers, agents, ports or Redis Cluster slots ranked by slow count, p99,
+    /// own-time p99, total time, requests or redirects
     Top {
         #[command(flatten)]
         filter: FilterArgs,
-        /// What to rank
+        /// What to rank (slot: Redis Cluster hash slots, by requests unless --by says)
         #[arg(long, value_enum, default_value = "command")]
-        of: GroupArg,
+        of: TopOfArg,
         /// How to rank
         #[arg(long, value_enum, default_value = "slow")]
         by: RankArg,
@@ -175,6 +176,29 @@ impl From<GroupArg> for v1::GroupBy {
     }
 }
 
+/// What `top` ranks: the groups of `hist --by`, or Redis Cluster slots.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum TopOfArg {
+    Command,
+    Server,
+    Agent,
+    Port,
+    /// Redis Cluster hash slots
+    Slot,
+}
+
+impl From<TopOfArg> for v1::GroupBy {
+    fn from(g: TopOfArg) -> Self {
+        match g {
+            TopOfArg::Server => v1::GroupBy::Server,
+            TopOfArg::Agent => v1::GroupBy::Agent,
+            TopOfArg::Command => v1::GroupBy::Command,
+            TopOfArg::Port => v1::GroupBy::Port,
+            TopOfArg::Slot => v1::GroupBy::Slot,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum RankArg {
     Slow,
@@ -182,6 +206,10 @@ enum RankArg {
     /// The p99 of the own times (latency less the time queued in a pipeline)
     OwnP99,
     Total,
+    /// Exchanges
+    Requests,
+    /// Redis Cluster redirects (-MOVED and -ASK)
+    Redirects,
 }
 
 fn main() -> ExitCode {
@@ -293,6 +321,8 @@ async fn query(cli: &Cli) -> Result<Output> {
                 RankArg::Slow => v1::TopBy::Slow,
                 RankArg::P99 => v1::TopBy::P99,
                 RankArg::OwnP99 => v1::TopBy::OwnP99,
+                RankArg::Requests => v1::TopBy::Requests,
+                RankArg::Redirects => v1::TopBy::Redirects,
                 RankArg::Total => v1::TopBy::Total,
             };
             let reply = client
@@ -313,6 +343,8 @@ async fn query(cli: &Cli) -> Result<Output> {
                         .map(|r| report::histogram_json(r, true))
                         .collect(),
                 ))
+            } else if *of == TopOfArg::Slot {
+                report::top_slots_text(&reply.rows)
             } else {
                 report::top_text(&reply.rows)
             };
