@@ -10,7 +10,7 @@
 #   dns-udp          ~0.26M packets: 130k queries over UDP
 # For each: `tcpdump -r FILE -w /dev/null` (the floor of reading the pcap), tcpkit in raw mode
 # (lines to /dev/null) and in its protocol mode (`-t 100000`: pairs everything, prints nothing;
-# for Redis also with `--slots`),
+# for Redis also with `--slots` and with `--templates`),
 # RUNS (5) times each; prints the median wall time, packets/s, requests/s and the ratio to
 # tcpdump. BASELINE=/path/to/another/tcpkit also times that build's protocol mode in the same
 # run, side by side (this machine is noisy: compare within one run).
@@ -76,6 +76,8 @@ for name in redis-small redis-pipelined memcached-small dns-udp; do
     # The cost of Redis Cluster slots (CRC16 of every first key, figures per slot): off above.
     slots=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m redis --slots -t 100000 -o /dev/null)
     rows+=("tcpkit -m redis --slots:$slots")
+    templates=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m redis --templates -t 100000 -o /dev/null)
+    rows+=("tcpkit -m redis --templates:$templates")
   fi
   if [ -n "${BASELINE:-}" ]; then
     base=$(median_seconds "$BASELINE" -r "$pcap" -p "$port" $udp -m "$mode" -t 100000 -o /dev/null)

@@ -178,6 +178,22 @@ pub struct Args {
     #[arg(long = "slots")]
     pub slots: bool,
 
+    /// Hot keys by template: each request's first key folded (user:1234:cart ->
+    /// user:{id}:cart; runs of digits, hex ids and UUIDs become {id}), figures per template in
+    /// the stats JSON and what is shipped (Redis)
+    #[arg(long = "templates")]
+    pub templates: bool,
+
+    /// Key templates by your own rules, globs tried before the folding of ids (implies
+    /// --templates), e.g. --key-templates 'session:*,cache:*'
+    #[arg(long = "key-templates", value_delimiter = ',', value_name = "GLOB,...")]
+    pub key_templates: Vec<String>,
+
+    /// Key templates tracked per port; the rest count under {other}
+    #[arg(long = "max-key-templates", default_value_t = 256, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_key_templates: u32,
+
     /// Serve Prometheus metrics (latency histograms, counters) on this address, e.g.
     /// 127.0.0.1:33334
     #[arg(long = "metrics-listen", value_name = "ADDR", value_parser = parse_listen_address)]

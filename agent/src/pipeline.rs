@@ -81,6 +81,8 @@ impl Sinks {
                         rcode: None,
                         slot: None,
                         redirect: None,
+                        template: None,
+                        keys: 0,
                     });
                 }
             }
@@ -199,6 +201,10 @@ impl<C: Connection> Pipeline<C> {
     pub fn new(config: PipelineConfig) -> Self {
         let numbers: Vec<u16> = config.ports.iter().map(|(p, _)| *p).collect();
         let modes = PortModes::new(config.ports);
+        let mut ports = PortStats::new(&numbers, !modes.all_raw());
+        if let Some(rules) = config.match_limits.key_rules {
+            ports.set_template_cap(rules.max_templates);
+        }
         Self {
             link: config.link,
             rule: config.rule,
@@ -206,7 +212,7 @@ impl<C: Connection> Pipeline<C> {
             match_limits: config.match_limits,
             match_counters: MatchCounters::default(),
             sinks: Sinks {
-                ports: PortStats::new(&numbers, !modes.all_raw()),
+                ports,
                 modes: modes.clone(),
                 script: None,
                 slowlog: SlowLog::new(config.threshold_ms),
@@ -334,7 +340,10 @@ impl<C: Connection> Pipeline<C> {
 
     /// Ships exchanges to an aggregator too: slow ones as events, all of them in histogram
     /// snapshots of `interval_us` of capture time.
-    pub fn with_shipping(mut self, ship: ShipSink) -> Self {
+    pub fn with_shipping(mut self, mut ship: ShipSink) -> Self {
+        if let Some(rules) = self.match_limits.key_rules {
+            ship.set_template_cap(rules.max_templates);
+        }
         self.sinks.ship = Some(ship);
         self
     }

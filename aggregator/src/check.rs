@@ -152,48 +152,62 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
         bounded("request bytes", e.req_bytes, MAX_COUNT)?;
         bounded("reply bytes", e.rsp_bytes, MAX_COUNT)?;
     }
+    let snapshot = |h: v1::HistogramSnapshot| {
+        for (what, text) in [
+            ("server", &h.server),
+            ("proto", &h.proto),
+            ("command", &h.command),
+        ] {
+            too_long(what, text)?;
+            plain(what, text)?;
+        }
+        port(h.port)?;
+        time("snapshot time", h.ts_us)?;
+        bounded("interval", h.interval_us, LONGEST_US)?;
+        for (what, n) in [
+            ("count", h.count),
+            ("slow", h.slow),
+            ("errors", h.errors),
+            ("timeouts", h.timeouts),
+        ] {
+            bounded(what, n, MAX_COUNT)?;
+        }
+        bounded("latency sum", h.sum_us, MAX_COUNT.saturating_mul(1 << 14))?;
+        bounded("largest latency", h.max_us, LONGEST_US)?;
+        bounded("own time sum", h.own_sum_us, h.sum_us)?;
+        bounded("largest own time", h.own_max_us, h.max_us)?;
+        bounded("redirects", h.moved.saturating_add(h.ask), h.count)?;
+        bounded("multi-key requests", h.multi_key, h.count)?;
+        for (what, n) in [
+            ("keys", h.keys),
+            ("request bytes", h.req_bytes),
+            ("reply bytes", h.rsp_bytes),
+        ] {
+            bounded(what, n, MAX_COUNT.saturating_mul(1 << 14))?;
+        }
+        for &n in h.seed.iter().chain(&h.fine_count).chain(&h.own_fine_count) {
+            bounded("bucket count", n, MAX_COUNT)?;
+        }
+        let merged = Merged::from_snapshot(&h).map_err(|e| e.to_string())?;
+        Ok(CheckedSnapshot {
+            ts_us: h.ts_us,
+            interval_us: h.interval_us,
+            server: h.server,
+            port: h.port,
+            proto: h.proto,
+            command: h.command,
+            merged,
+        })
+    };
     let histograms = batch
         .histograms
         .into_iter()
-        .map(|h| {
-            for (what, text) in [
-                ("server", &h.server),
-                ("proto", &h.proto),
-                ("command", &h.command),
-            ] {
-                too_long(what, text)?;
-                plain(what, text)?;
-            }
-            port(h.port)?;
-            time("snapshot time", h.ts_us)?;
-            bounded("interval", h.interval_us, LONGEST_US)?;
-            for (what, n) in [
-                ("count", h.count),
-                ("slow", h.slow),
-                ("errors", h.errors),
-                ("timeouts", h.timeouts),
-            ] {
-                bounded(what, n, MAX_COUNT)?;
-            }
-            bounded("latency sum", h.sum_us, MAX_COUNT.saturating_mul(1 << 14))?;
-            bounded("largest latency", h.max_us, LONGEST_US)?;
-            bounded("own time sum", h.own_sum_us, h.sum_us)?;
-            bounded("largest own time", h.own_max_us, h.max_us)?;
-            bounded("redirects", h.moved.saturating_add(h.ask), h.count)?;
-            for &n in h.seed.iter().chain(&h.fine_count).chain(&h.own_fine_count) {
-                bounded("bucket count", n, MAX_COUNT)?;
-            }
-            let merged = Merged::from_snapshot(&h).map_err(|e| e.to_string())?;
-            Ok(CheckedSnapshot {
-                ts_us: h.ts_us,
-                interval_us: h.interval_us,
-                server: h.server,
-                port: h.port,
-                proto: h.proto,
-                command: h.command,
-                merged,
-            })
-        })
+        .map(snapshot)
+        .collect::<Result<_, String>>()?;
+    let templates = batch
+        .templates
+        .into_iter()
+        .map(snapshot)
         .collect::<Result<_, String>>()?;
     let slots = batch
         .slots
@@ -227,6 +241,7 @@ pub fn check_batch(batch: v1::Batch, limits: &Limits, now_us: u64) -> Result<Che
         events: batch.events,
         histograms,
         slots,
+        templates,
         counters: batch.counters,
     })
 }
@@ -352,6 +367,11 @@ mod tests {
             seq: 1,
             events: vec![event()],
             histograms: vec![snapshot()],
+            templates: vec![v1::HistogramSnapshot {
+                command: "user:{id}:cart".into(),
+                keys: 1,
+                ..snapshot()
+            }],
             counters: Some(v1::Counters::default()),
             slots: vec![v1::SlotSnapshot {
                 ts_us: NOW_US,

@@ -31,6 +31,14 @@ pub struct Merged {
     pub moved: u64,
     /// `-ASK` replies.
     pub ask: u64,
+    /// Keys the requests named (key templates).
+    pub keys: u64,
+    /// Requests naming more than one key.
+    pub multi_key: u64,
+    /// Request bytes.
+    pub req_bytes: u64,
+    /// Reply bytes.
+    pub rsp_bytes: u64,
 }
 
 impl Merged {
@@ -50,6 +58,10 @@ impl Merged {
         self.depth.merge(&other.depth);
         self.moved = self.moved.saturating_add(other.moved);
         self.ask = self.ask.saturating_add(other.ask);
+        self.keys = self.keys.saturating_add(other.keys);
+        self.multi_key = self.multi_key.saturating_add(other.multi_key);
+        self.req_bytes = self.req_bytes.saturating_add(other.req_bytes);
+        self.rsp_bytes = self.rsp_bytes.saturating_add(other.rsp_bytes);
     }
 
     /// Exchanges sent while an earlier request of their connection was outstanding.
@@ -110,6 +122,10 @@ impl Merged {
             depth,
             moved: s.moved,
             ask: s.ask,
+            keys: s.keys,
+            multi_key: s.multi_key,
+            req_bytes: s.req_bytes,
+            rsp_bytes: s.rsp_bytes,
         })
     }
 
@@ -153,6 +169,10 @@ impl Merged {
             ask: self.ask,
             p50_le_us: 0,
             p99_le_us: 0,
+            keys: self.keys,
+            multi_key: self.multi_key,
+            req_bytes: self.req_bytes,
+            rsp_bytes: self.rsp_bytes,
         }
     }
 
@@ -200,6 +220,10 @@ impl Merged {
             depth: with_max_from_blob(columns.depth)?,
             moved: columns.moved,
             ask: columns.ask,
+            keys: columns.keys,
+            multi_key: columns.multi_key,
+            req_bytes: columns.req_bytes,
+            rsp_bytes: columns.rsp_bytes,
         })
     }
 }
@@ -302,6 +326,14 @@ pub struct StoredColumns<'a> {
     pub moved: u64,
     /// See [`Merged::ask`].
     pub ask: u64,
+    /// See [`Merged::keys`].
+    pub keys: u64,
+    /// See [`Merged::multi_key`].
+    pub multi_key: u64,
+    /// See [`Merged::req_bytes`].
+    pub req_bytes: u64,
+    /// See [`Merged::rsp_bytes`].
+    pub rsp_bytes: u64,
 }
 
 /// A histogram snapshot that does not add up.
@@ -388,7 +420,7 @@ mod tests {
                     count: one.count, sum_us: one.sum_us, max_us: one.fine.max_us(), slow: 0,
                     errors: 0, timeouts: 0, seed: &one.seed_blob(), fine: &one.fine_blob(),
                     own_sum_us: one.own_sum_us, own: &one.own_blob(), depth: &one.depth_blob(),
-                    moved: 0, ask: 0,
+                    moved: 0, ask: 0, keys: 0, multi_key: 0, req_bytes: 0, rsp_bytes: 0,
                 }).unwrap();
                 prop_assert_eq!(&stored, &one);
                 merged.merge(&stored);

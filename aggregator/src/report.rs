@@ -133,6 +133,10 @@ pub fn histogram_json(h: &v1::Histogram, with_key: bool) -> Value {
         "depth_max": h.depth_max,
         "moved": h.moved,
         "ask": h.ask,
+        "keys": h.keys,
+        "multi_key": h.multi_key,
+        "req_bytes": h.req_bytes,
+        "rsp_bytes": h.rsp_bytes,
     });
     if h.p99_le_us > 0 {
         // A slot's row: bounds of its percentiles, not the percentiles.
@@ -341,35 +345,71 @@ pub fn hist_text(reply: &v1::HistReply, grouped: bool, own: bool) -> String {
 
 /// The `top` answer for people.
 pub fn top_text(rows: &[v1::Histogram]) -> String {
-    let mut t = vec![vec![
-        "#".to_string(),
-        "key".to_string(),
-        "count".to_string(),
-        "slow".to_string(),
-        "p99 ms".to_string(),
-        "own p99 ms".to_string(),
-        "total ms".to_string(),
-    ]];
-    for (i, r) in rows.iter().enumerate() {
-        t.push(vec![
-            (i + 1).to_string(),
+    let header = ["key", "count", "slow", "p99 ms", "own p99 ms", "total ms"];
+    ranked_table(&header, rows, |r| {
+        vec![
             group_name(r),
             r.count.to_string(),
             r.slow.to_string(),
             ms(r.p99_us),
             ms(r.own_p99_us),
             ms(r.sum_us),
-        ]);
+        ]
+    })
+}
+
+/// Ranked rows as a table: a `#` column, then `header` and each row's `cells`.
+fn ranked_table(
+    header: &[&str],
+    rows: &[v1::Histogram],
+    cells: impl Fn(&v1::Histogram) -> Vec<String>,
+) -> String {
+    let mut t = vec![std::iter::once("#")
+        .chain(header.iter().copied())
+        .map(str::to_string)
+        .collect::<Vec<_>>()];
+    for (i, r) in rows.iter().enumerate() {
+        let mut row = vec![(i + 1).to_string()];
+        row.extend(cells(r));
+        t.push(row);
     }
     table(&t)
+}
+
+/// The `keys` answer for people: per template its requests, the keys they named, bytes,
+/// latency and own-time p99.
+pub fn keys_text(rows: &[v1::Histogram]) -> String {
+    let header = [
+        "template",
+        "count",
+        "keys",
+        "multi-key",
+        "req bytes",
+        "rsp bytes",
+        "p50 ms",
+        "p99 ms",
+        "own p99 ms",
+    ];
+    ranked_table(&header, rows, |r| {
+        vec![
+            group_name(r),
+            r.count.to_string(),
+            r.keys.to_string(),
+            r.multi_key.to_string(),
+            r.req_bytes.to_string(),
+            r.rsp_bytes.to_string(),
+            ms(r.p50_us),
+            ms(r.p99_us),
+            ms(r.own_p99_us),
+        ]
+    })
 }
 
 /// The `top --of slot` answer for people: per slot its requests, redirects, the bounds of
 /// its median and p99 (the slots' latencies are kept in 10 µs-doubling buckets) and its
 /// total time.
 pub fn top_slots_text(rows: &[v1::Histogram]) -> String {
-    let mut t = vec![[
-        "#",
+    let header = [
         "slot",
         "count",
         "moved",
@@ -377,13 +417,9 @@ pub fn top_slots_text(rows: &[v1::Histogram]) -> String {
         "p50 ≤ ms",
         "p99 ≤ ms",
         "total ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect::<Vec<_>>()];
-    for (i, r) in rows.iter().enumerate() {
-        t.push(vec![
-            (i + 1).to_string(),
+    ];
+    ranked_table(&header, rows, |r| {
+        vec![
             r.key.clone(),
             r.count.to_string(),
             r.moved.to_string(),
@@ -391,9 +427,8 @@ pub fn top_slots_text(rows: &[v1::Histogram]) -> String {
             ms(r.p50_le_us),
             ms(r.p99_le_us),
             ms(r.sum_us),
-        ]);
-    }
-    table(&t)
+        ]
+    })
 }
 
 fn counters_json(c: &v1::Counters) -> Value {

@@ -384,6 +384,11 @@ fn group_of(by: i32) -> Result<Group, Status> {
                 "slots are kept apart from the histograms: ask top --of slot",
             ))
         }
+        Ok(v1::GroupBy::Template) => {
+            return Err(Status::invalid_argument(
+                "key templates are kept apart from the histograms: ask tcpkit-query keys",
+            ))
+        }
         Err(_) => return Err(Status::invalid_argument(format!("unknown grouping {by}"))),
     })
 }
@@ -417,8 +422,8 @@ impl QueryService {
             v1::TopBy::Redirects => |s| s.moved.saturating_add(s.ask),
             v1::TopBy::P99 => |s| s.quantile_bound_us(0.99),
             v1::TopBy::Total => |s| s.sum_us,
-            v1::TopBy::OwnP99 => return Err(Status::invalid_argument(
-                "own times are not kept per slot: rank slots by requests, redirects, p99 or total",
+            v1::TopBy::OwnP99 | v1::TopBy::Bytes => return Err(Status::invalid_argument(
+                "own times and bytes are not kept per slot: rank slots by requests, redirects, p99 or total",
             )),
         };
         let sums = self.read(move |r| r.slots(&filter)).await?;
@@ -500,12 +505,21 @@ impl query_server::Query for QueryService {
                 .top_slots(req.filter.unwrap_or_default(), by, limit)
                 .await;
         }
-        let group = match group_of(req.of)? {
-            Group::None => Group::Command,
-            g => g,
+        let templates = req.of == v1::GroupBy::Template as i32;
+        let group = if templates {
+            Group::Command
+        } else {
+            match group_of(req.of)? {
+                Group::None => Group::Command,
+                g => g,
+            }
         };
         let filter = req.filter.unwrap_or_default();
-        let groups = self.read(move |r| r.merged(&filter, group)).await?;
+        let groups = if templates {
+            self.read(move |r| r.templates(&filter)).await?
+        } else {
+            self.read(move |r| r.merged(&filter, group)).await?
+        };
         let mut rows: Vec<v1::Histogram> = groups
             .into_iter()
             .map(|(k, m)| histogram_of(group, k, &m))
@@ -518,6 +532,7 @@ impl query_server::Query for QueryService {
                 v1::TopBy::OwnP99 => h.own_p99_us,
                 v1::TopBy::Requests => h.count,
                 v1::TopBy::Redirects => h.moved.saturating_add(h.ask),
+                v1::TopBy::Bytes => h.req_bytes.saturating_add(h.rsp_bytes),
             })
         });
         rows.truncate(limit);

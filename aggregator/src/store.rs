@@ -153,11 +153,52 @@ CREATE TABLE slots (
 );
 CREATE INDEX slots_by_time ON slots (ts_us);
 "#,
+    // Version 5: key templates, as histograms named by template; the keys named and the bytes
+    // of every histogram.
+    r#"
+ALTER TABLE histograms ADD COLUMN keys INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE histograms ADD COLUMN multi_key INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE histograms ADD COLUMN req_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE histograms ADD COLUMN rsp_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN keys INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN multi_key INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN req_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN rsp_bytes INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE templates (
+    id INTEGER PRIMARY KEY,
+    ts_us INTEGER NOT NULL,
+    interval_us INTEGER NOT NULL,
+    agent INTEGER NOT NULL,
+    server TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    proto TEXT NOT NULL,
+    command TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    sum_us INTEGER NOT NULL,
+    max_us INTEGER NOT NULL,
+    slow INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    timeouts INTEGER NOT NULL,
+    seed BLOB NOT NULL,
+    fine BLOB NOT NULL,
+    own_sum_us INTEGER NOT NULL,
+    own BLOB NOT NULL,
+    depth BLOB NOT NULL,
+    moved INTEGER NOT NULL,
+    ask INTEGER NOT NULL,
+    keys INTEGER NOT NULL,
+    multi_key INTEGER NOT NULL,
+    req_bytes INTEGER NOT NULL,
+    rsp_bytes INTEGER NOT NULL
+);
+CREATE INDEX templates_by_time ON templates (ts_us);
+"#,
 ];
 
 /// The columns a merged histogram is read from ([`merged_from_row`]), in order.
 const MERGED_COLUMNS: &str =
-    "count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask";
+    "count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask, \
+     keys, multi_key, req_bytes, rsp_bytes";
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +260,8 @@ pub struct CheckedBatch {
     pub histograms: Vec<CheckedSnapshot>,
     /// Redis Cluster slot snapshots.
     pub slots: Vec<crate::slots::CheckedSlot>,
+    /// Key template snapshots (the template as the command).
+    pub templates: Vec<CheckedSnapshot>,
     /// The agent's counters when it sent the batch.
     pub counters: Option<v1::Counters>,
 }
@@ -356,6 +399,7 @@ impl Store {
                     "SELECT min(t) FROM (SELECT min(ts_us) AS t FROM events
                      UNION ALL SELECT min(ts_us) FROM histograms
                      UNION ALL SELECT min(ts_us) FROM slots
+                     UNION ALL SELECT min(ts_us) FROM templates
                      UNION ALL SELECT min(bucket_us) FROM rollups)",
                     [],
                     |r| r.get(0),
@@ -385,6 +429,7 @@ impl Store {
         let mut n = tx.execute("DELETE FROM events WHERE ts_us < ?1", [cutoff])?;
         n += tx.execute("DELETE FROM histograms WHERE ts_us < ?1", [cutoff])?;
         n += tx.execute("DELETE FROM slots WHERE ts_us < ?1", [cutoff])?;
+        n += tx.execute("DELETE FROM templates WHERE ts_us < ?1", [cutoff])?;
         // A roll-up goes with its last snapshot.
         n += tx.execute(
             "DELETE FROM rollups WHERE bucket_us + span_us <= ?1",
@@ -436,6 +481,9 @@ fn store_batch(
     }
     for h in &batch.histograms {
         insert_histogram(tx, key.agent, h)?;
+    }
+    for t in &batch.templates {
+        insert_snapshot(tx, "templates", key.agent, t)?;
     }
     let mut insert_slot = tx.prepare_cached(
         "INSERT INTO slots (ts_us, interval_us, agent, server, port, slot, count, sum_us, moved,
@@ -503,13 +551,25 @@ fn store_batch(
 
 /// Stores a snapshot and adds it to its roll-ups.
 fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnapshot) -> Result<()> {
+    insert_snapshot(tx, "histograms", agent, h)?;
+    add_to_rollups(tx, agent, h)
+}
+
+/// Stores a snapshot in `table` (histograms, templates).
+fn insert_snapshot(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    agent: i64,
+    h: &CheckedSnapshot,
+) -> Result<()> {
     let m = &h.merged;
-    tx.prepare_cached(
-        "INSERT INTO histograms (ts_us, interval_us, agent, server, port, proto, command, count,
-             sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask)
+    tx.prepare_cached(&format!(
+        "INSERT INTO {table} (ts_us, interval_us, agent, server, port, proto, command, count,
+             sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask,
+             keys, multi_key, req_bytes, rsp_bytes)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-             ?18, ?19, ?20)",
-    )?
+             ?18, ?19, ?20, ?21, ?22, ?23, ?24)"
+    ))?
     .execute(params![
         h.ts_us as i64,
         h.interval_us as i64,
@@ -531,7 +591,17 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         m.depth_blob(),
         m.moved as i64,
         m.ask as i64,
+        m.keys as i64,
+        m.multi_key as i64,
+        m.req_bytes as i64,
+        m.rsp_bytes as i64,
     ])?;
+    Ok(())
+}
+
+/// Adds a histogram snapshot to its roll-ups.
+fn add_to_rollups(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnapshot) -> Result<()> {
+    let m = &h.merged;
     for span in ROLLUP_SPANS_US {
         let bucket = (h.ts_us - h.ts_us % span) as i64;
         let key = params![
@@ -557,9 +627,9 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
         tx.prepare_cached(
             "INSERT OR REPLACE INTO rollups (span_us, bucket_us, agent, server, port, proto,
                  command, count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us,
-                 own, depth, moved, ask)
+                 own, depth, moved, ask, keys, multi_key, req_bytes, rsp_bytes)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20)",
+                 ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
         )?
         .execute(params![
             span as i64,
@@ -582,6 +652,10 @@ fn insert_histogram(tx: &rusqlite::Transaction<'_>, agent: i64, h: &CheckedSnaps
             sum.depth_blob(),
             sum.moved as i64,
             sum.ask as i64,
+            sum.keys as i64,
+            sum.multi_key as i64,
+            sum.req_bytes as i64,
+            sum.rsp_bytes as i64,
         ])?;
     }
     Ok(())
@@ -606,6 +680,10 @@ fn merged_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Resu
         depth: r.get_ref(first + 10)?.as_blob()?,
         moved: int(11)?,
         ask: int(12)?,
+        keys: int(13)?,
+        multi_key: int(14)?,
+        req_bytes: int(15)?,
+        rsp_bytes: int(16)?,
     })
     .map_err(StoreError::from))
 }
@@ -849,6 +927,17 @@ impl Reader {
         Ok(())
     }
 
+    /// The key templates matching `filter`, merged per (protocol, template) over agents,
+    /// servers and time, keyed as [`Group::Command`] is (template snapshots are not rolled
+    /// up).
+    pub fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
+        let mut c = Conditions::new(filter);
+        c.time("ts_us", filter.from_us, filter.to_us);
+        let mut groups = BTreeMap::new();
+        self.merge_rows("templates", &c, Group::Command, &mut groups)?;
+        Ok(groups)
+    }
+
     /// The Redis Cluster slots matching `filter`, summed per slot over agents, servers and
     /// time (slot snapshots are not rolled up: an agent ships only the slots it saw).
     /// Slots are Redis' and not per command: a filter on another protocol matches none.
@@ -1006,6 +1095,7 @@ mod tests {
             events: vec![event(5, 12_000, "GET user:1"), event(6, 30_000, "SET x 1")],
             histograms: vec![snapshot(0, "GET", &[10, 20, 12_000])],
             slots: Vec::new(),
+            templates: vec![snapshot(0, "user:{id}", &[10, 20])],
             counters: Some(v1::Counters {
                 gaps: 2,
                 ..Default::default()
@@ -1048,6 +1138,17 @@ mod tests {
         let agents = reader.agents().unwrap();
         assert_eq!(agents.len(), 1);
         assert_eq!((agents[0].sessions, agents[0].events), (2, 2));
+        // The re-sent batch's template counted once, apart from the commands.
+        let templates = reader.templates(&v1::Filter::default()).unwrap();
+        assert_eq!(templates.len(), 1);
+        assert_eq!(templates["redis\u{1f}user:{id}"].count, 2);
+        let commands = reader
+            .merged(&v1::Filter::default(), Group::Command)
+            .unwrap();
+        assert!(
+            !commands.keys().any(|k| k.contains("user:")),
+            "{commands:?}"
+        );
         assert_eq!(agents[0].counters.unwrap().gaps, 2);
         let merged = reader.merged(&v1::Filter::default(), Group::None).unwrap();
         assert_eq!(merged[""].count, 3);

@@ -143,6 +143,7 @@ pub const FIXTURES: &[&str] = &[
     "redis-pubsub",
     "redis-slow",
     "redis-pipeline",
+    "redis-keys",
     "memcached-text",
     "memcached-meta",
     "memcached-binary",

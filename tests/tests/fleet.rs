@@ -32,6 +32,7 @@ fn start_agent(
             threshold_ms,
             "--summary",
             "json",
+            "--templates",
         ])
         .args([
             "--aggregator",
@@ -340,6 +341,88 @@ fn cluster_slots_fleet_wide() {
         .output()
         .expect("run tcpkit-query");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("not kept per command"));
+}
+
+/// Key templates across the fleet: two agents each replay a capture; `tcpkit-query keys`
+/// merges their templates into what one agent reading both captures finds, figure for figure.
+#[test]
+fn key_templates_fleet_wide_equal_one_agent_over_both() {
+    let dir = tempdir();
+    let agg = Aggregator::start(dir.path(), free_port(), &[], &[]);
+    let url = agg.url();
+    let a1 = finish_agent(start_agent(&[], "redis-keys", "k1", "100000", &url));
+    let a2 = finish_agent(start_agent(&[], "redis-benchmark-lo", "k2", "100000", &url));
+    let keys = query_json(&[], &url, &["keys", "--limit", "100000"]);
+    let rows = keys.as_array().expect("rows");
+    let templates = |a: &AgentOutput| a.port["templates"].as_object().expect("templates").clone();
+    let (t1, t2) = (templates(&a1), templates(&a2));
+    assert_eq!(rows.len(), t1.len() + t2.len(), "{keys}");
+    for row in rows {
+        let name = row["key"].as_str().expect("key");
+        assert_eq!(row["proto"], "redis");
+        let count: u64 = [&t1, &t2]
+            .iter()
+            .filter_map(|t| t.get(name))
+            .map(|t| u(&t["total_reqs"]))
+            .sum();
+        assert_eq!(u(&row["count"]), count, "{name}");
+    }
+    let counts: Vec<u64> = rows.iter().map(|r| u(&r["count"])).collect();
+    assert!(counts.windows(2).all(|w| w[0] >= w[1]), "{counts:?}");
+    // Ranked by bytes, and as a table.
+    let by_bytes = query_json(&[], &url, &["keys", "--by", "bytes", "--limit", "1"]);
+    let most = t1
+        .iter()
+        .chain(&t2)
+        .map(|(_, t)| u(&t["req_bytes"]) + u(&t["rsp_bytes"]))
+        .max();
+    assert_eq!(
+        Some(u(&by_bytes[0]["req_bytes"]) + u(&by_bytes[0]["rsp_bytes"])),
+        most
+    );
+    let text = query_text(&[], &url, &["keys"]);
+    assert!(
+        text.contains("user:{id}:cart") && text.contains("multi-key"),
+        "{text}"
+    );
+    // One agent over both captures at once: the same templates, the same figures.
+    if requirement(have("mergecap"), "mergecap (wireshark-common)") {
+        let merged = merged_fixtures(dir.path(), &["redis-keys", "redis-benchmark-lo"]);
+        let out = run_tcpkit(&[
+            "-r",
+            merged.to_str().expect("utf-8"),
+            "-p",
+            "26379",
+            "-m",
+            "redis",
+            "-t",
+            "100000",
+            "--summary",
+            "json",
+            "--templates",
+        ]);
+        let one: Value = serde_json::from_str(out.lines().last().expect("summary")).expect("JSON");
+        let one = one[0]["26379"]["templates"]
+            .as_object()
+            .expect("templates")
+            .clone();
+        assert_eq!(one.len(), rows.len());
+        for row in rows {
+            let t = &one[row["key"].as_str().expect("key")];
+            for (fleet, agent) in [
+                ("count", "total_reqs"),
+                ("keys", "keys"),
+                ("multi_key", "multi_key_reqs"),
+                ("req_bytes", "req_bytes"),
+                ("rsp_bytes", "rsp_bytes"),
+                ("p50_us", "p50_us"),
+                ("p99_us", "p99_us"),
+                ("max_us", "max_us"),
+            ] {
+                assert_eq!(row[fleet], t[agent], "{} {fleet}", row["key"]);
+            }
+        }
+    }
 }
 
 /// What the aggregator must answer after agents `a1` (redis-benchmark-lo, -t 1) and `a2`

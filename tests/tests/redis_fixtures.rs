@@ -290,6 +290,56 @@ fn cluster_redirects_and_slots_are_counted_exactly() {
     assert!(plain[0]["27001"].get("slots").is_none(), "{plain}");
 }
 
+/// Keys of known shapes (tests/fixtures/redis_scenarios.py keys): each folds into the template
+/// the scenario names, with the keys its requests named (MGET of three: 3 a request); a
+/// user's rule names its own template; past the cap the rest count under {other}; and
+/// without --templates there are none.
+#[test]
+fn keys_fold_into_their_templates_exactly() {
+    let name = "redis-keys";
+    let e = Expected::of(name);
+    let templates = |args: &[&str]| {
+        let mut all = vec!["-t", "100000", "--summary", "json"];
+        all.extend_from_slice(args);
+        if !args.contains(&"off") {
+            all.push("--templates");
+        }
+        all.retain(|a| *a != "off");
+        let out = redis(name, &all);
+        let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        json[0]["26379"]["templates"].clone()
+    };
+    let got = templates(&[]);
+    let want = e.json["templates"].as_object().unwrap();
+    assert_eq!(got.as_object().unwrap().len(), want.len(), "{got}");
+    for (template, w) in want {
+        let g = &got[template];
+        assert_eq!(g["total_reqs"], w["reqs"], "{template}");
+        assert_eq!(g["keys"], w["keys"], "{template}");
+        assert_eq!(g["multi_key_reqs"], w["multi"], "{template}");
+        assert!(g["req_bytes"].as_u64().unwrap() > 0 && g["p99_us"].as_u64().unwrap() > 0);
+    }
+    let ruled = templates(&["--key-templates", "session:*,obj:*"]);
+    assert_eq!(
+        ruled["session:*"]["total_reqs"],
+        want["session:{id}"]["reqs"]
+    );
+    assert_eq!(ruled["obj:*"]["total_reqs"], want["obj:{id}"]["reqs"]);
+    assert!(ruled.get("session:{id}").is_none(), "{ruled}");
+    // A cap of 2: the two seen most keep their figures, the rest are {other}, none lost.
+    let capped = templates(&["--max-key-templates", "2"]);
+    let capped = capped.as_object().unwrap();
+    assert_eq!(capped.len(), 3, "{capped:?}");
+    let total: u64 = capped
+        .values()
+        .map(|t| t["total_reqs"].as_u64().unwrap())
+        .sum();
+    let keyed: u64 = want.values().map(|t| t["reqs"].as_u64().unwrap()).sum();
+    assert_eq!(total, keyed);
+    assert!(capped.contains_key("{other}") && capped.contains_key("user:{id}:cart"));
+    assert!(templates(&["off"]).is_null(), "off by default");
+}
+
 #[test]
 fn text_summary_in_the_c_tools_words() {
     let out = redis("redis-slow", &["-t", "20", "--summary", "text"]);

@@ -53,20 +53,26 @@ fn crc16_bytewise(crc: u16, bytes: &[u8]) -> u16 {
 
 #[inline(always)]
 fn crc16_update(mut crc: u16, bytes: &[u8]) -> u16 {
-    let t = &CRC16_SLICES;
     let mut chunks = bytes.chunks_exact(8);
     for c in &mut chunks {
-        let [hi, lo] = crc.to_be_bytes();
-        crc = t[7][usize::from(c[0] ^ hi)]
-            ^ t[6][usize::from(c[1] ^ lo)]
-            ^ t[5][usize::from(c[2])]
-            ^ t[4][usize::from(c[3])]
-            ^ t[3][usize::from(c[4])]
-            ^ t[2][usize::from(c[5])]
-            ^ t[1][usize::from(c[6])]
-            ^ t[0][usize::from(c[7])];
+        crc = crc16_eight(crc, c);
     }
     crc16_bytewise(crc, chunks.remainder())
+}
+
+/// The CRC after eight more bytes (`c` holds at least eight), in one step.
+#[inline(always)]
+fn crc16_eight(crc: u16, c: &[u8]) -> u16 {
+    let t = &CRC16_SLICES;
+    let [hi, lo] = crc.to_be_bytes();
+    t[7][usize::from(c[0] ^ hi)]
+        ^ t[6][usize::from(c[1] ^ lo)]
+        ^ t[5][usize::from(c[2])]
+        ^ t[4][usize::from(c[3])]
+        ^ t[3][usize::from(c[4])]
+        ^ t[2][usize::from(c[5])]
+        ^ t[1][usize::from(c[6])]
+        ^ t[0][usize::from(c[7])]
 }
 
 /// Where a key's hash tag stands, as its bytes stream by.
@@ -175,7 +181,6 @@ fn has_brace(word: u64) -> bool {
 /// The CRC of `bytes` from 0, or `None` when they hold a `{`.
 #[inline(always)]
 fn crc16_unless_brace(bytes: &[u8]) -> Option<u16> {
-    let t = &CRC16_SLICES;
     let mut crc = 0u16;
     let mut chunks = bytes.chunks_exact(8);
     for c in &mut chunks {
@@ -183,15 +188,7 @@ fn crc16_unless_brace(bytes: &[u8]) -> Option<u16> {
         if has_brace(word) {
             return None;
         }
-        let [hi, lo] = crc.to_be_bytes();
-        crc = t[7][usize::from(c[0] ^ hi)]
-            ^ t[6][usize::from(c[1] ^ lo)]
-            ^ t[5][usize::from(c[2])]
-            ^ t[4][usize::from(c[3])]
-            ^ t[3][usize::from(c[4])]
-            ^ t[2][usize::from(c[5])]
-            ^ t[1][usize::from(c[6])]
-            ^ t[0][usize::from(c[7])];
+        crc = crc16_eight(crc, c);
     }
     let rest = chunks.remainder();
     if rest.contains(&b'{') {
@@ -366,6 +363,28 @@ impl KeyAt {
     pub fn is_arg(self, i: usize) -> bool {
         matches!(self, KeyAt::Arg(n) if usize::from(n) == i)
     }
+}
+
+/// Commands whose every argument is a key (`MGET k1 k2`), and those of key and value pairs
+/// (`MSET k1 v1 k2 v2`).
+const ALL_KEYS: [&[u8]; 10] = [
+    b"MGET", b"DEL", b"UNLINK", b"EXISTS", b"TOUCH", b"WATCH", b"SINTER", b"SUNION", b"SDIFF",
+    b"PFCOUNT",
+];
+const KEY_VALUE_PAIRS: [&[u8]; 3] = [b"MSET", b"MSETNX", b"MSETEX"];
+
+/// The keys a request of `command` with `elements` arguments (the command included) names,
+/// when it has a first key: its fan-out (1 for a single-key command).
+pub fn keys_of(command: &[u8], elements: u64) -> u32 {
+    let is = |list: &[&[u8]]| list.iter().any(|c| c.eq_ignore_ascii_case(command));
+    let n = if is(&ALL_KEYS) {
+        elements.saturating_sub(1)
+    } else if is(&KEY_VALUE_PAIRS) {
+        elements.saturating_sub(1) / 2
+    } else {
+        1
+    };
+    n.clamp(1, u64::from(u32::MAX)) as u32
 }
 
 /// A cluster redirect.

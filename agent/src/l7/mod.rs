@@ -7,6 +7,7 @@ pub mod dns;
 pub mod memcached;
 pub mod memcached_binary;
 pub mod redis;
+pub mod templates;
 
 /// A parser of one direction of a TCP stream: bytes go in however the stream was cut, each
 /// complete message comes out once; a message split across calls is kept (bounded) until it

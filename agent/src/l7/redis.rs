@@ -23,6 +23,7 @@
 //! the parser and resynchronises.
 
 use super::cluster::{self, KeyAt, KeyAtCache, SlotHasher};
+use super::templates::KEY_BYTES;
 use memchr::memchr;
 
 /// Longest line (type byte to `\n`, or an inline command) held across chunks.
@@ -90,6 +91,28 @@ pub struct Message<'a> {
     /// For a request: the Redis Cluster hash slot of its first key, when it has one
     /// ([`cluster::key_at`]).
     pub slot: Option<u16>,
+    /// For a request: its first key's first [`KEY_BYTES`] bytes, when keys are kept
+    /// ([`KeyWork::key`]) and it has one.
+    pub key: Option<&'a [u8]>,
+    /// The key was longer than what is kept.
+    pub key_cut: bool,
+}
+
+/// What a request parser works out about the first key of each request, beyond the summary.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct KeyWork {
+    /// Its Redis Cluster hash slot ([`Message::slot`]).
+    pub slots: bool,
+    /// Its first bytes ([`Message::key`]), for its template.
+    pub key: bool,
+}
+
+impl KeyWork {
+    /// True when the first key is looked for at all.
+    #[inline(always)]
+    pub fn any(self) -> bool {
+        self.slots || self.key
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -134,8 +157,13 @@ pub struct RespParser {
     /// slot so far.
     key_at: KeyAt,
     key: Option<SlotHasher>,
-    /// Keys are hashed to slots ([`RespParser::hash_slots`]).
-    hash_keys: bool,
+    /// What is worked out about first keys ([`RespParser::key_work`]).
+    work: KeyWork,
+    /// The first key's bytes kept, and whether it was longer.
+    key_buf: [u8; KEY_BYTES],
+    key_len: usize,
+    key_started: bool,
+    key_cut: bool,
     /// Where the first keys of the commands seen last are.
     key_at_cache: KeyAtCache,
     /// The slot of a request read whole ([`RespParser::whole_command`]).
@@ -170,23 +198,35 @@ impl RespParser {
             key_at: KeyAt::Nowhere,
             key: None,
             slot: None,
-            hash_keys: false,
+            work: KeyWork::default(),
+            key_buf: [0; KEY_BYTES],
+            key_len: 0,
+            key_started: false,
+            key_cut: false,
             key_at_cache: KeyAtCache::default(),
             numkeys: Some(0),
         }
     }
 
-    /// Whether requests get the Redis Cluster hash slot of their first key
-    /// ([`Message::slot`]); off, the parser does no work for it.
+    /// What requests get about their first key: its Redis Cluster hash slot
+    /// ([`Message::slot`]), its bytes ([`Message::key`]); with neither, the parser does no
+    /// work for keys.
     #[inline(always)]
-    pub fn hash_slots(&mut self, on: bool) {
-        if self.hash_keys != on {
-            self.hash_keys = on;
-            self.key_at = KeyAt::Nowhere;
-            self.key = None;
-            self.slot = None;
-            self.numkeys = Some(0);
+    pub fn key_work(&mut self, work: KeyWork) {
+        if self.work != work {
+            self.work = work;
+            self.forget_key();
         }
+    }
+
+    fn forget_key(&mut self) {
+        self.key_at = KeyAt::Nowhere;
+        self.key = None;
+        self.slot = None;
+        self.numkeys = Some(0);
+        self.key_len = 0;
+        self.key_started = false;
+        self.key_cut = false;
     }
 
     /// True when part of a message has been read.
@@ -302,7 +342,7 @@ impl RespParser {
     ) -> Option<usize> {
         let used = match (self.role, data[0]) {
             // Two copies of the loop: with slots off it does nothing for them.
-            (Role::Request, b'*') if self.hash_keys => self.whole_command::<true>(data),
+            (Role::Request, b'*') if self.work.any() => self.whole_command::<true>(data),
             (Role::Request, b'*') => self.whole_command::<false>(data),
             (Role::Reply, b'+' | b'-' | b':') => {
                 let end = find_newline(data)?;
@@ -339,8 +379,8 @@ impl RespParser {
 
     /// `*<n>\r\n` then n bulk strings, all buffered. The hot path of a busy server: the
     /// summary is built in locals and short arguments are copied 16 bytes at once.
-    /// With `SLOTS`, the first four arguments are remembered, for the slot of the first key.
-    fn whole_command<const SLOTS: bool>(&mut self, data: &[u8]) -> Option<usize> {
+    /// With `KEYS`, the first four arguments are remembered, for the first key.
+    fn whole_command<const KEYS: bool>(&mut self, data: &[u8]) -> Option<usize> {
         let (n, mut pos) = parse_count(data, 1)?;
         if !(1..=1024).contains(&n) {
             return None;
@@ -372,7 +412,7 @@ impl RespParser {
             if i == 0 {
                 self.head_len = kept.min(COMMAND_BYTES);
             }
-            if SLOTS && i < args.len() {
+            if KEYS && i < args.len() {
                 args[i] = &data[start..end];
             }
             pos = end + 2;
@@ -381,8 +421,17 @@ impl RespParser {
         self.truncated = truncated;
         self.kind = b'*';
         self.elements = n as u64;
-        if SLOTS {
-            self.slot = slot_of_args(&mut self.key_at_cache, &args[..n.min(args.len())]);
+        if KEYS {
+            let args = &args[..n.min(args.len())];
+            if let Some(key) = first_key(&mut self.key_at_cache, args) {
+                if self.work.slots {
+                    self.slot = Some(cluster::key_slot(key));
+                }
+                if self.work.key {
+                    self.key_started = true;
+                    self.keep_key(key);
+                }
+            }
         }
         Some(pos)
     }
@@ -455,7 +504,7 @@ impl RespParser {
                 if self.collecting && self.role == Role::Request && self.element > 0 {
                     self.separate();
                     if self.key_at.is_arg(self.element as usize) {
-                        self.key = Some(SlotHasher::default());
+                        self.start_key();
                     }
                 }
                 self.bulk_left = len as u64;
@@ -512,9 +561,14 @@ impl RespParser {
     /// `EVAL`'s numkeys.
     #[inline(always)]
     fn hash_key(&mut self, bytes: &[u8]) {
-        if let Some(key) = self.key.as_mut() {
+        if self.key_started {
             if self.key_at.is_arg(self.element as usize) {
-                key.update(bytes);
+                if let Some(key) = self.key.as_mut() {
+                    key.update(bytes);
+                }
+                if self.work.key {
+                    self.keep_key(bytes);
+                }
             }
         } else if self.key_at == KeyAt::AfterNumkeys && self.element == 2 {
             self.numkeys = self.numkeys.and_then(|start| {
@@ -526,11 +580,28 @@ impl RespParser {
         }
     }
 
+    /// The first key starts.
+    fn start_key(&mut self) {
+        self.key_started = true;
+        if self.work.slots {
+            self.key = Some(SlotHasher::default());
+        }
+    }
+
+    /// Keeps what fits of the first key's next bytes.
+    #[inline(always)]
+    fn keep_key(&mut self, bytes: &[u8]) {
+        let take = bytes.len().min(KEY_BYTES - self.key_len);
+        self.key_buf[self.key_len..self.key_len + take].copy_from_slice(&bytes[..take]);
+        self.key_len += take;
+        self.key_cut |= take < bytes.len();
+    }
+
     /// A request's argument ended (`self.element` counts it): after the command, where its
     /// first key is; after `numkeys`, whether there is one.
     fn argument_done(&mut self) {
         match (self.element, self.key_at) {
-            (1, _) if self.hash_keys => {
+            (1, _) if self.work.any() => {
                 self.key_at = self.key_at_cache.key_at(&self.kept[..self.head_len]);
             }
             (3, KeyAt::AfterNumkeys) => {
@@ -604,7 +675,7 @@ impl RespParser {
         for word in words {
             self.separate();
             if self.key_at.is_arg(self.element as usize) {
-                self.key = Some(SlotHasher::default());
+                self.start_key();
             }
             self.collect(word);
             self.hash_key(word);
@@ -629,11 +700,13 @@ impl RespParser {
             },
             truncated: self.truncated,
             elements: self.elements,
-            slot: if self.hash_keys {
+            slot: if self.work.slots {
                 self.slot.or(self.key.map(|k| k.slot()))
             } else {
                 None
             },
+            key: (self.work.key && self.key_started).then(|| &self.key_buf[..self.key_len]),
+            key_cut: self.key_cut,
         });
         self.start_message();
     }
@@ -647,17 +720,14 @@ impl RespParser {
         self.kept_len = 0;
         self.head_len = 0;
         self.truncated = false;
-        if self.hash_keys {
-            self.key_at = KeyAt::Nowhere;
-            self.key = None;
-            self.slot = None;
-            self.numkeys = Some(0);
+        if self.work.any() {
+            self.forget_key();
         }
     }
 }
 
-/// The hash slot of a command's first key, from its first arguments (the command first).
-fn slot_of_args(cache: &mut KeyAtCache, args: &[&[u8]]) -> Option<u16> {
+/// A command's first key, from its first arguments (the command first).
+fn first_key<'a>(cache: &mut KeyAtCache, args: &[&'a [u8]]) -> Option<&'a [u8]> {
     let key = match cache.key_at(args.first()?) {
         KeyAt::Arg(i) => usize::from(i),
         KeyAt::AfterNumkeys
@@ -669,7 +739,7 @@ fn slot_of_args(cache: &mut KeyAtCache, args: &[&[u8]]) -> Option<u16> {
         }
         _ => return None,
     };
-    args.get(key).map(|k| cluster::key_slot(k))
+    args.get(key).copied()
 }
 
 /// After `numkeys` (an `EVAL`'s third argument): the first key is next when there is one.
@@ -782,6 +852,7 @@ mod tests {
         summary: String,
         elements: u64,
         slot: Option<u16>,
+        key: Option<String>,
     }
 
     fn got(m: &Message<'_>) -> Got {
@@ -793,6 +864,9 @@ mod tests {
             summary: String::from_utf8_lossy(m.summary).into_owned(),
             elements: m.elements,
             slot: m.slot,
+            key: m.key.map(|k| {
+                String::from_utf8_lossy(k).into_owned() + if m.key_cut { "…" } else { "" }
+            }),
         }
     }
 
@@ -838,7 +912,10 @@ mod tests {
     /// Feeds `input` in the given pieces; all messages and the first error.
     fn parse_pieces(role: Role, pieces: &[&[u8]]) -> (Vec<Got>, Option<RespError>) {
         let mut p = RespParser::new(role);
-        p.hash_slots(true);
+        p.key_work(KeyWork {
+            slots: true,
+            key: true,
+        });
         let mut out = Vec::new();
         for piece in pieces {
             if let Err(e) = p.feed(piece, &mut |m| out.push(got(m))) {

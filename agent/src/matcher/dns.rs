@@ -274,6 +274,8 @@ impl Query {
             rcode: None,
             slot: None,
             redirect: None,
+            template: None,
+            keys: 0,
         }
     }
 }

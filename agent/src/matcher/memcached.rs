@@ -389,6 +389,8 @@ fn pair<S: ExchangeSink>(
         rcode: None,
         slot: None,
         redirect: None,
+        template: None,
+        keys: 0,
     });
 }
 

@@ -71,6 +71,11 @@ pub struct Exchange<'a> {
     /// The reply redirects the client to another node (Redis Cluster `-MOVED`, `-ASK`): not
     /// an error.
     pub redirect: Option<crate::l7::cluster::Redirect>,
+    /// The template of the request's first key (`user:{id}:cart`), when templates are on.
+    pub template: Option<&'a [u8]>,
+    /// The keys the request names (its fan-out: `MGET k1 k2 k3` names 3); 0 without a key,
+    /// or when templates are off.
+    pub keys: u32,
 }
 
 /// Why an exchange was not timed.
@@ -156,6 +161,8 @@ pub struct MatchLimits {
     pub dns_timeout_us: u64,
     /// Redis requests get the hash slot of their first key (`--slots`).
     pub hash_slots: bool,
+    /// Keys are folded into templates by these rules (`--key-templates`, on by default).
+    pub key_rules: Option<&'static crate::l7::templates::KeyRules>,
 }
 
 impl Default for MatchLimits {
@@ -165,6 +172,7 @@ impl Default for MatchLimits {
             max_pending_total: 1 << 20,
             dns_timeout_us: 5_000_000,
             hash_slots: false,
+            key_rules: None,
         }
     }
 }

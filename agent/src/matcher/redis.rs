@@ -13,8 +13,9 @@ use super::{
     settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext, PipelineClock, Unanswered,
 };
 
-use crate::l7::cluster::redirect_of;
-use crate::l7::redis::{Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
+use crate::l7::cluster::{keys_of, redirect_of};
+use crate::l7::redis::{KeyWork, Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
+use crate::l7::templates::KeyRules;
 use crate::steps::flow::{Direction, FlowKey};
 
 /// A request waiting for its reply. Its command name and summary live in the queue's text
@@ -28,6 +29,11 @@ struct Pending {
     depth: u32,
     /// The hash slot of its first key.
     slot: Option<u16>,
+    /// Its first key's template: where it starts in the text after `text_start`, and its
+    /// length (0: none); and the keys the request names.
+    template_at: u8,
+    template_len: u8,
+    keys: u32,
     /// Where its text starts in [`PendingQueue::text`]: the summary, then the command in
     /// upper case unless the summary starts with it so.
     text_start: usize,
@@ -55,8 +61,15 @@ struct PendingQueue {
 const TEXT_COMPACT_AT: usize = 1 << 16;
 
 impl PendingQueue {
-    /// Queues `p`; `summary` starts with the command name as sent, `command_len` bytes.
-    fn push(&mut self, mut p: Pending, command_len: usize, summary: &[u8]) {
+    /// Queues `p`; `summary` starts with the command name as sent, `command_len` bytes; the
+    /// template of its first key is folded by `rules` when given.
+    fn push(
+        &mut self,
+        mut p: Pending,
+        command_len: usize,
+        summary: &[u8],
+        key: Option<(&[u8], bool, &KeyRules)>,
+    ) {
         match self.entries.front() {
             None => self.text.clear(),
             Some(front) if front.text_start >= TEXT_COMPACT_AT => {
@@ -79,7 +92,18 @@ impl PendingQueue {
         } else {
             0
         };
+        if let Some((key, cut, rules)) = key {
+            let at = self.text.len();
+            rules.fold(key, cut, &mut self.text);
+            p.template_at = (at - p.text_start) as u8;
+            p.template_len = (self.text.len() - at) as u8;
+        }
         self.entries.push_back(p);
+    }
+
+    fn template(&self, p: &Pending) -> Option<&[u8]> {
+        let start = p.text_start + usize::from(p.template_at);
+        (p.template_len > 0).then(|| &self.text[start..start + usize::from(p.template_len)])
     }
 
     fn command(&self, p: &Pending) -> &[u8] {
@@ -241,7 +265,10 @@ impl RedisPairing {
         cx: &mut MatchContext<'_, S>,
     ) -> Result<(), InvalidBytes> {
         let mut timer = self.req_clock.begin(ts_us, self.requests.in_message());
-        self.requests.hash_slots(cx.limits.hash_slots);
+        self.requests.key_work(KeyWork {
+            slots: cx.limits.hash_slots,
+            key: cx.limits.key_rules.is_some(),
+        });
         let Self {
             requests,
             pending,
@@ -394,6 +421,13 @@ fn queue_request<S: ExchangeSink>(
         req_bytes: m.bytes,
         depth: pending.len() as u32 + 1,
         slot: m.slot,
+        template_at: 0,
+        template_len: 0,
+        keys: if m.key.is_some() {
+            keys_of(name, m.elements)
+        } else {
+            0
+        },
         text_start: 0,
         summary_len: 0,
         command_at: 0,
@@ -411,10 +445,15 @@ fn queue_request<S: ExchangeSink>(
             _ => ReplyEffect::None,
         },
     };
+    let key = m
+        .key
+        .zip(cx.limits.key_rules)
+        .map(|(key, rules)| (key, m.key_cut, rules));
     pending.push(
         entry,
         name.len(),
         &m.summary[..m.summary.len().min(SUMMARY_BYTES)],
+        key,
     );
     cx.counters.pending += 1;
 }
@@ -539,6 +578,8 @@ fn complete<S: ExchangeSink>(
         rcode: None,
         slot: request.slot,
         redirect,
+        template: pending.template(request),
+        keys: request.keys,
     });
 }
 

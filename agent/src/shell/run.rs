@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cli::{Args, Mode, SummaryFormat};
+use crate::l7::templates::KeyRules;
 use crate::matcher::dns::DnsTcpPairing;
 use crate::matcher::duplex::Duplex;
 use crate::matcher::multi::MultiPairing;
@@ -301,10 +302,26 @@ fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
             max_pending_per_connection: args.max_pending.max(1),
             dns_timeout_us: u64::from(args.dns_timeout_ms.max(1)) * 1000,
             hash_slots: args.slots,
+            key_rules: key_rules(args),
             ..MatchLimits::default()
         },
         threshold_ms: args.threshold_ms,
     }
+}
+
+/// The key template rules of the command line, when templates are on: made once, and kept
+/// for the life of the process (every pipeline reads them).
+fn key_rules(args: &Args) -> Option<&'static KeyRules> {
+    static RULES: std::sync::OnceLock<Option<KeyRules>> = std::sync::OnceLock::new();
+    RULES
+        .get_or_init(|| {
+            (args.templates || !args.key_templates.is_empty()).then(|| {
+                let mut rules = KeyRules::new(&args.key_templates);
+                rules.max_templates = args.max_key_templates as usize;
+                rules
+            })
+        })
+        .as_ref()
 }
 
 /// Runs the capture loop through `pipeline`, then prints the summary.

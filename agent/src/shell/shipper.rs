@@ -587,6 +587,11 @@ impl ShipSink {
         self.tap.status()
     }
 
+    /// Keeps at most `cap` key templates per (server, port) and interval.
+    pub fn set_template_cap(&mut self, cap: usize) {
+        self.histograms.set_template_cap(cap);
+    }
+
     /// A sink shipping through `tap`, with intervals of `interval_us`.
     pub fn new(tap: ShipTap, interval_us: u64) -> Self {
         Self {

@@ -17,12 +17,27 @@ use crate::text::push_escaped;
 
 /// The figures of one interval, per server address and port (with its protocol), per
 /// command.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IntervalHistograms {
     series: FxHashMap<(IpAddr, u16), (&'static str, PortLatency)>,
+    template_cap: usize,
+}
+
+impl Default for IntervalHistograms {
+    fn default() -> Self {
+        Self {
+            series: FxHashMap::default(),
+            template_cap: crate::sinks::stats::DEFAULT_TEMPLATES,
+        }
+    }
 }
 
 impl IntervalHistograms {
+    /// Keeps at most `cap` key templates per (server, port).
+    pub fn set_template_cap(&mut self, cap: usize) {
+        self.template_cap = cap;
+    }
+
     fn stats(
         &mut self,
         server: IpAddr,
@@ -30,19 +45,21 @@ impl IntervalHistograms {
         proto: &'static str,
         command: &[u8],
     ) -> &mut LatencyStats {
+        let cap = self.template_cap;
         let (_, commands) = self
             .series
             .entry((server, port))
-            .or_insert_with(|| (proto, PortLatency::default()));
+            .or_insert_with(|| (proto, PortLatency::with_templates(cap)));
         commands.command(command)
     }
 
     /// Counts one exchange.
     pub fn record(&mut self, e: &Exchange<'_>, slow: bool, proto: &'static str) {
+        let cap = self.template_cap;
         let (_, port) = self
             .series
             .entry((e.server.ip(), e.server.port()))
-            .or_insert_with(|| (proto, PortLatency::default()));
+            .or_insert_with(|| (proto, PortLatency::with_templates(cap)));
         port.record(e, slow);
     }
 
@@ -62,7 +79,20 @@ impl IntervalHistograms {
     pub fn take(&mut self, start_us: u64, interval_us: u64) -> IntervalSnapshots {
         let mut out = Vec::new();
         let mut slots = Vec::new();
+        let mut templates = Vec::new();
         for ((server, port), (proto, latency)) in self.series.drain() {
+            let snapshot = |name: &[u8], s: &LatencyStats| {
+                let mut h = snapshot_of(name, s);
+                h.ts_us = start_us;
+                h.interval_us = interval_us;
+                h.server = server.to_string();
+                h.port = u32::from(port);
+                h.proto = proto.to_string();
+                h
+            };
+            for (name, s) in latency.templates.iter().flat_map(|t| t.commands.iter()) {
+                templates.push(snapshot(name, s));
+            }
             for (slot, s) in latency.slots.iter() {
                 slots.push(v1::SlotSnapshot {
                     ts_us: start_us,
@@ -77,57 +107,67 @@ impl IntervalHistograms {
                     buckets: s.latencies.iter().map(|&n| u64::from(n)).collect(),
                 });
             }
-            for (command, s) in latency.commands {
-                let (fine_index, fine_count) = s.fine.nonzero().unzip();
-                let (own_fine_index, own_fine_count) = s.own.nonzero().unzip();
-                let (depth_index, depth_count) = s.depths().nonzero().unzip();
-                out.push(v1::HistogramSnapshot {
-                    ts_us: start_us,
-                    interval_us,
-                    server: server.to_string(),
-                    port: u32::from(port),
-                    proto: proto.to_string(),
-                    command: String::from_utf8_lossy(&command).into_owned(),
-                    count: s.total_reqs,
-                    sum_us: s.total_costs,
-                    max_us: s.fine.max_us(),
-                    slow: s.slow_reqs,
-                    errors: s.errors,
-                    timeouts: s.timeouts + s.dropped,
-                    seed: s.latencies.to_vec(),
-                    fine_index,
-                    fine_count,
-                    own_sum_us: s.own_costs,
-                    own_max_us: s.own.max_us(),
-                    own_fine_index,
-                    own_fine_count,
-                    depth_index,
-                    depth_count,
-                    moved: s.moved,
-                    ask: s.ask,
-                });
+            for (command, s) in &latency.commands {
+                out.push(snapshot(command, s));
             }
         }
         IntervalSnapshots {
             histograms: out,
             slots,
+            templates,
         }
     }
 }
 
-/// What an interval ships: its histogram snapshots, and its Redis Cluster slots.
+/// The snapshot of a set of exchanges named `name` (a command, a key template); the caller
+/// fills in the interval and the series.
+fn snapshot_of(name: &[u8], s: &LatencyStats) -> v1::HistogramSnapshot {
+    let (fine_index, fine_count) = s.fine.nonzero().unzip();
+    let (own_fine_index, own_fine_count) = s.own.nonzero().unzip();
+    let (depth_index, depth_count) = s.depths().nonzero().unzip();
+    v1::HistogramSnapshot {
+        command: String::from_utf8_lossy(name).into_owned(),
+        count: s.total_reqs,
+        sum_us: s.total_costs,
+        max_us: s.fine.max_us(),
+        slow: s.slow_reqs,
+        errors: s.errors,
+        timeouts: s.timeouts + s.dropped,
+        seed: s.latencies.to_vec(),
+        fine_index,
+        fine_count,
+        own_sum_us: s.own_costs,
+        own_max_us: s.own.max_us(),
+        own_fine_index,
+        own_fine_count,
+        depth_index,
+        depth_count,
+        moved: s.moved,
+        ask: s.ask,
+        keys: s.keys,
+        multi_key: s.multi_key,
+        req_bytes: s.req_bytes,
+        rsp_bytes: s.rsp_bytes,
+        ..v1::HistogramSnapshot::default()
+    }
+}
+
+/// What an interval ships: its histogram snapshots, its Redis Cluster slots, its key
+/// templates.
 #[derive(Debug, Default)]
 pub struct IntervalSnapshots {
     /// Per (server, port, command).
     pub histograms: Vec<v1::HistogramSnapshot>,
     /// Per (server, port, slot).
     pub slots: Vec<v1::SlotSnapshot>,
+    /// Per (server, port, key template).
+    pub templates: Vec<v1::HistogramSnapshot>,
 }
 
 impl IntervalSnapshots {
     /// Snapshots of both kinds (the shipper counts them alike when it must drop them).
     pub fn len(&self) -> usize {
-        self.histograms.len() + self.slots.len()
+        self.histograms.len() + self.slots.len() + self.templates.len()
     }
 
     /// True when there is nothing to ship.
@@ -175,7 +215,7 @@ pub fn event_of(e: &Exchange<'_>, proto: &str, timeout: bool) -> v1::Event {
 
 /// The snapshots a batch holds: histograms and slots (counted alike when dropped).
 fn snapshots_of(batch: &v1::Batch) -> u64 {
-    (batch.histograms.len() + batch.slots.len()) as u64
+    (batch.histograms.len() + batch.slots.len() + batch.templates.len()) as u64
 }
 
 /// Events per batch at most.
@@ -243,6 +283,7 @@ impl ShipBuffer {
         self.counters = counters;
         self.open.histograms.extend(snapshots.histograms);
         self.open.slots.extend(snapshots.slots);
+        self.open.templates.extend(snapshots.templates);
         self.close(true);
     }
 
@@ -257,6 +298,7 @@ impl ShipBuffer {
         !self.open.events.is_empty()
             || !self.open.histograms.is_empty()
             || !self.open.slots.is_empty()
+            || !self.open.templates.is_empty()
     }
 
     /// Closes the open batch: it gets the next sequence number and the counters and joins
@@ -394,7 +436,7 @@ mod tests {
     fn histograms(histograms: Vec<v1::HistogramSnapshot>) -> IntervalSnapshots {
         IntervalSnapshots {
             histograms,
-            slots: Vec::new(),
+            ..IntervalSnapshots::default()
         }
     }
 

@@ -101,6 +101,8 @@ mod tests {
             rcode: None,
             slot: None,
             redirect: None,
+            template: None,
+            keys: 0,
         };
         let mut out = Vec::new();
         SlowLog::new(Some(10.0)).format(&e, &mut out);

@@ -70,6 +70,10 @@ pub struct LatencyStats {
     pub misses: u64,
     /// Responses per response code (DNS).
     pub rcodes: [u64; 16],
+    /// Keys the requests named (a key template's: `MGET k1 k2` names 2).
+    pub keys: u64,
+    /// Requests that named more than one key.
+    pub multi_key: u64,
 }
 
 impl LatencyStats {
@@ -101,6 +105,8 @@ impl LatencyStats {
         for (mine, theirs) in self.rcodes.iter_mut().zip(other.rcodes) {
             *mine += theirs;
         }
+        self.keys += other.keys;
+        self.multi_key += other.multi_key;
     }
 
     #[inline(always)]
@@ -393,6 +399,10 @@ const MAX_COMMANDS: usize = 256;
 const MAX_CANDIDATES: usize = 64;
 /// Where the commands past the cap are counted.
 const OTHER: &[u8] = b"OTHER";
+/// Where the key templates past their cap are counted.
+pub const OTHER_TEMPLATE: &[u8] = b"{other}";
+/// Key templates tracked per port by default (`--key-templates N`).
+pub const DEFAULT_TEMPLATES: usize = 256;
 
 /// Latency figures of one port, overall and per command.
 ///
@@ -401,7 +411,10 @@ const OTHER: &[u8] = b"OTHER";
 /// first). A candidate seen more often than the least seen named command takes that one's
 /// place: the evicted figures join `OTHER`, the newcomer's start from there (its earlier
 /// exchanges stay in `OTHER`). So the cap keeps the commands seen most, not the first seen.
-#[derive(Debug, Default, Clone)]
+///
+/// The same table, of another cap and another name for the rest, holds a port's key
+/// templates ([`PortLatency::templates`]).
+#[derive(Debug, Clone)]
 pub struct PortLatency {
     /// Per command name. The port's own figures are their sum ([`PortLatency::all`]): each
     /// exchange is recorded once.
@@ -418,9 +431,45 @@ pub struct PortLatency {
     credit: FxHashMap<Box<[u8]>, u64>,
     /// Per Redis Cluster hash slot, with `--slots`.
     pub slots: SlotTable,
+    /// Per key template, once an exchange has one (`{other}` past `template_cap`).
+    pub templates: Option<Box<PortLatency>>,
+    template_cap: usize,
+    /// Names with figures of their own at most, and where the rest are counted.
+    cap: usize,
+    other: &'static [u8],
+}
+
+impl Default for PortLatency {
+    fn default() -> Self {
+        Self::with_cap(MAX_COMMANDS, OTHER)
+    }
 }
 
 impl PortLatency {
+    /// An empty table of at most `cap` names, the rest under `other`.
+    fn with_cap(cap: usize, other: &'static [u8]) -> Self {
+        Self {
+            commands: Vec::new(),
+            index: FxHashMap::default(),
+            last: 0,
+            candidates: FxHashMap::default(),
+            weakest_seen: 0,
+            credit: FxHashMap::default(),
+            slots: SlotTable::default(),
+            templates: None,
+            template_cap: DEFAULT_TEMPLATES,
+            cap: cap.max(1),
+            other,
+        }
+    }
+
+    /// A port's figures, with at most `template_cap` key templates.
+    pub fn with_templates(template_cap: usize) -> Self {
+        Self {
+            template_cap,
+            ..Self::default()
+        }
+    }
     /// The figures of every exchange of the port.
     pub fn all(&self) -> LatencyStats {
         let mut all = LatencyStats::default();
@@ -434,6 +483,15 @@ impl PortLatency {
             self.command(name).merge(stats);
         }
         self.slots.merge(&other.slots);
+        if let Some(theirs) = &other.templates {
+            self.template_table().merge(theirs);
+        }
+    }
+
+    fn template_table(&mut self) -> &mut PortLatency {
+        let cap = self.template_cap;
+        self.templates
+            .get_or_insert_with(|| Box::new(PortLatency::with_cap(cap, OTHER_TEMPLATE)))
     }
 
     /// Counts one exchange.
@@ -442,6 +500,12 @@ impl PortLatency {
         self.command(e.command).record(e, slow);
         if let Some(slot) = e.slot {
             self.slots.record(slot, e);
+        }
+        if let Some(template) = e.template {
+            let stats = self.template_table().command(template);
+            stats.record(e, slow);
+            stats.keys += u64::from(e.keys);
+            stats.multi_key += u64::from(e.keys > 1);
         }
     }
 
@@ -478,7 +542,7 @@ impl PortLatency {
         if let Some(&i) = self.index.get(name) {
             return i;
         }
-        if self.commands.len() < MAX_COMMANDS || name == OTHER {
+        if self.commands.len() < self.cap || name == self.other {
             return self.add(name);
         }
         self.past_the_cap(name)
@@ -493,9 +557,9 @@ impl PortLatency {
     /// A name that has no figures of its own while the cap is reached: `OTHER`'s index, or
     /// the index it takes over from the least seen named command.
     fn past_the_cap(&mut self, name: &[u8]) -> usize {
-        let other = match self.index.get(OTHER) {
+        let other = match self.index.get(self.other) {
             Some(&i) => i,
-            None => self.add(OTHER),
+            None => self.add(self.other),
         };
         let seen = {
             let seen = self.candidates.entry(name.into()).or_insert(0);
@@ -519,7 +583,7 @@ impl PortLatency {
             .commands
             .iter()
             .enumerate()
-            .filter(|(_, (n, _))| &**n != OTHER)
+            .filter(|(_, (n, _))| &**n != self.other)
             .map(|(i, (n, stats))| (i, stats.seen() + self.credit.get(n).copied().unwrap_or(0)))
             .min_by_key(|(_, seen)| *seen)
         else {
@@ -589,6 +653,13 @@ impl PortStats {
             if let (Some(mine), Some(theirs)) = (self.latency.as_mut(), other.latency.as_ref()) {
                 mine[j].merge(&theirs[i]);
             }
+        }
+    }
+
+    /// Keeps at most `cap` key templates per port.
+    pub fn set_template_cap(&mut self, cap: usize) {
+        for port in self.latency.iter_mut().flatten() {
+            *port = PortLatency::with_templates(cap);
         }
     }
 
@@ -675,6 +746,22 @@ impl PortStats {
                     })
                     .collect();
                 fields.insert("commands".to_string(), Value::Object(commands));
+                if let Some(templates) = &l.templates {
+                    let templates: Map<String, Value> = templates
+                        .commands
+                        .iter()
+                        .map(|(name, stats)| {
+                            let mut figures = stats.to_json();
+                            figures.insert("keys".to_string(), json!(stats.keys));
+                            figures.insert("multi_key_reqs".to_string(), json!(stats.multi_key));
+                            (
+                                String::from_utf8_lossy(name).into_owned(),
+                                Value::Object(figures),
+                            )
+                        })
+                        .collect();
+                    fields.insert("templates".to_string(), Value::Object(templates));
+                }
                 if !l.slots.is_empty() {
                     let slots: Map<String, Value> = l
                         .shown_slots()
@@ -1003,6 +1090,8 @@ mod latency_tests {
             rcode: None,
             slot: None,
             redirect: None,
+            template: None,
+            keys: 0,
         }
     }
 

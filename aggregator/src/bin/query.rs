@@ -88,8 +88,33 @@ enum Command {
               value_parser = clap::value_parser!(u32).range(1..=100_000))]
         limit: u32,
     },
+    /// The hottest key templates of the fleet (user:{id}:cart): requests, bytes, latency
+    Keys {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// How to rank
+        #[arg(long, value_enum, default_value = "requests")]
+        by: KeysRankArg,
+        /// At most this many
+        #[arg(long, default_value_t = 20, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        limit: u32,
+    },
     /// Every agent: last seen, version, ports and its data-quality counters
     Agents,
+}
+
+/// How `keys` ranks templates.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KeysRankArg {
+    /// Requests
+    Requests,
+    /// Request and reply bytes
+    Bytes,
+    /// Latency p99
+    P99,
+    /// Own-time p99 (latency less the time queued in a pipeline)
+    OwnP99,
 }
 
 /// What every query can select; with no --since/--from it covers everything stored.
@@ -256,6 +281,19 @@ async fn query(cli: &Cli) -> Result<Output> {
         })?
         .max_decoding_message_size(256 << 20);
     let json = |v: serde_json::Value| format!("{v:#}\n");
+    // Ranked rows (top, keys): JSON objects, or the table `text` lays out.
+    let ranked = |rows: &[v1::Histogram], text: fn(&[v1::Histogram]) -> String| Output {
+        text: if cli.json {
+            json(serde_json::Value::Array(
+                rows.iter()
+                    .map(|r| report::histogram_json(r, true))
+                    .collect(),
+            ))
+        } else {
+            text(rows)
+        },
+        empty: rows.is_empty(),
+    };
     Ok(match &cli.command {
         Command::Slow {
             filter,
@@ -335,23 +373,30 @@ async fn query(cli: &Cli) -> Result<Output> {
                 .await
                 .map_err(|e| anyhow::anyhow!("top: {}", describe_status(&e)))?
                 .into_inner();
-            let text = if cli.json {
-                json(serde_json::Value::Array(
-                    reply
-                        .rows
-                        .iter()
-                        .map(|r| report::histogram_json(r, true))
-                        .collect(),
-                ))
-            } else if *of == TopOfArg::Slot {
-                report::top_slots_text(&reply.rows)
+            if *of == TopOfArg::Slot {
+                ranked(&reply.rows, report::top_slots_text)
             } else {
-                report::top_text(&reply.rows)
-            };
-            Output {
-                text,
-                empty: reply.rows.is_empty(),
+                ranked(&reply.rows, report::top_text)
             }
+        }
+        Command::Keys { filter, by, limit } => {
+            let rank = match by {
+                KeysRankArg::Requests => v1::TopBy::Requests,
+                KeysRankArg::Bytes => v1::TopBy::Bytes,
+                KeysRankArg::P99 => v1::TopBy::P99,
+                KeysRankArg::OwnP99 => v1::TopBy::OwnP99,
+            };
+            let reply = client
+                .top(v1::TopRequest {
+                    filter: Some(filter.to_proto()?),
+                    of: v1::GroupBy::Template as i32,
+                    by: rank as i32,
+                    limit: *limit,
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("keys: {}", describe_status(&e)))?
+                .into_inner();
+            ranked(&reply.rows, report::keys_text)
         }
         Command::Agents => {
             let reply = client
