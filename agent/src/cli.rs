@@ -180,7 +180,7 @@ pub struct Args {
 
     /// Hot keys by template: each request's first key folded (user:1234:cart ->
     /// user:{id}:cart; runs of digits, hex ids and UUIDs become {id}), figures per template in
-    /// the stats JSON and what is shipped (Redis)
+    /// the stats JSON and what is shipped (Redis; memcached text and meta)
     #[arg(long = "templates")]
     pub templates: bool,
 

@@ -133,3 +133,53 @@ fn one_agent_watches_redis_and_memcached_ports() {
     assert_eq!(m["hits"], memcached.extra("hits").unwrap(), "{json}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Key templates over memcached's text protocol: every keyed request once under its first
+/// key's template (the commands without keys under none), `get a b c` naming 3 keys.
+#[test]
+fn memcached_keys_fold_into_templates() {
+    let name = "memcached-text";
+    let out = run_on_fixture(
+        name,
+        &[
+            "-m",
+            "memcached",
+            "-t",
+            "100000",
+            "--templates",
+            "--summary",
+            "json",
+        ],
+    );
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let port = &json[0][Expected::of(name).port.to_string()];
+    let count = |v: &serde_json::Value| v["total_reqs"].as_u64().unwrap();
+    let keyless = ["stats", "flush_all", "version", "verbosity", "UNKNOWN"];
+    let keyed: u64 = port["commands"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(c, _)| !keyless.contains(&c.as_str()))
+        .map(|(_, v)| count(v))
+        .sum();
+    let templates = port["templates"].as_object().unwrap();
+    assert_eq!(
+        templates.values().map(count).sum::<u64>(),
+        keyed,
+        "{templates:?}"
+    );
+    let keys: u64 = templates
+        .values()
+        .map(|t| t["keys"].as_u64().unwrap())
+        .sum();
+    assert!(
+        keys > keyed,
+        "multi-key gets name more keys than requests: {keys}"
+    );
+    assert!(
+        templates
+            .keys()
+            .all(|t| !t.chars().any(|c| c.is_ascii_digit())),
+        "{templates:?}"
+    );
+}

@@ -46,6 +46,39 @@ impl KeyRules {
     }
 }
 
+impl KeyRules {
+    /// Calls `f` with the template of `key` (as [`KeyRules::fold`]), folded into a buffer
+    /// the thread reuses: for a protocol that folds at pairing time.
+    pub fn with_template<R>(&self, key: &[u8], cut: bool, f: impl FnOnce(&[u8]) -> R) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            scratch.clear();
+            self.fold(key, cut, &mut scratch);
+            f(&scratch)
+        })
+    }
+}
+
+/// A memcached text request's first key, from its `summary` (command and arguments as sent:
+/// keys hold no spaces), and whether it was cut with the summary: the word after the
+/// command, or after `gat`'s exptime; none for the commands without keys (`stats`,
+/// `version`, `flush_all`, `verbosity`, `mn`, …).
+pub fn memcached_key(summary: &[u8], summary_cut: bool) -> Option<(&[u8], bool)> {
+    let mut words = summary.split(|&b| b == b' ');
+    let at = match words.next()? {
+        b"gat" | b"gats" => 1,
+        b"get" | b"gets" | b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas"
+        | b"delete" | b"incr" | b"decr" | b"touch" | b"mg" | b"ms" | b"md" | b"ma" | b"me" => 0,
+        _ => return None,
+    };
+    let key = words.nth(at)?;
+    let last = key.as_ptr_range().end == summary.as_ptr_range().end;
+    (!key.is_empty()).then_some((key, summary_cut && last))
+}
+
 /// True when `glob` (`*` any run, `?` any byte) matches `key`; a key cut short matches when
 /// what is known of it can start a match of a glob that ends in `*`.
 fn glob_matches(glob: &[u8], key: &[u8], cut: bool) -> bool {
@@ -217,6 +250,28 @@ mod tests {
         out.clear();
         KeyRules::default().fold(b"user:12", true, &mut out);
         assert_eq!(String::from_utf8(out).unwrap(), "user:{id}…");
+    }
+
+    #[test]
+    fn memcached_keys_are_found_where_each_command_has_them() {
+        for (summary, key) in [
+            ("get a b c", Some("a")),
+            ("gat 100 k1 k2", Some("k1")),
+            ("mg user:1 v f", Some("user:1")),
+            ("set k 0 0 3", Some("k")),
+            ("stats items", None),
+            ("version", None),
+            ("flush_all 0", None),
+            ("get", None),
+        ] {
+            let got = memcached_key(summary.as_bytes(), false).map(|(k, _)| k);
+            assert_eq!(got, key.map(str::as_bytes), "{summary}");
+        }
+        assert_eq!(memcached_key(b"get abc", true), Some((&b"abc"[..], true)));
+        assert_eq!(
+            memcached_key(b"get abc de", true),
+            Some((&b"abc"[..], false))
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use super::{
     PipelineClock, Unanswered,
 };
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
+use crate::l7::templates::memcached_key;
 use crate::steps::flow::{Direction, FlowKey};
 
 /// Bytes of a request's summary kept while it waits.
@@ -364,7 +365,7 @@ fn pair<S: ExchangeSink>(
         (_, Unit::Meta(MetaReply::En), Some((b'g', _))) => (0, 1),
         _ => (0, 0),
     };
-    cx.sink.exchange(&Exchange {
+    let exchange = Exchange {
         client: key.client,
         server: key.server,
         req_start_us: request.req_start_us,
@@ -391,7 +392,21 @@ fn pair<S: ExchangeSink>(
         redirect: None,
         template: None,
         keys: 0,
-    });
+    };
+    // With templates, the first key's (folded from the kept summary: keys hold no spaces).
+    match (
+        cx.limits.key_rules,
+        memcached_key(summary, request.truncated),
+    ) {
+        (Some(rules), Some((first, cut))) => rules.with_template(first, cut, |template| {
+            cx.sink.exchange(&Exchange {
+                template: Some(template),
+                keys: request.keys,
+                ..exchange
+            })
+        }),
+        _ => cx.sink.exchange(&exchange),
+    }
 }
 
 #[cfg(test)]
