@@ -189,6 +189,11 @@ pub struct Args {
     #[arg(long = "key-templates", value_delimiter = ',', value_name = "GLOB,...")]
     pub key_templates: Vec<String>,
 
+    /// DNS zones: with templates, query names below one fold into *.ZONE (implies
+    /// --templates), e.g. --dns-zones svc.cluster.local,example.com
+    #[arg(long = "dns-zones", value_delimiter = ',', value_name = "ZONE,...")]
+    pub dns_zones: Vec<String>,
+
     /// Key templates tracked per port; the rest count under {other}
     #[arg(long = "max-key-templates", default_value_t = 256, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=65_536))]

@@ -147,3 +147,33 @@ fn redis_over_tcp_and_dns_over_udp_in_one_agent() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// DNS names as key templates: below a zone the user names, every name is one template
+/// (`*.example.test.`); every answered query counts under exactly one template.
+#[test]
+fn names_below_a_zone_fold_into_one_template() {
+    let name = "dns-udp";
+    let e = tcpkit_tests::Expected::of(name);
+    let port = e.port.to_string();
+    let pcap = tcpkit_tests::fixture(&format!("{name}.pcap"));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["-r", pcap.to_str().unwrap(), "-p", &port, "-u", "-m", "dns"];
+        args.extend_from_slice(&["-t", "100000", "--summary", "json"]);
+        args.extend_from_slice(extra);
+        let out = tcpkit_tests::run_tcpkit(&args);
+        let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        json[0][&port].clone()
+    };
+    let stats = run(&["--dns-zones", "example.test"]);
+    let templates = stats["templates"].as_object().expect("templates");
+    let count = |v: &serde_json::Value| v["total_reqs"].as_u64().unwrap();
+    assert_eq!(templates.values().map(count).sum::<u64>(), count(&stats));
+    assert!(count(&templates["*.example.test."]) > 0, "{templates:?}");
+    assert!(
+        !templates
+            .keys()
+            .any(|t| t.ends_with(".example.test.") && t != "*.example.test."),
+        "{templates:?}"
+    );
+    assert!(run(&[]).get("templates").is_none());
+}

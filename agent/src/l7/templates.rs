@@ -17,6 +17,8 @@ pub const TEMPLATE_BYTES: usize = 96;
 #[derive(Debug, Clone, Default)]
 pub struct KeyRules {
     globs: Vec<Vec<u8>>,
+    /// DNS zones (`example.com.`): names below one fold into `*.example.com.`.
+    zones: Vec<Vec<u8>>,
     /// Templates tracked per port; the rest count under `{other}`.
     pub max_templates: usize,
 }
@@ -26,8 +28,40 @@ impl KeyRules {
     pub fn new(globs: &[String]) -> Self {
         Self {
             globs: globs.iter().map(|g| g.as_bytes().to_vec()).collect(),
+            zones: Vec::new(),
             max_templates: 256,
         }
+    }
+
+    /// With DNS zones: a name below one (any case) has the template `*.zone.`.
+    pub fn with_zones(mut self, zones: &[String]) -> Self {
+        self.zones = zones
+            .iter()
+            .map(|z| {
+                let z = z.trim_start_matches('.').trim_end_matches('.');
+                format!("{z}.").to_ascii_lowercase().into_bytes()
+            })
+            .collect();
+        self
+    }
+
+    /// The template of a DNS name (`host12.svc.example.com.`): `*.` and the zone it is
+    /// below, the zone itself, or the name with its ids folded.
+    pub fn fold_name(&self, name: &[u8], out: &mut Vec<u8>) {
+        let below = |zone: &[u8]| {
+            name.len() > zone.len()
+                && name[name.len() - zone.len() - 1] == b'.'
+                && name[name.len() - zone.len()..].eq_ignore_ascii_case(zone)
+        };
+        if let Some(zone) = self.zones.iter().find(|z| name.eq_ignore_ascii_case(z)) {
+            out.extend_from_slice(zone);
+        } else if let Some(zone) = self.zones.iter().find(|z| below(z)) {
+            out.extend_from_slice(b"*.");
+            out.extend_from_slice(zone);
+        } else {
+            fold_ids(name, out);
+        }
+        out.truncate(TEMPLATE_BYTES);
     }
 
     /// The template of `key` (its first [`KEY_BYTES`] bytes, `cut` when it was longer),
@@ -50,17 +84,29 @@ impl KeyRules {
     /// Calls `f` with the template of `key` (as [`KeyRules::fold`]), folded into a buffer
     /// the thread reuses: for a protocol that folds at pairing time.
     pub fn with_template<R>(&self, key: &[u8], cut: bool, f: impl FnOnce(&[u8]) -> R) -> R {
-        thread_local! {
-            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        SCRATCH.with(|scratch| {
-            let mut scratch = scratch.borrow_mut();
-            scratch.clear();
-            self.fold(key, cut, &mut scratch);
-            f(&scratch)
-        })
+        scratch(|out| self.fold(key, cut, out), f)
+    }
+
+    /// Calls `f` with the template of a DNS name (as [`KeyRules::fold_name`]).
+    pub fn with_name_template<R>(&self, name: &[u8], f: impl FnOnce(&[u8]) -> R) -> R {
+        scratch(|out| self.fold_name(name, out), f)
     }
 }
+
+/// Runs `fill` on a buffer the thread reuses, then `f` on what it holds.
+fn scratch<R>(fill: impl FnOnce(&mut Vec<u8>), f: impl FnOnce(&[u8]) -> R) -> R {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        fill(&mut scratch);
+        f(&scratch)
+    })
+}
+
+impl KeyRules {}
 
 /// A memcached text request's first key, from its `summary` (command and arguments as sent:
 /// keys hold no spaces), and whether it was cut with the summary: the word after the
@@ -272,6 +318,22 @@ mod tests {
             memcached_key(b"get abc de", true),
             Some((&b"abc"[..], false))
         );
+    }
+
+    #[test]
+    fn dns_names_fold_below_their_zone() {
+        let rules = KeyRules::default().with_zones(&["example.test".into(), ".Svc.Local.".into()]);
+        let fold = |name: &str| {
+            let mut out = Vec::new();
+            rules.fold_name(name.as_bytes(), &mut out);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(fold("host12.example.test."), "*.example.test.");
+        assert_eq!(fold("a.b.EXAMPLE.test."), "*.example.test.");
+        assert_eq!(fold("example.test."), "example.test.");
+        assert_eq!(fold("api.svc.local."), "*.svc.local.");
+        assert_eq!(fold("notexample.test."), "notexample.test.");
+        assert_eq!(fold("node42.other.org."), "node{id}.other.org.");
     }
 
     #[test]

@@ -148,7 +148,7 @@ impl DnsMatcher {
         summary.push_str(&query.summary);
         summary.push(' ');
         summary.push_str(rcode_name(rcode));
-        cx.sink.exchange(&Exchange {
+        let exchange = Exchange {
             rsp_start_us: rsp_us,
             latency_us: rsp_us.saturating_sub(query.ts_us),
             // A DNS server answers each query on its own: no time queued behind others.
@@ -158,7 +158,22 @@ impl DnsMatcher {
             error: !matches!(rcode, 0 | 3),
             rcode: Some(rcode),
             ..query.unanswered(key)
-        });
+        };
+        // With templates, the name's: folded below the zones the user names.
+        match cx.limits.key_rules {
+            Some(rules) => {
+                let name =
+                    &query.summary.as_bytes()[(query.type_len + 1).min(query.summary.len())..];
+                rules.with_name_template(name, |template| {
+                    cx.sink.exchange(&Exchange {
+                        template: Some(template),
+                        keys: 1,
+                        ..exchange
+                    })
+                })
+            }
+            None => cx.sink.exchange(&exchange),
+        }
     }
 
     /// Keeps a response that no pending query is waiting for, in case its query was captured

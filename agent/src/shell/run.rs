@@ -315,8 +315,9 @@ fn key_rules(args: &Args) -> Option<&'static KeyRules> {
     static RULES: std::sync::OnceLock<Option<KeyRules>> = std::sync::OnceLock::new();
     RULES
         .get_or_init(|| {
-            (args.templates || !args.key_templates.is_empty()).then(|| {
-                let mut rules = KeyRules::new(&args.key_templates);
+            let on = args.templates || !args.key_templates.is_empty() || !args.dns_zones.is_empty();
+            on.then(|| {
+                let mut rules = KeyRules::new(&args.key_templates).with_zones(&args.dns_zones);
                 rules.max_templates = args.max_key_templates as usize;
                 rules
             })
