@@ -153,23 +153,131 @@ pub struct RespParser {
     /// The head is the start of the kept bytes (a request's first element): its length.
     head_len: usize,
     truncated: bool,
-    /// The request's first key: which argument it is, once the command is known, and its
-    /// slot so far.
-    key_at: KeyAt,
-    key: Option<SlotHasher>,
     /// What is worked out about first keys ([`RespParser::key_work`]).
     work: KeyWork,
-    /// The first key's bytes kept, and whether it was longer.
-    key_buf: [u8; KEY_BYTES],
-    key_len: usize,
-    key_started: bool,
-    key_cut: bool,
-    /// Where the first keys of the commands seen last are.
-    key_at_cache: KeyAtCache,
-    /// The slot of a request read whole ([`RespParser::whole_command`]).
+    /// The state of that work, only while there is some: a parser that does none (every
+    /// reply parser, and request parsers by default) holds no more than this pointer.
+    first_key: Option<Box<FirstKey>>,
+}
+
+/// The first key of the request being read.
+#[derive(Debug)]
+struct FirstKey {
+    /// Which argument it is, once the command is known.
+    at: KeyAt,
+    /// It started (its argument began).
+    started: bool,
+    /// Its slot so far, while it streams (slots on).
+    hasher: Option<SlotHasher>,
+    /// Its slot, of a request read whole.
     slot: Option<u16>,
+    /// Its first bytes (keys kept), and whether it was longer.
+    buf: [u8; KEY_BYTES],
+    len: usize,
+    cut: bool,
     /// An `EVAL`'s numkeys as its digits come (`None` once a byte is not a digit).
     numkeys: Option<u64>,
+    /// Where the first keys of the commands seen last are.
+    cache: KeyAtCache,
+}
+
+impl Default for FirstKey {
+    fn default() -> Self {
+        Self {
+            at: KeyAt::Nowhere,
+            started: false,
+            hasher: None,
+            slot: None,
+            buf: [0; KEY_BYTES],
+            len: 0,
+            cut: false,
+            numkeys: Some(0),
+            cache: KeyAtCache::default(),
+        }
+    }
+}
+
+impl FirstKey {
+    /// Back to no key, for the next request.
+    fn forget(&mut self) {
+        self.at = KeyAt::Nowhere;
+        self.started = false;
+        self.hasher = None;
+        self.slot = None;
+        self.len = 0;
+        self.cut = false;
+        self.numkeys = Some(0);
+    }
+
+    /// Argument `element` starts: the key's, when it is its place.
+    fn argument_starts(&mut self, element: u64, work: KeyWork) {
+        if self.at.is_arg(element as usize) {
+            self.started = true;
+            if work.slots {
+                self.hasher = Some(SlotHasher::default());
+            }
+        }
+    }
+
+    /// Bytes of argument `element`: hashed and kept when it is the key, read when it is an
+    /// `EVAL`'s numkeys.
+    #[inline(always)]
+    fn argument_bytes(&mut self, element: u64, work: KeyWork, bytes: &[u8]) {
+        if self.started {
+            if self.at.is_arg(element as usize) {
+                if let Some(hasher) = self.hasher.as_mut() {
+                    hasher.update(bytes);
+                }
+                if work.key {
+                    self.keep(bytes);
+                }
+            }
+        } else if self.at == KeyAt::AfterNumkeys && element == 2 {
+            self.numkeys = self.numkeys.and_then(|start| {
+                bytes.iter().try_fold(start, |n, &b| {
+                    b.is_ascii_digit()
+                        .then(|| n.saturating_mul(10).saturating_add(u64::from(b - b'0')))
+                })
+            });
+        }
+    }
+
+    /// Argument `element` ended (`element` counts it): after the command (`head`), where the
+    /// key is; after `numkeys`, whether there is one.
+    fn argument_done(&mut self, element: u64, head: &[u8]) {
+        match (element, self.at) {
+            (1, _) => self.at = self.cache.key_at(head),
+            (3, KeyAt::AfterNumkeys) => {
+                self.at = match self.numkeys {
+                    Some(n) if n > 0 => KeyAt::Arg(3),
+                    _ => KeyAt::Nowhere,
+                };
+            }
+            _ => {}
+        }
+    }
+
+    /// A request read whole: its first arguments.
+    fn whole(&mut self, work: KeyWork, args: &[&[u8]]) {
+        if let Some(key) = first_key(&mut self.cache, args) {
+            self.started = true;
+            if work.slots {
+                self.slot = Some(cluster::key_slot(key));
+            }
+            if work.key {
+                self.keep(key);
+            }
+        }
+    }
+
+    /// Keeps what fits of the key's next bytes.
+    #[inline(always)]
+    fn keep(&mut self, bytes: &[u8]) {
+        let take = bytes.len().min(KEY_BYTES - self.len);
+        self.buf[self.len..self.len + take].copy_from_slice(&bytes[..take]);
+        self.len += take;
+        self.cut |= take < bytes.len();
+    }
 }
 
 impl RespParser {
@@ -195,16 +303,8 @@ impl RespParser {
             },
             head_len: 0,
             truncated: false,
-            key_at: KeyAt::Nowhere,
-            key: None,
-            slot: None,
             work: KeyWork::default(),
-            key_buf: [0; KEY_BYTES],
-            key_len: 0,
-            key_started: false,
-            key_cut: false,
-            key_at_cache: KeyAtCache::default(),
-            numkeys: Some(0),
+            first_key: None,
         }
     }
 
@@ -215,18 +315,8 @@ impl RespParser {
     pub fn key_work(&mut self, work: KeyWork) {
         if self.work != work {
             self.work = work;
-            self.forget_key();
+            self.first_key = work.any().then(Box::default);
         }
-    }
-
-    fn forget_key(&mut self) {
-        self.key_at = KeyAt::Nowhere;
-        self.key = None;
-        self.slot = None;
-        self.numkeys = Some(0);
-        self.key_len = 0;
-        self.key_started = false;
-        self.key_cut = false;
     }
 
     /// True when part of a message has been read.
@@ -422,15 +512,8 @@ impl RespParser {
         self.kind = b'*';
         self.elements = n as u64;
         if KEYS {
-            let args = &args[..n.min(args.len())];
-            if let Some(key) = first_key(&mut self.key_at_cache, args) {
-                if self.work.slots {
-                    self.slot = Some(cluster::key_slot(key));
-                }
-                if self.work.key {
-                    self.key_started = true;
-                    self.keep_key(key);
-                }
+            if let Some(first) = self.first_key.as_deref_mut() {
+                first.whole(self.work, &args[..n.min(args.len())]);
             }
         }
         Some(pos)
@@ -503,8 +586,8 @@ impl RespParser {
                 self.collecting = self.collects_here();
                 if self.collecting && self.role == Role::Request && self.element > 0 {
                     self.separate();
-                    if self.key_at.is_arg(self.element as usize) {
-                        self.start_key();
+                    if let Some(first) = self.first_key.as_deref_mut() {
+                        first.argument_starts(self.element, self.work);
                     }
                 }
                 self.bulk_left = len as u64;
@@ -557,60 +640,18 @@ impl RespParser {
         }
     }
 
-    /// Bytes of a request's argument: hashed when it is the first key, read when it is an
-    /// `EVAL`'s numkeys.
+    /// Bytes of a request's argument, for its first key.
     #[inline(always)]
     fn hash_key(&mut self, bytes: &[u8]) {
-        if self.key_started {
-            if self.key_at.is_arg(self.element as usize) {
-                if let Some(key) = self.key.as_mut() {
-                    key.update(bytes);
-                }
-                if self.work.key {
-                    self.keep_key(bytes);
-                }
-            }
-        } else if self.key_at == KeyAt::AfterNumkeys && self.element == 2 {
-            self.numkeys = self.numkeys.and_then(|start| {
-                bytes.iter().try_fold(start, |n, &b| {
-                    b.is_ascii_digit()
-                        .then(|| n.saturating_mul(10).saturating_add(u64::from(b - b'0')))
-                })
-            });
+        if let Some(first) = self.first_key.as_deref_mut() {
+            first.argument_bytes(self.element, self.work, bytes);
         }
     }
 
-    /// The first key starts.
-    fn start_key(&mut self) {
-        self.key_started = true;
-        if self.work.slots {
-            self.key = Some(SlotHasher::default());
-        }
-    }
-
-    /// Keeps what fits of the first key's next bytes.
-    #[inline(always)]
-    fn keep_key(&mut self, bytes: &[u8]) {
-        let take = bytes.len().min(KEY_BYTES - self.key_len);
-        self.key_buf[self.key_len..self.key_len + take].copy_from_slice(&bytes[..take]);
-        self.key_len += take;
-        self.key_cut |= take < bytes.len();
-    }
-
-    /// A request's argument ended (`self.element` counts it): after the command, where its
-    /// first key is; after `numkeys`, whether there is one.
+    /// A request's argument ended (`self.element` counts it).
     fn argument_done(&mut self) {
-        match (self.element, self.key_at) {
-            (1, _) if self.work.any() => {
-                self.key_at = self.key_at_cache.key_at(&self.kept[..self.head_len]);
-            }
-            (3, KeyAt::AfterNumkeys) => {
-                self.key_at = match self.numkeys {
-                    Some(n) if n > 0 => KeyAt::Arg(3),
-                    _ => KeyAt::Nowhere,
-                };
-            }
-            _ => {}
+        if let Some(first) = self.first_key.as_deref_mut() {
+            first.argument_done(self.element, &self.kept[..self.head_len]);
         }
     }
 
@@ -674,8 +715,8 @@ impl RespParser {
         self.argument_done();
         for word in words {
             self.separate();
-            if self.key_at.is_arg(self.element as usize) {
-                self.start_key();
+            if let Some(first) = self.first_key.as_deref_mut() {
+                first.argument_starts(self.element, self.work);
             }
             self.collect(word);
             self.hash_key(word);
@@ -689,6 +730,7 @@ impl RespParser {
     }
 
     fn emit(&mut self, on_message: &mut impl FnMut(&Message<'_>)) {
+        let first = self.first_key.as_deref().filter(|f| f.started);
         on_message(&Message {
             bytes: self.bytes,
             kind: self.kind,
@@ -700,13 +742,11 @@ impl RespParser {
             },
             truncated: self.truncated,
             elements: self.elements,
-            slot: if self.work.slots {
-                self.slot.or(self.key.map(|k| k.slot()))
-            } else {
-                None
-            },
-            key: (self.work.key && self.key_started).then(|| &self.key_buf[..self.key_len]),
-            key_cut: self.key_cut,
+            slot: first
+                .filter(|_| self.work.slots)
+                .and_then(|f| f.slot.or(f.hasher.map(|h| h.slot()))),
+            key: first.filter(|_| self.work.key).map(|f| &f.buf[..f.len]),
+            key_cut: first.is_some_and(|f| f.cut),
         });
         self.start_message();
     }
@@ -720,8 +760,8 @@ impl RespParser {
         self.kept_len = 0;
         self.head_len = 0;
         self.truncated = false;
-        if self.work.any() {
-            self.forget_key();
+        if let Some(first) = self.first_key.as_deref_mut() {
+            first.forget();
         }
     }
 }
