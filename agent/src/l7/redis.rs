@@ -730,7 +730,10 @@ impl RespParser {
     }
 
     fn emit(&mut self, on_message: &mut impl FnMut(&Message<'_>)) {
-        let first = self.first_key.as_deref().filter(|f| f.started);
+        let (slot, key, key_cut) = match self.first_key.as_deref() {
+            Some(f) if f.started => first_key_fields(f, self.work),
+            _ => (None, None, false),
+        };
         on_message(&Message {
             bytes: self.bytes,
             kind: self.kind,
@@ -742,11 +745,9 @@ impl RespParser {
             },
             truncated: self.truncated,
             elements: self.elements,
-            slot: first
-                .filter(|_| self.work.slots)
-                .and_then(|f| f.slot.or(f.hasher.map(|h| h.slot()))),
-            key: first.filter(|_| self.work.key).map(|f| &f.buf[..f.len]),
-            key_cut: first.is_some_and(|f| f.cut),
+            slot,
+            key,
+            key_cut,
         });
         self.start_message();
     }
@@ -764,6 +765,18 @@ impl RespParser {
             first.forget();
         }
     }
+}
+
+/// What a message says of its first key: its slot, its bytes kept, whether they were cut.
+#[cold]
+fn first_key_fields(f: &FirstKey, work: KeyWork) -> (Option<u16>, Option<&[u8]>, bool) {
+    let slot = if work.slots {
+        f.slot.or(f.hasher.map(|h| h.slot()))
+    } else {
+        None
+    };
+    let key = work.key.then(|| &f.buf[..f.len]);
+    (slot, key, f.cut)
 }
 
 /// A command's first key, from its first arguments (the command first).

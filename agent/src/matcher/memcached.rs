@@ -394,11 +394,9 @@ fn pair<S: ExchangeSink>(
         keys: 0,
     };
     // With templates, the first key's (folded from the kept summary: keys hold no spaces).
-    match (
-        cx.limits.key_rules,
-        memcached_key(summary, request.truncated),
-    ) {
-        (Some(rules), Some((first, cut))) => rules.with_template(first, cut, |template| {
+    let rules = cx.limits.key_rules;
+    match rules.and_then(|r| Some((r, memcached_key(summary, request.truncated)?))) {
+        Some((rules, (first, cut))) => rules.with_template(first, cut, |template| {
             cx.sink.exchange(&Exchange {
                 template: Some(template),
                 keys: request.keys,
