@@ -10,7 +10,8 @@ cargo build --workspace --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace 2>&1 | tee "$log" || status=$?
+# --no-fail-fast: a failing test binary does not hide the tests of the ones after it.
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log" || status=$?
 # Every fuzz target for a few seconds (its own build: AddressSanitizer, its own workspace).
 if fuzz/smoke.sh 20 2>&1 | tee -a "$log"; then
   echo "test result: ok. 1 passed; 0 failed; (fuzz smoke)" >>"$log"
