@@ -3,7 +3,7 @@
 //! ([`SlotSum`]): requests, latency sum, redirects, and the latencies in the 10 µs-doubling
 //! buckets, which add up exactly.
 
-use tcpkit_histogram::{PROM_BOUNDS_US, PROM_BUCKETS};
+use tcpkit_histogram::{prom_quantile_bound_us, PROM_BUCKETS};
 use tcpkit_proto::v1;
 
 /// Hash slots of a Redis Cluster.
@@ -104,18 +104,7 @@ impl SlotSum {
     /// The bound of the bucket holding the `q` quantile, µs: the quantile is below it, and
     /// at least half of it (0 when empty; for the last bucket, its lower bound).
     pub fn quantile_bound_us(&self, q: f64) -> u64 {
-        if self.count == 0 {
-            return 0;
-        }
-        let rank = ((q * self.count as f64).ceil() as u64).clamp(1, self.count);
-        let mut seen = 0u64;
-        for (i, &n) in self.buckets.iter().enumerate() {
-            seen = seen.saturating_add(n);
-            if seen >= rank {
-                return PROM_BOUNDS_US[i.min(PROM_BOUNDS_US.len() - 1)];
-            }
-        }
-        PROM_BOUNDS_US[PROM_BOUNDS_US.len() - 1]
+        prom_quantile_bound_us(self.buckets.iter().copied(), q)
     }
 
     /// The buckets as stored: 23 little-endian u64.

@@ -74,6 +74,25 @@ pub fn prom_bucket(latency_us: u64) -> usize {
     ((u64::BITS - (latency_us / 10).leading_zeros()) as usize).min(PROM_BUCKETS - 1)
 }
 
+/// The bound of the Prometheus bucket ([`PROM_BOUNDS_US`]) holding the `q` quantile of
+/// latencies counted in `counts` (one per bucket), µs: the quantile is below it and at least
+/// half of it (0 when empty; for the last bucket, its lower bound).
+pub fn prom_quantile_bound_us(counts: impl Iterator<Item = u64> + Clone, q: f64) -> u64 {
+    let total = counts.clone().fold(0u64, u64::saturating_add);
+    if total == 0 {
+        return 0;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    let mut seen = 0u64;
+    for (i, n) in counts.enumerate() {
+        seen = seen.saturating_add(n);
+        if seen >= rank {
+            return PROM_BOUNDS_US[i.min(PROM_BOUNDS_US.len() - 1)];
+        }
+    }
+    PROM_BOUNDS_US[PROM_BOUNDS_US.len() - 1]
+}
+
 /// Sub-buckets per power of two (2^6).
 const SUB_BITS: u32 = 6;
 const SUB: u64 = 1 << SUB_BITS;

@@ -84,6 +84,24 @@ fn sum_buckets(a: &Value, b: &Value) -> Vec<u64> {
         .collect()
 }
 
+/// What one agent reading the fixtures `names` merged into one capture reports for port
+/// 26379 (its stats JSON), with more arguments.
+fn one_agent_over(dir: &Path, names: &[&str], extra: &[&str]) -> Value {
+    let merged = merged_fixtures(dir, names);
+    let mut args = vec![
+        merged.to_str().expect("utf-8"),
+        "-p",
+        "26379",
+        "-m",
+        "redis",
+    ];
+    args.extend(["-t", "100000", "--summary", "json"]);
+    args.extend_from_slice(extra);
+    let out = run_tcpkit(&[&["-r"][..], &args].concat());
+    let json: Value = serde_json::from_str(out.lines().last().expect("summary")).expect("JSON");
+    json[0]["26379"].clone()
+}
+
 fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")
 }
@@ -112,21 +130,7 @@ fn two_agents_queries_equal_the_fixtures() {
     // The merged histogram is the histogram of all requests: one agent reading both
     // captures at once has the very same percentiles.
     if requirement(have("mergecap"), "mergecap (wireshark-common)") {
-        let merged = merged_fixtures(dir.path(), &["redis-benchmark-lo", "redis-slow"]);
-        let out = run_tcpkit(&[
-            "-r",
-            merged.to_str().expect("utf-8"),
-            "-p",
-            "26379",
-            "-m",
-            "redis",
-            "-t",
-            "100000",
-            "--summary",
-            "json",
-        ]);
-        let one: Value = serde_json::from_str(out.lines().last().expect("summary")).expect("JSON");
-        let one = &one[0]["26379"];
+        let one = &one_agent_over(dir.path(), &["redis-benchmark-lo", "redis-slow"], &[]);
         let hist = query_json(&[], &url, &["hist"]);
         for key in ["p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
             assert_eq!(hist[key], one[key], "{key}");
@@ -387,25 +391,12 @@ fn key_templates_fleet_wide_equal_one_agent_over_both() {
     );
     // One agent over both captures at once: the same templates, the same figures.
     if requirement(have("mergecap"), "mergecap (wireshark-common)") {
-        let merged = merged_fixtures(dir.path(), &["redis-keys", "redis-benchmark-lo"]);
-        let out = run_tcpkit(&[
-            "-r",
-            merged.to_str().expect("utf-8"),
-            "-p",
-            "26379",
-            "-m",
-            "redis",
-            "-t",
-            "100000",
-            "--summary",
-            "json",
-            "--templates",
-        ]);
-        let one: Value = serde_json::from_str(out.lines().last().expect("summary")).expect("JSON");
-        let one = one[0]["26379"]["templates"]
-            .as_object()
-            .expect("templates")
-            .clone();
+        let one = one_agent_over(
+            dir.path(),
+            &["redis-keys", "redis-benchmark-lo"],
+            &["--templates"],
+        );
+        let one = one["templates"].as_object().expect("templates").clone();
         assert_eq!(one.len(), rows.len());
         for row in rows {
             let t = &one[row["key"].as_str().expect("key")];

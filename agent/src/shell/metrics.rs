@@ -69,48 +69,37 @@ pub fn render(summary: &Summary<'_>, modes: &PortModes, ship: Option<ShipStatusN
             .zip(&series)
             .map(move |(l, s)| (&l[..], value(s.stats)))
     };
+    // One histogram family's series: its bounds, and each series' counts and sum.
+    let histograms = |bounds_us: &'static [u64],
+                      of: for<'s> fn(&'s Series<'_>) -> (&'s [u64], u64)| {
+        labels.iter().zip(&series).map(move |(l, s)| {
+            let (counts, sum_us) = of(s);
+            (
+                &l[..],
+                BucketHistogram {
+                    bounds_us,
+                    counts,
+                    sum_us,
+                },
+            )
+        })
+    };
+    let latency_bounds = &crate::histogram::PROM_BOUNDS_US;
     let mut page = Exposition::default();
     page.latency_histogram(
         "tcpkit_request_duration_seconds",
         "Request latency: first response packet minus the packet that completed the request.",
-        labels.iter().zip(&series).map(|(l, s)| {
-            (
-                &l[..],
-                BucketHistogram {
-                    bounds_us: &crate::histogram::PROM_BOUNDS_US,
-                    counts: &s.prometheus,
-                    sum_us: s.stats.total_costs,
-                },
-            )
-        }),
+        histograms(latency_bounds, |s| (&s.prometheus, s.stats.total_costs)),
     );
     page.latency_histogram(
         "tcpkit_request_own_duration_seconds",
         "Request own time: its latency less the time it waited behind earlier requests of its connection (pipelining).",
-        labels.iter().zip(&series).map(|(l, s)| {
-            (
-                &l[..],
-                BucketHistogram {
-                    bounds_us: &crate::histogram::PROM_BOUNDS_US,
-                    counts: &s.own,
-                    sum_us: s.stats.own_costs,
-                },
-            )
-        }),
+        histograms(latency_bounds, |s| (&s.own, s.stats.own_costs)),
     );
     page.count_histogram(
         "tcpkit_request_pipeline_depth",
         "Requests outstanding on the connection when a request was sent, itself included.",
-        labels.iter().zip(&series).map(|(l, s)| {
-            (
-                &l[..],
-                BucketHistogram {
-                    bounds_us: &DEPTH_BOUNDS,
-                    counts: &s.depth,
-                    sum_us: depth_sum(s.stats),
-                },
-            )
-        }),
+        histograms(&DEPTH_BOUNDS, |s| (&s.depth, depth_sum(s.stats))),
     );
     page.counter(
         "tcpkit_request_errors_total",

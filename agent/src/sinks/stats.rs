@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::histogram::{
-    fine_lower, prom_bucket, seed_bucket, FineHistogram, PROM_BOUNDS_US, PROM_BUCKETS,
+    fine_lower, prom_bucket, prom_quantile_bound_us, seed_bucket, FineHistogram, PROM_BUCKETS,
     SEED_BUCKETS, SEED_LABELS,
 };
 use crate::l7::cluster::Redirect;
@@ -307,19 +307,7 @@ impl SlotStats {
     /// The bound of the bucket holding the `q` quantile, µs: an upper bound of it within a
     /// factor of two (0 when empty; the last bound for the bucket past them).
     pub fn quantile_bound_us(&self, q: f64) -> u64 {
-        let total: u64 = self.latencies.iter().map(|&n| u64::from(n)).sum();
-        if total == 0 {
-            return 0;
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (i, &n) in self.latencies.iter().enumerate() {
-            seen += u64::from(n);
-            if seen >= rank {
-                return PROM_BOUNDS_US[i.min(PROM_BOUNDS_US.len() - 1)];
-            }
-        }
-        PROM_BOUNDS_US[PROM_BOUNDS_US.len() - 1]
+        prom_quantile_bound_us(self.latencies.iter().map(|&n| u64::from(n)), q)
     }
 }
 
