@@ -4,11 +4,11 @@
 #   libpcap-dev                      build: the pcap crate links the system libpcap
 #   tcpdump tshark                   fixtures, and an independent decoder to compare with
 #   redis-server redis-tools         real servers for the end-to-end tests
-#   memcached dnsmasq
+#   memcached dnsmasq clickhouse-server
 #   iproute2 ethtool util-linux bc   network namespaces, offloads, setpriv, benchmarks
 set -euo pipefail
 
-packages=(libpcap-dev tcpdump tshark redis-server redis-tools memcached dnsmasq
+packages=(libpcap-dev tcpdump tshark redis-server redis-tools memcached dnsmasq clickhouse-server
           iproute2 ethtool util-linux bc)
 missing=()
 for p in "${packages[@]}"; do

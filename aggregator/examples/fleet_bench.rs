@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tcpkit_aggregator::merge::Merged;
 use tcpkit_aggregator::server::{self, now_us, Config, Limits};
-use tcpkit_aggregator::store::{CheckedBatch, CheckedSnapshot, Store};
+use tcpkit_aggregator::store::{self, CheckedBatch, CheckedSnapshot, Writer as _};
 use tcpkit_histogram::{seed_bucket, FineHistogram, SEED_BUCKETS};
 use tcpkit_proto::v1::{
     self, agent_message::Body, ingest_client::IngestClient, query_client::QueryClient,
@@ -108,7 +108,7 @@ async fn start_server(
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = Config {
-        db,
+        store: store::Spec::Sqlite(db),
         retention: None,
         max_db_bytes: None,
         limits: Limits::default(),
@@ -218,7 +218,7 @@ fn build_query_store(db: &Path) {
     }
     let tmp = db.with_extension("building");
     let _ = std::fs::remove_file(&tmp);
-    let mut store = Store::open(&tmp).expect("open");
+    let mut store = store::sqlite::Store::open(&tmp).expect("open");
     let now = now_us();
     let (key, _) = store
         .hello(
@@ -248,7 +248,7 @@ fn build_query_store(db: &Path) {
             events,
             ..CheckedBatch::default()
         };
-        store.commit(&[(key, &batch)], now).expect("commit");
+        store.commit(&[(key.clone(), &batch)], now).expect("commit");
     }
     let series = 100;
     let intervals = STORE_SNAPSHOTS / series;
@@ -267,7 +267,7 @@ fn build_query_store(db: &Path) {
             histograms,
             ..CheckedBatch::default()
         };
-        store.commit(&[(key, &batch)], now).expect("commit");
+        store.commit(&[(key.clone(), &batch)], now).expect("commit");
     }
     drop(store);
     std::fs::rename(&tmp, db).expect("rename");

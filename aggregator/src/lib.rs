@@ -1,4 +1,4 @@
-//! tcpkit's aggregator: stores what agents ship in SQLite ([`store`]), merges histograms
+//! tcpkit's aggregator: stores what agents ship in SQLite or ClickHouse ([`store`]), merges histograms
 //! across servers and time ([`merge`]), serves the Ingest and Query services ([`server`]),
 //! checking what agents send first ([`check`]), and the `tcpkit-query` side ([`report`]
 //! renders its answers).

@@ -28,7 +28,7 @@ pub struct Telemetry {
     pub invalid_batches: AtomicU64,
     /// Batches received again and acknowledged without storing.
     pub duplicate_batches: AtomicU64,
-    /// Commits that failed (disk full, I/O error).
+    /// Hellos and commits the store refused (disk full, I/O error, ClickHouse down).
     pub store_failures: AtomicU64,
     fleet: Mutex<Fleet>,
     /// Agents with a stream open now, and how many streams each.
@@ -133,7 +133,7 @@ impl Telemetry {
         );
         page.counter(
             "tcpkit_aggregator_store_failures_total",
-            "Commits that failed (the batches were not acknowledged; agents re-send them).",
+            "Hellos and commits the store refused (nothing was acknowledged; agents re-send).",
             [(none, load(&self.store_failures))],
         );
         page.build_and_process("tcpkit-aggregator", env!("CARGO_PKG_VERSION"));

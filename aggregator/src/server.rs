@@ -1,6 +1,6 @@
 //! The aggregator's services: Ingest (agents stream batches; each is acknowledged once
-//! committed) and Query, over one writer thread that owns the [`Store`] and a pool of
-//! [`Reader`]s.
+//! committed) and Query, over one writer thread that owns the store's [`Writer`] and a pool
+//! of [`Reader`]s.
 //!
 //! The writer commits whatever batches are waiting in one transaction (group commit), so
 //! several agents streaming at once share the cost of a commit. A batch that does not add up
@@ -9,7 +9,6 @@
 //! re-send them when they reconnect.
 
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +26,9 @@ use crate::check::{check_batch, check_filter, check_hello};
 use crate::merge::Merged;
 use crate::metrics::Telemetry;
 use crate::slots::SlotSum;
-use crate::store::{split_command_key, CheckedBatch, Group, Reader, SessionKey, Store, StoreError};
+use crate::store::{
+    self, split_command_key, CheckedBatch, Group, Reader, SessionKey, StoreError, Writer,
+};
 
 /// Batches committed together at most.
 const GROUP_COMMIT: usize = 256;
@@ -37,8 +38,8 @@ const RETENTION_EVERY: Duration = Duration::from_secs(60);
 /// The aggregator's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The SQLite file.
-    pub db: PathBuf,
+    /// The store.
+    pub store: store::Spec,
     /// Data older than this (capture time) is deleted.
     pub retention: Option<Duration>,
     /// The oldest data is deleted while the store is larger.
@@ -75,8 +76,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    let store = Store::open(&config.db)
-        .with_context(|| format!("cannot open the database {}", config.db.display()))?;
+    let store = config
+        .store
+        .writer()
+        .with_context(|| format!("cannot open the store {}", config.store))?;
     let (jobs, queue) = mpsc::channel::<Job>(1024);
     let writer = std::thread::Builder::new()
         .name("writer".into())
@@ -104,7 +107,7 @@ pub async fn serve(
         telemetry: Arc::clone(&telemetry),
     };
     let query = QueryService {
-        db: config.db.clone(),
+        store: config.store.clone(),
         readers: Arc::new(Mutex::new(Vec::new())),
         telemetry: Arc::clone(&telemetry),
     };
@@ -144,7 +147,7 @@ pub async fn serve(
 
 /// The writer thread: hellos one by one, batches in groups, retention when asked.
 fn write_loop(
-    mut store: Store,
+    mut store: Box<dyn Writer>,
     mut queue: mpsc::Receiver<Job>,
     config: &Config,
     telemetry: &Telemetry,
@@ -155,7 +158,12 @@ fn write_loop(
         while let Some(job) = next.take() {
             match job {
                 Job::Hello(hello, reply) => {
-                    let _ = reply.send(store.hello(&hello, now_us()).map_err(|e| e.to_string()));
+                    let answer = store.hello(&hello, now_us()).map_err(|e| {
+                        tracing::error!("cannot record the hello of {}: {e}", hello.agent_id);
+                        telemetry.store_failures.fetch_add(1, Ordering::Relaxed);
+                        e.to_string()
+                    });
+                    let _ = reply.send(answer);
                 }
                 Job::Batch(key, agent, batch, reply) => pending.push((key, agent, batch, reply)),
                 Job::Retention => {
@@ -180,7 +188,7 @@ fn write_loop(
             continue;
         }
         let refs: Vec<(SessionKey, &CheckedBatch)> =
-            pending.iter().map(|(k, _, b, _)| (*k, b)).collect();
+            pending.iter().map(|(k, _, b, _)| (k.clone(), b)).collect();
         match store.commit(&refs, now_us()) {
             Ok(stored) => {
                 for ((_, agent, batch, reply), stored) in pending.drain(..).zip(stored) {
@@ -314,7 +322,7 @@ async fn ingest(
             last_sent = batch.seq;
             let (reply, done) = oneshot::channel();
             let seq = batch.seq;
-            jobs.send(Job::Batch(key, Arc::clone(&agent), batch, reply))
+            jobs.send(Job::Batch(key.clone(), Arc::clone(&agent), batch, reply))
                 .await
                 .map_err(|_| Status::unavailable("the aggregator is stopping"))?;
             if committed_tx.send((seq, done)).await.is_err() {
@@ -342,8 +350,8 @@ async fn send_ack(
 }
 
 struct QueryService {
-    db: PathBuf,
-    readers: Arc<Mutex<Vec<Reader>>>,
+    store: store::Spec,
+    readers: Arc<Mutex<Vec<Box<dyn Reader>>>>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -351,17 +359,22 @@ impl QueryService {
     /// Runs `f` on a pooled reader on a blocking thread.
     async fn read<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Reader) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&dyn Reader) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, Status> {
-        let db = self.db.clone();
+        let spec = self.store.clone();
         let readers = Arc::clone(&self.readers);
         tokio::task::spawn_blocking(move || {
             let pooled = readers.lock().ok().and_then(|mut r| r.pop());
             let reader = match pooled {
                 Some(r) => r,
-                None => Reader::open(&db).map_err(|e| Status::unavailable(e.to_string()))?,
+                None => spec
+                    .reader()
+                    .map_err(|e| Status::unavailable(e.to_string()))?,
             };
-            let result = f(&reader).map_err(|e| Status::internal(e.to_string()));
+            let result = f(&*reader).map_err(|e| match e {
+                StoreError::ClickHouse(why) => Status::unavailable(format!("clickhouse: {why}")),
+                e => Status::internal(e.to_string()),
+            });
             if let Ok(mut r) = readers.lock() {
                 r.push(reader);
             }
@@ -544,8 +557,12 @@ impl query_server::Query for QueryService {
         _: Request<v1::AgentsRequest>,
     ) -> Result<Response<v1::AgentsReply>, Status> {
         let mut agents = self.read(|r| r.agents()).await?;
+        let recent =
+            now_us().saturating_sub(store::clickhouse::CONNECTED_WITHIN.as_micros() as u64);
         for a in &mut agents {
-            a.connected = self.telemetry.is_connected(&a.id);
+            // A shared store's agents may stream to another aggregator.
+            a.connected = self.telemetry.is_connected(&a.id)
+                || (self.store.shared() && a.last_seen_us >= recent);
         }
         Ok(Response::new(v1::AgentsReply { agents }))
     }

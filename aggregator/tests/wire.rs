@@ -137,7 +137,7 @@ fn bad_messages_get_clear_statuses_and_the_aggregator_goes_on() {
         let addr = listener.local_addr().unwrap();
         let url = format!("http://{addr}");
         let config = Config {
-            db: dir.path().join("wire.db"),
+            store: tcpkit_aggregator::store::Spec::Sqlite(dir.path().join("wire.db")),
             retention: None,
             max_db_bytes: None,
             limits: Limits {

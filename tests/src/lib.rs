@@ -289,9 +289,11 @@ impl Aggregator {
             }
         );
         let mut command = command_in(prefix, &bin("tcpkit-aggregator"));
+        command.args(["--listen", &listen]);
+        if !extra.contains(&"--store") {
+            command.arg("--db").arg(&db);
+        }
         let child = command
-            .args(["--listen", &listen, "--db"])
-            .arg(&db)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -328,6 +330,151 @@ impl Aggregator {
     /// Its address for agents and queries on this host.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Where Debian puts the ClickHouse server.
+pub const CLICKHOUSE_SERVER: &str = "/usr/sbin/clickhouse-server";
+
+/// True when a ClickHouse server can be started (skips, with its reason, unless CI=true).
+pub fn clickhouse_available() -> bool {
+    requirement(
+        Path::new(CLICKHOUSE_SERVER).exists(),
+        "clickhouse-server (apt-get install clickhouse-server)",
+    )
+}
+
+/// A real `clickhouse-server` of its own: config, data and log in a directory of its own,
+/// free loopback ports, killed when dropped. Several make a cluster named `tcpkit`, one
+/// shard each ([`ClickHouse::cluster`]).
+pub struct ClickHouse {
+    guard: Option<Guard>,
+    dir: PathBuf,
+    /// Its HTTP port.
+    pub http_port: u16,
+}
+
+impl ClickHouse {
+    /// One server, no cluster.
+    pub fn start(dir: &Path) -> Self {
+        Self::cluster(dir, 1).pop().expect("one server")
+    }
+
+    /// `n` servers, each one shard of the cluster `tcpkit`.
+    pub fn cluster(dir: &Path, n: usize) -> Vec<Self> {
+        let ports: Vec<[u16; 3]> = (0..n)
+            .map(|_| [free_port(), free_port(), free_port()])
+            .collect();
+        let shards: String = ports
+            .iter()
+            .map(|[_, tcp, _]| {
+                format!(
+                    "<shard><replica><host>127.0.0.1</host><port>{tcp}</port></replica></shard>"
+                )
+            })
+            .collect();
+        ports
+            .iter()
+            .enumerate()
+            .map(|(i, &[http, tcp, interserver])| {
+                let dir = dir.join(format!("clickhouse-{i}"));
+                std::fs::create_dir_all(&dir).expect("clickhouse dir");
+                let d = dir.display();
+                let config = format!(
+                    r#"<?xml version="1.0"?>
+<yandex>
+  <logger><level>warning</level><log>{d}/server.log</log><errorlog>{d}/error.log</errorlog><console>0</console></logger>
+  <http_port>{http}</http_port>
+  <tcp_port>{tcp}</tcp_port>
+  <interserver_http_port>{interserver}</interserver_http_port>
+  <listen_host>127.0.0.1</listen_host>
+  <path>{d}/data/</path>
+  <tmp_path>{d}/tmp/</tmp_path>
+  <user_files_path>{d}/user_files/</user_files_path>
+  <format_schema_path>{d}/format_schemas/</format_schema_path>
+  <mark_cache_size>268435456</mark_cache_size>
+  <uncompressed_cache_size>268435456</uncompressed_cache_size>
+  <users_config>{d}/users.xml</users_config>
+  <default_profile>default</default_profile>
+  <default_database>default</default_database>
+  <mlock_executable>false</mlock_executable>
+  <remote_servers><tcpkit>{shards}</tcpkit></remote_servers>
+</yandex>
+"#
+                );
+                std::fs::write(dir.join("config.xml"), config).expect("clickhouse config");
+                let users = r#"<?xml version="1.0"?>
+<yandex>
+  <profiles><default></default></profiles>
+  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <quotas><default></default></quotas>
+</yandex>
+"#;
+                std::fs::write(dir.join("users.xml"), users).expect("clickhouse users");
+                let mut server = ClickHouse {
+                    guard: None,
+                    dir,
+                    http_port: http,
+                };
+                server.resume();
+                server
+            })
+            .collect()
+    }
+
+    /// Starts it (again, on the same data), and waits until it answers.
+    pub fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.join("stdout.log")).expect("clickhouse log");
+        let child = Command::new(CLICKHOUSE_SERVER)
+            .arg(format!(
+                "--config-file={}",
+                self.dir.join("config.xml").display()
+            ))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start clickhouse-server");
+        self.guard = Some(Guard(child));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.query("SELECT 1").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "clickhouse-server did not start: see {}",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills it (SIGKILL); [`ClickHouse::resume`] starts it again.
+    pub fn kill(&mut self) {
+        self.guard = None;
+    }
+
+    /// Its answer to `sql` over HTTP, or None when it cannot be reached or refuses.
+    pub fn query(&self, sql: &str) -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .ok()?;
+        write!(
+            stream,
+            "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
+            sql.len()
+        )
+        .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        let (head, body) = answer.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.0 200")
+            .then(|| body.to_string())
+            .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_string()))
+    }
+
+    /// Its `host:port` for `--store`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
     }
 }
 

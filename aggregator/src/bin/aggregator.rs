@@ -1,5 +1,5 @@
-//! `tcpkit-aggregator`: receives the agents' streams and stores them in SQLite; answers
-//! `tcpkit-query`.
+//! `tcpkit-aggregator`: receives the agents' streams and stores them in SQLite or
+//! ClickHouse; answers `tcpkit-query`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -10,25 +10,49 @@ use std::sync::Arc;
 use tcpkit_aggregator::auth::TlsFiles;
 use tcpkit_aggregator::metrics::Telemetry;
 use tcpkit_aggregator::server::{self, Config, Limits};
+use tcpkit_aggregator::store;
 use tcpkit_aggregator::units::{parse_duration, parse_size};
 use tcpkit_ops::prometheus;
 use tcpkit_proto::client::read_token_file;
 
 /// Stores what tcpkit agents send (slow requests, latency histograms, their health) in a
-/// SQLite file, merges histograms across servers and time, and answers tcpkit-query.
+/// SQLite file or in ClickHouse, merges histograms across servers and time, and answers
+/// tcpkit-query. On ClickHouse, any number of aggregators share one store: agents and
+/// tcpkit-query may use any of them.
 #[derive(Debug, Parser)]
 #[command(name = "tcpkit-aggregator", version)]
 struct Args {
     /// Address to serve gRPC on (agents and tcpkit-query); port 0 picks a free one.
     #[arg(long, default_value = "0.0.0.0:50051", value_name = "ADDR")]
     listen: std::net::SocketAddr,
-    /// The SQLite database file, created when missing.
+    /// The SQLite database file, created when missing (the same as --store sqlite:FILE)
     #[arg(long, default_value = "tcpkit.db", value_name = "FILE")]
     db: PathBuf,
+    /// Where to store: sqlite:FILE, or clickhouse://[USER@]HOST:PORT[,HOST:PORT...]/DATABASE
+    /// (ClickHouse's HTTP port; clickhouse+https:// for TLS). With several hosts, the schema
+    /// is made on each and the first that answers is used
+    #[arg(
+        long,
+        value_name = "URL",
+        conflicts_with = "db",
+        help_heading = "Store"
+    )]
+    store: Option<String>,
+    /// The ClickHouse cluster (remote_servers) to shard over: local tables on every host
+    /// of --store, and Distributed tables over them, sharded by agent
+    #[arg(long, value_name = "NAME", help_heading = "Store")]
+    clickhouse_cluster: Option<String>,
+    /// File holding the ClickHouse user's password (never on the command line)
+    #[arg(long, value_name = "FILE", help_heading = "Store")]
+    store_password_file: Option<PathBuf>,
+    /// The CA (PEM) that signed the ClickHouse servers' certificates (clickhouse+https://)
+    #[arg(long, value_name = "FILE", help_heading = "Store")]
+    store_ca: Option<PathBuf>,
     /// Delete data older than this, by capture time (e.g. 7d, 12h). Kept forever when unset.
     #[arg(long, value_parser = parse_duration, value_name = "AGE")]
     retention: Option<Duration>,
-    /// Delete the oldest data while the database holds more than this (e.g. 10GB).
+    /// Delete the oldest data while the database holds more than this (e.g. 10GB); on
+    /// ClickHouse, by the parts' sizes on disk over every host, whole days at a time.
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     max_db_size: Option<u64>,
     /// Largest message an agent may send.
@@ -111,6 +135,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             key,
             client_ca: args.tls_client_ca.clone(),
         });
+    let store = store_of(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -120,7 +145,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let config = Config {
-            db: args.db.clone(),
+            store,
             retention: args.retention,
             max_db_bytes: args.max_db_size,
             limits: Limits {
@@ -162,11 +187,54 @@ fn run(args: Args) -> anyhow::Result<()> {
             let _ = stop_metrics.send(());
         };
         eprintln!(
-            "tcpkit-aggregator listening on {}{}, database {}",
+            "tcpkit-aggregator listening on {}{}, store {}",
             listener.local_addr()?,
             if config.tls.is_some() { " (TLS)" } else { "" },
-            args.db.display()
+            config.store
         );
         server::serve(listener, config, telemetry, shutdown).await
     })
+}
+
+/// The store the flags name.
+fn store_of(args: &Args) -> anyhow::Result<store::Spec> {
+    let spec = match &args.store {
+        Some(url) => store::Spec::parse(url).map_err(|e| anyhow::anyhow!("--store {e}"))?,
+        None => store::Spec::Sqlite(args.db.clone()),
+    };
+    match spec {
+        store::Spec::Sqlite(path) => {
+            if args.clickhouse_cluster.is_some()
+                || args.store_password_file.is_some()
+                || args.store_ca.is_some()
+            {
+                anyhow::bail!(
+                    "--clickhouse-cluster, --store-password-file and --store-ca are for a ClickHouse --store"
+                );
+            }
+            Ok(store::Spec::Sqlite(path))
+        }
+        store::Spec::ClickHouse(mut s) => {
+            if let Some(path) = &args.store_password_file {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the password file {}", path.display()))?;
+                s.password = Some(text.trim_end_matches(['\n', '\r']).to_string());
+            }
+            if args.store_ca.is_some() && !s.tls {
+                anyhow::bail!("--store-ca needs a clickhouse+https:// store");
+            }
+            s.ca.clone_from(&args.store_ca);
+            if let Some(c) = &args.clickhouse_cluster {
+                if !c
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                    || c.is_empty()
+                {
+                    anyhow::bail!("--clickhouse-cluster {c:?} is not a cluster name");
+                }
+            }
+            s.cluster.clone_from(&args.clickhouse_cluster);
+            Ok(store::Spec::ClickHouse(s))
+        }
+    }
 }

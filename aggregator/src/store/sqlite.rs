@@ -1,6 +1,5 @@
-//! The aggregator's SQLite store (DESIGN.md, "Aggregator storage"): agents and their
-//! sessions, slow-request events, histogram snapshots and their roll-ups (per hour and per
-//! 10 minutes).
+//! The SQLite store, the embedded default: agents and their sessions, slow-request events,
+//! histogram snapshots and their roll-ups (per hour and per 10 minutes).
 //!
 //! One [`Store`] writes (the writer task owns it); [`Reader`]s answer queries on their own
 //! connections. WAL mode lets them read while it writes. A batch is stored whole in one
@@ -14,6 +13,7 @@ use std::time::Duration;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
 use tcpkit_proto::v1;
 
+use super::{CheckedBatch, CheckedSnapshot, Group, Result, SessionKey, StoreError};
 use crate::merge::{Merged, SnapshotError, StoredColumns};
 use crate::slots::SlotSum;
 
@@ -200,72 +200,6 @@ const MERGED_COLUMNS: &str =
     "count, sum_us, max_us, slow, errors, timeouts, seed, fine, own_sum_us, own, depth, moved, ask, \
      keys, multi_key, req_bytes, rsp_bytes";
 
-/// What can go wrong in the store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// SQLite refused.
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// A stored histogram does not decode (the file was altered).
-    #[error("stored histogram: {0}")]
-    Histogram(#[from] SnapshotError),
-    /// The file was written by a newer tcpkit.
-    #[error("database schema version {found} is newer than this aggregator's {known}")]
-    NewerSchema {
-        /// The file's version.
-        found: i64,
-        /// The newest this build knows.
-        known: i64,
-    },
-}
-
-type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// One agent's session, as the store knows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionKey {
-    /// The agent's row.
-    pub agent: i64,
-    /// The session the agent chose.
-    pub session: u64,
-}
-
-/// A histogram snapshot checked to add up.
-#[derive(Debug, Clone)]
-pub struct CheckedSnapshot {
-    /// Its start, µs.
-    pub ts_us: u64,
-    /// Its length, µs.
-    pub interval_us: u64,
-    /// Server address.
-    pub server: String,
-    /// Server port.
-    pub port: u32,
-    /// Protocol.
-    pub proto: String,
-    /// Command.
-    pub command: String,
-    /// Its figures.
-    pub merged: Merged,
-}
-
-/// A batch checked to be storable.
-#[derive(Debug, Clone, Default)]
-pub struct CheckedBatch {
-    /// Its sequence number in the session.
-    pub seq: u64,
-    /// Slow exchanges.
-    pub events: Vec<v1::Event>,
-    /// Histogram snapshots.
-    pub histograms: Vec<CheckedSnapshot>,
-    /// Redis Cluster slot snapshots.
-    pub slots: Vec<crate::slots::CheckedSlot>,
-    /// Key template snapshots (the template as the command).
-    pub templates: Vec<CheckedSnapshot>,
-    /// The agent's counters when it sent the batch.
-    pub counters: Option<v1::Counters>,
-}
-
 /// Opens a connection with the settings every connection shares.
 fn connect(path: &Path, flags: OpenFlags) -> Result<Connection> {
     let conn = Connection::open_with_flags(path, flags)?;
@@ -316,9 +250,33 @@ impl Store {
         Ok(())
     }
 
-    /// Records an agent's hello; returns its session and the last sequence number stored for
-    /// it (0 for a new session).
-    pub fn hello(&mut self, hello: &v1::Hello, now_us: u64) -> Result<(SessionKey, u64)> {
+    /// Bytes of the pages in use (the file keeps freed pages for reuse).
+    pub fn live_bytes(&self) -> Result<u64> {
+        let q =
+            |p: &str| -> Result<i64> { Ok(self.conn.pragma_query_value(None, p, |r| r.get(0))?) };
+        let pages = q("page_count")? - q("freelist_count")?;
+        Ok(pages.max(0) as u64 * q("page_size")? as u64)
+    }
+
+    fn delete_before(&mut self, cutoff_us: u64) -> Result<u64> {
+        let tx = self.conn.transaction()?;
+        let cutoff = cutoff_us as i64;
+        let mut n = tx.execute("DELETE FROM events WHERE ts_us < ?1", [cutoff])?;
+        n += tx.execute("DELETE FROM histograms WHERE ts_us < ?1", [cutoff])?;
+        n += tx.execute("DELETE FROM slots WHERE ts_us < ?1", [cutoff])?;
+        n += tx.execute("DELETE FROM templates WHERE ts_us < ?1", [cutoff])?;
+        // A roll-up goes with its last snapshot.
+        n += tx.execute(
+            "DELETE FROM rollups WHERE bucket_us + span_us <= ?1",
+            [cutoff],
+        )?;
+        tx.commit()?;
+        Ok(n as u64)
+    }
+}
+
+impl super::Writer for Store {
+    fn hello(&mut self, hello: &v1::Hello, now_us: u64) -> Result<(SessionKey, u64)> {
         let ports = hello
             .ports
             .iter()
@@ -357,15 +315,15 @@ impl Store {
         Ok((
             SessionKey {
                 agent,
+                name: hello.agent_id.as_str().into(),
                 session: hello.session,
             },
             last_seq as u64,
         ))
     }
 
-    /// Stores batches in one transaction; for each, true when stored, false when it was
-    /// already (a re-sent batch). Nothing is stored when this fails.
-    pub fn commit(
+    /// In one transaction: nothing is stored when this fails.
+    fn commit(
         &mut self,
         batches: &[(SessionKey, &CheckedBatch)],
         now_us: u64,
@@ -373,15 +331,14 @@ impl Store {
         let tx = self.conn.transaction()?;
         let mut stored = Vec::with_capacity(batches.len());
         for (key, batch) in batches {
-            stored.push(store_batch(&tx, *key, batch, now_us)?);
+            stored.push(store_batch(&tx, key, batch, now_us)?);
         }
         tx.commit()?;
         Ok(stored)
     }
 
-    /// Deletes what is older than `max_age` (by capture time, before `now_us`), then the
-    /// oldest data while the live data exceeds `max_bytes`. Returns the rows deleted.
-    pub fn enforce_retention(
+    /// Returns the rows deleted; by size, whole hours go, oldest first.
+    fn enforce_retention(
         &mut self,
         max_age: Option<Duration>,
         max_bytes: Option<u64>,
@@ -414,35 +371,11 @@ impl Store {
         }
         Ok(deleted)
     }
-
-    /// Bytes of the pages in use (the file keeps freed pages for reuse).
-    pub fn live_bytes(&self) -> Result<u64> {
-        let q =
-            |p: &str| -> Result<i64> { Ok(self.conn.pragma_query_value(None, p, |r| r.get(0))?) };
-        let pages = q("page_count")? - q("freelist_count")?;
-        Ok(pages.max(0) as u64 * q("page_size")? as u64)
-    }
-
-    fn delete_before(&mut self, cutoff_us: u64) -> Result<u64> {
-        let tx = self.conn.transaction()?;
-        let cutoff = cutoff_us as i64;
-        let mut n = tx.execute("DELETE FROM events WHERE ts_us < ?1", [cutoff])?;
-        n += tx.execute("DELETE FROM histograms WHERE ts_us < ?1", [cutoff])?;
-        n += tx.execute("DELETE FROM slots WHERE ts_us < ?1", [cutoff])?;
-        n += tx.execute("DELETE FROM templates WHERE ts_us < ?1", [cutoff])?;
-        // A roll-up goes with its last snapshot.
-        n += tx.execute(
-            "DELETE FROM rollups WHERE bucket_us + span_us <= ?1",
-            [cutoff],
-        )?;
-        tx.commit()?;
-        Ok(n as u64)
-    }
 }
 
 fn store_batch(
     tx: &rusqlite::Transaction<'_>,
-    key: SessionKey,
+    key: &SessionKey,
     batch: &CheckedBatch,
     now_us: u64,
 ) -> Result<bool> {
@@ -693,39 +626,14 @@ pub struct Reader {
     conn: Connection,
 }
 
-/// What to group merged histograms by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Group {
-    /// One group.
-    None,
-    /// Server address and port.
-    Server,
-    /// Agent id.
-    Agent,
-    /// Command.
-    Command,
-    /// Port.
-    Port,
-}
-
-/// Between the protocol and the command in the keys of [`Group::Command`]: commands of
-/// several protocols that share a name (redis `GET`, memcached `get` is another) stay apart.
-pub const PROTO_COMMAND_SEPARATOR: char = '\u{1f}';
-
-/// The protocol and the command of a [`Group::Command`] key.
-pub fn split_command_key(key: &str) -> (&str, &str) {
-    key.split_once(PROTO_COMMAND_SEPARATOR).unwrap_or(("", key))
-}
-
-impl Group {
-    fn column(self) -> &'static str {
-        match self {
-            Group::None => "''",
-            Group::Server => "server || ':' || port",
-            Group::Agent => "(SELECT name FROM agents WHERE id = agent)",
-            Group::Command => "proto || char(31) || command",
-            Group::Port => "CAST(port AS TEXT)",
-        }
+/// The key of a group, as SQL.
+fn group_column(group: Group) -> &'static str {
+    match group {
+        Group::None => "''",
+        Group::Server => "server || ':' || port",
+        Group::Agent => "(SELECT name FROM agents WHERE id = agent)",
+        Group::Command => "proto || char(31) || command",
+        Group::Port => "CAST(port AS TEXT)",
     }
 }
 
@@ -802,68 +710,6 @@ impl Reader {
         })
     }
 
-    /// Slow events matching the request, newest (or slowest) first.
-    pub fn slow(&self, req: &v1::SlowRequest) -> Result<Vec<v1::StoredEvent>> {
-        use rusqlite::types::Value;
-        let f = req.filter.clone().unwrap_or_default();
-        let mut c = Conditions::new(&f);
-        c.time("ts_us", f.from_us, f.to_us);
-        if req.min_latency_us > 0 {
-            c.push("latency_us >= ?", Value::Integer(req.min_latency_us as i64));
-        }
-        if !req.grep.is_empty() {
-            c.push("summary GLOB ?", Value::Text(format!("*{}*", req.grep)));
-        }
-        let order = if req.slowest_first {
-            "latency_us DESC, ts_us DESC"
-        } else {
-            "ts_us DESC, id DESC"
-        };
-        let limit = if req.limit == 0 {
-            -1
-        } else {
-            i64::from(req.limit)
-        };
-        let sql = format!(
-            "SELECT (SELECT name FROM agents WHERE id = agent), ts_us, req_done_us, client,
-                 server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status,
-                 own_us, depth
-             FROM events {} ORDER BY {order} LIMIT {limit}",
-            c.where_clause()
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map(params_from_iter(c.values.iter()), |r| {
-            Ok(v1::StoredEvent {
-                agent: r.get(0)?,
-                event: Some(v1::Event {
-                    ts_us: r.get::<_, i64>(1)? as u64,
-                    req_done_us: r.get::<_, i64>(2)? as u64,
-                    client: r.get(3)?,
-                    server: r.get(4)?,
-                    port: r.get(5)?,
-                    proto: r.get(6)?,
-                    command: r.get(7)?,
-                    summary: r.get(8)?,
-                    latency_us: r.get::<_, i64>(9)? as u64,
-                    req_bytes: r.get::<_, i64>(10)? as u64,
-                    rsp_bytes: r.get::<_, i64>(11)? as u64,
-                    status: r.get(12)?,
-                    own_us: r.get::<_, i64>(13)? as u64,
-                    depth: r.get(14)?,
-                }),
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    /// The histograms matching `filter`, merged per group (one group with [`Group::None`]),
-    /// in key order.
-    pub fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
-        let mut groups = BTreeMap::new();
-        self.merge_range(filter, filter.from_us, filter.to_us, 0, group, &mut groups)?;
-        Ok(groups)
-    }
-
     /// Merges `[from, to)` (`to` 0: no end): the whole spans of roll-up `level` inside it
     /// from that roll-up, the parts at its ends from the next finer level, and from the
     /// snapshots past the finest.
@@ -909,7 +755,7 @@ impl Reader {
     ) -> Result<()> {
         let sql = format!(
             "SELECT {}, {MERGED_COLUMNS} FROM {table} {}",
-            group.column(),
+            group_column(group),
             c.where_clause()
         );
         let mut stmt = self.conn.prepare(&sql)?;
@@ -926,11 +772,72 @@ impl Reader {
         }
         Ok(())
     }
+}
 
-    /// The key templates matching `filter`, merged per (protocol, template) over agents,
-    /// servers and time, keyed as [`Group::Command`] is (template snapshots are not rolled
-    /// up).
-    pub fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
+impl super::Reader for Reader {
+    fn slow(&self, req: &v1::SlowRequest) -> Result<Vec<v1::StoredEvent>> {
+        use rusqlite::types::Value;
+        let f = req.filter.clone().unwrap_or_default();
+        let mut c = Conditions::new(&f);
+        c.time("ts_us", f.from_us, f.to_us);
+        if req.min_latency_us > 0 {
+            c.push("latency_us >= ?", Value::Integer(req.min_latency_us as i64));
+        }
+        if !req.grep.is_empty() {
+            c.push("summary GLOB ?", Value::Text(format!("*{}*", req.grep)));
+        }
+        // Ties in the agents' name order, then the newest stored first: as every store
+        // orders them.
+        let order = if req.slowest_first {
+            "latency_us DESC, ts_us DESC, agent_name, id DESC"
+        } else {
+            "ts_us DESC, agent_name, id DESC"
+        };
+        let limit = if req.limit == 0 {
+            -1
+        } else {
+            i64::from(req.limit)
+        };
+        let sql = format!(
+            "SELECT (SELECT name FROM agents WHERE id = agent) AS agent_name, ts_us, req_done_us, client,
+                 server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status,
+                 own_us, depth
+             FROM events {} ORDER BY {order} LIMIT {limit}",
+            c.where_clause()
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map(params_from_iter(c.values.iter()), |r| {
+            Ok(v1::StoredEvent {
+                agent: r.get(0)?,
+                event: Some(v1::Event {
+                    ts_us: r.get::<_, i64>(1)? as u64,
+                    req_done_us: r.get::<_, i64>(2)? as u64,
+                    client: r.get(3)?,
+                    server: r.get(4)?,
+                    port: r.get(5)?,
+                    proto: r.get(6)?,
+                    command: r.get(7)?,
+                    summary: r.get(8)?,
+                    latency_us: r.get::<_, i64>(9)? as u64,
+                    req_bytes: r.get::<_, i64>(10)? as u64,
+                    rsp_bytes: r.get::<_, i64>(11)? as u64,
+                    status: r.get(12)?,
+                    own_us: r.get::<_, i64>(13)? as u64,
+                    depth: r.get(14)?,
+                }),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
+        let mut groups = BTreeMap::new();
+        self.merge_range(filter, filter.from_us, filter.to_us, 0, group, &mut groups)?;
+        Ok(groups)
+    }
+
+    /// Template snapshots are not rolled up.
+    fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
         let mut c = Conditions::new(filter);
         c.time("ts_us", filter.from_us, filter.to_us);
         let mut groups = BTreeMap::new();
@@ -938,10 +845,8 @@ impl Reader {
         Ok(groups)
     }
 
-    /// The Redis Cluster slots matching `filter`, summed per slot over agents, servers and
-    /// time (slot snapshots are not rolled up: an agent ships only the slots it saw).
-    /// Slots are Redis' and not per command: a filter on another protocol matches none.
-    pub fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {
+    /// Slot snapshots are not rolled up: an agent ships only the slots it saw.
+    fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {
         let mut sums = BTreeMap::new();
         if !filter.proto.is_empty() && !filter.proto.eq_ignore_ascii_case("redis") {
             return Ok(sums);
@@ -972,8 +877,7 @@ impl Reader {
         Ok(sums)
     }
 
-    /// Every agent, with its sessions' counters summed.
-    pub fn agents(&self) -> Result<Vec<v1::AgentInfo>> {
+    fn agents(&self) -> Result<Vec<v1::AgentInfo>> {
         let mut stmt = self.conn.prepare(
             "SELECT a.name, a.hostname, a.version, a.ports, a.first_seen_us, a.last_seen_us,
                  count(s.session), sum(s.events), sum(s.kernel_drops), sum(s.interface_drops),
@@ -1035,6 +939,7 @@ impl Reader {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{Reader as _, Writer as _, PROTO_COMMAND_SEPARATOR};
     use super::*;
     use tcpkit_histogram::{seed_bucket, FineHistogram, SEED_BUCKETS};
 
@@ -1101,14 +1006,16 @@ mod tests {
                 ..Default::default()
             }),
         };
-        assert_eq!(store.commit(&[(key, &batch)], 2).unwrap(), [true]);
+        assert_eq!(store.commit(&[(key.clone(), &batch)], 2).unwrap(), [true]);
         // Re-sent: skipped, in the same commit as a new batch, which is stored.
         let next = CheckedBatch {
             seq: 2,
             ..CheckedBatch::default()
         };
         assert_eq!(
-            store.commit(&[(key, &batch), (key, &next)], 3).unwrap(),
+            store
+                .commit(&[(key.clone(), &batch), (key.clone(), &next)], 3)
+                .unwrap(),
             [false, true]
         );
         drop(store);
@@ -1228,7 +1135,7 @@ mod tests {
                 histograms: vec![snapshot(t, "GET", &[5])],
                 ..CheckedBatch::default()
             };
-            store.commit(&[(key, &batch)], 0).unwrap();
+            store.commit(&[(key.clone(), &batch)], 0).unwrap();
         }
         store
             .enforce_retention(Some(Duration::from_secs(6 * 86_400)), None, 10 * day)

@@ -1,0 +1,1504 @@
+//! The ClickHouse store, for fleets that outgrow one host: any number of stateless
+//! aggregators on one ClickHouse server, or on a cluster's shards (`--clickhouse-cluster`).
+//!
+//! It speaks ClickHouse's HTTP interface (JSONEachRow both ways) and stays within what the
+//! ClickHouse Debian ships (18.16) and current releases both accept.
+//!
+//! * **Exactly once without shared memory.** Every row carries its batch's key (agent,
+//!   session, sequence number) and its index in the batch, and the data tables are
+//!   `ReplacingMergeTree`s ordered by time then that key. A batch committed twice (re-sent to
+//!   another aggregator while the first was still committing it) leaves identical rows that
+//!   the engine collapses, and every query reads `FINAL`, so they count once before that.
+//!   Duplicates share their capture time, so they share their partition too.
+//! * **Acknowledged only when accepted.** A batch's rows go first, its row in `batches` last,
+//!   each insert answered by ClickHouse before the next (`insert_distributed_sync` on a
+//!   cluster); a hello reads the last stored sequence number from `batches`.
+//! * **Merged inside ClickHouse.** Fine buckets are arrays of (index, count), summed by
+//!   `sumMap`; seed and slot buckets by `sumForEach`.
+//! * **Schema** created on start with `IF NOT EXISTS`, versioned in `schema_version` on every
+//!   host: aggregators starting at once run the same statements. With a cluster, each table
+//!   is a `*_local` MergeTree on every host named in `--store` and a `Distributed` table
+//!   over them, sharded by agent.
+//! * **Retention** drops whole days (`PARTITION BY` day of capture time).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tcpkit_histogram::{FineHistogram, PROM_BUCKETS, SEED_BUCKETS};
+use tcpkit_proto::v1;
+
+use super::{CheckedBatch, CheckedSnapshot, Group, Result, SessionKey, StoreError};
+use crate::merge::Merged;
+use crate::slots::SlotSum;
+
+/// A day, µs: the partition of the data tables.
+const DAY_US: u64 = 86_400_000_000;
+
+/// With a shared store, an agent counts as connected while it was seen this recently.
+pub const CONNECTED_WITHIN: Duration = Duration::from_secs(60);
+
+/// How long one request to ClickHouse may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The schema, one step per version; each statement is safe to run again. `{db}` is the
+/// database, `{engine}` a table's engine clause, filled in per table by [`create_table`].
+const VERSION: u32 = 1;
+
+/// A table: its columns, sorting key and partition.
+struct Table {
+    name: &'static str,
+    columns: &'static str,
+    order_by: &'static str,
+    partition_by: Option<&'static str>,
+    /// Rows with equal sorting keys are one (re-sent batches).
+    replacing: bool,
+}
+
+const SNAPSHOT_COLUMNS: &str = "agent String, session UInt64, seq UInt64, n UInt32, \
+    ts_us UInt64, interval_us UInt64, server String, port UInt32, proto String, command String, \
+    count UInt64, sum_us UInt64, max_us UInt64, slow UInt64, errors UInt64, timeouts UInt64, \
+    seed Array(UInt64), fine_i Array(UInt32), fine_c Array(UInt64), \
+    own_sum_us UInt64, own_max UInt64, own_i Array(UInt32), own_c Array(UInt64), \
+    depth_max UInt64, depth_i Array(UInt32), depth_c Array(UInt64), \
+    moved UInt64, ask UInt64, keys UInt64, multi_key UInt64, req_bytes UInt64, rsp_bytes UInt64";
+
+const BY_TIME: &str = "ts_us, agent, session, seq, n";
+const DAY_OF_TS: &str = "intDiv(ts_us, 86400000000)";
+
+const TABLES: &[Table] = &[
+    Table {
+        name: "hellos",
+        columns: "agent String, session UInt64, hostname String, version String, \
+            ports String, ts_us UInt64",
+        order_by: "agent, session, ts_us",
+        partition_by: None,
+        replacing: false,
+    },
+    // One row per stored batch: its events and the agent's counters then. Not partitioned
+    // (kept, as SQLite keeps sessions), so that a batch stored twice collapses whenever.
+    Table {
+        name: "batches",
+        columns: "agent String, session UInt64, seq UInt64, committed_us UInt64, \
+            events UInt64, has_counters UInt8, kernel_drops UInt64, interface_drops UInt64, \
+            decode_errors UInt64, gaps UInt64, desyncs UInt64, timeouts UInt64, \
+            flows_evicted UInt64, shipper_dropped_events UInt64, \
+            shipper_dropped_histograms UInt64, shipper_buffered UInt64, request_lost UInt64, \
+            reply_lost UInt64, uncertain UInt64, reply_before_request UInt64, clock_skew UInt64",
+        order_by: "agent, session, seq",
+        partition_by: None,
+        replacing: true,
+    },
+    Table {
+        name: "events",
+        columns: "agent String, session UInt64, seq UInt64, n UInt32, ts_us UInt64, \
+            req_done_us UInt64, client String, server String, port UInt32, proto String, \
+            command String, summary String, latency_us UInt64, req_bytes UInt64, \
+            rsp_bytes UInt64, status Int32, own_us UInt64, depth UInt32",
+        order_by: BY_TIME,
+        partition_by: Some(DAY_OF_TS),
+        replacing: true,
+    },
+    Table {
+        name: "histograms",
+        columns: SNAPSHOT_COLUMNS,
+        order_by: BY_TIME,
+        partition_by: Some(DAY_OF_TS),
+        replacing: true,
+    },
+    Table {
+        name: "templates",
+        columns: SNAPSHOT_COLUMNS,
+        order_by: BY_TIME,
+        partition_by: Some(DAY_OF_TS),
+        replacing: true,
+    },
+    Table {
+        name: "slots",
+        columns: "agent String, session UInt64, seq UInt64, n UInt32, ts_us UInt64, \
+            interval_us UInt64, server String, port UInt32, slot UInt16, count UInt64, \
+            sum_us UInt64, moved UInt64, ask UInt64, buckets Array(UInt64)",
+        order_by: BY_TIME,
+        partition_by: Some(DAY_OF_TS),
+        replacing: true,
+    },
+];
+
+/// Where ClickHouse is and how to reach it.
+#[derive(Clone)]
+pub struct Settings {
+    /// `host:port` of each server of the HTTP interface, tried in order.
+    pub hosts: Vec<String>,
+    /// The database (created when missing).
+    pub database: String,
+    /// The user.
+    pub user: String,
+    /// The user's password (from `--store-password-file`).
+    pub password: Option<String>,
+    /// HTTPS.
+    pub tls: bool,
+    /// The CA that signed the servers' certificates (PEM); the web's roots without it.
+    pub ca: Option<PathBuf>,
+    /// The cluster (`remote_servers`) to shard over: local tables plus `Distributed` ones.
+    pub cluster: Option<String>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl std::fmt::Display for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls {
+            "clickhouse+https"
+        } else {
+            "clickhouse"
+        };
+        write!(
+            f,
+            "{scheme}://{}@{}/{}",
+            self.user,
+            self.hosts.join(","),
+            self.database
+        )?;
+        if let Some(c) = &self.cluster {
+            write!(f, " (cluster {c})")?;
+        }
+        Ok(())
+    }
+}
+
+/// A database, cluster or user name: letters, digits, `_`, `-` and `.` (cluster names).
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl Settings {
+    /// Reads `clickhouse://[USER@]HOST:PORT[,HOST:PORT…]/DATABASE` (`clickhouse+https://`
+    /// for TLS). A password in the URL is refused: it goes in a file, never in argv.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("clickhouse+https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("clickhouse://") {
+            (false, r)
+        } else {
+            return Err(format!(
+                "{url:?}: a ClickHouse store is clickhouse://HOST:PORT/DATABASE or clickhouse+https://…"
+            ));
+        };
+        let (authority, database) = rest.split_once('/').ok_or_else(|| {
+            format!(
+                "{url:?} names no database: add /DATABASE, e.g. clickhouse://127.0.0.1:8123/tcpkit"
+            )
+        })?;
+        if !is_name(database) {
+            return Err(format!(
+                "{database:?} is not a database name (letters, digits and _)"
+            ));
+        }
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((user, hosts)) => {
+                if user.contains(':') {
+                    return Err(
+                        "a password does not go in the store URL: use --store-password-file".into(),
+                    );
+                }
+                if !is_name(user) {
+                    return Err(format!("{user:?} is not a user name"));
+                }
+                (user.to_string(), hosts)
+            }
+            None => ("default".to_string(), authority),
+        };
+        let default_port = if tls { 8443 } else { 8123 };
+        let hosts = hosts
+            .split(',')
+            .map(|h| {
+                if h.is_empty() {
+                    return Err(format!("{url:?}: an empty host"));
+                }
+                if h.contains(['/', '?', '#', ' ']) {
+                    return Err(format!("{h:?} is not HOST:PORT"));
+                }
+                // [v6]:port, host:port, or a host alone.
+                let has_port = match h.rfind(':') {
+                    Some(i) => h[i + 1..].parse::<u16>().is_ok() && !h[..i].ends_with(':'),
+                    None => false,
+                };
+                Ok(if has_port {
+                    h.to_string()
+                } else {
+                    format!("{h}:{default_port}")
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Settings {
+            hosts,
+            database: database.to_string(),
+            user,
+            password: None,
+            tls,
+            ca: None,
+            cluster: None,
+        })
+    }
+
+    /// The name of a table as queried: the `Distributed` one on a cluster.
+    fn table(&self, name: &str) -> String {
+        format!("{}.{name}", self.database)
+    }
+
+    /// The name of a table's part on one host.
+    fn local_table(&self, name: &str) -> String {
+        match &self.cluster {
+            Some(_) => format!("{}.{name}_local", self.database),
+            None => self.table(name),
+        }
+    }
+}
+
+/// A ClickHouse string literal.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('\'');
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            '\0' => out.push_str("\\0"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// SQLite's `GLOB` as an RE2 pattern matching the whole text: `*` any run, `?` one
+/// character, `[…]` a class (`[^…]` negated), every other character itself.
+fn glob_to_regex(glob: &str) -> String {
+    let mut out = String::from("(?s)^");
+    let chars: Vec<char> = glob.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '*' => out.push_str(".*"),
+            '?' => out.push('.'),
+            '[' => {
+                // A class runs to the next `]` that is not its first character.
+                let mut j = i + 1;
+                if chars.get(j) == Some(&'^') {
+                    j += 1;
+                }
+                if chars.get(j) == Some(&']') {
+                    j += 1;
+                }
+                while j < chars.len() && chars[j] != ']' {
+                    j += 1;
+                }
+                if j >= chars.len() {
+                    // Unclosed: SQLite matches nothing.
+                    return "(?s)^\\b\\B$".into();
+                }
+                out.push('[');
+                let mut k = i + 1;
+                if chars[k] == '^' {
+                    out.push('^');
+                    k += 1;
+                }
+                for &c in &chars[k..j] {
+                    if matches!(c, '\\' | '[' | ']') {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push(']');
+                i = j;
+            }
+            c => {
+                if "\\.+*?()|[]{}^$".contains(c) {
+                    out.push('\\');
+                }
+                out.push(c);
+            }
+        }
+        i += 1;
+    }
+    out.push('$');
+    out
+}
+
+/// The HTTP side: one agent, the hosts in order, the one that answered last first.
+struct Client {
+    http: ureq::Agent,
+    urls: Vec<String>,
+    database: String,
+    auth: String,
+    /// Settings every request carries.
+    params: Vec<(&'static str, &'static str)>,
+    current: AtomicUsize,
+}
+
+impl Client {
+    fn new(s: &Settings) -> Result<Self> {
+        let mut http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(REQUEST_TIMEOUT);
+        if s.tls {
+            http = http.tls_config(Arc::new(tls_config(s.ca.as_deref())?));
+        }
+        let scheme = if s.tls { "https" } else { "http" };
+        let credentials = format!("{}:{}", s.user, s.password.as_deref().unwrap_or(""));
+        let mut params = vec![("output_format_json_quote_64bit_integers", "0")];
+        if s.cluster.is_some() {
+            // An insert into a Distributed table returns once every shard has it.
+            params.push(("insert_distributed_sync", "1"));
+        }
+        Ok(Client {
+            http: http.build(),
+            urls: s.hosts.iter().map(|h| format!("{scheme}://{h}/")).collect(),
+            database: s.database.clone(),
+            auth: format!(
+                "Basic {}",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, credentials)
+            ),
+            params,
+            current: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `sql` (with `body` as its data, for an insert) on the host that answered last,
+    /// or the next ones when it cannot be reached.
+    fn run(&self, sql: &str, body: &[u8]) -> Result<String> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut unreachable = Vec::new();
+        for k in 0..self.urls.len() {
+            let i = (first + k) % self.urls.len();
+            match self.run_on(i, sql, body, true) {
+                Ok(text) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(text);
+                }
+                Err(Unreached(why)) => unreachable.push(why),
+                Err(Refused(why)) => return Err(StoreError::ClickHouse(why)),
+            }
+        }
+        Err(StoreError::ClickHouse(unreachable.join("; ")))
+    }
+
+    /// Runs `sql` on host `i` only; `with_db` false before the database exists.
+    fn run_on(
+        &self,
+        i: usize,
+        sql: &str,
+        body: &[u8],
+        with_db: bool,
+    ) -> std::result::Result<String, Failure> {
+        let url = &self.urls[i];
+        let mut req = self.http.post(url).set("Authorization", &self.auth);
+        if with_db {
+            req = req.query("database", &self.database);
+        }
+        for (k, v) in &self.params {
+            req = req.query(k, v);
+        }
+        let result = if body.is_empty() {
+            req.send_string(sql)
+        } else {
+            req.query("query", sql).send_bytes(body)
+        };
+        match result {
+            Ok(resp) => resp
+                .into_string()
+                .map_err(|e| Unreached(format!("{url}: {e}"))),
+            Err(ureq::Error::Status(code, resp)) => {
+                let text = resp.into_string().unwrap_or_default();
+                let text = text.trim();
+                Err(Refused(format!("{url} answered {code}: {text}")))
+            }
+            Err(ureq::Error::Transport(t)) => Err(Unreached(format!("cannot reach {url}: {t}"))),
+        }
+    }
+
+    /// A query's rows (`FORMAT JSONEachRow` is added).
+    fn rows<T: serde::de::DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>> {
+        let text = self.run(&format!("{sql} FORMAT JSONEachRow"), b"")?;
+        text.lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_str(l)
+                    .map_err(|e| StoreError::ClickHouse(format!("unexpected row {l:?}: {e}")))
+            })
+            .collect()
+    }
+
+    /// Inserts `rows` into `table` (nothing when there are none).
+    fn insert<T: Serialize>(&self, table: &str, rows: &[T]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::with_capacity(rows.len() * 256);
+        for r in rows {
+            serde_json::to_writer(&mut body, r)
+                .map_err(|e| StoreError::ClickHouse(format!("cannot encode a row: {e}")))?;
+            body.push(b'\n');
+        }
+        self.run(&format!("INSERT INTO {table} FORMAT JSONEachRow"), &body)?;
+        Ok(())
+    }
+}
+
+/// Why a request failed: the host could not be reached (try another), or it answered no.
+enum Failure {
+    Unreached(String),
+    Refused(String),
+}
+use Failure::{Refused, Unreached};
+
+fn tls_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+                .map_err(|e| {
+                    StoreError::ClickHouse(format!(
+                        "cannot read --store-ca {}: {e}",
+                        path.display()
+                    ))
+                })?;
+            if certs.is_empty() {
+                return Err(StoreError::ClickHouse(format!(
+                    "--store-ca {} holds no certificate",
+                    path.display()
+                )));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| {
+                    StoreError::ClickHouse(format!("--store-ca {}: {e}", path.display()))
+                })?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StoreError::ClickHouse(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The `CREATE` statements of a table on one host.
+fn create_table(s: &Settings, t: &Table) -> Vec<String> {
+    let engine = if t.replacing {
+        "ReplacingMergeTree"
+    } else {
+        "MergeTree"
+    };
+    let partition = t
+        .partition_by
+        .map(|p| format!(" PARTITION BY {p}"))
+        .unwrap_or_default();
+    let local = s.local_table(t.name);
+    let mut out = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {local} ({}) ENGINE = {engine}{partition} ORDER BY ({})",
+        t.columns, t.order_by
+    )];
+    if let Some(cluster) = &s.cluster {
+        out.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} AS {local} ENGINE = Distributed({cluster}, {}, {}_local, cityHash64(agent))",
+            s.table(t.name),
+            s.database,
+            t.name
+        ));
+    }
+    out
+}
+
+/// Creates (or checks) the schema on every host. Unreachable hosts are an error: a
+/// cluster's tables must exist on each.
+fn migrate(s: &Settings, client: &Client) -> Result<()> {
+    for i in 0..client.urls.len() {
+        let run = |sql: &str, with_db: bool| {
+            client.run_on(i, sql, b"", with_db).map_err(|f| match f {
+                Unreached(w) | Refused(w) => StoreError::ClickHouse(w),
+            })
+        };
+        run(
+            &format!("CREATE DATABASE IF NOT EXISTS {}", s.database),
+            false,
+        )?;
+        let versions = format!("{}.schema_version", s.database);
+        run(
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {versions} (version UInt32, ts_us UInt64) \
+                 ENGINE = MergeTree ORDER BY version"
+            ),
+            true,
+        )?;
+        let found: u32 = run(&format!("SELECT max(version) FROM {versions}"), true)?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        if found > VERSION {
+            return Err(StoreError::NewerSchema {
+                found: i64::from(found),
+                known: i64::from(VERSION),
+            });
+        }
+        if found == VERSION {
+            continue;
+        }
+        for t in TABLES {
+            for sql in create_table(s, t) {
+                run(&sql, true)?;
+            }
+        }
+        run(
+            &format!(
+                "INSERT INTO {versions} VALUES ({VERSION}, {})",
+                crate::server::now_us()
+            ),
+            true,
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct HelloRow<'a> {
+    agent: &'a str,
+    session: u64,
+    hostname: &'a str,
+    version: &'a str,
+    ports: String,
+    ts_us: u64,
+}
+
+#[derive(Serialize, Default)]
+struct BatchRow<'a> {
+    agent: &'a str,
+    session: u64,
+    seq: u64,
+    committed_us: u64,
+    events: u64,
+    has_counters: u8,
+    kernel_drops: u64,
+    interface_drops: u64,
+    decode_errors: u64,
+    gaps: u64,
+    desyncs: u64,
+    timeouts: u64,
+    flows_evicted: u64,
+    shipper_dropped_events: u64,
+    shipper_dropped_histograms: u64,
+    shipper_buffered: u64,
+    request_lost: u64,
+    reply_lost: u64,
+    uncertain: u64,
+    reply_before_request: u64,
+    clock_skew: u64,
+}
+
+/// The key of a row: its batch and its place in it.
+#[derive(Serialize, Clone, Copy)]
+struct RowKey<'a> {
+    agent: &'a str,
+    session: u64,
+    seq: u64,
+    n: u32,
+}
+
+#[derive(Serialize)]
+struct EventRow<'a> {
+    #[serde(flatten)]
+    key: RowKey<'a>,
+    ts_us: u64,
+    req_done_us: u64,
+    client: &'a str,
+    server: &'a str,
+    port: u32,
+    proto: &'a str,
+    command: &'a str,
+    summary: &'a str,
+    latency_us: u64,
+    req_bytes: u64,
+    rsp_bytes: u64,
+    status: i32,
+    own_us: u64,
+    depth: u32,
+}
+
+/// A fine histogram's non-empty buckets as two arrays.
+fn buckets(h: &FineHistogram) -> (Vec<u32>, Vec<u64>) {
+    h.nonzero().unzip()
+}
+
+#[derive(Serialize)]
+struct SnapshotRow<'a> {
+    #[serde(flatten)]
+    key: RowKey<'a>,
+    ts_us: u64,
+    interval_us: u64,
+    server: &'a str,
+    port: u32,
+    proto: &'a str,
+    command: &'a str,
+    #[serde(flatten)]
+    sums: Sums,
+}
+
+fn snapshot_row<'a>(key: RowKey<'a>, h: &'a CheckedSnapshot) -> SnapshotRow<'a> {
+    SnapshotRow {
+        key,
+        ts_us: h.ts_us,
+        interval_us: h.interval_us,
+        server: &h.server,
+        port: h.port,
+        proto: &h.proto,
+        command: &h.command,
+        sums: Sums::of(&h.merged),
+    }
+}
+
+/// A merged histogram's columns, as written and as summed.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
+struct Sums {
+    count: u64,
+    sum_us: u64,
+    max_us: u64,
+    slow: u64,
+    errors: u64,
+    timeouts: u64,
+    seed: Vec<u64>,
+    fine_i: Vec<u32>,
+    fine_c: Vec<u64>,
+    own_sum_us: u64,
+    own_max: u64,
+    own_i: Vec<u32>,
+    own_c: Vec<u64>,
+    depth_max: u64,
+    depth_i: Vec<u32>,
+    depth_c: Vec<u64>,
+    moved: u64,
+    ask: u64,
+    keys: u64,
+    multi_key: u64,
+    req_bytes: u64,
+    rsp_bytes: u64,
+}
+
+impl Sums {
+    fn of(m: &Merged) -> Self {
+        let (fine_i, fine_c) = buckets(&m.fine);
+        let (own_i, own_c) = buckets(&m.own);
+        let (depth_i, depth_c) = buckets(&m.depth);
+        Sums {
+            count: m.count,
+            sum_us: m.sum_us,
+            max_us: m.fine.max_us(),
+            slow: m.slow,
+            errors: m.errors,
+            timeouts: m.timeouts,
+            seed: m.seed.to_vec(),
+            fine_i,
+            fine_c,
+            own_sum_us: m.own_sum_us,
+            own_max: m.own.max_us(),
+            own_i,
+            own_c,
+            depth_max: m.depth.max_us(),
+            depth_i,
+            depth_c,
+            moved: m.moved,
+            ask: m.ask,
+            keys: m.keys,
+            multi_key: m.multi_key,
+            req_bytes: m.req_bytes,
+            rsp_bytes: m.rsp_bytes,
+        }
+    }
+
+    fn into_merged(self) -> Result<Merged> {
+        let fine = |i: Vec<u32>, c: Vec<u64>, max: u64| {
+            FineHistogram::from_nonzero(i.into_iter().zip(c), max)
+                .map_err(|e| StoreError::Histogram(e.into()))
+        };
+        let mut seed = [0; SEED_BUCKETS];
+        if !self.seed.is_empty() {
+            if self.seed.len() != SEED_BUCKETS {
+                return Err(StoreError::Histogram(
+                    crate::merge::SnapshotError::SeedBuckets(self.seed.len()),
+                ));
+            }
+            seed.copy_from_slice(&self.seed);
+        }
+        Ok(Merged {
+            count: self.count,
+            sum_us: self.sum_us,
+            slow: self.slow,
+            errors: self.errors,
+            timeouts: self.timeouts,
+            seed,
+            fine: fine(self.fine_i, self.fine_c, self.max_us)?,
+            own_sum_us: self.own_sum_us,
+            own: fine(self.own_i, self.own_c, self.own_max)?,
+            depth: fine(self.depth_i, self.depth_c, self.depth_max)?,
+            moved: self.moved,
+            ask: self.ask,
+            keys: self.keys,
+            multi_key: self.multi_key,
+            req_bytes: self.req_bytes,
+            rsp_bytes: self.rsp_bytes,
+        })
+    }
+}
+
+/// The select list that sums [`Sums`] (its `sumMap`s give (keys, values) pairs, split
+/// back into two columns by the outer query).
+const SUM_COLUMNS: &str = "sum(count) AS count, sum(sum_us) AS sum_us, max(max_us) AS max_us, \
+    sum(slow) AS slow, sum(errors) AS errors, sum(timeouts) AS timeouts, \
+    sumForEach(seed) AS seed, sumMap(fine_i, fine_c) AS fine, \
+    sum(own_sum_us) AS own_sum_us, max(own_max) AS own_max, sumMap(own_i, own_c) AS own, \
+    max(depth_max) AS depth_max, sumMap(depth_i, depth_c) AS depth, \
+    sum(moved) AS moved, sum(ask) AS ask, sum(keys) AS keys, sum(multi_key) AS multi_key, \
+    sum(req_bytes) AS req_bytes, sum(rsp_bytes) AS rsp_bytes";
+
+/// The outer select list over [`SUM_COLUMNS`].
+const SPLIT_COLUMNS: &str = "k, count, sum_us, max_us, slow, errors, timeouts, seed, \
+    fine.1 AS fine_i, fine.2 AS fine_c, own_sum_us, own_max, own.1 AS own_i, own.2 AS own_c, \
+    depth_max, depth.1 AS depth_i, depth.2 AS depth_c, moved, ask, keys, multi_key, \
+    req_bytes, rsp_bytes";
+
+#[derive(Serialize)]
+struct SlotRow<'a> {
+    #[serde(flatten)]
+    key: RowKey<'a>,
+    ts_us: u64,
+    interval_us: u64,
+    server: &'a str,
+    port: u32,
+    slot: u16,
+    count: u64,
+    sum_us: u64,
+    moved: u64,
+    ask: u64,
+    buckets: Vec<u64>,
+}
+
+/// The writing side.
+pub struct Store {
+    settings: Settings,
+    client: Client,
+    /// The schema is in place on every host (else it is tried again before each use).
+    migrated: bool,
+}
+
+impl Store {
+    /// Connects and creates or checks the schema. ClickHouse down is not an error here:
+    /// the schema is tried again before each write, and the writes fail (agents keep their
+    /// batches) until it is up. A newer schema is.
+    pub fn open(settings: &Settings) -> Result<Self> {
+        let client = Client::new(settings)?;
+        let mut store = Store {
+            settings: settings.clone(),
+            client,
+            migrated: false,
+        };
+        match store.ready() {
+            Ok(()) => {}
+            Err(e @ StoreError::NewerSchema { .. }) => return Err(e),
+            Err(e) => tracing::warn!("ClickHouse is not ready yet, will try again: {e}"),
+        }
+        Ok(store)
+    }
+
+    fn ready(&mut self) -> Result<()> {
+        if !self.migrated {
+            migrate(&self.settings, &self.client)?;
+            self.migrated = true;
+        }
+        Ok(())
+    }
+
+    /// The last sequence number stored of each session.
+    fn last_seqs(&self, sessions: &[(&str, u64)]) -> Result<HashMap<(String, u64), u64>> {
+        #[derive(Deserialize)]
+        struct Row {
+            agent: String,
+            session: u64,
+            seq: u64,
+        }
+        if sessions.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let any = sessions
+            .iter()
+            .map(|(a, s)| format!("(agent = {} AND session = {s})", quote(a)))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let rows: Vec<Row> = self.client.rows(&format!(
+            "SELECT agent, session, max(seq) AS seq FROM {} WHERE {any} GROUP BY agent, session",
+            self.settings.table("batches")
+        ))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ((r.agent, r.session), r.seq))
+            .collect())
+    }
+
+    /// The data partitions (day, bytes) over every host, oldest first.
+    fn partitions(&self) -> Result<BTreeMap<u64, u64>> {
+        #[derive(Deserialize)]
+        struct Row {
+            partition: String,
+            bytes: u64,
+        }
+        let suffix = if self.settings.cluster.is_some() {
+            "_local"
+        } else {
+            ""
+        };
+        let names = TABLES
+            .iter()
+            .filter(|t| t.partition_by.is_some())
+            .map(|t| quote(&format!("{}{suffix}", t.name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT partition, sum(bytes_on_disk) AS bytes FROM system.parts \
+             WHERE active AND database = {} AND table IN ({names}) GROUP BY partition \
+             FORMAT JSONEachRow",
+            quote(&self.settings.database)
+        );
+        let mut days = BTreeMap::new();
+        for i in 0..self.client.urls.len() {
+            let text = self
+                .client
+                .run_on(i, &sql, b"", true)
+                .map_err(|f| match f {
+                    Unreached(w) | Refused(w) => StoreError::ClickHouse(w),
+                })?;
+            for line in text.lines().filter(|l| !l.is_empty()) {
+                let row: Row = serde_json::from_str(line)
+                    .map_err(|e| StoreError::ClickHouse(format!("system.parts: {e}")))?;
+                if let Ok(day) = row.partition.parse::<u64>() {
+                    *days.entry(day).or_insert(0) += row.bytes;
+                }
+            }
+        }
+        Ok(days)
+    }
+
+    /// Drops one day of every data table on every host.
+    fn drop_day(&self, day: u64) -> Result<()> {
+        for i in 0..self.client.urls.len() {
+            for t in TABLES.iter().filter(|t| t.partition_by.is_some()) {
+                let sql = format!(
+                    "ALTER TABLE {} DROP PARTITION {day}",
+                    self.settings.local_table(t.name)
+                );
+                self.client
+                    .run_on(i, &sql, b"", true)
+                    .map_err(|f| match f {
+                        Unreached(w) | Refused(w) => StoreError::ClickHouse(w),
+                    })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ports_text(hello: &v1::Hello) -> String {
+    hello
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.proto))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl super::Writer for Store {
+    fn hello(&mut self, hello: &v1::Hello, now_us: u64) -> Result<(SessionKey, u64)> {
+        self.ready()?;
+        self.client.insert(
+            &self.settings.table("hellos"),
+            &[HelloRow {
+                agent: &hello.agent_id,
+                session: hello.session,
+                hostname: &hello.hostname,
+                version: &hello.version,
+                ports: ports_text(hello),
+                ts_us: now_us,
+            }],
+        )?;
+        let last = self
+            .last_seqs(&[(&hello.agent_id, hello.session)])?
+            .into_values()
+            .next()
+            .unwrap_or(0);
+        Ok((
+            SessionKey {
+                agent: 0,
+                name: hello.agent_id.as_str().into(),
+                session: hello.session,
+            },
+            last,
+        ))
+    }
+
+    /// The rows of every new batch, table by table, then their rows in `batches`: a batch
+    /// counts as stored once that last insert is accepted.
+    fn commit(
+        &mut self,
+        batches: &[(SessionKey, &CheckedBatch)],
+        now_us: u64,
+    ) -> Result<Vec<bool>> {
+        self.ready()?;
+        let mut sessions: Vec<(&str, u64)> =
+            batches.iter().map(|(k, _)| (&*k.name, k.session)).collect();
+        sessions.sort_unstable();
+        sessions.dedup();
+        let mut last = self.last_seqs(&sessions)?;
+        let mut stored = Vec::with_capacity(batches.len());
+        let (mut events, mut histograms, mut templates, mut slots, mut marks) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (key, batch) in batches {
+            let seen = last.entry((key.name.to_string(), key.session)).or_insert(0);
+            if batch.seq <= *seen {
+                stored.push(false);
+                continue;
+            }
+            *seen = batch.seq;
+            stored.push(true);
+            let row_key = |n: usize| RowKey {
+                agent: &key.name,
+                session: key.session,
+                seq: batch.seq,
+                n: n as u32,
+            };
+            events.extend(batch.events.iter().enumerate().map(|(n, e)| EventRow {
+                key: row_key(n),
+                ts_us: e.ts_us,
+                req_done_us: e.req_done_us,
+                client: &e.client,
+                server: &e.server,
+                port: e.port,
+                proto: &e.proto,
+                command: &e.command,
+                summary: &e.summary,
+                latency_us: e.latency_us,
+                req_bytes: e.req_bytes,
+                rsp_bytes: e.rsp_bytes,
+                status: e.status,
+                own_us: e.own_us,
+                depth: e.depth,
+            }));
+            histograms.extend(
+                batch
+                    .histograms
+                    .iter()
+                    .enumerate()
+                    .map(|(n, h)| snapshot_row(row_key(n), h)),
+            );
+            templates.extend(
+                batch
+                    .templates
+                    .iter()
+                    .enumerate()
+                    .map(|(n, h)| snapshot_row(row_key(n), h)),
+            );
+            slots.extend(batch.slots.iter().enumerate().map(|(n, s)| SlotRow {
+                key: row_key(n),
+                ts_us: s.ts_us,
+                interval_us: s.interval_us,
+                server: &s.server,
+                port: s.port,
+                slot: s.slot,
+                count: s.sum.count,
+                sum_us: s.sum.sum_us,
+                moved: s.sum.moved,
+                ask: s.sum.ask,
+                buckets: s.sum.buckets.to_vec(),
+            }));
+            let c = batch.counters.unwrap_or_default();
+            marks.push(BatchRow {
+                agent: &key.name,
+                session: key.session,
+                seq: batch.seq,
+                committed_us: now_us,
+                events: batch.events.len() as u64,
+                has_counters: u8::from(batch.counters.is_some()),
+                kernel_drops: c.kernel_drops,
+                interface_drops: c.interface_drops,
+                decode_errors: c.decode_errors,
+                gaps: c.gaps,
+                desyncs: c.desyncs,
+                timeouts: c.timeouts,
+                flows_evicted: c.flows_evicted,
+                shipper_dropped_events: c.shipper_dropped_events,
+                shipper_dropped_histograms: c.shipper_dropped_histograms,
+                shipper_buffered: c.shipper_buffered,
+                request_lost: c.request_lost,
+                reply_lost: c.reply_lost,
+                uncertain: c.uncertain,
+                reply_before_request: c.reply_before_request,
+                clock_skew: c.clock_skew,
+            });
+        }
+        let t = |name| self.settings.table(name);
+        self.client.insert(&t("events"), &events)?;
+        self.client.insert(&t("histograms"), &histograms)?;
+        self.client.insert(&t("templates"), &templates)?;
+        self.client.insert(&t("slots"), &slots)?;
+        self.client.insert(&t("batches"), &marks)?;
+        Ok(stored)
+    }
+
+    /// Whole days go: by age, each day that ends before the cutoff; by size, the oldest
+    /// day while the parts on disk (over every host) hold more. Returns the days dropped.
+    fn enforce_retention(
+        &mut self,
+        max_age: Option<Duration>,
+        max_bytes: Option<u64>,
+        now_us: u64,
+    ) -> Result<u64> {
+        self.ready()?;
+        let mut dropped = 0;
+        let mut days = self.partitions()?;
+        if let Some(age) = max_age {
+            let cutoff = now_us.saturating_sub(age.as_micros() as u64);
+            let old: Vec<u64> = days
+                .keys()
+                .copied()
+                .filter(|d| (d + 1) * DAY_US <= cutoff)
+                .collect();
+            for day in old {
+                self.drop_day(day)?;
+                days.remove(&day);
+                dropped += 1;
+            }
+        }
+        if let Some(limit) = max_bytes {
+            // The newest day stays: it is being written.
+            while days.values().sum::<u64>() > limit && days.len() > 1 {
+                let Some((&day, _)) = days.iter().next() else {
+                    break;
+                };
+                self.drop_day(day)?;
+                days.remove(&day);
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+}
+
+/// The reading side.
+pub struct Reader {
+    settings: Settings,
+    client: Client,
+}
+
+impl Reader {
+    /// A reader of the store; it connects when asked.
+    pub fn new(settings: &Settings) -> Result<Self> {
+        Ok(Reader {
+            settings: settings.clone(),
+            client: Client::new(settings)?,
+        })
+    }
+}
+
+/// A filter as ClickHouse conditions (on the columns events and snapshots share).
+fn conditions(f: &v1::Filter) -> Vec<String> {
+    let mut c = Vec::new();
+    // Names match in any (ASCII) case, as in SQLite's NOCASE.
+    for (column, value) in [
+        ("server", &f.server),
+        ("proto", &f.proto),
+        ("command", &f.command),
+    ] {
+        if !value.is_empty() {
+            c.push(format!("lower({column}) = lower({})", quote(value)));
+        }
+    }
+    if !f.agent.is_empty() {
+        c.push(format!("agent = {}", quote(&f.agent)));
+    }
+    if f.port != 0 {
+        c.push(format!("port = {}", f.port));
+    }
+    if f.from_us > 0 {
+        c.push(format!("ts_us >= {}", f.from_us));
+    }
+    if f.to_us > 0 {
+        c.push(format!("ts_us < {}", f.to_us));
+    }
+    c
+}
+
+fn where_clause(c: &[String]) -> String {
+    if c.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", c.join(" AND "))
+    }
+}
+
+/// The key of a group, as ClickHouse SQL.
+fn group_column(group: Group) -> &'static str {
+    match group {
+        Group::None => "''",
+        Group::Server => "concat(server, ':', toString(port))",
+        Group::Agent => "agent",
+        Group::Command => "concat(proto, '\\x1f', command)",
+        Group::Port => "toString(port)",
+    }
+}
+
+impl Reader {
+    fn merge_table(
+        &self,
+        table: &str,
+        filter: &v1::Filter,
+        group: Group,
+    ) -> Result<BTreeMap<String, Merged>> {
+        #[derive(Deserialize)]
+        struct Row {
+            k: String,
+            #[serde(flatten)]
+            sums: Sums,
+        }
+        let rows: Vec<Row> = self.client.rows(&format!(
+            "SELECT {SPLIT_COLUMNS} FROM (SELECT {} AS k, {SUM_COLUMNS} FROM {} FINAL {} GROUP BY k)",
+            group_column(group),
+            self.settings.table(table),
+            where_clause(&conditions(filter))
+        ))?;
+        rows.into_iter()
+            .map(|r| Ok((r.k, r.sums.into_merged()?)))
+            .collect()
+    }
+}
+
+impl super::Reader for Reader {
+    fn slow(&self, req: &v1::SlowRequest) -> Result<Vec<v1::StoredEvent>> {
+        #[derive(Deserialize)]
+        struct Row {
+            agent: String,
+            ts_us: u64,
+            req_done_us: u64,
+            client: String,
+            server: String,
+            port: u32,
+            proto: String,
+            command: String,
+            summary: String,
+            latency_us: u64,
+            req_bytes: u64,
+            rsp_bytes: u64,
+            status: i32,
+            own_us: u64,
+            depth: u32,
+        }
+        let f = req.filter.clone().unwrap_or_default();
+        let mut c = conditions(&f);
+        if req.min_latency_us > 0 {
+            c.push(format!("latency_us >= {}", req.min_latency_us));
+        }
+        if !req.grep.is_empty() {
+            c.push(format!(
+                "match(summary, {})",
+                quote(&glob_to_regex(&format!("*{}*", req.grep)))
+            ));
+        }
+        // As SQLite orders them: ties by agent name, then the newest stored first.
+        let ties = "agent, session DESC, seq DESC, n DESC";
+        let order = if req.slowest_first {
+            format!("latency_us DESC, ts_us DESC, {ties}")
+        } else {
+            format!("ts_us DESC, {ties}")
+        };
+        let limit = if req.limit == 0 {
+            String::new()
+        } else {
+            format!(" LIMIT {}", req.limit)
+        };
+        let rows: Vec<Row> = self.client.rows(&format!(
+            "SELECT agent, ts_us, req_done_us, client, server, port, proto, command, summary, \
+                 latency_us, req_bytes, rsp_bytes, status, own_us, depth \
+             FROM {} FINAL {} ORDER BY {order}{limit}",
+            self.settings.table("events"),
+            where_clause(&c)
+        ))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| v1::StoredEvent {
+                agent: r.agent,
+                event: Some(v1::Event {
+                    ts_us: r.ts_us,
+                    req_done_us: r.req_done_us,
+                    client: r.client,
+                    server: r.server,
+                    port: r.port,
+                    proto: r.proto,
+                    command: r.command,
+                    summary: r.summary,
+                    latency_us: r.latency_us,
+                    req_bytes: r.req_bytes,
+                    rsp_bytes: r.rsp_bytes,
+                    status: r.status,
+                    own_us: r.own_us,
+                    depth: r.depth,
+                }),
+            })
+            .collect())
+    }
+
+    fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
+        self.merge_table("histograms", filter, group)
+    }
+
+    fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
+        self.merge_table("templates", filter, Group::Command)
+    }
+
+    fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {
+        #[derive(Deserialize)]
+        struct Row {
+            slot: u16,
+            count: u64,
+            sum_us: u64,
+            moved: u64,
+            ask: u64,
+            buckets: Vec<u64>,
+        }
+        if !filter.proto.is_empty() && !filter.proto.eq_ignore_ascii_case("redis") {
+            return Ok(BTreeMap::new());
+        }
+        let f = v1::Filter {
+            proto: String::new(),
+            command: String::new(),
+            ..filter.clone()
+        };
+        let rows: Vec<Row> = self.client.rows(&format!(
+            "SELECT slot, sum(count) AS count, sum(sum_us) AS sum_us, sum(moved) AS moved, \
+                 sum(ask) AS ask, sumForEach(buckets) AS buckets \
+             FROM {} FINAL {} GROUP BY slot",
+            self.settings.table("slots"),
+            where_clause(&conditions(&f))
+        ))?;
+        rows.into_iter()
+            .map(|r| {
+                let mut buckets = [0; PROM_BUCKETS];
+                if r.buckets.len() != PROM_BUCKETS {
+                    return Err(StoreError::Histogram(
+                        crate::merge::SnapshotError::FineLengths,
+                    ));
+                }
+                buckets.copy_from_slice(&r.buckets);
+                Ok((
+                    r.slot,
+                    SlotSum {
+                        count: r.count,
+                        sum_us: r.sum_us,
+                        moved: r.moved,
+                        ask: r.ask,
+                        buckets,
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn agents(&self) -> Result<Vec<v1::AgentInfo>> {
+        #[derive(Deserialize)]
+        struct Hello {
+            agent: String,
+            hostname: String,
+            version: String,
+            ports: String,
+            first_seen_us: u64,
+            last_seen_us: u64,
+            sessions: u64,
+        }
+        #[derive(Deserialize)]
+        struct Stored {
+            agent: String,
+            events: u64,
+            last_seen_us: u64,
+            #[serde(flatten)]
+            counters: Counters,
+        }
+        #[derive(Deserialize)]
+        struct Counters {
+            kernel_drops: u64,
+            interface_drops: u64,
+            decode_errors: u64,
+            gaps: u64,
+            desyncs: u64,
+            timeouts: u64,
+            flows_evicted: u64,
+            shipper_dropped_events: u64,
+            shipper_dropped_histograms: u64,
+            shipper_buffered: u64,
+            request_lost: u64,
+            reply_lost: u64,
+            uncertain: u64,
+            reply_before_request: u64,
+            clock_skew: u64,
+        }
+        const COUNTERS: [&str; 15] = [
+            "kernel_drops",
+            "interface_drops",
+            "decode_errors",
+            "gaps",
+            "desyncs",
+            "timeouts",
+            "flows_evicted",
+            "shipper_dropped_events",
+            "shipper_dropped_histograms",
+            "shipper_buffered",
+            "request_lost",
+            "reply_lost",
+            "uncertain",
+            "reply_before_request",
+            "clock_skew",
+        ];
+        let hellos: Vec<Hello> = self.client.rows(&format!(
+            "SELECT agent, argMax(hostname, ts_us) AS hostname, argMax(version, ts_us) AS version, \
+                 argMax(ports, ts_us) AS ports, min(ts_us) AS first_seen_us, \
+                 max(ts_us) AS last_seen_us, uniqExact(session) AS sessions \
+             FROM {} GROUP BY agent ORDER BY agent",
+            self.settings.table("hellos")
+        ))?;
+        // Counters are cumulative over a session: its latest batch that carried them.
+        let latest = COUNTERS
+            .iter()
+            .map(|c| format!("argMaxIf({c}, seq, has_counters = 1) AS {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let summed = COUNTERS
+            .iter()
+            .map(|c| format!("sum({c}) AS {c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stored: Vec<Stored> = self.client.rows(&format!(
+            "SELECT agent, sum(events) AS events, max(last) AS last_seen_us, {summed} FROM \
+                 (SELECT agent, session, sum(events) AS events, max(committed_us) AS last, {latest} \
+                  FROM {} FINAL GROUP BY agent, session) \
+             GROUP BY agent",
+            self.settings.table("batches")
+        ))?;
+        let mut stored: HashMap<String, Stored> =
+            stored.into_iter().map(|s| (s.agent.clone(), s)).collect();
+        Ok(hellos
+            .into_iter()
+            .map(|h| {
+                let s = stored.remove(&h.agent);
+                let c = s.as_ref().map(|s| &s.counters);
+                let n = |f: fn(&Counters) -> u64| c.map_or(0, f);
+                v1::AgentInfo {
+                    ports: h
+                        .ports
+                        .split(',')
+                        .filter_map(|p| {
+                            let (port, proto) = p.split_once('/')?;
+                            Some(v1::MonitoredPort {
+                                port: port.parse().ok()?,
+                                proto: proto.to_string(),
+                            })
+                        })
+                        .collect(),
+                    id: h.agent,
+                    hostname: h.hostname,
+                    version: h.version,
+                    first_seen_us: h.first_seen_us,
+                    last_seen_us: h.last_seen_us.max(s.as_ref().map_or(0, |s| s.last_seen_us)),
+                    sessions: h.sessions,
+                    events: s.as_ref().map_or(0, |s| s.events),
+                    connected: false,
+                    counters: Some(v1::Counters {
+                        kernel_drops: n(|c| c.kernel_drops),
+                        interface_drops: n(|c| c.interface_drops),
+                        decode_errors: n(|c| c.decode_errors),
+                        gaps: n(|c| c.gaps),
+                        desyncs: n(|c| c.desyncs),
+                        timeouts: n(|c| c.timeouts),
+                        flows_evicted: n(|c| c.flows_evicted),
+                        shipper_dropped_events: n(|c| c.shipper_dropped_events),
+                        shipper_dropped_histograms: n(|c| c.shipper_dropped_histograms),
+                        shipper_buffered: n(|c| c.shipper_buffered),
+                        request_lost: n(|c| c.request_lost),
+                        reply_lost: n(|c| c.reply_lost),
+                        uncertain: n(|c| c.uncertain),
+                        reply_before_request: n(|c| c.reply_before_request),
+                        clock_skew: n(|c| c.clock_skew),
+                    }),
+                }
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_refuse_passwords() {
+        let s = Settings::parse("clickhouse://127.0.0.1:8123/tcpkit").unwrap();
+        assert_eq!(
+            (
+                s.hosts.as_slice(),
+                s.database.as_str(),
+                s.user.as_str(),
+                s.tls
+            ),
+            (
+                &["127.0.0.1:8123".to_string()][..],
+                "tcpkit",
+                "default",
+                false
+            )
+        );
+        let s = Settings::parse("clickhouse+https://ops@a,b:9443,[::1]:8443/db_1").unwrap();
+        assert_eq!(s.hosts, ["a:8443", "b:9443", "[::1]:8443"]);
+        assert_eq!((s.user.as_str(), s.tls), ("ops", true));
+        for bad in [
+            "clickhouse://h:1",
+            "clickhouse://h:1/",
+            "clickhouse://u:pw@h:1/db",
+            "clickhouse://h:1/db;drop",
+            "clickhouse://,h/db",
+            "http://h/db",
+        ] {
+            assert!(Settings::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(quote(r"a'b\c"), r"'a\'b\\c'");
+    }
+
+    #[test]
+    fn globs_become_whole_text_patterns() {
+        assert_eq!(glob_to_regex("*user:?*"), "(?s)^.*user:..*$");
+        assert_eq!(glob_to_regex("a.b[^0-9]"), "(?s)^a\\.b[^0-9]$");
+        assert_eq!(glob_to_regex("[]x]"), "(?s)^[\\]x]$");
+        assert_eq!(glob_to_regex("(x)+{1}"), "(?s)^\\(x\\)\\+\\{1\\}$");
+    }
+}

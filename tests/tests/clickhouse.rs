@@ -1,0 +1,530 @@
+//! The fleet on ClickHouse (real `clickhouse-server` processes of the tests' own): the same
+//! agents give the same answers as on SQLite; a 2-shard cluster behind two aggregators
+//! answers the same on either; agents move to the other aggregator when one is killed, and
+//! wait out a ClickHouse that is down, with every event stored exactly once.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tcpkit_aggregator::merge::Merged;
+use tcpkit_aggregator::store::{self, CheckedBatch, CheckedSnapshot, Group};
+use tcpkit_proto::v1;
+use tcpkit_tests::*;
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+/// Replays `fixture` to the aggregator at `url` as `id` and waits until everything it
+/// shipped is acknowledged; returns its stats JSON (port 26379 when it is the only one).
+fn replay(fixture_name: &str, id: &str, url: &str, args: &[&str]) -> Value {
+    let out = std::process::Command::new(tcpkit_bin())
+        .arg("-r")
+        .arg(fixture(&format!("{fixture_name}.pcap")))
+        .args(["-m", "redis", "--summary", "json", "--aggregator", url])
+        .args(["--agent-id", id, "--ship-timeout", "120"])
+        .args(args)
+        .output()
+        .expect("run tcpkit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tcpkit failed: {stderr}");
+    assert!(
+        stderr.contains("0 batches (0 events) unacknowledged"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    serde_json::from_str(stdout.lines().last().expect("summary")).expect("JSON")
+}
+
+/// The fleet of the first test: plain, slow, cluster and key-template traffic.
+fn feed(url: &str) {
+    replay("redis-benchmark-lo", "a1", url, &["-p", "26379", "-t", "1"]);
+    replay("redis-slow", "a2", url, &["-p", "26379", "-t", "20"]);
+    replay(
+        "redis-cluster",
+        "a3",
+        url,
+        &["-p", "27001,27002,27003", "--slots", "-t", "5"],
+    );
+    replay(
+        "redis-keys",
+        "a4",
+        url,
+        &["-p", "26379", "--templates", "-t", "1"],
+    );
+}
+
+/// Every query of `tcpkit-query --json`, by its arguments.
+const QUERIES: &[&[&str]] = &[
+    &["hist"],
+    &["hist", "--by", "agent"],
+    &["hist", "--by", "command"],
+    &["hist", "--by", "server"],
+    &["hist", "--by", "port"],
+    &["hist", "--own", "--by", "command"],
+    &["hist", "--agent", "a2", "--command", "debug"],
+    &["hist", "--port", "27002"],
+    &["slow", "--limit", "100000"],
+    &["slow", "--limit", "7", "--slowest"],
+    &["slow", "--min-ms", "20", "--grep", "SLEEP 0.*"],
+    &["slow", "--grep", "[Gg]ET *", "--limit", "50"],
+    &["top", "--by", "slow"],
+    &["top", "--of", "server", "--by", "p99"],
+    &["top", "--of", "agent", "--by", "requests"],
+    &["top", "--of", "port", "--by", "total"],
+    &["top", "--by", "own-p99"],
+    &["top", "--of", "slot", "--by", "requests", "--limit", "50"],
+    &["top", "--of", "slot", "--by", "redirects"],
+    &["keys", "--limit", "1000"],
+    &["keys", "--by", "bytes"],
+    &["keys", "--by", "p99"],
+    &["agents"],
+];
+
+/// The answers to [`QUERIES`]; of the agents, what a store keeps (not when they were seen,
+/// nor whether they are connected now, nor how much their shippers held when they sent
+/// their last batch: these differ from run to run).
+fn answers(url: &str) -> BTreeMap<String, Value> {
+    QUERIES
+        .iter()
+        .map(|q| {
+            let mut v = query_json(&[], url, q);
+            if q[0] == "agents" {
+                for a in v.as_array_mut().expect("agents") {
+                    let a = a.as_object_mut().expect("agent");
+                    for k in [
+                        "first_seen_us",
+                        "last_seen_us",
+                        "connected",
+                        "shipper_buffered",
+                    ] {
+                        assert!(a.remove(k).is_some(), "{k}");
+                    }
+                }
+            }
+            (q.join(" "), v)
+        })
+        .collect()
+}
+
+fn assert_same(a: &BTreeMap<String, Value>, b: &BTreeMap<String, Value>, what: &str) {
+    for (q, v) in a {
+        assert_eq!(Some(v), b.get(q), "tcpkit-query {q}: {what}");
+    }
+}
+
+#[test]
+fn sqlite_and_clickhouse_answer_the_same() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let sqlite_dir = dir.path().join("sqlite");
+    std::fs::create_dir_all(&sqlite_dir).expect("dir");
+    let sqlite = Aggregator::start(&sqlite_dir, free_port(), &[], &[]);
+    let store = format!("clickhouse://{}/tcpkit", ch.host());
+    let clickhouse = Aggregator::start(dir.path(), free_port(), &[], &["--store", &store]);
+    feed(&sqlite.url());
+    feed(&clickhouse.url());
+    let expected = answers(&sqlite.url());
+    // The fixtures are all there (the SQLite side is checked against them in fleet.rs).
+    assert_eq!(expected["agents"].as_array().map(Vec::len), Some(4));
+    assert!(expected["top --of slot --by redirects"]
+        .as_array()
+        .is_some_and(|r| !r.is_empty()));
+    assert!(expected["keys --limit 1000"]
+        .as_array()
+        .is_some_and(|r| !r.is_empty()));
+    assert_same(
+        &expected,
+        &answers(&clickhouse.url()),
+        "ClickHouse differs from SQLite",
+    );
+    // The same agents again (new sessions): their batches are new, and counted.
+    feed(&clickhouse.url());
+    let twice = query_json(&[], &clickhouse.url(), &["hist"]);
+    assert_eq!(
+        twice["count"].as_u64(),
+        expected["hist"]["count"].as_u64().map(|c| c * 2)
+    );
+    // An aggregator started on the same store later (stateless) answers the same.
+    let another_dir = dir.path().join("another");
+    std::fs::create_dir_all(&another_dir).expect("dir");
+    let another = Aggregator::start(&another_dir, free_port(), &[], &["--store", &store]);
+    assert_eq!(query_json(&[], &another.url(), &["hist"]), twice);
+}
+
+/// A TCP load balancer: each connection goes to the first backend that accepts it, bytes
+/// copied both ways until either side closes.
+struct Balancer {
+    port: u16,
+    stop: Arc<AtomicBool>,
+}
+
+impl Balancer {
+    fn start(backends: Vec<u16>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Some(server) = backends
+                    .iter()
+                    .find_map(|p| TcpStream::connect(("127.0.0.1", *p)).ok())
+                else {
+                    continue; // none up: the client sees its connection close
+                };
+                for (mut from, mut to) in [
+                    (
+                        client.try_clone().expect("clone"),
+                        server.try_clone().expect("clone"),
+                    ),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Balancer { port, stop }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Two aggregators on one ClickHouse behind a load balancer; the one the agents stream to
+/// is killed (SIGKILL) again and again, and they go on through the other: each event once.
+#[test]
+fn agents_move_to_another_aggregator_and_nothing_counts_twice() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let store = format!("clickhouse://{}/tcpkit", ch.host());
+    let ports = [free_port(), free_port()];
+    let dirs: Vec<_> = ports
+        .iter()
+        .map(|p| {
+            let d = dir.path().join(p.to_string());
+            std::fs::create_dir_all(&d).expect("dir");
+            d
+        })
+        .collect();
+    let start = |i: usize| Aggregator::start(&dirs[i], ports[i], &[], &["--store", &store]);
+    let mut aggregators = [Some(start(0)), Some(start(1))];
+    let balancer = Balancer::start(ports.to_vec());
+    let url = balancer.url();
+    let agents: Vec<_> = [("redis-benchmark-lo", "k1"), ("redis-pipelined-sll", "k2")]
+        .into_iter()
+        .map(|(f, id)| {
+            let url = url.clone();
+            std::thread::spawn(move || replay(f, id, &url, &["-p", "26379", "-t", "0"]))
+        })
+        .collect();
+    for round in 0..4 {
+        std::thread::sleep(Duration::from_millis(200 + 100 * round));
+        // The first that answers gets the streams: kill it, the balancer moves on.
+        let first = usize::from(aggregators[0].is_none());
+        aggregators[first] = None;
+        std::thread::sleep(Duration::from_millis(300));
+        aggregators[first] = Some(start(first));
+    }
+    let mut expected_events = 0;
+    for a in agents {
+        let json = a.join().expect("agent");
+        expected_events += json[0]["26379"]["slow_reqs"].as_u64().expect("slow_reqs");
+    }
+    let exchanges = Expected::of("redis-benchmark-lo").exchanges()
+        + Expected::of("redis-pipelined-sll").exchanges();
+    assert_eq!(
+        expected_events, exchanges,
+        "-t 0: every exchange is an event"
+    );
+    for agg in aggregators.iter().flatten() {
+        let events = query_json(&[], &agg.url(), &["slow", "--limit", "1000000"]);
+        assert_eq!(events.as_array().map(Vec::len), Some(exchanges as usize));
+        assert_eq!(query_json(&[], &agg.url(), &["hist"])["count"], exchanges);
+        let agents = query_json(&[], &agg.url(), &["agents"]);
+        let stored: u64 = agents
+            .as_array()
+            .expect("agents")
+            .iter()
+            .map(|a| a["events"].as_u64().expect("events"))
+            .sum();
+        assert_eq!(stored, exchanges);
+    }
+}
+
+fn snapshot(ts_us: u64, latencies: &[u64]) -> CheckedSnapshot {
+    let mut merged = Merged::default();
+    for &l in latencies {
+        merged.fine.record(l);
+        merged.seed[tcpkit_histogram::seed_bucket(l)] += 1;
+        merged.count += 1;
+        merged.sum_us += l;
+    }
+    CheckedSnapshot {
+        ts_us,
+        interval_us: 10_000_000,
+        server: "10.0.0.2".into(),
+        port: 6379,
+        proto: "redis".into(),
+        command: "GET".into(),
+        merged,
+    }
+}
+
+/// The same batch committed by two aggregators at the very same time (an agent re-sent it
+/// to the second while the first was still committing): stored once in effect.
+#[test]
+fn one_batch_committed_by_two_aggregators_at_once_counts_once() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let spec = store::Spec::parse(&format!("clickhouse://{}/tcpkit", ch.host())).expect("spec");
+    let hello = v1::Hello {
+        agent_id: "twice".into(),
+        session: 7,
+        ..Default::default()
+    };
+    let batch = Arc::new(CheckedBatch {
+        seq: 1,
+        events: (0..500)
+            .map(|i| v1::Event {
+                ts_us: 1_000_000 + i,
+                latency_us: 20_000 + i,
+                summary: format!("GET k{i}"),
+                command: "GET".into(),
+                proto: "redis".into(),
+                server: "10.0.0.2".into(),
+                port: 6379,
+                ..Default::default()
+            })
+            .collect(),
+        histograms: vec![snapshot(0, &[5, 50, 20_000]), snapshot(10_000_000, &[7])],
+        counters: Some(v1::Counters {
+            gaps: 3,
+            ..Default::default()
+        }),
+        ..CheckedBatch::default()
+    });
+    let go = Arc::new(std::sync::Barrier::new(2));
+    let stored = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let (spec, hello, batch, go, stored) = (
+                spec.clone(),
+                hello.clone(),
+                Arc::clone(&batch),
+                Arc::clone(&go),
+                Arc::clone(&stored),
+            );
+            std::thread::spawn(move || {
+                let mut writer = spec.writer().expect("writer");
+                let (key, last) = writer.hello(&hello, 1).expect("hello");
+                assert_eq!(last, 0);
+                go.wait();
+                let r = writer.commit(&[(key, &*batch)], 2).expect("commit");
+                stored.lock().expect("lock").extend(r);
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().expect("writer"));
+    // Both may have stored it (neither saw the other's yet): the rows count once anyway.
+    assert!(stored.lock().expect("lock").contains(&true));
+    let reader = spec.reader().expect("reader");
+    let check = |reader: &dyn store::Reader| {
+        assert_eq!(
+            reader
+                .slow(&v1::SlowRequest::default())
+                .expect("slow")
+                .len(),
+            500
+        );
+        let merged = reader
+            .merged(&v1::Filter::default(), Group::None)
+            .expect("merged");
+        assert_eq!(merged[""].count, 4);
+        assert_eq!(merged[""].fine.max_us(), 20_000);
+        let agents = reader.agents().expect("agents");
+        assert_eq!((agents[0].events, agents[0].sessions), (500, 1));
+        assert_eq!(agents[0].counters.expect("counters").gaps, 3);
+    };
+    check(&*reader);
+    // Once stored, a third aggregator says so at hello, and skips a re-send.
+    let mut third = spec.writer().expect("writer");
+    let (key, last) = third.hello(&hello, 3).expect("hello");
+    assert_eq!(last, 1);
+    assert_eq!(third.commit(&[(key, &*batch)], 4).expect("commit"), [false]);
+    // And after ClickHouse merges its parts, the duplicates are gone for good.
+    for t in ["events", "histograms", "batches"] {
+        ch.query(&format!("OPTIMIZE TABLE tcpkit.{t} FINAL"))
+            .expect("optimize");
+    }
+    assert_eq!(
+        ch.query("SELECT count() FROM tcpkit.events")
+            .as_deref()
+            .map(str::trim),
+        Some("500")
+    );
+    check(&*reader);
+}
+
+/// Two ClickHouse servers, one shard each, and two aggregators naming them in opposite
+/// orders: agents split between the aggregators, the data spread over both shards, and
+/// every query the same on either aggregator and the same as on SQLite.
+#[test]
+fn a_two_shard_cluster_behind_two_aggregators() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let servers = ClickHouse::cluster(dir.path(), 2);
+    let hosts = [
+        format!("{},{}", servers[0].host(), servers[1].host()),
+        format!("{},{}", servers[1].host(), servers[0].host()),
+    ];
+    let aggregators: Vec<Aggregator> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let d = dir.path().join(format!("agg{i}"));
+            std::fs::create_dir_all(&d).expect("dir");
+            let store = format!("clickhouse://{h}/fleet");
+            Aggregator::start(
+                &d,
+                free_port(),
+                &[],
+                &["--store", &store, "--clickhouse-cluster", "tcpkit"],
+            )
+        })
+        .collect();
+    let (a, b) = (aggregators[0].url(), aggregators[1].url());
+    replay("redis-benchmark-lo", "a1", &a, &["-p", "26379", "-t", "1"]);
+    replay("redis-slow", "a2", &b, &["-p", "26379", "-t", "20"]);
+    replay(
+        "redis-cluster",
+        "a3",
+        &a,
+        &["-p", "27001,27002,27003", "--slots", "-t", "5"],
+    );
+    replay(
+        "redis-keys",
+        "a4",
+        &b,
+        &["-p", "26379", "--templates", "-t", "1"],
+    );
+    let on_a = answers(&a);
+    assert_same(&on_a, &answers(&b), "the two aggregators differ");
+    // The same agents on SQLite: the same answers.
+    let sqlite_dir = dir.path().join("sqlite");
+    std::fs::create_dir_all(&sqlite_dir).expect("dir");
+    let sqlite = Aggregator::start(&sqlite_dir, free_port(), &[], &[]);
+    feed(&sqlite.url());
+    assert_same(
+        &answers(&sqlite.url()),
+        &on_a,
+        "the cluster differs from SQLite",
+    );
+    // Sharded by agent: each server holds some of them, none all.
+    let per_server: Vec<u64> = servers
+        .iter()
+        .map(|s| {
+            s.query("SELECT uniqExact(agent) FROM fleet.hellos_local")
+                .and_then(|t| t.trim().parse().ok())
+                .expect("count")
+        })
+        .collect();
+    assert_eq!(per_server.iter().sum::<u64>(), 4, "{per_server:?}");
+    assert!(per_server.iter().all(|&n| n > 0), "{per_server:?}");
+}
+
+/// ClickHouse down for 20 s while agents ship: the aggregator keeps answering what it can
+/// (the agents' queries fail with the reason, the metrics count refused commits), the agents
+/// keep their batches, and once it is back every event is there once.
+#[test]
+fn clickhouse_down_for_20_seconds_loses_nothing() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let mut ch = ClickHouse::start(dir.path());
+    let store = format!("clickhouse://{}/tcpkit", ch.host());
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let agg = Aggregator::start(
+        dir.path(),
+        free_port(),
+        &[],
+        &["--store", &store, "--metrics-listen", &metrics_addr],
+    );
+    let url = agg.url();
+    let before = replay("redis-slow", "early", &url, &["-p", "26379", "-t", "0"]);
+    ch.kill();
+    let during: Vec<_> = [("redis-benchmark-lo", "d1"), ("redis-pipelined-sll", "d2")]
+        .into_iter()
+        .map(|(f, id)| {
+            let url = url.clone();
+            std::thread::spawn(move || replay(f, id, &url, &["-p", "26379", "-t", "0"]))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(5));
+    // Down: queries say why, and the refused commits are counted.
+    let out = std::process::Command::new(bin("tcpkit-query"))
+        .args(["--aggregator", &url, "hist"])
+        .output()
+        .expect("tcpkit-query");
+    assert!(!out.status.success());
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(why.contains("clickhouse"), "{why}");
+    let page = http_get(metrics, "/metrics");
+    let failures = page
+        .lines()
+        .find_map(|l| l.strip_prefix("tcpkit_aggregator_store_failures_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no store failures counted: {page}"));
+    assert!(failures > 0);
+    std::thread::sleep(Duration::from_secs(15));
+    ch.resume();
+    let mut events = before[0]["26379"]["slow_reqs"].as_u64().expect("slow_reqs");
+    for a in during {
+        events += a.join().expect("agent")[0]["26379"]["slow_reqs"]
+            .as_u64()
+            .expect("slow_reqs");
+    }
+    let stored = query_json(&[], &url, &["slow", "--limit", "1000000"]);
+    assert_eq!(stored.as_array().map(Vec::len), Some(events as usize));
+    assert_eq!(query_json(&[], &url, &["hist"])["count"], events);
+}
