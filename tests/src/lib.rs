@@ -350,18 +350,40 @@ pub fn clickhouse_available() -> bool {
 pub struct ClickHouse {
     guard: Option<Guard>,
     dir: PathBuf,
+    password: String,
     /// Its HTTP port.
     pub http_port: u16,
+    /// Its HTTPS port, when started with a certificate.
+    pub https_port: Option<u16>,
+}
+
+/// How to start a [`ClickHouse`]: the `default` user's password, an HTTPS certificate and
+/// key (PEM files).
+#[derive(Default)]
+pub struct ClickHouseOptions {
+    /// The password of the user `default` (none when empty).
+    pub password: String,
+    /// The server's certificate and key.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ClickHouse {
     /// One server, no cluster.
     pub fn start(dir: &Path) -> Self {
-        Self::cluster(dir, 1).pop().expect("one server")
+        Self::start_with(dir, &ClickHouseOptions::default())
+    }
+
+    /// One server, with a password or HTTPS.
+    pub fn start_with(dir: &Path, options: &ClickHouseOptions) -> Self {
+        Self::launch(dir, 1, options).pop().expect("one server")
     }
 
     /// `n` servers, each one shard of the cluster `tcpkit`.
     pub fn cluster(dir: &Path, n: usize) -> Vec<Self> {
+        Self::launch(dir, n, &ClickHouseOptions::default())
+    }
+
+    fn launch(dir: &Path, n: usize, options: &ClickHouseOptions) -> Vec<Self> {
         let ports: Vec<[u16; 3]> = (0..n)
             .map(|_| [free_port(), free_port(), free_port()])
             .collect();
@@ -380,6 +402,18 @@ impl ClickHouse {
                 let dir = dir.join(format!("clickhouse-{i}"));
                 std::fs::create_dir_all(&dir).expect("clickhouse dir");
                 let d = dir.display();
+                let https_port = options.tls.as_ref().map(|_| free_port());
+                let tls = match (&options.tls, https_port) {
+                    (Some((cert, key)), Some(port)) => format!(
+                        "<https_port>{port}</https_port><openSSL><server>\
+                         <certificateFile>{}</certificateFile><privateKeyFile>{}</privateKeyFile>\
+                         <verificationMode>none</verificationMode><loadDefaultCAFile>false</loadDefaultCAFile>\
+                         <disableProtocols>sslv2,sslv3</disableProtocols></server></openSSL>",
+                        cert.display(),
+                        key.display()
+                    ),
+                    _ => String::new(),
+                };
                 let config = format!(
                     r#"<?xml version="1.0"?>
 <yandex>
@@ -399,22 +433,28 @@ impl ClickHouse {
   <default_database>default</default_database>
   <mlock_executable>false</mlock_executable>
   <remote_servers><tcpkit>{shards}</tcpkit></remote_servers>
+  {tls}
 </yandex>
 "#
                 );
                 std::fs::write(dir.join("config.xml"), config).expect("clickhouse config");
-                let users = r#"<?xml version="1.0"?>
+                let users = format!(
+                    r#"<?xml version="1.0"?>
 <yandex>
   <profiles><default></default></profiles>
-  <users><default><password></password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
+  <users><default><password>{}</password><networks><ip>127.0.0.1</ip></networks><profile>default</profile><quota>default</quota></default></users>
   <quotas><default></default></quotas>
 </yandex>
-"#;
+"#,
+                    options.password
+                );
                 std::fs::write(dir.join("users.xml"), users).expect("clickhouse users");
                 let mut server = ClickHouse {
                     guard: None,
                     dir,
+                    password: options.password.clone(),
                     http_port: http,
+                    https_port,
                 };
                 server.resume();
                 server
@@ -460,7 +500,8 @@ impl ClickHouse {
             .ok()?;
         write!(
             stream,
-            "POST / HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
+            "POST /?user=default&password={} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{sql}",
+            self.password,
             sql.len()
         )
         .ok()?;

@@ -528,3 +528,170 @@ fn clickhouse_down_for_20_seconds_loses_nothing() {
     assert_eq!(stored.as_array().map(Vec::len), Some(events as usize));
     assert_eq!(query_json(&[], &url, &["hist"])["count"], events);
 }
+
+/// ClickHouse over HTTPS (a CA and a server certificate made here) with the user's password
+/// from a file: the fleet works; a wrong password stops the aggregator at start, saying so.
+#[test]
+fn clickhouse_over_https_with_a_password_from_a_file() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "tcpkit test CA");
+    let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let mut leaf = CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("params");
+    leaf.distinguished_name
+        .push(DnType::CommonName, "clickhouse");
+    let cert = leaf.signed_by(&key, &issuer).expect("certificate");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let ca_file = write("ca.crt", &ca_pem);
+    let (cert_file, key_file) = (
+        write("server.crt", &cert.pem()),
+        write("server.key", &key.serialize_pem()),
+    );
+    let ch = ClickHouse::start_with(
+        dir.path(),
+        &ClickHouseOptions {
+            password: "s3cret-pw".into(),
+            tls: Some((cert_file, key_file)),
+        },
+    );
+    let store = format!(
+        "clickhouse+https://127.0.0.1:{}/tcpkit",
+        ch.https_port.expect("https")
+    );
+    let password = write("password", "s3cret-pw\n");
+    let ca_arg = ca_file.to_str().expect("utf-8");
+    let password_arg = password.to_str().expect("utf-8");
+    let agg = Aggregator::start(
+        dir.path(),
+        free_port(),
+        &[],
+        &[
+            "--store",
+            &store,
+            "--store-ca",
+            ca_arg,
+            "--store-password-file",
+            password_arg,
+        ],
+    );
+    replay("redis-slow", "a2", &agg.url(), &["-p", "26379", "-t", "20"]);
+    assert_eq!(
+        query_json(&[], &agg.url(), &["hist"])["count"],
+        Expected::of("redis-slow").exchanges()
+    );
+    // A wrong password: refused at start, with ClickHouse's reason.
+    let wrong = write("wrong", "not-it\n");
+    let out = std::process::Command::new(bin("tcpkit-aggregator"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            &store,
+            "--store-ca",
+            ca_arg,
+        ])
+        .arg("--store-password-file")
+        .arg(&wrong)
+        .output()
+        .expect("tcpkit-aggregator");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.to_lowercase().contains("password"), "{stderr}");
+    // And a certificate nobody vouches for: refused too.
+    let out = std::process::Command::new(bin("tcpkit-aggregator"))
+        .args(["--listen", "127.0.0.1:0", "--store", &store])
+        .arg("--store-password-file")
+        .arg(&password)
+        .output()
+        .expect("tcpkit-aggregator");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("certificate") || stderr.contains("UnknownIssuer"),
+        "{stderr}"
+    );
+}
+
+/// Retention drops whole days of capture time, on every table: by age, each day that ended
+/// before the cutoff; by size, the oldest days while the parts on disk hold more.
+#[test]
+fn retention_drops_whole_days() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let spec = store::Spec::parse(&format!("clickhouse://{}/tcpkit", ch.host())).expect("spec");
+    let mut writer = spec.writer().expect("writer");
+    let (key, _) = writer
+        .hello(
+            &v1::Hello {
+                agent_id: "old".into(),
+                session: 1,
+                ..Default::default()
+            },
+            1,
+        )
+        .expect("hello");
+    let day = 86_400_000_000u64;
+    for (seq, d) in [(1, 1), (2, 5), (3, 9)] {
+        let t = d * day + 3_600_000_000;
+        let batch = CheckedBatch {
+            seq,
+            events: (0..2000)
+                .map(|i| v1::Event {
+                    ts_us: t + i,
+                    latency_us: 20_000,
+                    summary: format!("GET {}", "key ".repeat(20)),
+                    command: "GET".into(),
+                    ..Default::default()
+                })
+                .collect(),
+            histograms: vec![snapshot(t, &[5])],
+            ..CheckedBatch::default()
+        };
+        writer.commit(&[(key.clone(), &batch)], 0).expect("commit");
+    }
+    let reader = spec.reader().expect("reader");
+    let left = || {
+        reader
+            .slow(&v1::SlowRequest::default())
+            .expect("slow")
+            .len()
+    };
+    assert_eq!(left(), 6000);
+    // Kept 6 days at day 10.5: day 1 goes, day 5 (it ends after day 4.5) stays.
+    let dropped = writer
+        .enforce_retention(
+            Some(Duration::from_secs(6 * 86_400)),
+            None,
+            10 * day + day / 2,
+        )
+        .expect("retention");
+    assert_eq!((dropped, left()), (1, 4000));
+    let count = |r: &dyn store::Reader| {
+        r.merged(&v1::Filter::default(), Group::None)
+            .expect("merged")[""]
+            .count
+    };
+    assert_eq!(count(&*reader), 2);
+    // By size: 1 byte is less than any day; the newest stays (it is being written).
+    let dropped = writer
+        .enforce_retention(None, Some(1), 10 * day)
+        .expect("retention");
+    assert_eq!((dropped, left()), (1, 2000));
+    assert_eq!(count(&*reader), 1);
+}

@@ -390,7 +390,7 @@ impl Client {
                 Err(Refused(why)) => return Err(StoreError::ClickHouse(why)),
             }
         }
-        Err(StoreError::ClickHouse(unreachable.join("; ")))
+        Err(StoreError::Unreachable(unreachable.join("; ")))
     }
 
     /// Runs `sql` on host `i` only; `with_db` false before the database exists.
@@ -423,7 +423,15 @@ impl Client {
                 let text = text.trim();
                 Err(Refused(format!("{url} answered {code}: {text}")))
             }
-            Err(ureq::Error::Transport(t)) => Err(Unreached(format!("cannot reach {url}: {t}"))),
+            Err(ureq::Error::Transport(t)) => {
+                // A certificate nobody vouches for is refused, not unreachable: trying again
+                // will not help.
+                if is_tls_failure(&t) {
+                    Err(Refused(format!("TLS to {url} failed: {t}")))
+                } else {
+                    Err(Unreached(format!("cannot reach {url}: {t}")))
+                }
+            }
         }
     }
 
@@ -461,6 +469,35 @@ enum Failure {
     Refused(String),
 }
 use Failure::{Refused, Unreached};
+
+impl Failure {
+    fn into_error(self) -> StoreError {
+        match self {
+            Unreached(why) => StoreError::Unreachable(why),
+            Refused(why) => StoreError::ClickHouse(why),
+        }
+    }
+}
+
+/// Whether rustls refused somewhere down the error's sources.
+fn is_tls_failure(t: &ureq::Transport) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(t);
+    while let Some(e) = source {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        source = e.source();
+    }
+    false
+}
 
 fn tls_config(ca: Option<&std::path::Path>) -> Result<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
@@ -530,9 +567,9 @@ fn create_table(s: &Settings, t: &Table) -> Vec<String> {
 fn migrate(s: &Settings, client: &Client) -> Result<()> {
     for i in 0..client.urls.len() {
         let run = |sql: &str, with_db: bool| {
-            client.run_on(i, sql, b"", with_db).map_err(|f| match f {
-                Unreached(w) | Refused(w) => StoreError::ClickHouse(w),
-            })
+            client
+                .run_on(i, sql, b"", with_db)
+                .map_err(Failure::into_error)
         };
         run(
             &format!("CREATE DATABASE IF NOT EXISTS {}", s.database),
@@ -806,9 +843,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects and creates or checks the schema. ClickHouse down is not an error here:
-    /// the schema is tried again before each write, and the writes fail (agents keep their
-    /// batches) until it is up. A newer schema is.
+    /// Connects and creates or checks the schema. ClickHouse unreachable is not an error
+    /// here: the schema is tried again before each write, and the writes fail (agents keep
+    /// their batches) until it is up. ClickHouse refusing (a wrong password, a newer
+    /// schema) is.
     pub fn open(settings: &Settings) -> Result<Self> {
         let client = Client::new(settings)?;
         let mut store = Store {
@@ -818,8 +856,10 @@ impl Store {
         };
         match store.ready() {
             Ok(()) => {}
-            Err(e @ StoreError::NewerSchema { .. }) => return Err(e),
-            Err(e) => tracing::warn!("ClickHouse is not ready yet, will try again: {e}"),
+            Err(e @ StoreError::Unreachable(_)) => {
+                tracing::warn!("{e}; trying again before each write")
+            }
+            Err(e) => return Err(e),
         }
         Ok(store)
     }
@@ -887,9 +927,7 @@ impl Store {
             let text = self
                 .client
                 .run_on(i, &sql, b"", true)
-                .map_err(|f| match f {
-                    Unreached(w) | Refused(w) => StoreError::ClickHouse(w),
-                })?;
+                .map_err(Failure::into_error)?;
             for line in text.lines().filter(|l| !l.is_empty()) {
                 let row: Row = serde_json::from_str(line)
                     .map_err(|e| StoreError::ClickHouse(format!("system.parts: {e}")))?;
@@ -911,9 +949,7 @@ impl Store {
                 );
                 self.client
                     .run_on(i, &sql, b"", true)
-                    .map_err(|f| match f {
-                        Unreached(w) | Refused(w) => StoreError::ClickHouse(w),
-                    })?;
+                    .map_err(Failure::into_error)?;
             }
         }
         Ok(())

@@ -26,9 +26,12 @@ pub enum StoreError {
     /// SQLite refused.
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    /// ClickHouse could not be reached, or refused.
+    /// ClickHouse refused (or answered what this build cannot read).
     #[error("clickhouse: {0}")]
     ClickHouse(String),
+    /// No ClickHouse host could be reached.
+    #[error("clickhouse unreachable: {0}")]
+    Unreachable(String),
     /// A stored histogram does not decode (the data was altered).
     #[error("stored histogram: {0}")]
     Histogram(#[from] SnapshotError),
