@@ -1,20 +1,23 @@
-//! The aggregator's benchmarks (the fleet issue's targets), against a real server on
-//! 127.0.0.1 with a real SQLite file:
+//! The aggregator's benchmarks (the fleet issues' targets), against real servers on
+//! 127.0.0.1 with a real SQLite file, or a real ClickHouse (`STORE=clickhouse://HOST:PORT`,
+//! as `bench/fleet.sh` runs it):
 //!
 //! * ingest: events/s stored and acknowledged from 4 concurrent agent streams, each sending
-//!   batches of 4096 events as the agent does (target ≥ 200k events/s);
+//!   batches of 4096 events as the agent does (target ≥ 200k events/s); on ClickHouse with 1
+//!   and with 2 aggregators (the streams split between them);
 //! * queries over 10M events and 1M histogram snapshots: `slow --min-ms 10 --limit 100`
 //!   and `hist --since 24h` (target ≤ 100 ms each), median of RUNS.
 //!
 //! `cargo run --release -p tcpkit-aggregator --example fleet_bench [-- DIR]`; the query
-//! store is built once in DIR (default `bench-data/fleet`) and reused.
+//! store is built once (in DIR, default `bench-data/fleet`, or the ClickHouse database
+//! `bench_query`) and reused.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tcpkit_aggregator::merge::Merged;
 use tcpkit_aggregator::server::{self, now_us, Config, Limits};
-use tcpkit_aggregator::store::{self, CheckedBatch, CheckedSnapshot, Writer as _};
+use tcpkit_aggregator::store::{self, CheckedBatch, CheckedSnapshot};
 use tcpkit_histogram::{seed_bucket, FineHistogram, SEED_BUCKETS};
 use tcpkit_proto::v1::{
     self, agent_message::Body, ingest_client::IngestClient, query_client::QueryClient,
@@ -96,7 +99,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 async fn start_server(
-    db: PathBuf,
+    store: store::Spec,
 ) -> (
     String,
     tokio::sync::oneshot::Sender<()>,
@@ -108,7 +111,7 @@ async fn start_server(
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let config = Config {
-        store: store::Spec::Sqlite(db),
+        store,
         retention: None,
         max_db_bytes: None,
         limits: Limits::default(),
@@ -181,18 +184,35 @@ async fn agent_stream(url: String, id: usize, batches: Vec<v1::Batch>) {
     drop(sender.await);
 }
 
-async fn ingest(dir: &Path) {
-    let db = dir.join("ingest.db");
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+/// Where the benchmark stores: the SQLite file `file` in `dir`, or the database `database`
+/// of the ClickHouse at `STORE`.
+fn store_for(dir: &Path, file: &str, database: &str) -> store::Spec {
+    match std::env::var("STORE") {
+        Ok(host) => {
+            let url = format!("{}/{database}", host.trim_end_matches('/'));
+            store::Spec::parse(&url).expect("STORE is clickhouse://HOST:PORT")
+        }
+        Err(_) => store::Spec::Sqlite(dir.join(file)),
     }
-    let (url, stop, task) = start_server(db).await;
+}
+
+async fn ingest(dir: &Path, aggregators: usize) {
+    let spec = store_for(dir, "ingest.db", &format!("bench_ingest_{}", now_us()));
+    if let store::Spec::Sqlite(db) = &spec {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+    }
+    let mut servers = Vec::new();
+    for _ in 0..aggregators {
+        servers.push(start_server(spec.clone()).await);
+    }
     let batches: Vec<Vec<v1::Batch>> = (0..STREAMS).map(make_batches).collect();
     let started = Instant::now();
     let streams: Vec<_> = batches
         .into_iter()
         .enumerate()
-        .map(|(i, b)| tokio::spawn(agent_stream(url.clone(), i, b)))
+        .map(|(i, b)| tokio::spawn(agent_stream(servers[i % aggregators].0.clone(), i, b)))
         .collect();
     for s in streams {
         s.await.expect("stream task");
@@ -200,25 +220,53 @@ async fn ingest(dir: &Path) {
     let took = started.elapsed();
     let events = (STREAMS * EVENTS_PER_STREAM) as f64;
     println!(
-        "ingest: {} events from {STREAMS} streams stored and acknowledged in {:.2} s = {:.0} events/s",
+        "ingest ({spec}, {aggregators} aggregator{}): {} events from {STREAMS} streams stored and acknowledged in {:.2} s = {:.0} events/s",
+        if aggregators == 1 { "" } else { "s" },
         STREAMS * EVENTS_PER_STREAM,
         took.as_secs_f64(),
         events / took.as_secs_f64()
     );
-    let _ = stop.send(());
-    let _ = task.await;
+    for (_, stop, task) in servers {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
 }
 
 /// The query store: 10M events over the last 7 days, 1M snapshots (100 series every 10 s,
-/// the last 27.8 hours).
-fn build_query_store(db: &Path) {
-    if db.exists() {
-        println!("query store: reusing {}", db.display());
-        return;
-    }
-    let tmp = db.with_extension("building");
-    let _ = std::fs::remove_file(&tmp);
-    let mut store = store::sqlite::Store::open(&tmp).expect("open");
+/// the last 27.8 hours). A SQLite file is built aside and renamed; a ClickHouse database
+/// is reused when its last batch is there.
+fn build_query_store(spec: &store::Spec) {
+    let (mut store, tmp) = match spec {
+        store::Spec::Sqlite(db) => {
+            if db.exists() {
+                println!("query store: reusing {}", db.display());
+                return;
+            }
+            let tmp = db.with_extension("building");
+            let _ = std::fs::remove_file(&tmp);
+            let writer = store::Spec::Sqlite(tmp.clone()).writer().expect("open");
+            (writer, Some(tmp))
+        }
+        store::Spec::ClickHouse(_) => {
+            let mut writer = spec.writer().expect("open");
+            let hello = v1::Hello {
+                agent_id: "bench".into(),
+                session: 1,
+                ..Default::default()
+            };
+            let (_, last) = writer.hello(&hello, now_us()).expect("hello");
+            let batches = STORE_EVENTS / 100_000 + STORE_SNAPSHOTS / 100 / 100;
+            if last == batches {
+                println!("query store: reusing {spec}");
+                return;
+            }
+            assert_eq!(
+                last, 0,
+                "a half-built query store in {spec}: drop its database"
+            );
+            (writer, None)
+        }
+    };
     let now = now_us();
     let (key, _) = store
         .hello(
@@ -270,26 +318,27 @@ fn build_query_store(db: &Path) {
         store.commit(&[(key.clone(), &batch)], now).expect("commit");
     }
     drop(store);
-    std::fs::rename(&tmp, db).expect("rename");
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", tmp.display()));
+    if let (Some(tmp), store::Spec::Sqlite(db)) = (tmp, spec) {
+        std::fs::rename(&tmp, db).expect("rename");
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", tmp.display()));
+        }
     }
     println!(
-        "query store: {STORE_EVENTS} events and {STORE_SNAPSHOTS} snapshots built in {:.0} s ({} MB)",
+        "query store: {STORE_EVENTS} events and {STORE_SNAPSHOTS} snapshots built in {:.0} s",
         started.elapsed().as_secs_f64(),
-        std::fs::metadata(db).map_or(0, |m| m.len() >> 20)
     );
 }
 
 async fn queries(dir: &Path, runs: usize) {
-    let db = dir.join("query.db");
+    let spec = store_for(dir, "query.db", "bench_query");
     tokio::task::spawn_blocking({
-        let db = db.clone();
-        move || build_query_store(&db)
+        let spec = spec.clone();
+        move || build_query_store(&spec)
     })
     .await
     .expect("build");
-    let (url, stop, task) = start_server(db).await;
+    let (url, stop, task) = start_server(spec.clone()).await;
     let mut client = QueryClient::connect(url).await.expect("connect");
     let mut slow_times = Vec::new();
     let mut hist_times = Vec::new();
@@ -321,6 +370,7 @@ async fn queries(dir: &Path, runs: usize) {
         hist_times.push(t.elapsed());
         assert!(hist.all.is_some_and(|h| h.count > 0));
     }
+    println!("query store: {spec}");
     println!(
         "query: slow --min-ms 10 --limit 100: median {:.1} ms of {runs} (over {STORE_EVENTS} events)",
         median(slow_times).as_secs_f64() * 1000.0
@@ -349,7 +399,10 @@ fn main() {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        ingest(&dir).await;
+        ingest(&dir, 1).await;
+        if std::env::var("STORE").is_ok() {
+            ingest(&dir, 2).await;
+        }
         queries(&dir, runs).await;
     });
 }

@@ -695,3 +695,54 @@ fn retention_drops_whole_days() {
     assert_eq!((dropped, left()), (1, 2000));
     assert_eq!(count(&*reader), 1);
 }
+
+/// The store flags are checked before anything starts, each refusal saying what to do.
+#[test]
+fn store_flags_are_checked() {
+    for (args, says) in [
+        (
+            &["--store", "mysql://h/db"][..],
+            "sqlite:PATH or clickhouse://",
+        ),
+        (&["--store", "sqlite:"], "needs a file"),
+        (
+            &["--store", "clickhouse://127.0.0.1:8123"],
+            "names no database",
+        ),
+        (
+            &["--store", "clickhouse://u:pw@127.0.0.1:8123/db"],
+            "--store-password-file",
+        ),
+        (
+            &["--store", "clickhouse://a:1,b:2/db"],
+            "each would hold a part",
+        ),
+        (
+            &["--store", "clickhouse://a:1/db", "--store-ca", "ca.pem"],
+            "clickhouse+https://",
+        ),
+        (&["--clickhouse-cluster", "c"], "for a ClickHouse --store"),
+        (
+            &["--store", "sqlite:x.db", "--db", "y.db"],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "--store",
+                "clickhouse://a:1,b:2/db",
+                "--clickhouse-cluster",
+                "no good",
+            ],
+            "not a cluster name",
+        ),
+    ] {
+        let out = std::process::Command::new(bin("tcpkit-aggregator"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .expect("tcpkit-aggregator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -465,3 +465,103 @@ fn the_demo_shows_latency_and_the_fleet() {
         assert!(stdout.contains(shown), "{shown:?} not in {stdout}");
     }
 }
+
+/// The ClickHouse variant: stateless aggregators, several of them, on one store that the
+/// aggregator's own parser takes, with the password and the cluster where they are looked for.
+#[test]
+fn the_clickhouse_variant_shares_one_store_between_replicas() {
+    use tcpkit_aggregator::store::Spec;
+    let docs = documents("k8s/aggregator-clickhouse.yaml");
+    let service = kind(&docs, "Service");
+    let deployment = kind(&docs, "Deployment");
+    let plain = kind(&documents("k8s/aggregator.yaml"), "Service").clone();
+    assert_eq!(
+        service["metadata"], plain["metadata"],
+        "agents reach either variant by the same name"
+    );
+    assert!(
+        service["spec"]["clusterIP"].is_null(),
+        "a load-balanced Service, not a headless one"
+    );
+    let spec = &deployment["spec"];
+    assert!(spec["replicas"].as_u64().expect("replicas") >= 2);
+    assert_eq!(spec["selector"]["matchLabels"], service["spec"]["selector"]);
+    let pod = &spec["template"]["spec"];
+    let container = &pod["containers"][0];
+    let flags = flag_map("tcpkit-aggregator", &strings(&container["args"]));
+    assert!(!flags.contains_key("db"));
+    let Ok(Spec::ClickHouse(store)) = Spec::parse(&flags["store"]) else {
+        panic!("--store {} is not a ClickHouse store", flags["store"]);
+    };
+    assert!(
+        store.hosts.len() >= 2,
+        "every node listed: {:?}",
+        store.hosts
+    );
+    let cluster = &flags["clickhouse-cluster"];
+    let servers = read("clickhouse/remote-servers.xml");
+    assert!(
+        servers.contains(&format!("<{cluster}>")),
+        "remote-servers.xml defines {cluster}"
+    );
+    assert!(read("clickhouse/users.xml").contains(&format!("<{}>", store.user)));
+    // Each secret file is read where the flag points.
+    for (flag, secret) in [
+        ("store-password-file", "tcpkit-clickhouse"),
+        ("token-file", "tcpkit-token"),
+    ] {
+        let volume = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["secret"]["secretName"] == secret)
+            .unwrap_or_else(|| panic!("the Secret {secret} is a volume"));
+        let mount = container["volumeMounts"]
+            .as_sequence()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .expect("and it is mounted");
+        let dir = mount["mountPath"].as_str().expect("path");
+        assert!(flags[flag].starts_with(&format!("{dir}/")), "--{flag}");
+    }
+
+    let config: toml::Table = read("config/aggregator-clickhouse.toml")
+        .parse()
+        .expect("TOML");
+    let known = long_flags("tcpkit-aggregator");
+    for key in config.keys() {
+        assert!(known.contains(key), "tcpkit-aggregator has no --{key}");
+    }
+    assert!(Spec::parse(config["store"].as_str().expect("store")).is_ok());
+
+    let compose = &documents("compose-clickhouse.yaml")[0];
+    let services = &compose["services"];
+    for name in ["clickhouse", "aggregator", "redis", "agent", "loadgen"] {
+        assert!(!services[name].is_null(), "compose has no {name}");
+    }
+    let aggregator = &services["aggregator"];
+    assert!(aggregator["deploy"]["replicas"].as_u64().expect("replicas") >= 2);
+    assert!(
+        aggregator["ports"].is_null(),
+        "replicas cannot share host ports"
+    );
+    let args = strings(&aggregator["command"]);
+    for flag in args.iter().filter_map(|a| a.strip_prefix("--")) {
+        assert!(
+            known.iter().any(|k| k == flag),
+            "tcpkit-aggregator has no --{flag}"
+        );
+    }
+    let store = args
+        .windows(2)
+        .find(|w| w[0] == "--store")
+        .map(|w| w[1].clone())
+        .expect("--store");
+    assert!(store.starts_with("clickhouse://clickhouse:"));
+    assert!(Spec::parse(&store).is_ok());
+    let agent = strings(&services["agent"]["command"]);
+    assert!(agent
+        .windows(2)
+        .any(|w| w == ["--aggregator", "http://aggregator:50051"]));
+}

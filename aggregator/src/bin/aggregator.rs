@@ -234,6 +234,13 @@ fn store_of(args: &Args) -> anyhow::Result<store::Spec> {
                 }
             }
             s.cluster.clone_from(&args.clickhouse_cluster);
+            if s.hosts.len() > 1 && s.cluster.is_none() {
+                anyhow::bail!(
+                    "--store names {} ClickHouse hosts: with --clickhouse-cluster they are one \
+                     cluster's nodes; without it each would hold a part of the data",
+                    s.hosts.len()
+                );
+            }
             Ok(store::Spec::ClickHouse(s))
         }
     }
