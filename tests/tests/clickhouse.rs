@@ -366,6 +366,18 @@ fn one_batch_committed_by_two_aggregators_at_once_counts_once() {
     assert!(stored.lock().expect("lock").contains(&true));
     let reader = spec.reader().expect("reader");
     let check = |reader: &dyn store::Reader| {
+        // A page cut where duplicates may not have collapsed yet: still the 10 newest.
+        let page = reader
+            .slow(&v1::SlowRequest {
+                limit: 10,
+                ..Default::default()
+            })
+            .expect("slow");
+        let times: Vec<u64> = page
+            .iter()
+            .map(|e| e.event.as_ref().expect("event").ts_us)
+            .collect();
+        assert_eq!(times, (1_000_490..1_000_500).rev().collect::<Vec<_>>());
         assert_eq!(
             reader
                 .slow(&v1::SlowRequest::default())
@@ -744,5 +756,93 @@ fn store_flags_are_checked() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}
+
+/// A page of slow requests cut inside a run of equal times or latencies: both stores give
+/// exactly the full sort's first rows (time or latency, then agent name, then the newest
+/// stored), whatever the limit.
+#[test]
+fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let specs = [
+        store::Spec::Sqlite(dir.path().join("ties.db")),
+        store::Spec::parse(&format!("clickhouse://{}/ties", ch.host())).expect("spec"),
+    ];
+    // Three agents, written in the order c, a, b; times and latencies repeat.
+    let mut all = Vec::new();
+    for spec in &specs {
+        let mut writer = spec.writer().expect("writer");
+        for (k, agent) in ["c", "a", "b"].into_iter().enumerate() {
+            let hello = v1::Hello {
+                agent_id: agent.into(),
+                session: 1,
+                ..Default::default()
+            };
+            let (key, _) = writer.hello(&hello, 1).expect("hello");
+            let events: Vec<v1::Event> = (0..40u64)
+                .map(|i| v1::Event {
+                    ts_us: 1_000_000 + (i * 7 + k as u64) % 5,
+                    latency_us: 10_000 + (i * 3) % 4,
+                    summary: format!("GET {agent}{i}"),
+                    command: "GET".into(),
+                    ..Default::default()
+                })
+                .collect();
+            if all.len() < 120 {
+                all.extend(
+                    events
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| (agent, i, e.clone())),
+                );
+            }
+            let batch = CheckedBatch {
+                seq: 1,
+                events,
+                ..CheckedBatch::default()
+            };
+            writer.commit(&[(key, &batch)], 2).expect("commit");
+        }
+    }
+    for slowest_first in [false, true] {
+        let mut expected = all.clone();
+        expected.sort_by(|(a1, i1, e1), (a2, i2, e2)| {
+            let lead = if slowest_first {
+                (e2.latency_us, e2.ts_us).cmp(&(e1.latency_us, e1.ts_us))
+            } else {
+                e2.ts_us.cmp(&e1.ts_us)
+            };
+            lead.then(a1.cmp(a2)).then(i2.cmp(i1))
+        });
+        for limit in [1, 2, 5, 17, 40, 41, 119, 120, 121] {
+            let want: Vec<String> = expected
+                .iter()
+                .take(limit)
+                .map(|(_, _, e)| e.summary.clone())
+                .collect();
+            for spec in &specs {
+                let got: Vec<String> = spec
+                    .reader()
+                    .expect("reader")
+                    .slow(&v1::SlowRequest {
+                        limit: limit as u32,
+                        slowest_first,
+                        ..Default::default()
+                    })
+                    .expect("slow")
+                    .into_iter()
+                    .map(|e| e.event.expect("event").summary)
+                    .collect();
+                assert_eq!(
+                    got, want,
+                    "{spec}, limit {limit}, slowest first {slowest_first}"
+                );
+            }
+        }
     }
 }

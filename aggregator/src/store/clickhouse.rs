@@ -1267,18 +1267,80 @@ impl super::Reader for Reader {
         } else {
             format!("ts_us DESC, {ties}")
         };
-        let limit = if req.limit == 0 {
-            String::new()
-        } else {
-            format!(" LIMIT {}", req.limit)
+        let table = self.settings.table("events");
+        let select = |c: &[String], limit: &str| -> Result<Vec<Row>> {
+            self.client.rows(&format!(
+                "SELECT agent, ts_us, req_done_us, client, server, port, proto, command, summary, \
+                     latency_us, req_bytes, rsp_bytes, status, own_us, depth \
+                 FROM {table} FINAL {} ORDER BY {order}{limit}",
+                where_clause(c)
+            ))
         };
-        let rows: Vec<Row> = self.client.rows(&format!(
-            "SELECT agent, ts_us, req_done_us, client, server, port, proto, command, summary, \
-                 latency_us, req_bytes, rsp_bytes, status, own_us, depth \
-             FROM {} FINAL {} ORDER BY {order}{limit}",
-            self.settings.table("events"),
-            where_clause(&c)
-        ))?;
+        let rows = if req.limit == 0 {
+            select(&c, "")?
+        } else {
+            // Sorting every match is slow: first the `limit`-th value of the leading key (a
+            // narrow read), then only what is at or above it. Duplicates not yet collapsed
+            // count in the first step; when they leave fewer than `limit`, look further.
+            let limit = u64::from(req.limit);
+            let key = if req.slowest_first {
+                "latency_us"
+            } else {
+                "ts_us"
+            };
+            // Newest first, the boundary is looked for in the last hour, day, week first:
+            // a range of the primary key, so each costs what it holds.
+            let windows: &[u64] = if req.slowest_first {
+                &[]
+            } else {
+                &[3_600_000_000, DAY_US, 7 * DAY_US]
+            };
+            let now = crate::server::now_us();
+            let mut offset = limit - 1;
+            loop {
+                let boundary_in = |since: Option<u64>| -> Result<Option<u64>> {
+                    let mut c = c.clone();
+                    if let Some(t) = since {
+                        c.push(format!("ts_us >= {t}"));
+                    }
+                    Ok(self
+                        .client
+                        .run(
+                            &format!(
+                                "SELECT {key} FROM {table} {} ORDER BY {key} DESC LIMIT 1 OFFSET {offset}",
+                                where_clause(&c)
+                            ),
+                            b"",
+                        )?
+                        .trim()
+                        .parse()
+                        .ok())
+                };
+                let mut boundary = None;
+                for span in windows {
+                    let since = now.saturating_sub(*span);
+                    if since <= f.from_us {
+                        break;
+                    }
+                    boundary = boundary_in(Some(since))?;
+                    if boundary.is_some() {
+                        break;
+                    }
+                }
+                if boundary.is_none() {
+                    boundary = boundary_in(None)?;
+                }
+                let mut bounded = c.clone();
+                if let Some(b) = boundary {
+                    bounded.push(format!("{key} >= {b}"));
+                }
+                let rows = select(&bounded, &format!(" LIMIT {limit}"))?;
+                if boundary.is_none() || rows.len() as u64 == limit {
+                    break rows;
+                }
+                offset = offset.saturating_mul(2).saturating_add(1);
+            }
+        };
         Ok(rows
             .into_iter()
             .map(|r| v1::StoredEvent {

@@ -798,11 +798,35 @@ impl super::Reader for Reader {
         } else {
             i64::from(req.limit)
         };
+        // The tie order needs a sort no index gives: first the `limit`-th value of the
+        // leading key, then sort only what is at or above it; both steps read the key's own
+        // index (the planner may otherwise take one that matches the filter and sort every
+        // match: 27 s over 10M events).
+        let (key, index) = if req.slowest_first {
+            ("latency_us", "events_by_latency")
+        } else {
+            ("ts_us", "events_by_time")
+        };
+        if limit > 0 {
+            let boundary: Option<i64> = self
+                .conn
+                .prepare(&format!(
+                    "SELECT {key} FROM events INDEXED BY {index} {} ORDER BY {key} DESC \
+                     LIMIT 1 OFFSET {}",
+                    c.where_clause(),
+                    limit - 1
+                ))?
+                .query_row(params_from_iter(c.values.iter()), |r| r.get(0))
+                .optional()?;
+            if let Some(b) = boundary {
+                c.push(&format!("{key} >= ?"), Value::Integer(b));
+            }
+        }
         let sql = format!(
             "SELECT (SELECT name FROM agents WHERE id = agent) AS agent_name, ts_us, req_done_us, client,
                  server, port, proto, command, summary, latency_us, req_bytes, rsp_bytes, status,
                  own_us, depth
-             FROM events {} ORDER BY {order} LIMIT {limit}",
+             FROM events INDEXED BY {index} {} ORDER BY {order} LIMIT {limit}",
             c.where_clause()
         );
         let mut stmt = self.conn.prepare(&sql)?;
