@@ -64,7 +64,7 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 
 enum Job {
     Hello(v1::Hello, Reply<(SessionKey, u64)>),
-    Batch(SessionKey, Arc<str>, CheckedBatch, Reply<bool>),
+    Batch(SessionKey, CheckedBatch, Reply<bool>),
     Retention,
 }
 
@@ -152,7 +152,7 @@ fn write_loop(
     config: &Config,
     telemetry: &Telemetry,
 ) {
-    let mut pending: Vec<(SessionKey, Arc<str>, CheckedBatch, Reply<bool>)> = Vec::new();
+    let mut pending: Vec<(SessionKey, CheckedBatch, Reply<bool>)> = Vec::new();
     while let Some(job) = queue.blocking_recv() {
         let mut next = Some(job);
         while let Some(job) = next.take() {
@@ -165,7 +165,7 @@ fn write_loop(
                     });
                     let _ = reply.send(answer);
                 }
-                Job::Batch(key, agent, batch, reply) => pending.push((key, agent, batch, reply)),
+                Job::Batch(key, batch, reply) => pending.push((key, batch, reply)),
                 Job::Retention => {
                     if config.retention.is_some() || config.max_db_bytes.is_some() {
                         match store.enforce_retention(
@@ -188,12 +188,12 @@ fn write_loop(
             continue;
         }
         let refs: Vec<(SessionKey, &CheckedBatch)> =
-            pending.iter().map(|(k, _, b, _)| (k.clone(), b)).collect();
+            pending.iter().map(|(k, b, _)| (k.clone(), b)).collect();
         match store.commit(&refs, now_us()) {
             Ok(stored) => {
-                for ((_, agent, batch, reply), stored) in pending.drain(..).zip(stored) {
+                for ((key, batch, reply), stored) in pending.drain(..).zip(stored) {
                     if stored {
-                        telemetry.stored(&agent, &batch);
+                        telemetry.stored(&key.name, &batch);
                     } else {
                         telemetry.duplicate_batches.fetch_add(1, Ordering::Relaxed);
                     }
@@ -204,7 +204,7 @@ fn write_loop(
                 let why = e.to_string();
                 tracing::error!("cannot store {} batches: {why}", pending.len());
                 telemetry.store_failures.fetch_add(1, Ordering::Relaxed);
-                for (_, _, _, reply) in pending.drain(..) {
+                for (_, _, reply) in pending.drain(..) {
                     let _ = reply.send(Err(why.clone()));
                 }
             }
@@ -272,7 +272,6 @@ async fn ingest(
     })?;
     let _connection = telemetry.connected(&hello.agent_id);
     let session = hello.session;
-    let agent: Arc<str> = hello.agent_id.as_str().into();
     let (reply, answer) = oneshot::channel();
     jobs.send(Job::Hello(hello, reply))
         .await
@@ -322,7 +321,7 @@ async fn ingest(
             last_sent = batch.seq;
             let (reply, done) = oneshot::channel();
             let seq = batch.seq;
-            jobs.send(Job::Batch(key.clone(), Arc::clone(&agent), batch, reply))
+            jobs.send(Job::Batch(key.clone(), batch, reply))
                 .await
                 .map_err(|_| Status::unavailable("the aggregator is stopping"))?;
             if committed_tx.send((seq, done)).await.is_err() {

@@ -29,8 +29,8 @@ struct Args {
     #[arg(long, default_value = "tcpkit.db", value_name = "FILE")]
     db: PathBuf,
     /// Where to store: sqlite:FILE, or clickhouse://[USER@]HOST:PORT[,HOST:PORT...]/DATABASE
-    /// (ClickHouse's HTTP port; clickhouse+https:// for TLS). With several hosts, the schema
-    /// is made on each and the first that answers is used
+    /// (ClickHouse's HTTP port; clickhouse+https:// for TLS). Several hosts are the nodes of
+    /// --clickhouse-cluster: the schema is made on each, the first that answers is used
     #[arg(
         long,
         value_name = "URL",

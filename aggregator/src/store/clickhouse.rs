@@ -44,8 +44,8 @@ pub const CONNECTED_WITHIN: Duration = Duration::from_secs(60);
 /// How long one request to ClickHouse may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The schema, one step per version; each statement is safe to run again. `{db}` is the
-/// database, `{engine}` a table's engine clause, filled in per table by [`create_table`].
+/// The schema's version (in `schema_version` on every host); its tables are [`TABLES`],
+/// each created by [`create_table`] with statements safe to run again.
 const VERSION: u32 = 1;
 
 /// A table: its columns, sorting key and partition.
