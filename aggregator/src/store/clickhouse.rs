@@ -622,7 +622,7 @@ struct HelloRow<'a> {
     ts_us: u64,
 }
 
-#[derive(Serialize, Default)]
+#[derive(Serialize)]
 struct BatchRow<'a> {
     agent: &'a str,
     session: u64,
@@ -630,6 +630,13 @@ struct BatchRow<'a> {
     committed_us: u64,
     events: u64,
     has_counters: u8,
+    #[serde(flatten)]
+    counters: Counters,
+}
+
+/// An agent's counters as columns (of `batches`, and of the sums read back).
+#[derive(Serialize, Deserialize, Default)]
+struct Counters {
     kernel_drops: u64,
     interface_drops: u64,
     decode_errors: u64,
@@ -645,6 +652,69 @@ struct BatchRow<'a> {
     uncertain: u64,
     reply_before_request: u64,
     clock_skew: u64,
+}
+
+/// [`Counters`]' columns.
+const COUNTERS: [&str; 15] = [
+    "kernel_drops",
+    "interface_drops",
+    "decode_errors",
+    "gaps",
+    "desyncs",
+    "timeouts",
+    "flows_evicted",
+    "shipper_dropped_events",
+    "shipper_dropped_histograms",
+    "shipper_buffered",
+    "request_lost",
+    "reply_lost",
+    "uncertain",
+    "reply_before_request",
+    "clock_skew",
+];
+
+impl From<v1::Counters> for Counters {
+    fn from(c: v1::Counters) -> Self {
+        Counters {
+            kernel_drops: c.kernel_drops,
+            interface_drops: c.interface_drops,
+            decode_errors: c.decode_errors,
+            gaps: c.gaps,
+            desyncs: c.desyncs,
+            timeouts: c.timeouts,
+            flows_evicted: c.flows_evicted,
+            shipper_dropped_events: c.shipper_dropped_events,
+            shipper_dropped_histograms: c.shipper_dropped_histograms,
+            shipper_buffered: c.shipper_buffered,
+            request_lost: c.request_lost,
+            reply_lost: c.reply_lost,
+            uncertain: c.uncertain,
+            reply_before_request: c.reply_before_request,
+            clock_skew: c.clock_skew,
+        }
+    }
+}
+
+impl From<Counters> for v1::Counters {
+    fn from(c: Counters) -> Self {
+        v1::Counters {
+            kernel_drops: c.kernel_drops,
+            interface_drops: c.interface_drops,
+            decode_errors: c.decode_errors,
+            gaps: c.gaps,
+            desyncs: c.desyncs,
+            timeouts: c.timeouts,
+            flows_evicted: c.flows_evicted,
+            shipper_dropped_events: c.shipper_dropped_events,
+            shipper_dropped_histograms: c.shipper_dropped_histograms,
+            shipper_buffered: c.shipper_buffered,
+            request_lost: c.request_lost,
+            reply_lost: c.reply_lost,
+            uncertain: c.uncertain,
+            reply_before_request: c.reply_before_request,
+            clock_skew: c.clock_skew,
+        }
+    }
 }
 
 /// The key of a row: its batch and its place in it.
@@ -956,15 +1026,6 @@ impl Store {
     }
 }
 
-fn ports_text(hello: &v1::Hello) -> String {
-    hello
-        .ports
-        .iter()
-        .map(|p| format!("{}/{}", p.port, p.proto))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl super::Writer for Store {
     fn hello(&mut self, hello: &v1::Hello, now_us: u64) -> Result<(SessionKey, u64)> {
         self.ready()?;
@@ -975,7 +1036,7 @@ impl super::Writer for Store {
                 session: hello.session,
                 hostname: &hello.hostname,
                 version: &hello.version,
-                ports: ports_text(hello),
+                ports: super::ports_text(hello),
                 ts_us: now_us,
             }],
         )?;
@@ -1068,7 +1129,6 @@ impl super::Writer for Store {
                 ask: s.sum.ask,
                 buckets: s.sum.buckets.to_vec(),
             }));
-            let c = batch.counters.unwrap_or_default();
             marks.push(BatchRow {
                 agent: &key.name,
                 session: key.session,
@@ -1076,21 +1136,7 @@ impl super::Writer for Store {
                 committed_us: now_us,
                 events: batch.events.len() as u64,
                 has_counters: u8::from(batch.counters.is_some()),
-                kernel_drops: c.kernel_drops,
-                interface_drops: c.interface_drops,
-                decode_errors: c.decode_errors,
-                gaps: c.gaps,
-                desyncs: c.desyncs,
-                timeouts: c.timeouts,
-                flows_evicted: c.flows_evicted,
-                shipper_dropped_events: c.shipper_dropped_events,
-                shipper_dropped_histograms: c.shipper_dropped_histograms,
-                shipper_buffered: c.shipper_buffered,
-                request_lost: c.request_lost,
-                reply_lost: c.reply_lost,
-                uncertain: c.uncertain,
-                reply_before_request: c.reply_before_request,
-                clock_skew: c.clock_skew,
+                counters: batch.counters.unwrap_or_default().into(),
             });
         }
         let t = |name| self.settings.table(name);
@@ -1440,41 +1486,6 @@ impl super::Reader for Reader {
             #[serde(flatten)]
             counters: Counters,
         }
-        #[derive(Deserialize)]
-        struct Counters {
-            kernel_drops: u64,
-            interface_drops: u64,
-            decode_errors: u64,
-            gaps: u64,
-            desyncs: u64,
-            timeouts: u64,
-            flows_evicted: u64,
-            shipper_dropped_events: u64,
-            shipper_dropped_histograms: u64,
-            shipper_buffered: u64,
-            request_lost: u64,
-            reply_lost: u64,
-            uncertain: u64,
-            reply_before_request: u64,
-            clock_skew: u64,
-        }
-        const COUNTERS: [&str; 15] = [
-            "kernel_drops",
-            "interface_drops",
-            "decode_errors",
-            "gaps",
-            "desyncs",
-            "timeouts",
-            "flows_evicted",
-            "shipper_dropped_events",
-            "shipper_dropped_histograms",
-            "shipper_buffered",
-            "request_lost",
-            "reply_lost",
-            "uncertain",
-            "reply_before_request",
-            "clock_skew",
-        ];
         let hellos: Vec<Hello> = self.client.rows(&format!(
             "SELECT agent, argMax(hostname, ts_us) AS hostname, argMax(version, ts_us) AS version, \
                  argMax(ports, ts_us) AS ports, min(ts_us) AS first_seen_us, \
@@ -1506,20 +1517,8 @@ impl super::Reader for Reader {
             .into_iter()
             .map(|h| {
                 let s = stored.remove(&h.agent);
-                let c = s.as_ref().map(|s| &s.counters);
-                let n = |f: fn(&Counters) -> u64| c.map_or(0, f);
                 v1::AgentInfo {
-                    ports: h
-                        .ports
-                        .split(',')
-                        .filter_map(|p| {
-                            let (port, proto) = p.split_once('/')?;
-                            Some(v1::MonitoredPort {
-                                port: port.parse().ok()?,
-                                proto: proto.to_string(),
-                            })
-                        })
-                        .collect(),
+                    ports: super::ports_from_text(&h.ports),
                     id: h.agent,
                     hostname: h.hostname,
                     version: h.version,
@@ -1528,23 +1527,7 @@ impl super::Reader for Reader {
                     sessions: h.sessions,
                     events: s.as_ref().map_or(0, |s| s.events),
                     connected: false,
-                    counters: Some(v1::Counters {
-                        kernel_drops: n(|c| c.kernel_drops),
-                        interface_drops: n(|c| c.interface_drops),
-                        decode_errors: n(|c| c.decode_errors),
-                        gaps: n(|c| c.gaps),
-                        desyncs: n(|c| c.desyncs),
-                        timeouts: n(|c| c.timeouts),
-                        flows_evicted: n(|c| c.flows_evicted),
-                        shipper_dropped_events: n(|c| c.shipper_dropped_events),
-                        shipper_dropped_histograms: n(|c| c.shipper_dropped_histograms),
-                        shipper_buffered: n(|c| c.shipper_buffered),
-                        request_lost: n(|c| c.request_lost),
-                        reply_lost: n(|c| c.reply_lost),
-                        uncertain: n(|c| c.uncertain),
-                        reply_before_request: n(|c| c.reply_before_request),
-                        clock_skew: n(|c| c.clock_skew),
-                    }),
+                    counters: Some(s.map(|s| s.counters).unwrap_or_default().into()),
                 }
             })
             .collect())

@@ -119,6 +119,29 @@ pub fn split_command_key(key: &str) -> (&str, &str) {
     key.split_once(PROTO_COMMAND_SEPARATOR).unwrap_or(("", key))
 }
 
+/// An agent's ports as stored: `6379/redis,11211/memcached`.
+fn ports_text(hello: &v1::Hello) -> String {
+    hello
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.proto))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The ports of [`ports_text`].
+fn ports_from_text(text: &str) -> Vec<v1::MonitoredPort> {
+    text.split(',')
+        .filter_map(|p| {
+            let (port, proto) = p.split_once('/')?;
+            Some(v1::MonitoredPort {
+                port: port.parse().ok()?,
+                proto: proto.to_string(),
+            })
+        })
+        .collect()
+}
+
 /// The writing side of a store: one, owned by the aggregator's writer thread.
 pub trait Writer: Send {
     /// Records an agent's hello; returns its session and the last sequence number stored for

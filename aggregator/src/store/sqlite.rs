@@ -277,12 +277,7 @@ impl Store {
 
 impl super::Writer for Store {
     fn hello(&mut self, hello: &v1::Hello, now_us: u64) -> Result<(SessionKey, u64)> {
-        let ports = hello
-            .ports
-            .iter()
-            .map(|p| format!("{}/{}", p.port, p.proto))
-            .collect::<Vec<_>>()
-            .join(",");
+        let ports = super::ports_text(hello);
         let tx = self.conn.transaction()?;
         tx.execute(
             "INSERT INTO agents (name, hostname, version, ports, first_seen_us, last_seen_us)
@@ -924,16 +919,7 @@ impl super::Reader for Reader {
                 version: r.get(2)?,
                 first_seen_us: n(4)?,
                 last_seen_us: n(5)?,
-                ports: ports
-                    .split(',')
-                    .filter_map(|p| {
-                        let (port, proto) = p.split_once('/')?;
-                        Some(v1::MonitoredPort {
-                            port: port.parse().ok()?,
-                            proto: proto.to_string(),
-                        })
-                    })
-                    .collect(),
+                ports: super::ports_from_text(&ports),
                 sessions: n(6)?,
                 events: n(7)?,
                 // The store cannot know: the server that answers says.
