@@ -364,6 +364,19 @@ fn one_batch_committed_by_two_aggregators_at_once_counts_once() {
     threads.into_iter().for_each(|t| t.join().expect("writer"));
     // Both may have stored it (neither saw the other's yet): the rows count once anyway.
     assert!(stored.lock().expect("lock").contains(&true));
+    // When both wrote it, the later of the two saw the other's attempt: the batch is read
+    // collapsed (most runs; else the second found it stored and wrote nothing).
+    let both = stored.lock().expect("lock").iter().all(|&s| s);
+    let count = |sql: &str| -> u64 {
+        ch.query(sql)
+            .and_then(|t| t.trim().parse().ok())
+            .expect(sql)
+    };
+    assert_eq!(
+        count("SELECT count() FROM tcpkit.attempts"),
+        if both { 2 } else { 1 }
+    );
+    assert_eq!(count("SELECT count() FROM tcpkit.suspects") > 0, both);
     let reader = spec.reader().expect("reader");
     let check = |reader: &dyn store::Reader| {
         // A page cut where duplicates may not have collapsed yet: still the 10 newest.
@@ -845,4 +858,55 @@ fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
             }
         }
     }
+}
+
+/// Two commands whose keys share the 40 hash bits the ClickHouse store groups buckets by
+/// (found by asking ClickHouse): each keeps its own histogram, as on SQLite.
+#[test]
+fn groups_whose_hashes_collide_stay_apart() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let collide = "SELECT bitAnd(cityHash64('redis\\x1fC224057'), 1099511627775) = \
+                   bitAnd(cityHash64('redis\\x1fC798355'), 1099511627775)";
+    assert_eq!(ch.query(collide).as_deref().map(str::trim), Some("1"));
+    let specs = [
+        store::Spec::Sqlite(dir.path().join("collide.db")),
+        store::Spec::parse(&format!("clickhouse://{}/collide", ch.host())).expect("spec"),
+    ];
+    let mut answers = Vec::new();
+    for spec in &specs {
+        let mut writer = spec.writer().expect("writer");
+        let hello = v1::Hello {
+            agent_id: "h".into(),
+            session: 1,
+            ..Default::default()
+        };
+        let (key, _) = writer.hello(&hello, 1).expect("hello");
+        let mut a = snapshot(0, &[10, 20, 30]);
+        a.command = "C224057".into();
+        let mut b = snapshot(0, &[5_000, 9_000]);
+        b.command = "C798355".into();
+        let batch = CheckedBatch {
+            seq: 1,
+            histograms: vec![a, b],
+            ..CheckedBatch::default()
+        };
+        writer.commit(&[(key, &batch)], 2).expect("commit");
+        let merged = spec
+            .reader()
+            .expect("reader")
+            .merged(&v1::Filter::default(), Group::Command)
+            .expect("merged");
+        let figures: Vec<(String, u64, u64)> = merged
+            .iter()
+            .map(|(k, m)| (k.clone(), m.count, m.fine.quantile(0.5)))
+            .collect();
+        assert_eq!(figures.len(), 2, "{figures:?}");
+        assert_eq!((figures[0].1, figures[1].1), (3, 2), "{figures:?}");
+        answers.push(figures);
+    }
+    assert_eq!(answers[0], answers[1]);
 }

@@ -8,20 +8,22 @@
 //!   session, sequence number) and its index in the batch, and the data tables are
 //!   `ReplacingMergeTree`s ordered by time then that key. A batch committed twice (re-sent to
 //!   another aggregator while the first was still committing it) leaves identical rows that
-//!   the engine collapses, and every query reads `FINAL`, so they count once before that.
-//!   Duplicates share their capture time, so they share their partition too.
+//!   the engine collapses in time; duplicates share their capture time, so their partition.
+//!   Until then, a commit records its attempt first and, finding another attempt at the same
+//!   batch, records the batch as a suspect before it writes a row; reads sum other batches'
+//!   rows as they are and collapse (`FINAL`) only the suspects' ([`Reader::exactly_once`]).
 //! * **Acknowledged only when accepted.** A batch's rows go first, its row in `batches` last,
 //!   each insert answered by ClickHouse before the next (`insert_distributed_sync` on a
 //!   cluster); a hello reads the last stored sequence number from `batches`.
-//! * **Merged inside ClickHouse.** Fine buckets are arrays of (index, count), summed by
-//!   `sumMap`; seed and slot buckets by `sumForEach`.
+//! * **Merged inside ClickHouse.** Fine buckets are arrays of (index, count), summed per
+//!   group and index through an `ARRAY JOIN`; seed and slot buckets by `sumForEach`.
 //! * **Schema** created on start with `IF NOT EXISTS`, versioned in `schema_version` on every
 //!   host: aggregators starting at once run the same statements. With a cluster, each table
 //!   is a `*_local` MergeTree on every host named in `--store` and a `Distributed` table
 //!   over them, sharded by agent.
 //! * **Retention** drops whole days (`PARTITION BY` day of capture time).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -45,8 +47,9 @@ pub const CONNECTED_WITHIN: Duration = Duration::from_secs(60);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The schema's version (in `schema_version` on every host); its tables are [`TABLES`],
-/// each created by [`create_table`] with statements safe to run again.
-const VERSION: u32 = 1;
+/// each created by [`create_table`] with statements safe to run again, so an older schema
+/// is brought up to date by creating what it lacks. 2: `attempts` and `suspects`.
+const VERSION: u32 = 2;
 
 /// A table: its columns, sorting key and partition.
 struct Table {
@@ -88,6 +91,23 @@ const TABLES: &[Table] = &[
             flows_evicted UInt64, shipper_dropped_events UInt64, \
             shipper_dropped_histograms UInt64, shipper_buffered UInt64, request_lost UInt64, \
             reply_lost UInt64, uncertain UInt64, reply_before_request UInt64, clock_skew UInt64",
+        order_by: "agent, session, seq",
+        partition_by: None,
+        replacing: true,
+    },
+    // One row per attempt to commit a batch, written before any of its rows.
+    Table {
+        name: "attempts",
+        columns: "agent String, session UInt64, seq UInt64, started_us UInt64",
+        order_by: "agent, session, seq",
+        partition_by: None,
+        replacing: false,
+    },
+    // The batches that more than one attempt may have written (duplicate rows possible),
+    // written by an attempt that saw another before it writes any row.
+    Table {
+        name: "suspects",
+        columns: "agent String, session UInt64, seq UInt64, found_us UInt64",
         order_by: "agent, session, seq",
         partition_by: None,
         replacing: true,
@@ -263,6 +283,14 @@ impl Settings {
             None => self.table(name),
         }
     }
+}
+
+/// The condition that a row is of one batch.
+fn batch_is(agent: &str, session: u64, seq: u64) -> String {
+    format!(
+        "(agent = {} AND session = {session} AND seq = {seq})",
+        quote(agent)
+    )
 }
 
 /// A ClickHouse string literal.
@@ -872,21 +900,16 @@ impl Sums {
     }
 }
 
-/// The select list that sums [`Sums`] (its `sumMap`s give (keys, values) pairs, split
-/// back into two columns by the outer query).
-const SUM_COLUMNS: &str = "sum(count) AS count, sum(sum_us) AS sum_us, max(max_us) AS max_us, \
+/// The select list that sums a snapshot table's scalar columns into [`Sums`] (the fine
+/// buckets are summed apart, see [`Reader::snapshot_sums`]).
+const SCALAR_SUMS: &str = "sum(count) AS count, sum(sum_us) AS sum_us, max(max_us) AS max_us, \
     sum(slow) AS slow, sum(errors) AS errors, sum(timeouts) AS timeouts, \
-    sumForEach(seed) AS seed, sumMap(fine_i, fine_c) AS fine, \
-    sum(own_sum_us) AS own_sum_us, max(own_max) AS own_max, sumMap(own_i, own_c) AS own, \
-    max(depth_max) AS depth_max, sumMap(depth_i, depth_c) AS depth, \
-    sum(moved) AS moved, sum(ask) AS ask, sum(keys) AS keys, sum(multi_key) AS multi_key, \
-    sum(req_bytes) AS req_bytes, sum(rsp_bytes) AS rsp_bytes";
+    sumForEach(seed) AS seed, sum(own_sum_us) AS own_sum_us, max(own_max) AS own_max, \
+    max(depth_max) AS depth_max, sum(moved) AS moved, sum(ask) AS ask, sum(keys) AS keys, \
+    sum(multi_key) AS multi_key, sum(req_bytes) AS req_bytes, sum(rsp_bytes) AS rsp_bytes";
 
-/// The outer select list over [`SUM_COLUMNS`].
-const SPLIT_COLUMNS: &str = "k, count, sum_us, max_us, slow, errors, timeouts, seed, \
-    fine.1 AS fine_i, fine.2 AS fine_c, own_sum_us, own_max, own.1 AS own_i, own.2 AS own_c, \
-    depth_max, depth.1 AS depth_i, depth.2 AS depth_c, moved, ask, keys, multi_key, \
-    req_bytes, rsp_bytes";
+/// More suspect batches than this: every read collapses duplicates (`FINAL`) instead.
+const MAX_SUSPECTS: usize = 1000;
 
 #[derive(Serialize)]
 struct SlotRow<'a> {
@@ -966,6 +989,75 @@ impl Store {
             .into_iter()
             .map(|r| ((r.agent, r.session), r.seq))
             .collect())
+    }
+
+    /// Records this attempt at `marks`' batches, and as suspects those another attempt
+    /// may have written too: before any of their rows, so that a reader who sees a
+    /// duplicate row sees its suspect after (see [`Reader::exactly_once`]).
+    fn mark_attempts(&self, marks: &[BatchRow<'_>], now_us: u64) -> Result<()> {
+        #[derive(Serialize, Deserialize)]
+        struct Attempt {
+            agent: String,
+            session: u64,
+            seq: u64,
+        }
+        if marks.is_empty() {
+            return Ok(());
+        }
+        #[derive(Serialize)]
+        struct Row<'a> {
+            agent: &'a str,
+            session: u64,
+            seq: u64,
+            started_us: u64,
+        }
+        let rows: Vec<Row<'_>> = marks
+            .iter()
+            .map(|m| Row {
+                agent: m.agent,
+                session: m.session,
+                seq: m.seq,
+                started_us: now_us,
+            })
+            .collect();
+        self.client
+            .insert(&self.settings.table("attempts"), &rows)?;
+        let any = marks
+            .iter()
+            .map(|m| batch_is(m.agent, m.session, m.seq))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let twice: Vec<Attempt> = self.client.rows(&format!(
+            "SELECT agent, session, seq FROM {} WHERE {any} GROUP BY agent, session, seq \
+             HAVING count() > 1",
+            self.settings.table("attempts")
+        ))?;
+        if twice.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            "{} batches were sent to more than one commit (a re-send after a disconnect): \
+             read without their duplicates",
+            twice.len()
+        );
+        #[derive(Serialize)]
+        struct Suspect<'a> {
+            agent: &'a str,
+            session: u64,
+            seq: u64,
+            found_us: u64,
+        }
+        let suspects: Vec<Suspect<'_>> = twice
+            .iter()
+            .map(|a| Suspect {
+                agent: &a.agent,
+                session: a.session,
+                seq: a.seq,
+                found_us: now_us,
+            })
+            .collect();
+        self.client
+            .insert(&self.settings.table("suspects"), &suspects)
     }
 
     /// The data partitions (day, bytes) over every host, oldest first.
@@ -1140,6 +1232,7 @@ impl super::Writer for Store {
             });
         }
         let t = |name| self.settings.table(name);
+        self.mark_attempts(&marks, now_us)?;
         self.client.insert(&t("events"), &events)?;
         self.client.insert(&t("histograms"), &histograms)?;
         self.client.insert(&t("templates"), &templates)?;
@@ -1242,7 +1335,9 @@ fn where_clause(c: &[String]) -> String {
 /// The key of a group, as ClickHouse SQL.
 fn group_column(group: Group) -> &'static str {
     match group {
-        Group::None => "''",
+        // Empty, but computed: 18.16 refuses a constant key over a Distributed table
+        // ("non constant in source stream but must be constant in result").
+        Group::None => "substring(proto, 1, 0)",
         Group::Server => "concat(server, ':', toString(port))",
         Group::Agent => "agent",
         Group::Command => "concat(proto, '\\x1f', command)",
@@ -1250,28 +1345,199 @@ fn group_column(group: Group) -> &'static str {
     }
 }
 
+/// A batch: agent, session, sequence number.
+type BatchKey = (String, u64, u64);
+
 impl Reader {
+    /// The suspect batches (there are few: each is a batch re-sent mid-commit).
+    fn suspects(&self) -> Result<BTreeSet<BatchKey>> {
+        #[derive(Deserialize)]
+        struct Row {
+            agent: String,
+            session: u64,
+            seq: u64,
+        }
+        let rows: Vec<Row> = self.client.rows(&format!(
+            "SELECT DISTINCT agent, session, seq FROM {}",
+            self.settings.table("suspects")
+        ))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.agent, r.session, r.seq))
+            .collect())
+    }
+
+    /// Exactly once without collapsing every row: `run(conditions, "" or "FINAL")` sums
+    /// the rows not of a suspect batch as they are, and those of suspect batches collapsed.
+    /// A duplicate row is written after its batch's suspect (see [`Store::mark_attempts`]),
+    /// so when the suspects read after the sums are those read before, no duplicate was
+    /// among the rows summed as they are. Else again, and after three tries, every row
+    /// collapsed.
+    fn exactly_once<T>(
+        &self,
+        run: impl Fn(&[String], &str) -> Result<T>,
+        combine: impl Fn(T, T) -> T,
+    ) -> Result<T> {
+        for _ in 0..3 {
+            let before = self.suspects()?;
+            if before.len() > MAX_SUSPECTS {
+                break;
+            }
+            let sums = if before.is_empty() {
+                run(&[], "")?
+            } else {
+                // An agent id is never empty: the second tuple makes a list of the one.
+                let set = before
+                    .iter()
+                    .map(|(a, session, seq)| format!("({}, {session}, {seq})", quote(a)))
+                    .chain(["('', 0, 0)".to_string()])
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let of = format!("(agent, session, seq) IN ({set})");
+                let plain = run(&[format!("NOT {of}")], "")?;
+                let collapsed = run(&[of], "FINAL")?;
+                combine(plain, collapsed)
+            };
+            if self.suspects()?.is_subset(&before) {
+                return Ok(sums);
+            }
+        }
+        run(&[], "FINAL")
+    }
+
+    /// The snapshots of `table` matching `c`, summed per group: the scalar columns in one
+    /// query, the fine buckets of the three histograms (an `ARRAY JOIN`, several times
+    /// faster than `sumMap` on 18.16) in another.
+    fn snapshot_sums(
+        &self,
+        table: &str,
+        c: &[String],
+        final_: &str,
+        group: Group,
+    ) -> Result<BTreeMap<String, Merged>> {
+        #[derive(Deserialize)]
+        struct Scalars {
+            k: String,
+            h: u64,
+            #[serde(flatten)]
+            sums: Sums,
+        }
+        /// A bucket's sum: of the group whose key hashes to `hi >> 24`, index `hi & 0xffffff`;
+        /// or of the group `k`, index `i`.
+        #[derive(Deserialize)]
+        struct Bucket {
+            #[serde(default)]
+            hi: u64,
+            #[serde(default)]
+            k: String,
+            #[serde(default)]
+            i: u32,
+            f: u8,
+            n: u64,
+        }
+        const _: () = assert!(tcpkit_histogram::FINE_BUCKETS < 1 << 24);
+        let from = format!("{} {final_}", self.settings.table(table));
+        let key = group_column(group);
+        let filter = where_clause(c);
+        let hash = |k: &str| format!("bitAnd(cityHash64({k}), 1099511627775)");
+        let scalars: Vec<Scalars> = self.client.rows(&format!(
+            "SELECT {key} AS k, {} AS h, {SCALAR_SUMS} FROM {from} {filter} GROUP BY k",
+            hash("k")
+        ))?;
+        // The buckets are grouped by one number, 40 bits of the key's hash then the index:
+        // over tens of millions of buckets, a string key and an index cost twice as much.
+        // Two keys of one hash: by the key itself.
+        let mut hashes = HashMap::new();
+        let hashed = scalars
+            .iter()
+            .all(|r| hashes.insert(r.h, r.k.clone()).is_none());
+        let part = |f: u8, h: &str| {
+            let (select, by) = if hashed {
+                (
+                    format!("bitOr(bitShiftLeft({}, 24), toUInt64(i)) AS hi", hash(key)),
+                    "hi",
+                )
+            } else {
+                (format!("{key} AS k, i"), "k, i")
+            };
+            format!(
+                "SELECT {select}, toUInt8({f}) AS f, sum(c) AS n FROM {from} \
+                 ARRAY JOIN {h}_i AS i, {h}_c AS c {filter} GROUP BY {by}"
+            )
+        };
+        let buckets: Vec<Bucket> = self.client.rows(&format!(
+            "{} UNION ALL {} UNION ALL {}",
+            part(0, "fine"),
+            part(1, "own"),
+            part(2, "depth")
+        ))?;
+        let mut sums: BTreeMap<String, Sums> = scalars.into_iter().map(|r| (r.k, r.sums)).collect();
+        for b in buckets {
+            let (k, i) = if hashed {
+                match hashes.get(&(b.hi >> 24)) {
+                    Some(k) => (k.as_str(), (b.hi & 0xff_ffff) as u32),
+                    None => continue,
+                }
+            } else {
+                (b.k.as_str(), b.i)
+            };
+            let Some(s) = sums.get_mut(k) else {
+                continue;
+            };
+            let (index, counts) = match b.f {
+                0 => (&mut s.fine_i, &mut s.fine_c),
+                1 => (&mut s.own_i, &mut s.own_c),
+                _ => (&mut s.depth_i, &mut s.depth_c),
+            };
+            index.push(i);
+            counts.push(b.n);
+        }
+        let merged: BTreeMap<String, Merged> = sums
+            .into_iter()
+            .map(|(k, s)| Ok((k, s.into_merged()?)))
+            .collect::<Result<_>>()?;
+        // Each snapshot's buckets hold its count: a difference is a batch stored between
+        // the two queries.
+        if merged.values().any(|m| m.fine.total() != m.count) {
+            return Err(StoreError::Changed);
+        }
+        Ok(merged)
+    }
+
     fn merge_table(
         &self,
         table: &str,
         filter: &v1::Filter,
         group: Group,
     ) -> Result<BTreeMap<String, Merged>> {
-        #[derive(Deserialize)]
-        struct Row {
-            k: String,
-            #[serde(flatten)]
-            sums: Sums,
+        let mut tries = 0;
+        loop {
+            match self.merge_table_once(table, filter, group) {
+                Err(StoreError::Changed) if tries < 3 => tries += 1,
+                result => return result,
+            }
         }
-        let rows: Vec<Row> = self.client.rows(&format!(
-            "SELECT {SPLIT_COLUMNS} FROM (SELECT {} AS k, {SUM_COLUMNS} FROM {} FINAL {} GROUP BY k)",
-            group_column(group),
-            self.settings.table(table),
-            where_clause(&conditions(filter))
-        ))?;
-        rows.into_iter()
-            .map(|r| Ok((r.k, r.sums.into_merged()?)))
-            .collect()
+    }
+
+    fn merge_table_once(
+        &self,
+        table: &str,
+        filter: &v1::Filter,
+        group: Group,
+    ) -> Result<BTreeMap<String, Merged>> {
+        let base = conditions(filter);
+        self.exactly_once(
+            |extra, final_| {
+                let c: Vec<String> = base.iter().chain(extra).cloned().collect();
+                self.snapshot_sums(table, &c, final_, group)
+            },
+            |mut a, b| {
+                for (k, m) in b {
+                    a.entry(k).or_default().merge(&m);
+                }
+                a
+            },
+        )
     }
 }
 
@@ -1437,34 +1703,44 @@ impl super::Reader for Reader {
             command: String::new(),
             ..filter.clone()
         };
-        let rows: Vec<Row> = self.client.rows(&format!(
-            "SELECT slot, sum(count) AS count, sum(sum_us) AS sum_us, sum(moved) AS moved, \
-                 sum(ask) AS ask, sumForEach(buckets) AS buckets \
-             FROM {} FINAL {} GROUP BY slot",
-            self.settings.table("slots"),
-            where_clause(&conditions(&f))
-        ))?;
-        rows.into_iter()
-            .map(|r| {
-                let mut buckets = [0; PROM_BUCKETS];
-                if r.buckets.len() != PROM_BUCKETS {
-                    return Err(StoreError::Histogram(
-                        crate::merge::SnapshotError::FineLengths,
-                    ));
-                }
-                buckets.copy_from_slice(&r.buckets);
-                Ok((
-                    r.slot,
-                    SlotSum {
-                        count: r.count,
-                        sum_us: r.sum_us,
-                        moved: r.moved,
-                        ask: r.ask,
-                        buckets,
-                    },
-                ))
-            })
-            .collect()
+        let base = conditions(&f);
+        let run = |extra: &[String], final_: &str| -> Result<BTreeMap<u16, SlotSum>> {
+            let c: Vec<String> = base.iter().chain(extra).cloned().collect();
+            let rows: Vec<Row> = self.client.rows(&format!(
+                "SELECT slot, sum(count) AS count, sum(sum_us) AS sum_us, sum(moved) AS moved, \
+                     sum(ask) AS ask, sumForEach(buckets) AS buckets \
+                 FROM {} {final_} {} GROUP BY slot",
+                self.settings.table("slots"),
+                where_clause(&c)
+            ))?;
+            rows.into_iter()
+                .map(|r| {
+                    let mut buckets = [0; PROM_BUCKETS];
+                    if r.buckets.len() != PROM_BUCKETS {
+                        return Err(StoreError::Histogram(
+                            crate::merge::SnapshotError::FineLengths,
+                        ));
+                    }
+                    buckets.copy_from_slice(&r.buckets);
+                    Ok((
+                        r.slot,
+                        SlotSum {
+                            count: r.count,
+                            sum_us: r.sum_us,
+                            moved: r.moved,
+                            ask: r.ask,
+                            buckets,
+                        },
+                    ))
+                })
+                .collect()
+        };
+        self.exactly_once(run, |mut a, b| {
+            for (slot, sum) in b {
+                a.entry(slot).or_default().merge(&sum);
+            }
+            a
+        })
     }
 
     fn agents(&self) -> Result<Vec<v1::AgentInfo>> {
