@@ -285,15 +285,42 @@ fn own_seed(h: &v1::Histogram) -> Vec<u64> {
     seed
 }
 
-/// Width of the longest bar.
+/// Width of the longest bar; of each group's with `--by`.
 const BAR: usize = 40;
+const GROUP_BAR: usize = 16;
+
+/// How bar lengths follow counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// By the logarithm of the count: one request at 100 ms stays visible beside 4,000 at
+    /// 5 ms, and a bucket 10 times fuller is a step longer, not 10 times longer.
+    Log,
+    /// In proportion to the count.
+    Linear,
+}
+
+/// The bar of `count` out of `max`, `width` long at most; any count above 0 gets one mark.
+fn bar(count: u64, max: u64, width: usize, scale: Scale) -> String {
+    if count == 0 || max == 0 {
+        return " ".repeat(width);
+    }
+    let len = match scale {
+        Scale::Linear => (count as u128 * width as u128).div_ceil(max as u128) as usize,
+        Scale::Log => {
+            let share = ((count as f64).ln_1p() / (max as f64).ln_1p()).min(1.0);
+            ((share * width as f64).ceil() as usize).max(1)
+        }
+    };
+    format!("{:<width$}", "#".repeat(len.min(width)))
+}
 
 /// The cells of one group's row of figures.
 type RowOf = fn(&str, &v1::Histogram) -> Vec<String>;
 
-/// The `hist` answer for people: the figures, then the seed buckets as bars (one column of
-/// counts per group with `--by`); with `own`, those of the own times.
-pub fn hist_text(reply: &v1::HistReply, grouped: bool, own: bool) -> String {
+/// The `hist` answer for people: the figures, then the seed buckets as bars (with `--by`, a
+/// column of counts and bars per group before the fleet's), buckets empty everywhere left
+/// out; with `own`, those of the own times.
+pub fn hist_text(reply: &v1::HistReply, grouped: bool, own: bool, scale: Scale) -> String {
     let mut all = reply.all.clone().unwrap_or_default();
     let (header, row): (&[&str], RowOf) = if own {
         (&OWN_HEADER, own_row)
@@ -307,36 +334,43 @@ pub fn hist_text(reply: &v1::HistReply, grouped: bool, own: bool) -> String {
     rows.push(row("all", &all));
     let mut out = table(&rows);
     out.push('\n');
-    let mut groups = reply.groups.clone();
+    let mut groups = if grouped {
+        reply.groups.clone()
+    } else {
+        Vec::new()
+    };
     if own {
         all.seed = own_seed(&all);
         groups.iter_mut().for_each(|g| g.seed = own_seed(g));
     }
-    let reply = &v1::HistReply { all: None, groups };
-    let max = all.seed.iter().copied().max().unwrap_or(0).max(1);
+    let count = |h: &v1::Histogram, i: usize| h.seed.get(i).copied().unwrap_or(0);
+    let max = all.seed.iter().copied().max().unwrap_or(0);
+    let group_max = groups
+        .iter()
+        .flat_map(|g| g.seed.iter().copied())
+        .max()
+        .unwrap_or(0);
     let mut buckets = vec![{
         let mut header = vec![if own { "own time" } else { "latency" }.to_string()];
-        if grouped {
-            header.extend(reply.groups.iter().map(group_name));
+        for g in &groups {
+            header.push(group_name(g));
+            header.push(String::new());
         }
         header.push("all".to_string());
         header.push(String::new());
         header
     }];
     for (i, label) in SEED_LABELS.iter().enumerate() {
-        let count = all.seed.get(i).copied().unwrap_or(0);
-        let mut row = vec![label.to_string()];
-        if grouped {
-            row.extend(
-                reply
-                    .groups
-                    .iter()
-                    .map(|g| g.seed.get(i).copied().unwrap_or(0).to_string()),
-            );
+        if count(&all, i) == 0 && groups.iter().all(|g| count(g, i) == 0) {
+            continue;
         }
-        row.push(count.to_string());
-        let len = (count as u128 * BAR as u128).div_ceil(max as u128) as usize;
-        row.push(format!("{:<BAR$}", "#".repeat(len)));
+        let mut row = vec![label.to_string()];
+        for g in &groups {
+            row.push(count(g, i).to_string());
+            row.push(bar(count(g, i), group_max, GROUP_BAR, scale));
+        }
+        row.push(count(&all, i).to_string());
+        row.push(bar(count(&all, i), max, BAR, scale));
         buckets.push(row);
     }
     out.push_str(&table(&buckets));
@@ -626,19 +660,58 @@ mod tests {
             }),
             groups: vec![],
         };
-        let text = hist_text(&reply, false, false);
+        let text = hist_text(&reply, false, false, Scale::Linear);
         assert!(
-            text.contains(&format!("0ms~0.1ms      2  {}", "#".repeat(40))),
+            text.contains(&format!("0ms~0.1ms    2  {}", "#".repeat(40))),
             "{text}"
         );
         assert!(
-            text.contains(&format!("0.5ms~1ms      1  {}", "#".repeat(20))),
+            text.contains(&format!("0.5ms~1ms    1  {}", "#".repeat(20))),
             "{text}"
+        );
+        assert!(
+            !text.contains("0.1ms~0.2ms"),
+            "empty buckets left out: {text}"
         );
         let json = hist_json(&reply, false);
         assert_eq!(json["count"], 3);
         assert_eq!(json["latencies"][3], 1);
         assert!(json.get("groups").is_none());
+    }
+
+    /// On a log scale one request stays visible beside thousands, and a bucket ten times
+    /// fuller is a step longer; with --by, each group has its bars.
+    #[test]
+    fn bars_are_logarithmic_and_drawn_per_group() {
+        assert_eq!(bar(4000, 4000, 40, Scale::Log).trim_end().len(), 40);
+        assert_eq!(bar(1, 4000, 40, Scale::Log).trim_end().len(), 4);
+        assert_eq!(bar(1, 4000, 40, Scale::Linear).trim_end().len(), 1);
+        assert_eq!(bar(400, 4000, 40, Scale::Log).trim_end().len(), 29);
+        assert_eq!(bar(0, 4000, 40, Scale::Log).trim_end().len(), 0);
+        let seed = |pairs: &[(usize, u64)]| {
+            let mut s = vec![0; 18];
+            pairs.iter().for_each(|&(i, n)| s[i] = n);
+            s
+        };
+        let group = |key: &str, pairs: &[(usize, u64)]| v1::Histogram {
+            key: key.into(),
+            count: pairs.iter().map(|p| p.1).sum(),
+            seed: seed(pairs),
+            ..Default::default()
+        };
+        let reply = v1::HistReply {
+            all: Some(group("", &[(2, 4000), (9, 1)])),
+            groups: vec![group("GET", &[(2, 4000)]), group("DEBUG", &[(9, 1)])],
+        };
+        let text = hist_text(&reply, true, false, Scale::Log);
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains('#')).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        // GET's bar, then DEBUG's empty cell, then the fleet's full bar.
+        assert!(
+            rows[0].contains(&"#".repeat(16)) && rows[0].contains(&"#".repeat(40)),
+            "{text}"
+        );
+        assert_eq!(rows[1].matches('#').count(), 2 + 4, "{text}");
     }
 
     #[test]

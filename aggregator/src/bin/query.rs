@@ -71,6 +71,10 @@ enum Command {
         /// what it waited behind earlier requests of its connection (pipelining)
         #[arg(long)]
         own: bool,
+        /// Bars in proportion to the counts (by default on a log scale, so that a few slow
+        /// requests stay visible beside thousands of fast ones)
+        #[arg(long)]
+        linear: bool,
     },
     /// Commands, servers, agents, ports or Redis Cluster slots ranked by slow count, p99,
     /// own-time p99, total time, requests or redirects
@@ -330,7 +334,12 @@ async fn query(cli: &Cli) -> Result<Output> {
                 empty: reply.events.is_empty(),
             }
         }
-        Command::Hist { filter, by, own } => {
+        Command::Hist {
+            filter,
+            by,
+            own,
+            linear,
+        } => {
             let reply = client
                 .hist(v1::HistRequest {
                     filter: Some(filter.to_proto()?),
@@ -342,7 +351,12 @@ async fn query(cli: &Cli) -> Result<Output> {
             let text = if cli.json {
                 json(report::hist_json(&reply, by.is_some()))
             } else {
-                report::hist_text(&reply, by.is_some(), *own)
+                let scale = if *linear {
+                    report::Scale::Linear
+                } else {
+                    report::Scale::Log
+                };
+                report::hist_text(&reply, by.is_some(), *own, scale)
             };
             Output {
                 text,
