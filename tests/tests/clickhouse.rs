@@ -910,3 +910,83 @@ fn groups_whose_hashes_collide_stay_apart() {
     }
     assert_eq!(answers[0], answers[1]);
 }
+
+/// An attempt that died half way (its attempt recorded, one event written, no more) and the
+/// agent's re-send: the re-send finds the other attempt, the batch is a suspect, and its
+/// events and histograms count once.
+#[test]
+fn a_half_written_batch_and_its_resend_count_once() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let spec = store::Spec::parse(&format!("clickhouse://{}/tcpkit", ch.host())).expect("spec");
+    let mut writer = spec.writer().expect("writer");
+    let hello = v1::Hello {
+        agent_id: "crash".into(),
+        session: 9,
+        ..Default::default()
+    };
+    let (key, _) = writer.hello(&hello, 1).expect("hello");
+    let event = |i: u64| v1::Event {
+        ts_us: 1_000_000 + i,
+        latency_us: 20_000,
+        summary: format!("GET k{i}"),
+        command: "GET".into(),
+        ..Default::default()
+    };
+    // What the dead attempt left: its attempt, the batch's first event and histogram.
+    for sql in [
+        "INSERT INTO tcpkit.attempts (agent, session, seq, started_us) VALUES ('crash', 9, 1, 0)",
+        "INSERT INTO tcpkit.events (agent, session, seq, n, ts_us, latency_us, summary, command) \
+         VALUES ('crash', 9, 1, 0, 1000000, 20000, 'GET k0', 'GET')",
+        "INSERT INTO tcpkit.histograms (agent, session, seq, n, ts_us, count, sum_us, max_us, \
+         seed, fine_i, fine_c) VALUES ('crash', 9, 1, 0, 0, 1, 20000, 20000, \
+         [0,0,0,0,0,0,0,0,0,1,0,0,0,0,0,0,0,0], [FINE], [1])",
+    ] {
+        let fine = tcpkit_histogram::fine_index(20_000).to_string();
+        ch.query(&sql.replace("FINE", &fine))
+            .unwrap_or_else(|| panic!("{sql}"));
+    }
+    let batch = CheckedBatch {
+        seq: 1,
+        events: (0..10).map(event).collect(),
+        histograms: vec![snapshot(0, &[20_000])],
+        ..CheckedBatch::default()
+    };
+    assert_eq!(writer.commit(&[(key, &batch)], 2).expect("commit"), [true]);
+    let count = |sql: &str| -> u64 {
+        ch.query(sql)
+            .and_then(|t| t.trim().parse().ok())
+            .expect(sql)
+    };
+    assert_eq!(count("SELECT count() FROM tcpkit.suspects"), 1);
+    let reader = spec.reader().expect("reader");
+    assert_eq!(
+        reader
+            .slow(&v1::SlowRequest::default())
+            .expect("slow")
+            .len(),
+        10
+    );
+    let page = reader
+        .slow(&v1::SlowRequest {
+            limit: 10,
+            ..Default::default()
+        })
+        .expect("slow");
+    assert_eq!(page.len(), 10);
+    for group in [Group::None, Group::Command, Group::Agent] {
+        let merged = reader
+            .merged(&v1::Filter::default(), group)
+            .expect("merged");
+        assert_eq!(
+            merged.values().map(|m| m.count).sum::<u64>(),
+            1,
+            "{group:?}"
+        );
+    }
+    let agents = reader.agents().expect("agents");
+    assert_eq!(agents[0].events, 10);
+}

@@ -1393,9 +1393,8 @@ impl Reader {
                     .chain(["('', 0, 0)".to_string()])
                     .collect::<Vec<_>>()
                     .join(", ");
-                let of = format!("(agent, session, seq) IN ({set})");
-                let plain = run(&[format!("NOT {of}")], "")?;
-                let collapsed = run(&[of], "FINAL")?;
+                let plain = run(&[format!("(agent, session, seq) NOT IN ({set})")], "")?;
+                let collapsed = run(&[format!("(agent, session, seq) IN ({set})")], "FINAL")?;
                 combine(plain, collapsed)
             };
             if self.suspects()?.is_subset(&before) {
