@@ -371,9 +371,9 @@ impl QueryService {
                     .map_err(|e| Status::unavailable(e.to_string()))?,
             };
             let result = f(&*reader).map_err(|e| match e {
-                e @ (StoreError::ClickHouse(_)
-                | StoreError::Unreachable(_)
-                | StoreError::Changed) => Status::unavailable(e.to_string()),
+                e @ (StoreError::ClickHouse(_) | StoreError::Unreachable(_)) => {
+                    Status::unavailable(e.to_string())
+                }
                 e => Status::internal(e.to_string()),
             });
             if let Ok(mut r) = readers.lock() {

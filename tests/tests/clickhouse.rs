@@ -990,3 +990,63 @@ fn a_half_written_batch_and_its_resend_count_once() {
     let agents = reader.agents().expect("agents");
     assert_eq!(agents[0].events, 10);
 }
+
+/// Histograms read while batches are stored, as in a busy fleet: every answer adds up (its
+/// buckets hold its count, its sums match), never a mix of two moments.
+#[test]
+fn histograms_read_while_batches_are_stored_add_up() {
+    if !clickhouse_available() {
+        return;
+    }
+    let dir = tempdir();
+    let ch = ClickHouse::start(dir.path());
+    let spec = store::Spec::parse(&format!("clickhouse://{}/busy", ch.host())).expect("spec");
+    let mut writer = spec.writer().expect("writer");
+    let done = Arc::new(AtomicBool::new(false));
+    let storing = {
+        let done = Arc::clone(&done);
+        std::thread::spawn(move || {
+            let hello = v1::Hello {
+                agent_id: "busy".into(),
+                session: 1,
+                ..Default::default()
+            };
+            let (key, _) = writer.hello(&hello, 1).expect("hello");
+            let mut seq = 0;
+            while !done.load(Ordering::Relaxed) {
+                seq += 1;
+                let batch = CheckedBatch {
+                    seq,
+                    histograms: vec![snapshot(seq * 10_000_000, &[10, 20, 30])],
+                    ..CheckedBatch::default()
+                };
+                writer.commit(&[(key.clone(), &batch)], 2).expect("commit");
+            }
+            seq
+        })
+    };
+    let reader = spec.reader().expect("reader");
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let mut reads = 0;
+    while std::time::Instant::now() < deadline {
+        let merged = reader
+            .merged(&v1::Filter::default(), Group::None)
+            .expect("merged");
+        if let Some(m) = merged.get("") {
+            assert_eq!(m.fine.total(), m.count);
+            assert_eq!(m.sum_us, 20 * m.count);
+            assert_eq!(m.seed.iter().sum::<u64>(), m.count);
+            reads += 1;
+        }
+    }
+    done.store(true, Ordering::Relaxed);
+    let batches = storing.join().expect("writer");
+    assert!(
+        reads > 3 && batches > 10,
+        "{reads} reads, {batches} batches"
+    );
+    let merged = reader
+        .merged(&v1::Filter::default(), Group::None)
+        .expect("merged");
+    assert_eq!(merged[""].count, 3 * batches);
+}

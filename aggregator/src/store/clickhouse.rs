@@ -908,6 +908,22 @@ const SCALAR_SUMS: &str = "sum(count) AS count, sum(sum_us) AS sum_us, max(max_u
     max(depth_max) AS depth_max, sum(moved) AS moved, sum(ask) AS ask, sum(keys) AS keys, \
     sum(multi_key) AS multi_key, sum(req_bytes) AS req_bytes, sum(rsp_bytes) AS rsp_bytes";
 
+/// The select list that sums every column of a snapshot table in one query (`sumMap` for
+/// the fine buckets: slower, but one read), split back into [`Sums`] by [`SPLIT_COLUMNS`].
+const ALL_SUMS: &str = "sum(count) AS count, sum(sum_us) AS sum_us, max(max_us) AS max_us, \
+    sum(slow) AS slow, sum(errors) AS errors, sum(timeouts) AS timeouts, \
+    sumForEach(seed) AS seed, sumMap(fine_i, fine_c) AS fine, \
+    sum(own_sum_us) AS own_sum_us, max(own_max) AS own_max, sumMap(own_i, own_c) AS own, \
+    max(depth_max) AS depth_max, sumMap(depth_i, depth_c) AS depth, \
+    sum(moved) AS moved, sum(ask) AS ask, sum(keys) AS keys, sum(multi_key) AS multi_key, \
+    sum(req_bytes) AS req_bytes, sum(rsp_bytes) AS rsp_bytes";
+
+/// The outer select list over [`ALL_SUMS`].
+const SPLIT_COLUMNS: &str = "k, count, sum_us, max_us, slow, errors, timeouts, seed, \
+    fine.1 AS fine_i, fine.2 AS fine_c, own_sum_us, own_max, own.1 AS own_i, own.2 AS own_c, \
+    depth_max, depth.1 AS depth_i, depth.2 AS depth_c, moved, ask, keys, multi_key, \
+    req_bytes, rsp_bytes";
+
 /// More suspect batches than this: every read collapses duplicates (`FINAL`) instead.
 const MAX_SUSPECTS: usize = 1000;
 
@@ -1443,6 +1459,8 @@ impl Reader {
             "SELECT {key} AS k, {} AS h, {SCALAR_SUMS} FROM {from} {filter} GROUP BY k",
             hash("k")
         ))?;
+        // The two queries see the rows of one moment only when no batch is stored between
+        // them; the buckets are read right after, and checked to add up below.
         // The buckets are grouped by one number, 40 bits of the key's hash then the index:
         // over tens of millions of buckets, a string key and an index cost twice as much.
         // Two keys of one hash: by the key itself.
@@ -1496,29 +1514,47 @@ impl Reader {
             .map(|(k, s)| Ok((k, s.into_merged()?)))
             .collect::<Result<_>>()?;
         // Each snapshot's buckets hold its count: a difference is a batch stored between
-        // the two queries.
+        // the two queries (a busy fleet stores several a second). Then all in one query.
         if merged.values().any(|m| m.fine.total() != m.count) {
-            return Err(StoreError::Changed);
+            return self.snapshot_sums_in_one(table, c, final_, group);
+        }
+        Ok(merged)
+    }
+
+    /// [`Reader::snapshot_sums`] in one query: one read of the rows, so consistent
+    /// whatever is being stored meanwhile; `sumMap` makes it about twice as slow.
+    fn snapshot_sums_in_one(
+        &self,
+        table: &str,
+        c: &[String],
+        final_: &str,
+        group: Group,
+    ) -> Result<BTreeMap<String, Merged>> {
+        #[derive(Deserialize)]
+        struct Row {
+            k: String,
+            #[serde(flatten)]
+            sums: Sums,
+        }
+        let rows: Vec<Row> = self.client.rows(&format!(
+            "SELECT {SPLIT_COLUMNS} FROM (SELECT {} AS k, {ALL_SUMS} FROM {} {final_} {} GROUP BY k)",
+            group_column(group),
+            self.settings.table(table),
+            where_clause(c)
+        ))?;
+        let merged: BTreeMap<String, Merged> = rows
+            .into_iter()
+            .map(|r| Ok((r.k, r.sums.into_merged()?)))
+            .collect::<Result<_>>()?;
+        if merged.values().any(|m| m.fine.total() != m.count) {
+            return Err(StoreError::ClickHouse(format!(
+                "the stored buckets of {table} do not add up to their counts"
+            )));
         }
         Ok(merged)
     }
 
     fn merge_table(
-        &self,
-        table: &str,
-        filter: &v1::Filter,
-        group: Group,
-    ) -> Result<BTreeMap<String, Merged>> {
-        let mut tries = 0;
-        loop {
-            match self.merge_table_once(table, filter, group) {
-                Err(StoreError::Changed) if tries < 3 => tries += 1,
-                result => return result,
-            }
-        }
-    }
-
-    fn merge_table_once(
         &self,
         table: &str,
         filter: &v1::Filter,

@@ -29,10 +29,6 @@ pub enum StoreError {
     /// ClickHouse refused (or answered what this build cannot read).
     #[error("clickhouse: {0}")]
     ClickHouse(String),
-    /// Batches were stored while a query read the store in several steps, again and again:
-    /// asking again will do.
-    #[error("the store changed while it was read: ask again")]
-    Changed,
     /// No ClickHouse host could be reached.
     #[error("clickhouse unreachable: {0}")]
     Unreachable(String),
