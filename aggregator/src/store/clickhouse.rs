@@ -1455,20 +1455,10 @@ impl Reader {
         let key = group_column(group);
         let filter = where_clause(c);
         let hash = |k: &str| format!("bitAnd(cityHash64({k}), 1099511627775)");
-        let scalars: Vec<Scalars> = self.client.rows(&format!(
-            "SELECT {key} AS k, {} AS h, {SCALAR_SUMS} FROM {from} {filter} GROUP BY k",
-            hash("k")
-        ))?;
-        // The two queries see the rows of one moment only when no batch is stored between
-        // them; the buckets are read right after, and checked to add up below.
         // The buckets are grouped by one number, 40 bits of the key's hash then the index:
         // over tens of millions of buckets, a string key and an index cost twice as much.
-        // Two keys of one hash: by the key itself.
-        let mut hashes = HashMap::new();
-        let hashed = scalars
-            .iter()
-            .all(|r| hashes.insert(r.h, r.k.clone()).is_none());
-        let part = |f: u8, h: &str| {
+        // Two keys of one hash (the scalars say): by the key itself.
+        let part = |f: u8, h: &str, hashed: bool| {
             let (select, by) = if hashed {
                 (
                     format!("bitOr(bitShiftLeft({}, 24), toUInt64(i)) AS hi", hash(key)),
@@ -1482,12 +1472,35 @@ impl Reader {
                  ARRAY JOIN {h}_i AS i, {h}_c AS c {filter} GROUP BY {by}"
             )
         };
-        let buckets: Vec<Bucket> = self.client.rows(&format!(
-            "{} UNION ALL {} UNION ALL {}",
-            part(0, "fine"),
-            part(1, "own"),
-            part(2, "depth")
-        ))?;
+        let buckets_of = |hashed: bool| -> Result<Vec<Bucket>> {
+            self.client.rows(&format!(
+                "{} UNION ALL {} UNION ALL {}",
+                part(0, "fine", hashed),
+                part(1, "own", hashed),
+                part(2, "depth", hashed)
+            ))
+        };
+        // The two queries run at once, so that they see nearly the same moment: a batch
+        // stored between their reads makes them not add up (checked below).
+        let (scalars, buckets) = std::thread::scope(|scope| {
+            let scalars = scope.spawn(|| {
+                self.client.rows::<Scalars>(&format!(
+                    "SELECT {key} AS k, {} AS h, {SCALAR_SUMS} FROM {from} {filter} GROUP BY k",
+                    hash("k")
+                ))
+            });
+            let buckets = buckets_of(true);
+            let scalars = scalars
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            (scalars, buckets)
+        });
+        let scalars = scalars?;
+        let mut hashes = HashMap::new();
+        let hashed = scalars
+            .iter()
+            .all(|r| hashes.insert(r.h, r.k.clone()).is_none());
+        let buckets = if hashed { buckets? } else { buckets_of(false)? };
         let mut sums: BTreeMap<String, Sums> = scalars.into_iter().map(|r| (r.k, r.sums)).collect();
         for b in buckets {
             let (k, i) = if hashed {
