@@ -193,12 +193,20 @@ impl std::fmt::Display for Settings {
     }
 }
 
-/// A database, cluster or user name: letters, digits, `_`, `-` and `.` (cluster names).
+/// A user name: letters, digits, `_`, `-` and `.` (it only goes in a header).
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 128
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// A database name as written unquoted in SQL: letters, digits and `_`, not a digit first.
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl Settings {
@@ -219,7 +227,7 @@ impl Settings {
                 "{url:?} names no database: add /DATABASE, e.g. clickhouse://127.0.0.1:8123/tcpkit"
             )
         })?;
-        if !is_name(database) {
+        if !is_identifier(database) {
             return Err(format!(
                 "{database:?} is not a database name (letters, digits and _)"
             ));
@@ -581,8 +589,9 @@ fn create_table(s: &Settings, t: &Table) -> Vec<String> {
     )];
     if let Some(cluster) = &s.cluster {
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {} AS {local} ENGINE = Distributed({cluster}, {}, {}_local, cityHash64(agent))",
+            "CREATE TABLE IF NOT EXISTS {} AS {local} ENGINE = Distributed({}, {}, {}_local, cityHash64(agent))",
             s.table(t.name),
+            quote(cluster),
             s.database,
             t.name
         ));
@@ -1888,6 +1897,8 @@ mod tests {
             "clickhouse://u:pw@h:1/db",
             "clickhouse://h:1/db;drop",
             "clickhouse://,h/db",
+            "clickhouse://h:1/my-db",
+            "clickhouse://h:1/1db",
             "http://h/db",
         ] {
             assert!(Settings::parse(bad).is_err(), "{bad}");
