@@ -10,7 +10,9 @@
 //!
 //! `cargo run --release -p tcpkit-aggregator --example fleet_bench [-- DIR]`; the query
 //! store is built once (in DIR, default `bench-data/fleet`, or the ClickHouse database
-//! `bench_query`) and reused.
+//! `bench_query`) and reused. On ClickHouse the queries run before and after the roll-ups
+//! (as they are 15 minutes after the last batch) when the store had none. `ONLY=ingest` or
+//! `ONLY=queries` runs one half.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -330,16 +332,11 @@ fn build_query_store(spec: &store::Spec) {
     );
 }
 
-async fn queries(dir: &Path, runs: usize) {
-    let spec = store_for(dir, "query.db", "bench_query");
-    tokio::task::spawn_blocking({
-        let spec = spec.clone();
-        move || build_query_store(&spec)
-    })
-    .await
-    .expect("build");
-    let (url, stop, task) = start_server(spec.clone()).await;
-    let mut client = QueryClient::connect(url).await.expect("connect");
+/// The medians of `runs` of `slow --min-ms 10 --limit 100` and `hist --since 24h`.
+async fn time_queries(
+    client: &mut QueryClient<tonic::transport::Channel>,
+    runs: usize,
+) -> [Duration; 2] {
     let mut slow_times = Vec::new();
     let mut hist_times = Vec::new();
     for _ in 0..runs {
@@ -370,15 +367,60 @@ async fn queries(dir: &Path, runs: usize) {
         hist_times.push(t.elapsed());
         assert!(hist.all.is_some_and(|h| h.count > 0));
     }
+    [median(slow_times), median(hist_times)]
+}
+
+async fn queries(dir: &Path, runs: usize) {
+    let spec = store_for(dir, "query.db", "bench_query");
+    tokio::task::spawn_blocking({
+        let spec = spec.clone();
+        move || build_query_store(&spec)
+    })
+    .await
+    .expect("build");
+    let (url, stop, task) = start_server(spec.clone()).await;
+    let mut client = QueryClient::connect(url).await.expect("connect");
     println!("query store: {spec}");
-    println!(
-        "query: slow --min-ms 10 --limit 100: median {:.1} ms of {runs} (over {STORE_EVENTS} events)",
-        median(slow_times).as_secs_f64() * 1000.0
-    );
-    println!(
-        "query: hist --since 24h: median {:.1} ms of {runs} (over {STORE_SNAPSHOTS} snapshots)",
-        median(hist_times).as_secs_f64() * 1000.0
-    );
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let report = |[slow, hist]: [Duration; 2], what: &str| {
+        println!(
+            "query: slow --min-ms 10 --limit 100: median {:.1} ms of {runs} (over {STORE_EVENTS} events{what})",
+            ms(slow)
+        );
+        println!(
+            "query: hist --since 24h: median {:.1} ms of {runs} (over {STORE_SNAPSHOTS} snapshots{what})",
+            ms(hist)
+        );
+    };
+    let times = time_queries(&mut client, runs).await;
+    if matches!(spec, store::Spec::ClickHouse(_)) {
+        // The roll-ups as they are 15 minutes after the last batch (SQLite rolls up as
+        // it stores): side by side with the snapshots alone when they were not yet.
+        let started = Instant::now();
+        let rolled = tokio::task::spawn_blocking({
+            let spec = spec.clone();
+            move || {
+                spec.writer()
+                    .expect("open")
+                    .roll_up(now_us() + store::clickhouse::ROLLUP_SETTLE_US)
+                    .expect("roll up")
+            }
+        })
+        .await
+        .expect("roll up");
+        if rolled > 0 {
+            println!(
+                "roll-ups: {rolled} buckets rolled up in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            report(times, ", before the roll-ups");
+            report(time_queries(&mut client, runs).await, ", with roll-ups");
+        } else {
+            report(times, ", with roll-ups");
+        }
+    } else {
+        report(times, "");
+    }
     let _ = stop.send(());
     let _ = task.await;
 }
@@ -398,11 +440,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    let only = std::env::var("ONLY").unwrap_or_default();
     runtime.block_on(async {
-        ingest(&dir, 1).await;
-        if std::env::var("STORE").is_ok() {
-            ingest(&dir, 2).await;
+        if only != "queries" {
+            ingest(&dir, 1).await;
+            if std::env::var("STORE").is_ok() {
+                ingest(&dir, 2).await;
+            }
         }
-        queries(&dir, runs).await;
+        if only != "ingest" {
+            queries(&dir, runs).await;
+        }
     });
 }

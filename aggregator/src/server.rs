@@ -32,8 +32,8 @@ use crate::store::{
 
 /// Batches committed together at most.
 const GROUP_COMMIT: usize = 256;
-/// How often retention runs.
-const RETENTION_EVERY: Duration = Duration::from_secs(60);
+/// How often retention and the roll-ups run.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
 /// The aggregator's settings.
 #[derive(Debug, Clone)]
@@ -65,7 +65,8 @@ type Reply<T> = oneshot::Sender<Result<T, String>>;
 enum Job {
     Hello(v1::Hello, Reply<(SessionKey, u64)>),
     Batch(SessionKey, CheckedBatch, Reply<bool>),
-    Retention,
+    /// Retention, roll-ups.
+    Maintenance,
 }
 
 /// Runs the services on `listener` until `shutdown` completes, counting into `telemetry`.
@@ -89,13 +90,17 @@ pub async fn serve(
             move || write_loop(store, queue, &config, &telemetry)
         })
         .context("cannot start the writer thread")?;
-    let retention_timer = tokio::spawn({
+    let maintenance_timer = tokio::spawn({
         let jobs = jobs.clone();
         async move {
-            let mut tick = tokio::time::interval(RETENTION_EVERY);
+            // The first a period after start: not in the rush of agents reconnecting.
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + MAINTENANCE_EVERY,
+                MAINTENANCE_EVERY,
+            );
             loop {
                 tick.tick().await;
-                if jobs.send(Job::Retention).await.is_err() {
+                if jobs.send(Job::Maintenance).await.is_err() {
                     return;
                 }
             }
@@ -136,8 +141,8 @@ pub async fn serve(
             shutdown,
         )
         .await;
-    retention_timer.abort();
-    let _ = retention_timer.await;
+    maintenance_timer.abort();
+    let _ = maintenance_timer.await;
     // The services are gone, and with them every sender: the writer finishes its queue.
     tokio::task::spawn_blocking(move || writer.join())
         .await
@@ -145,7 +150,7 @@ pub async fn serve(
     result.context("the gRPC server failed")
 }
 
-/// The writer thread: hellos one by one, batches in groups, retention when asked.
+/// The writer thread: hellos one by one, batches in groups, maintenance when asked.
 fn write_loop(
     mut store: Box<dyn Writer>,
     mut queue: mpsc::Receiver<Job>,
@@ -166,7 +171,7 @@ fn write_loop(
                     let _ = reply.send(answer);
                 }
                 Job::Batch(key, batch, reply) => pending.push((key, batch, reply)),
-                Job::Retention => {
+                Job::Maintenance => {
                     if config.retention.is_some() || config.max_db_bytes.is_some() {
                         match store.enforce_retention(
                             config.retention,
@@ -176,6 +181,14 @@ fn write_loop(
                             Ok(0) => {}
                             Ok(n) => tracing::info!("retention deleted {n} rows"),
                             Err(e) => tracing::warn!("retention failed: {e}"),
+                        }
+                    }
+                    match store.roll_up(now_us()) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!("rolled up {n} buckets"),
+                        Err(e) => {
+                            tracing::warn!("the roll-ups failed (reads sum snapshots): {e}");
+                            telemetry.store_failures.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }

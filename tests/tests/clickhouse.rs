@@ -500,11 +500,23 @@ fn a_two_shard_cluster_behind_two_aggregators() {
     std::fs::create_dir_all(&sqlite_dir).expect("dir");
     let sqlite = Aggregator::start(&sqlite_dir, free_port(), &[], &[]);
     feed(&sqlite.url());
-    assert_same(
-        &answers(&sqlite.url()),
-        &on_a,
-        "the cluster differs from SQLite",
-    );
+    let on_sqlite = answers(&sqlite.url());
+    assert_same(&on_sqlite, &on_a, "the cluster differs from SQLite");
+    // Rolled up (as 15 minutes later): the same answers from the roll-ups.
+    let mut spec = clickhouse_store(&servers[0], "fleet");
+    if let store::Spec::ClickHouse(s) = &mut spec {
+        s.hosts = vec![servers[0].host(), servers[1].host()];
+        s.cluster = Some("tcpkit".into());
+    }
+    let now = tcpkit_aggregator::server::now_us();
+    let rolled = spec
+        .writer()
+        .expect("writer")
+        .roll_up(now + 15 * 60_000_000 + 1)
+        .expect("roll up");
+    assert!(rolled > 0);
+    assert!(count(&servers[0], "SELECT count() FROM fleet.rollups") > 0);
+    assert_same(&answers(&b), &on_sqlite, "the rolled-up cluster differs");
     // Sharded by agent: each server holds some of them, none all.
     let per_server: Vec<u64> = servers
         .iter()
@@ -1031,4 +1043,271 @@ fn histograms_read_while_batches_are_stored_add_up() {
         .merged(&v1::Filter::default(), Group::None)
         .expect("merged");
     assert_eq!(merged[""].count, 3 * batches);
+}
+
+/// A snapshot of `server` and `command` at `ts_us`: `n` requests of latencies that vary
+/// with both.
+fn varied_snapshot(ts_us: u64, server: &str, command: &str, n: u64) -> CheckedSnapshot {
+    let latencies: Vec<u64> = (0..n)
+        .map(|i| 10 + (ts_us / 1_000_000 + i * 37) % 90_000)
+        .collect();
+    CheckedSnapshot {
+        server: server.into(),
+        command: command.into(),
+        ..snapshot(ts_us, &latencies)
+    }
+}
+
+/// Agent `agent` (of `keys`, one list per writer) stores snapshots every 5 minutes of
+/// `[from, to)` at clock `now` on every writer, numbering its batches on from `seqs`.
+fn store_both(
+    writers: &mut [Box<dyn store::Writer>; 2],
+    keys: &[Vec<store::SessionKey>],
+    seqs: &mut [u64; 2],
+    agent: usize,
+    from: u64,
+    to: u64,
+    now: u64,
+) {
+    let mut ts = from;
+    while ts < to {
+        seqs[agent] += 1;
+        let histograms: Vec<CheckedSnapshot> = (0..4)
+            .map(|k| {
+                varied_snapshot(
+                    ts + k * 300_000_000,
+                    ["10.0.0.2", "10.0.0.3"][k as usize % 2],
+                    ["GET", "SET"][(k as usize / 2 + agent) % 2],
+                    1 + (ts / 300_000_000 + k) % 7,
+                )
+            })
+            .filter(|h| h.ts_us < to)
+            .collect();
+        let batch = CheckedBatch {
+            seq: seqs[agent],
+            histograms,
+            ..CheckedBatch::default()
+        };
+        for (w, k) in writers.iter_mut().zip(keys) {
+            assert_eq!(
+                w.commit(&[(k[agent].clone(), &batch)], now)
+                    .expect("commit"),
+                [true]
+            );
+        }
+        ts += 4 * 300_000_000;
+    }
+}
+
+/// The roll-ups on ClickHouse answer what SQLite does, over whole and cut ranges, for every
+/// grouping: before any roll-up, after one, with a late batch into a rolled-up bucket (read
+/// from the snapshots, then rolled up again), and with re-sent batches whose first copy is
+/// in a roll-up (a half-written attempt before it) or is not (a suspect before it).
+#[test]
+fn roll_ups_answer_what_the_snapshots_do() {
+    let Some((dir, ch)) = clickhouse() else {
+        return;
+    };
+    const HOUR: u64 = 3_600_000_000;
+    const SETTLE: u64 = 15 * 60_000_000;
+    let t0 = 100 * HOUR;
+    let spec = clickhouse_store(&ch, "rolled");
+    let sqlite = store::Spec::Sqlite(dir.path().join("rolled.db"));
+    let mut writers = [
+        spec.writer().expect("writer"),
+        sqlite.writer().expect("writer"),
+    ];
+    let keys: Vec<Vec<store::SessionKey>> = writers
+        .iter_mut()
+        .map(|w| ["a", "b"].map(|id| session(&mut **w, id, 1)).to_vec())
+        .collect();
+    let mut seqs = [0u64; 2];
+    let ranges = [
+        (0, 0),
+        (t0 + HOUR, t0 + 2 * HOUR),
+        (t0 + 17 * 60_000_000, t0 + 2 * HOUR + 43 * 60_000_000),
+        (t0 + 25 * 60_000_000, 0),
+        (
+            t0 + 2 * HOUR + 10 * 60_000_000,
+            t0 + 2 * HOUR + 20 * 60_000_000,
+        ),
+    ];
+    let readers = [
+        spec.reader().expect("reader"),
+        sqlite.reader().expect("reader"),
+    ];
+    let same = |stage: &str| {
+        for (from_us, to_us) in ranges {
+            for group in [
+                Group::None,
+                Group::Server,
+                Group::Command,
+                Group::Agent,
+                Group::Port,
+            ] {
+                let filter = v1::Filter {
+                    from_us,
+                    to_us,
+                    ..Default::default()
+                };
+                let [ch, lite] = [0, 1].map(|i| readers[i].merged(&filter, group).expect("merged"));
+                assert!(!lite.is_empty(), "{stage}: nothing in [{from_us}, {to_us})");
+                assert_eq!(ch, lite, "{stage}: [{from_us}, {to_us}) by {group:?}");
+            }
+            let filter = v1::Filter {
+                from_us,
+                to_us,
+                server: "10.0.0.3".into(),
+                command: "set".into(),
+                ..Default::default()
+            };
+            let [ch, lite] =
+                [0, 1].map(|i| readers[i].merged(&filter, Group::None).expect("merged"));
+            assert_eq!(
+                ch, lite,
+                "{stage}: [{from_us}, {to_us}) of one server and command"
+            );
+        }
+    };
+    let clock = t0 + 3 * HOUR;
+    store_both(&mut writers, &keys, &mut seqs, 0, t0, t0 + 3 * HOUR, clock);
+    store_both(&mut writers, &keys, &mut seqs, 1, t0, t0 + 3 * HOUR, clock);
+    same("no roll-ups");
+    // A batch that one attempt half wrote (its first snapshot), and another re-sent before
+    // the roll-up: both read as one copy.
+    let half = CheckedBatch {
+        seq: seqs[0] + 1,
+        histograms: vec![varied_snapshot(t0 + 65 * 60_000_000, "10.0.0.2", "GET", 3)],
+        ..CheckedBatch::default()
+    };
+    let resent = CheckedBatch {
+        seq: seqs[1] + 1,
+        histograms: vec![varied_snapshot(t0 + 70 * 60_000_000, "10.0.0.3", "SET", 2)],
+        ..CheckedBatch::default()
+    };
+    seqs[0] += 1;
+    seqs[1] += 1;
+    let row = |agent: &str, seq: u64, h: &CheckedSnapshot, inserted: u64| {
+        let m = &h.merged;
+        let (i, c): (Vec<u32>, Vec<u64>) = m.fine.nonzero().unzip();
+        format!(
+            "INSERT INTO rolled.histograms (agent, session, seq, n, ts_us, server, port, proto, \
+             command, inserted_us, count, sum_us, max_us, seed, fine_i, fine_c) VALUES \
+             ('{agent}', 1, {seq}, 0, {}, '{}', {}, '{}', '{}', {inserted}, {}, {}, {}, {:?}, {i:?}, {c:?})",
+            h.ts_us, h.server, h.port, h.proto, h.command, m.count, m.sum_us, m.fine.max_us(), m.seed
+        )
+    };
+    for sql in [
+        format!(
+            "INSERT INTO rolled.attempts VALUES ('a', 1, {}, {clock})",
+            half.seq
+        ),
+        row("a", half.seq, &half.histograms[0], clock),
+        format!(
+            "INSERT INTO rolled.attempts VALUES ('b', 1, {}, {clock})",
+            resent.seq
+        ),
+        row("b", resent.seq, &resent.histograms[0], clock),
+    ] {
+        ch.query(&sql).unwrap_or_else(|| panic!("{sql}"));
+    }
+    assert_eq!(
+        writers[0]
+            .commit(&[(keys[0][1].clone(), &resent)], clock)
+            .expect("commit"),
+        [true]
+    );
+    assert_eq!(
+        writers[1]
+            .commit(&[(keys[1][1].clone(), &resent)], clock)
+            .expect("commit"),
+        [true]
+    );
+    writers[1]
+        .commit(&[(keys[1][0].clone(), &half)], clock)
+        .expect("commit");
+    assert_eq!(count(&ch, "SELECT count() FROM rolled.suspects"), 1);
+    let rolled = writers[0].roll_up(clock + SETTLE + 1).expect("roll up");
+    assert!(rolled >= 3 + 18, "{rolled} buckets rolled up");
+    assert_eq!(
+        writers[0].roll_up(clock + SETTLE + 2).expect("roll up"),
+        0,
+        "too soon"
+    );
+    assert!(count(&ch, "SELECT count() FROM rolled.rollups") > 0);
+    // The half-written batch re-sent after the roll-up holds its first copy.
+    let clock = clock + 2 * SETTLE;
+    assert_eq!(
+        writers[0]
+            .commit(&[(keys[0][0].clone(), &half)], clock)
+            .expect("commit"),
+        [true]
+    );
+    assert_eq!(count(&ch, "SELECT count() FROM rolled.suspects"), 2);
+    same("rolled up");
+    // Late snapshots into rolled-up buckets, read from the snapshots, then rolled up.
+    store_both(
+        &mut writers,
+        &keys,
+        &mut seqs,
+        1,
+        t0 + 30 * 60_000_000,
+        t0 + 50 * 60_000_000,
+        clock,
+    );
+    same("late batches");
+    let marks = count(&ch, "SELECT count() FROM rolled.rollup_marks");
+    assert!(writers[0].roll_up(clock + SETTLE + 1).expect("roll up") >= 2);
+    assert!(count(&ch, "SELECT count() FROM rolled.rollup_marks") > marks);
+    same("rolled up again");
+}
+
+/// A store of schema version 2 (no `inserted_us`, no roll-ups) is brought up to date when
+/// an aggregator starts on it: its snapshots read the same, and are rolled up.
+#[test]
+fn a_version_2_store_is_brought_up_to_date() {
+    let Some((_dir, ch)) = clickhouse() else {
+        return;
+    };
+    let spec = clickhouse_store(&ch, "old");
+    let mut writer = spec.writer().expect("writer");
+    let key = session(&mut *writer, "old", 1);
+    let batch = CheckedBatch {
+        seq: 1,
+        histograms: (0..50)
+            .map(|i| varied_snapshot(i * 60_000_000, "10.0.0.2", "GET", 1 + i % 3))
+            .collect(),
+        ..CheckedBatch::default()
+    };
+    writer.commit(&[(key, &batch)], 1).expect("commit");
+    let before = spec
+        .reader()
+        .expect("reader")
+        .merged(&v1::Filter::default(), Group::Command)
+        .expect("merged");
+    drop(writer);
+    for sql in [
+        "ALTER TABLE old.histograms DROP COLUMN inserted_us",
+        "ALTER TABLE old.templates DROP COLUMN inserted_us",
+        "DROP TABLE old.rollups",
+        "DROP TABLE old.rollup_marks",
+        "DROP TABLE old.compactions",
+        "DROP TABLE old.schema_version",
+        "CREATE TABLE old.schema_version (version UInt32, ts_us UInt64) ENGINE = MergeTree ORDER BY version",
+        "INSERT INTO old.schema_version VALUES (2, 0)",
+    ] {
+        ch.query(sql).unwrap_or_else(|| panic!("{sql}"));
+    }
+    let mut writer = spec.writer().expect("writer");
+    assert_eq!(count(&ch, "SELECT max(version) FROM old.schema_version"), 3);
+    let reader = spec.reader().expect("reader");
+    let merged = |reader: &dyn store::Reader| {
+        reader
+            .merged(&v1::Filter::default(), Group::Command)
+            .expect("merged")
+    };
+    assert_eq!(merged(&*reader), before);
+    assert!(writer.roll_up(2 * 60 * 60_000_000).expect("roll up") > 0);
+    assert!(count(&ch, "SELECT count() FROM old.rollups") > 0);
+    assert_eq!(merged(&*reader), before);
 }

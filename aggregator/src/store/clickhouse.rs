@@ -21,13 +21,15 @@
 //!   host: aggregators starting at once run the same statements. With a cluster, each table
 //!   is a `*_local` MergeTree on every host named in `--store` and a `Distributed` table
 //!   over them, sharded by agent.
+//! * **Roll-ups** per hour and per 10 minutes, exact under re-sends and late batches by a
+//!   watermark on each row's `inserted_us` ([`rollups`]).
 //! * **Retention** drops whole days (`PARTITION BY` day of capture time).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tcpkit_histogram::{FineHistogram, PROM_BUCKETS, SEED_BUCKETS};
@@ -48,8 +50,15 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The schema's version (in `schema_version` on every host); its tables are [`TABLES`],
 /// each created by [`create_table`] with statements safe to run again, so an older schema
-/// is brought up to date by creating what it lacks. 2: `attempts` and `suspects`.
-const VERSION: u32 = 2;
+/// is brought up to date by creating what it lacks (and [`ADDED_COLUMNS`]). 2: `attempts`
+/// and `suspects`; 3: `inserted_us` and the roll-ups.
+const VERSION: u32 = 3;
+
+/// The columns added to existing tables since version 1: (version, table, column).
+const ADDED_COLUMNS: &[(u32, &str, &str)] = &[
+    (3, "histograms", "inserted_us UInt64"),
+    (3, "templates", "inserted_us UInt64"),
+];
 
 /// A table: its columns, sorting key and partition.
 struct Table {
@@ -59,18 +68,61 @@ struct Table {
     partition_by: Option<&'static str>,
     /// Rows with equal sorting keys are one (re-sent batches).
     replacing: bool,
+    /// The shard of a row, on a cluster.
+    shard_by: &'static str,
+    /// Rows per mark of the sorting key (ClickHouse's default: 8192); fewer for fat rows.
+    granularity: Option<u32>,
 }
 
-const SNAPSHOT_COLUMNS: &str = "agent String, session UInt64, seq UInt64, n UInt32, \
-    ts_us UInt64, interval_us UInt64, server String, port UInt32, proto String, command String, \
-    count UInt64, sum_us UInt64, max_us UInt64, slow UInt64, errors UInt64, timeouts UInt64, \
-    seed Array(UInt64), fine_i Array(UInt32), fine_c Array(UInt64), \
-    own_sum_us UInt64, own_max UInt64, own_i Array(UInt32), own_c Array(UInt64), \
-    depth_max UInt64, depth_i Array(UInt32), depth_c Array(UInt64), \
-    moved UInt64, ask UInt64, keys UInt64, multi_key UInt64, req_bytes UInt64, rsp_bytes UInt64";
+/// The columns of a merged histogram's sums (see [`Sums`]), with their types.
+macro_rules! sum_columns {
+    () => {
+        "count UInt64, sum_us UInt64, max_us UInt64, slow UInt64, errors UInt64, \
+         timeouts UInt64, seed Array(UInt64), fine_i Array(UInt32), fine_c Array(UInt64), \
+         own_sum_us UInt64, own_max UInt64, own_i Array(UInt32), own_c Array(UInt64), \
+         depth_max UInt64, depth_i Array(UInt32), depth_c Array(UInt64), moved UInt64, \
+         ask UInt64, keys UInt64, multi_key UInt64, req_bytes UInt64, rsp_bytes UInt64"
+    };
+}
+
+/// [`sum_columns`]' names.
+macro_rules! sum_names {
+    () => {
+        "count, sum_us, max_us, slow, errors, timeouts, seed, fine_i, fine_c, own_sum_us, \
+         own_max, own_i, own_c, depth_max, depth_i, depth_c, moved, ask, keys, multi_key, \
+         req_bytes, rsp_bytes"
+    };
+}
+
+/// The outer select list over [`ALL_SUMS`]: its maps split into [`sum_names`].
+macro_rules! split_sums {
+    () => {
+        "count, sum_us, max_us, slow, errors, timeouts, seed, fine.1 AS fine_i, \
+         fine.2 AS fine_c, own_sum_us, own_max, own.1 AS own_i, own.2 AS own_c, depth_max, \
+         depth.1 AS depth_i, depth.2 AS depth_c, moved, ask, keys, multi_key, req_bytes, \
+         rsp_bytes"
+    };
+}
+
+mod rollups;
+
+pub use rollups::SETTLE_US as ROLLUP_SETTLE_US;
+
+const SUM_NAMES: &str = sum_names!();
+const SPLIT_SUMS: &str = split_sums!();
+
+/// The columns of a snapshot table. `inserted_us`: when its commit started (see
+/// [`rollups`]).
+const SNAPSHOT_COLUMNS: &str = concat!(
+    "agent String, session UInt64, seq UInt64, n UInt32, ts_us UInt64, interval_us UInt64, \
+     server String, port UInt32, proto String, command String, inserted_us UInt64, ",
+    sum_columns!()
+);
 
 const BY_TIME: &str = "ts_us, agent, session, seq, n";
 const DAY_OF_TS: &str = "intDiv(ts_us, 86400000000)";
+const DAY_OF_BUCKET: &str = "intDiv(bucket_us, 86400000000)";
+const BY_AGENT: &str = "cityHash64(agent)";
 
 const TABLES: &[Table] = &[
     Table {
@@ -80,6 +132,8 @@ const TABLES: &[Table] = &[
         order_by: "agent, session, ts_us",
         partition_by: None,
         replacing: false,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     // One row per stored batch: its events and the agent's counters then. Not partitioned
     // (kept, as SQLite keeps sessions), so that a batch stored twice collapses whenever.
@@ -94,6 +148,8 @@ const TABLES: &[Table] = &[
         order_by: "agent, session, seq",
         partition_by: None,
         replacing: true,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     // One row per attempt to commit a batch, written before any of its rows.
     Table {
@@ -102,6 +158,8 @@ const TABLES: &[Table] = &[
         order_by: "agent, session, seq",
         partition_by: None,
         replacing: false,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     // The batches that more than one attempt may have written (duplicate rows possible),
     // written by an attempt that saw another before it writes any row.
@@ -111,6 +169,8 @@ const TABLES: &[Table] = &[
         order_by: "agent, session, seq",
         partition_by: None,
         replacing: true,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     Table {
         name: "events",
@@ -121,6 +181,8 @@ const TABLES: &[Table] = &[
         order_by: BY_TIME,
         partition_by: Some(DAY_OF_TS),
         replacing: true,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     Table {
         name: "histograms",
@@ -128,6 +190,8 @@ const TABLES: &[Table] = &[
         order_by: BY_TIME,
         partition_by: Some(DAY_OF_TS),
         replacing: true,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     Table {
         name: "templates",
@@ -135,6 +199,8 @@ const TABLES: &[Table] = &[
         order_by: BY_TIME,
         partition_by: Some(DAY_OF_TS),
         replacing: true,
+        shard_by: BY_AGENT,
+        granularity: None,
     },
     Table {
         name: "slots",
@@ -144,6 +210,38 @@ const TABLES: &[Table] = &[
         order_by: BY_TIME,
         partition_by: Some(DAY_OF_TS),
         replacing: true,
+        shard_by: BY_AGENT,
+        granularity: None,
+    },
+    // Roll-ups of `histograms` (see [`rollups`]): a bucket's rows at one watermark, then
+    // its mark once they are all in, then the compaction's.
+    Table {
+        name: "rollups",
+        columns: rollups::ROLLUP_COLUMNS,
+        order_by: "span_us, bucket_us, w_us, agent, server, port, proto, command",
+        partition_by: Some(DAY_OF_BUCKET),
+        replacing: false,
+        shard_by: BY_AGENT,
+        // Hundreds of buckets a row: a query reads a few hundred rows, not 8192.
+        granularity: Some(256),
+    },
+    Table {
+        name: "rollup_marks",
+        columns: "span_us UInt64, bucket_us UInt64, w_us UInt64, done_us UInt64",
+        order_by: "span_us, bucket_us, w_us",
+        partition_by: Some(DAY_OF_BUCKET),
+        replacing: false,
+        shard_by: "cityHash64(bucket_us)",
+        granularity: None,
+    },
+    Table {
+        name: "compactions",
+        columns: "w_us UInt64, done_us UInt64",
+        order_by: "w_us",
+        partition_by: None,
+        replacing: false,
+        shard_by: "cityHash64(w_us)",
+        granularity: None,
     },
 ];
 
@@ -413,11 +511,27 @@ impl Client {
     /// Runs `sql` (with `body` as its data, for an insert) on the host that answered last,
     /// or the next ones when it cannot be reached.
     fn run(&self, sql: &str, body: &[u8]) -> Result<String> {
+        self.run_until(sql, body, None)
+    }
+
+    /// [`Client::run`], given up at `deadline`: nothing is sent after it, and a request
+    /// still running then is cut.
+    fn run_until(&self, sql: &str, body: &[u8], deadline: Option<Instant>) -> Result<String> {
         let first = self.current.load(Ordering::Relaxed);
         let mut unreachable = Vec::new();
         for k in 0..self.urls.len() {
             let i = (first + k) % self.urls.len();
-            match self.run_on(i, sql, body, true) {
+            let timeout = match deadline {
+                None => REQUEST_TIMEOUT,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(REQUEST_TIMEOUT),
+                    _ => {
+                        unreachable.push("the commit ran out of time".to_string());
+                        break;
+                    }
+                },
+            };
+            match self.run_on(i, sql, body, true, timeout) {
                 Ok(text) => {
                     self.current.store(i, Ordering::Relaxed);
                     return Ok(text);
@@ -436,9 +550,14 @@ impl Client {
         sql: &str,
         body: &[u8],
         with_db: bool,
+        timeout: Duration,
     ) -> std::result::Result<String, Failure> {
         let url = &self.urls[i];
-        let mut req = self.http.post(url).set("Authorization", &self.auth);
+        let mut req = self
+            .http
+            .post(url)
+            .timeout(timeout)
+            .set("Authorization", &self.auth);
         if with_db {
             req = req.query("database", &self.database);
         }
@@ -485,6 +604,16 @@ impl Client {
 
     /// Inserts `rows` into `table` (nothing when there are none).
     fn insert<T: Serialize>(&self, table: &str, rows: &[T]) -> Result<()> {
+        self.insert_until(table, rows, None)
+    }
+
+    /// [`Client::insert`], given up at `deadline`.
+    fn insert_until<T: Serialize>(
+        &self,
+        table: &str,
+        rows: &[T],
+        deadline: Option<Instant>,
+    ) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
@@ -494,7 +623,11 @@ impl Client {
                 .map_err(|e| StoreError::ClickHouse(format!("cannot encode a row: {e}")))?;
             body.push(b'\n');
         }
-        self.run(&format!("INSERT INTO {table} FORMAT JSONEachRow"), &body)?;
+        self.run_until(
+            &format!("INSERT INTO {table} FORMAT JSONEachRow"),
+            &body,
+            deadline,
+        )?;
         Ok(())
     }
 }
@@ -583,17 +716,22 @@ fn create_table(s: &Settings, t: &Table) -> Vec<String> {
         .map(|p| format!(" PARTITION BY {p}"))
         .unwrap_or_default();
     let local = s.local_table(t.name);
+    let settings = t
+        .granularity
+        .map(|g| format!(" SETTINGS index_granularity = {g}"))
+        .unwrap_or_default();
     let mut out = vec![format!(
-        "CREATE TABLE IF NOT EXISTS {local} ({}) ENGINE = {engine}{partition} ORDER BY ({})",
+        "CREATE TABLE IF NOT EXISTS {local} ({}) ENGINE = {engine}{partition} ORDER BY ({}){settings}",
         t.columns, t.order_by
     )];
     if let Some(cluster) = &s.cluster {
         out.push(format!(
-            "CREATE TABLE IF NOT EXISTS {} AS {local} ENGINE = Distributed({}, {}, {}_local, cityHash64(agent))",
+            "CREATE TABLE IF NOT EXISTS {} AS {local} ENGINE = Distributed({}, {}, {}_local, {})",
             s.table(t.name),
             quote(cluster),
             s.database,
-            t.name
+            t.name,
+            t.shard_by
         ));
     }
     out
@@ -605,7 +743,7 @@ fn migrate(s: &Settings, client: &Client) -> Result<()> {
     for i in 0..client.urls.len() {
         let run = |sql: &str, with_db: bool| {
             client
-                .run_on(i, sql, b"", with_db)
+                .run_on(i, sql, b"", with_db, REQUEST_TIMEOUT)
                 .map_err(Failure::into_error)
         };
         run(
@@ -636,6 +774,23 @@ fn migrate(s: &Settings, client: &Client) -> Result<()> {
         for t in TABLES {
             for sql in create_table(s, t) {
                 run(&sql, true)?;
+            }
+        }
+        for (_, table, column) in ADDED_COLUMNS.iter().filter(|(v, ..)| *v > found) {
+            let mut tables = vec![s.local_table(table)];
+            if s.cluster.is_some() {
+                tables.push(s.table(table));
+            }
+            for t in tables {
+                // No IF NOT EXISTS in 18.16: "column with this name already exists" (code
+                // 44) when just created, or added by another aggregator starting too.
+                match run(&format!("ALTER TABLE {t} ADD COLUMN {column}"), true) {
+                    Err(StoreError::ClickHouse(why))
+                        if why.contains("Code: 44,") || why.contains("Code: 44.") => {}
+                    other => {
+                        other?;
+                    }
+                }
             }
         }
         run(
@@ -798,12 +953,14 @@ struct SnapshotRow<'a> {
     port: u32,
     proto: &'a str,
     command: &'a str,
+    inserted_us: u64,
     #[serde(flatten)]
     sums: Sums,
 }
 
-fn snapshot_row<'a>(key: RowKey<'a>, h: &'a CheckedSnapshot) -> SnapshotRow<'a> {
+fn snapshot_row<'a>(key: RowKey<'a>, h: &'a CheckedSnapshot, inserted_us: u64) -> SnapshotRow<'a> {
     SnapshotRow {
+        inserted_us,
         key,
         ts_us: h.ts_us,
         interval_us: h.interval_us,
@@ -927,11 +1084,8 @@ const ALL_SUMS: &str = "sum(count) AS count, sum(sum_us) AS sum_us, max(max_us) 
     sum(moved) AS moved, sum(ask) AS ask, sum(keys) AS keys, sum(multi_key) AS multi_key, \
     sum(req_bytes) AS req_bytes, sum(rsp_bytes) AS rsp_bytes";
 
-/// The outer select list over [`ALL_SUMS`].
-const SPLIT_COLUMNS: &str = "k, count, sum_us, max_us, slow, errors, timeouts, seed, \
-    fine.1 AS fine_i, fine.2 AS fine_c, own_sum_us, own_max, own.1 AS own_i, own.2 AS own_c, \
-    depth_max, depth.1 AS depth_i, depth.2 AS depth_c, moved, ask, keys, multi_key, \
-    req_bytes, rsp_bytes";
+/// The outer select list over [`ALL_SUMS`], with the group's key.
+const SPLIT_COLUMNS: &str = concat!("k, ", split_sums!());
 
 /// More suspect batches than this: every read collapses duplicates (`FINAL`) instead.
 const MAX_SUSPECTS: usize = 1000;
@@ -1113,7 +1267,7 @@ impl Store {
         for i in 0..self.client.urls.len() {
             let text = self
                 .client
-                .run_on(i, &sql, b"", true)
+                .run_on(i, &sql, b"", true, REQUEST_TIMEOUT)
                 .map_err(Failure::into_error)?;
             for line in text.lines().filter(|l| !l.is_empty()) {
                 let row: Row = serde_json::from_str(line)
@@ -1135,7 +1289,7 @@ impl Store {
                     self.settings.local_table(t.name)
                 );
                 self.client
-                    .run_on(i, &sql, b"", true)
+                    .run_on(i, &sql, b"", true, REQUEST_TIMEOUT)
                     .map_err(Failure::into_error)?;
             }
         }
@@ -1179,6 +1333,9 @@ impl super::Writer for Store {
         batches: &[(SessionKey, &CheckedBatch)],
         now_us: u64,
     ) -> Result<Vec<bool>> {
+        // Nothing is inserted after this: a roll-up takes every row inserted before its
+        // watermark to be in (see [`rollups`]).
+        let deadline = Instant::now() + rollups::ABANDON;
         self.ready()?;
         let mut sessions: Vec<(&str, u64)> =
             batches.iter().map(|(k, _)| (&*k.name, k.session)).collect();
@@ -1224,14 +1381,14 @@ impl super::Writer for Store {
                     .histograms
                     .iter()
                     .enumerate()
-                    .map(|(n, h)| snapshot_row(row_key(n), h)),
+                    .map(|(n, h)| snapshot_row(row_key(n), h, now_us)),
             );
             templates.extend(
                 batch
                     .templates
                     .iter()
                     .enumerate()
-                    .map(|(n, h)| snapshot_row(row_key(n), h)),
+                    .map(|(n, h)| snapshot_row(row_key(n), h, now_us)),
             );
             slots.extend(batch.slots.iter().enumerate().map(|(n, s)| SlotRow {
                 key: row_key(n),
@@ -1258,12 +1415,20 @@ impl super::Writer for Store {
         }
         let t = |name| self.settings.table(name);
         self.mark_attempts(&marks, now_us)?;
-        self.client.insert(&t("events"), &events)?;
-        self.client.insert(&t("histograms"), &histograms)?;
-        self.client.insert(&t("templates"), &templates)?;
-        self.client.insert(&t("slots"), &slots)?;
-        self.client.insert(&t("batches"), &marks)?;
+        let by = Some(deadline);
+        self.client.insert_until(&t("events"), &events, by)?;
+        self.client
+            .insert_until(&t("histograms"), &histograms, by)?;
+        self.client.insert_until(&t("templates"), &templates, by)?;
+        self.client.insert_until(&t("slots"), &slots, by)?;
+        self.client.insert_until(&t("batches"), &marks, by)?;
         Ok(stored)
+    }
+
+    fn roll_up(&mut self, now_us: u64) -> Result<u64> {
+        self.ready()?;
+        let suspects = suspects(&self.client, &self.settings)?;
+        rollups::compact(&self.client, &self.settings, &suspects, now_us)
     }
 
     /// Whole days go: by age, each day that ends before the cutoff; by size, the oldest
@@ -1323,6 +1488,18 @@ impl Reader {
 
 /// A filter as ClickHouse conditions (on the columns events and snapshots share).
 fn conditions(f: &v1::Filter) -> Vec<String> {
+    let mut c = dimensions(f);
+    if f.from_us > 0 {
+        c.push(format!("ts_us >= {}", f.from_us));
+    }
+    if f.to_us > 0 {
+        c.push(format!("ts_us < {}", f.to_us));
+    }
+    c
+}
+
+/// A filter's conditions but time (on the columns of roll-ups too).
+fn dimensions(f: &v1::Filter) -> Vec<String> {
     let mut c = Vec::new();
     // Names match in any (ASCII) case, as in SQLite's NOCASE.
     for (column, value) in [
@@ -1340,12 +1517,6 @@ fn conditions(f: &v1::Filter) -> Vec<String> {
     if f.port != 0 {
         c.push(format!("port = {}", f.port));
     }
-    if f.from_us > 0 {
-        c.push(format!("ts_us >= {}", f.from_us));
-    }
-    if f.to_us > 0 {
-        c.push(format!("ts_us < {}", f.to_us));
-    }
     c
 }
 
@@ -1355,6 +1526,11 @@ fn where_clause(c: &[String]) -> String {
     } else {
         format!("WHERE {}", c.join(" AND "))
     }
+}
+
+/// `PREWHERE` and its condition, if any.
+fn prewhere_clause(pre: Option<&str>) -> String {
+    pre.map(|p| format!("PREWHERE {p}")).unwrap_or_default()
 }
 
 /// The key of a group, as ClickHouse SQL.
@@ -1373,70 +1549,75 @@ fn group_column(group: Group) -> &'static str {
 /// A batch: agent, session, sequence number.
 type BatchKey = (String, u64, u64);
 
-impl Reader {
-    /// The suspect batches (there are few: each is a batch re-sent mid-commit).
-    fn suspects(&self) -> Result<BTreeSet<BatchKey>> {
-        #[derive(Deserialize)]
-        struct Row {
-            agent: String,
-            session: u64,
-            seq: u64,
-        }
-        let rows: Vec<Row> = self.client.rows(&format!(
-            "SELECT DISTINCT agent, session, seq FROM {}",
-            self.settings.table("suspects")
-        ))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.agent, r.session, r.seq))
-            .collect())
+/// The suspect batches (there are few: each is a batch re-sent mid-commit).
+fn suspects(client: &Client, s: &Settings) -> Result<BTreeSet<BatchKey>> {
+    #[derive(Deserialize)]
+    struct Row {
+        agent: String,
+        session: u64,
+        seq: u64,
     }
+    let rows: Vec<Row> = client.rows(&format!(
+        "SELECT DISTINCT agent, session, seq FROM {}",
+        s.table("suspects")
+    ))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.agent, r.session, r.seq))
+        .collect())
+}
 
-    /// Exactly once without collapsing every row: `run(conditions, "" or "FINAL")` sums
-    /// the rows not of a suspect batch as they are, and those of suspect batches collapsed.
+/// Batches as a list for `(agent, session, seq) IN (…)`. An agent id is never empty: the
+/// tuple it ends with makes a list of one batch.
+fn batch_set(batches: &BTreeSet<BatchKey>) -> String {
+    batches
+        .iter()
+        .map(|(a, session, seq)| format!("({}, {session}, {seq})", quote(a)))
+        .chain(["('', 0, 0)".to_string()])
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Reader {
+    /// Exactly once without collapsing every row: `run(conditions, collapsed)` sums the rows
+    /// not of a suspect batch as they are, and those of suspect batches collapsed.
     /// A duplicate row is written after its batch's suspect (see [`Store::mark_attempts`]),
     /// so when the suspects read after the sums are those read before, no duplicate was
     /// among the rows summed as they are. Else again, and after three tries, every row
     /// collapsed.
     fn exactly_once<T>(
         &self,
-        run: impl Fn(&[String], &str) -> Result<T>,
+        run: impl Fn(&[String], bool) -> Result<T>,
         combine: impl Fn(T, T) -> T,
     ) -> Result<T> {
         for _ in 0..3 {
-            let before = self.suspects()?;
+            let before = suspects(&self.client, &self.settings)?;
             if before.len() > MAX_SUSPECTS {
                 break;
             }
             let sums = if before.is_empty() {
-                run(&[], "")?
+                run(&[], false)?
             } else {
-                // An agent id is never empty: the second tuple makes a list of the one.
-                let set = before
-                    .iter()
-                    .map(|(a, session, seq)| format!("({}, {session}, {seq})", quote(a)))
-                    .chain(["('', 0, 0)".to_string()])
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let plain = run(&[format!("(agent, session, seq) NOT IN ({set})")], "")?;
-                let collapsed = run(&[format!("(agent, session, seq) IN ({set})")], "FINAL")?;
+                let set = batch_set(&before);
+                let plain = run(&[format!("(agent, session, seq) NOT IN ({set})")], false)?;
+                let collapsed = run(&[format!("(agent, session, seq) IN ({set})")], true)?;
                 combine(plain, collapsed)
             };
-            if self.suspects()?.is_subset(&before) {
+            if suspects(&self.client, &self.settings)?.is_subset(&before) {
                 return Ok(sums);
             }
         }
-        run(&[], "FINAL")
+        run(&[], true)
     }
 
-    /// The snapshots of `table` matching `c`, summed per group: the scalar columns in one
-    /// query, the fine buckets of the three histograms (an `ARRAY JOIN`, several times
-    /// faster than `sumMap` on 18.16) in another.
+    /// The snapshots of `from` (a table, or a query of one) matching `c`, summed per group:
+    /// the scalar columns in one query, the fine buckets of the three histograms (an
+    /// `ARRAY JOIN`, several times faster than `sumMap` on 18.16) in another.
     fn snapshot_sums(
         &self,
-        table: &str,
+        from: &str,
+        pre: Option<&str>,
         c: &[String],
-        final_: &str,
         group: Group,
     ) -> Result<BTreeMap<String, Merged>> {
         #[derive(Deserialize)]
@@ -1460,9 +1641,8 @@ impl Reader {
             n: u64,
         }
         const _: () = assert!(tcpkit_histogram::FINE_BUCKETS < 1 << 24);
-        let from = format!("{} {final_}", self.settings.table(table));
         let key = group_column(group);
-        let filter = where_clause(c);
+        let filter = format!("{} {}", prewhere_clause(pre), where_clause(c));
         let hash = |k: &str| format!("bitAnd(cityHash64({k}), 1099511627775)");
         // The buckets are grouped by one number, 40 bits of the key's hash then the index:
         // over tens of millions of buckets, a string key and an index cost twice as much.
@@ -1538,7 +1718,7 @@ impl Reader {
         // Each snapshot's buckets hold its count: a difference is a batch stored between
         // the two queries (a busy fleet stores several a second). Then all in one query.
         if merged.values().any(|m| m.fine.total() != m.count) {
-            return self.snapshot_sums_in_one(table, c, final_, group);
+            return self.snapshot_sums_in_one(from, pre, c, group);
         }
         Ok(merged)
     }
@@ -1547,9 +1727,9 @@ impl Reader {
     /// whatever is being stored meanwhile; `sumMap` makes it about twice as slow.
     fn snapshot_sums_in_one(
         &self,
-        table: &str,
+        from: &str,
+        pre: Option<&str>,
         c: &[String],
-        final_: &str,
         group: Group,
     ) -> Result<BTreeMap<String, Merged>> {
         #[derive(Deserialize)]
@@ -1559,9 +1739,9 @@ impl Reader {
             sums: Sums,
         }
         let rows: Vec<Row> = self.client.rows(&format!(
-            "SELECT {SPLIT_COLUMNS} FROM (SELECT {} AS k, {ALL_SUMS} FROM {} {final_} {} GROUP BY k)",
+            "SELECT {SPLIT_COLUMNS} FROM (SELECT {} AS k, {ALL_SUMS} FROM {from} {} {} GROUP BY k)",
             group_column(group),
-            self.settings.table(table),
+            prewhere_clause(pre),
             where_clause(c)
         ))?;
         let merged: BTreeMap<String, Merged> = rows
@@ -1569,32 +1749,54 @@ impl Reader {
             .map(|r| Ok((r.k, r.sums.into_merged()?)))
             .collect::<Result<_>>()?;
         if merged.values().any(|m| m.fine.total() != m.count) {
-            return Err(StoreError::ClickHouse(format!(
-                "the stored buckets of {table} do not add up to their counts"
-            )));
+            return Err(StoreError::ClickHouse(
+                "the stored buckets do not add up to their counts".into(),
+            ));
         }
         Ok(merged)
     }
 
+    /// The snapshots of `table` matching `filter`, merged per group, each once; with a
+    /// roll-up plan, only those it does not hold (see [`rollups::Plan::floor`]).
     fn merge_table(
         &self,
         table: &str,
         filter: &v1::Filter,
         group: Group,
+        plan: Option<&rollups::Plan>,
     ) -> Result<BTreeMap<String, Merged>> {
         let base = conditions(filter);
+        let table = self.settings.table(table);
+        // Decided on two small columns before the rest is read.
+        let floor = plan.and_then(|p| p.floor("inserted_us"));
         self.exactly_once(
-            |extra, final_| {
+            |extra, collapsed| {
                 let c: Vec<String> = base.iter().chain(extra).cloned().collect();
-                self.snapshot_sums(table, &c, final_, group)
+                if collapsed {
+                    // Each row's first copy: the one a roll-up holds, if any does.
+                    let from = format!(
+                        "(SELECT * FROM {table} {} ORDER BY inserted_us \
+                         LIMIT 1 BY agent, session, seq, n)",
+                        where_clause(&c)
+                    );
+                    let floor: Vec<String> = floor.iter().cloned().collect();
+                    self.snapshot_sums(&from, None, &floor, group)
+                } else {
+                    self.snapshot_sums(&table, floor.as_deref(), &c, group)
+                }
             },
             |mut a, b| {
-                for (k, m) in b {
-                    a.entry(k).or_default().merge(&m);
-                }
+                add_groups(&mut a, b);
                 a
             },
         )
+    }
+}
+
+/// Adds `b`'s groups to `a`'s.
+fn add_groups(a: &mut BTreeMap<String, Merged>, b: BTreeMap<String, Merged>) {
+    for (k, m) in b {
+        a.entry(k).or_default().merge(&m);
     }
 }
 
@@ -1734,12 +1936,31 @@ impl super::Reader for Reader {
             .collect())
     }
 
+    /// The roll-ups inside the range, and the snapshots they do not hold (read at once).
     fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
-        self.merge_table("histograms", filter, group)
+        let marks = rollups::marks(&self.client, &self.settings, filter.from_us, filter.to_us)?;
+        let plan = rollups::Plan::new(&marks, filter.from_us, filter.to_us);
+        let (rolled, rest) = std::thread::scope(|scope| {
+            let rolled = (!plan.picks.is_empty()).then(|| {
+                scope.spawn(|| {
+                    let mut c = dimensions(filter);
+                    c.push(plan.picked());
+                    self.snapshot_sums(&self.settings.table("rollups"), None, &c, group)
+                })
+            });
+            let rest = self.merge_table("histograms", filter, group, Some(&plan));
+            let rolled = rolled.map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            (rolled, rest)
+        });
+        let mut merged = rest?;
+        if let Some(rolled) = rolled {
+            add_groups(&mut merged, rolled?);
+        }
+        Ok(merged)
     }
 
     fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
-        self.merge_table("templates", filter, Group::Command)
+        self.merge_table("templates", filter, Group::Command, None)
     }
 
     fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {
@@ -1761,7 +1982,8 @@ impl super::Reader for Reader {
             ..filter.clone()
         };
         let base = conditions(&f);
-        let run = |extra: &[String], final_: &str| -> Result<BTreeMap<u16, SlotSum>> {
+        let run = |extra: &[String], collapsed: bool| -> Result<BTreeMap<u16, SlotSum>> {
+            let final_ = if collapsed { "FINAL" } else { "" };
             let c: Vec<String> = base.iter().chain(extra).cloned().collect();
             let rows: Vec<Row> = self.client.rows(&format!(
                 "SELECT slot, sum(count) AS count, sum(sum_us) AS sum_us, sum(moved) AS moved, \

@@ -20,6 +20,13 @@ use tcpkit_proto::v1;
 use crate::merge::{Merged, SnapshotError};
 use crate::slots::SlotSum;
 
+/// An hour, µs.
+pub const HOUR_US: u64 = 3_600_000_000;
+
+/// Snapshots are rolled up per hour and per 10 minutes of their start time (coarsest
+/// first): a range reads whole hours, then whole 10 minutes at its ends, then snapshots.
+pub const ROLLUP_SPANS_US: [u64; 2] = [HOUR_US, HOUR_US / 6];
+
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -162,6 +169,12 @@ pub trait Writer: Send {
         max_bytes: Option<u64>,
         now_us: u64,
     ) -> Result<u64>;
+
+    /// Brings the roll-ups up to date where they are not written with the snapshots
+    /// (ClickHouse; SQLite rolls up as it stores). Returns the buckets rolled up.
+    fn roll_up(&mut self, _now_us: u64) -> Result<u64> {
+        Ok(0)
+    }
 }
 
 /// The reading side: any number, each used by one query at a time.

@@ -13,15 +13,11 @@ use std::time::Duration;
 use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtension};
 use tcpkit_proto::v1;
 
-use super::{CheckedBatch, CheckedSnapshot, Group, Result, SessionKey, StoreError};
+use super::{
+    CheckedBatch, CheckedSnapshot, Group, Result, SessionKey, StoreError, HOUR_US, ROLLUP_SPANS_US,
+};
 use crate::merge::{Merged, SnapshotError, StoredColumns};
 use crate::slots::SlotSum;
-
-/// An hour, µs.
-pub const HOUR_US: u64 = 3_600_000_000;
-/// Snapshots are rolled up per hour and per 10 minutes of their start time (coarsest
-/// first): a range reads whole hours, then whole 10 minutes at its ends, then snapshots.
-pub const ROLLUP_SPANS_US: [u64; 2] = [HOUR_US, HOUR_US / 6];
 
 /// The schema, one step per version; `PRAGMA user_version` says how many have run.
 const MIGRATIONS: &[&str] = &[
