@@ -6,7 +6,8 @@
 //!   batches of 4096 events as the agent does (target ≥ 200k events/s); on ClickHouse with 1
 //!   and with 2 aggregators (the streams split between them);
 //! * queries over 10M events and 1M histogram snapshots: `slow --min-ms 10 --limit 100`
-//!   and `hist --since 24h` (target ≤ 100 ms each), median of RUNS.
+//!   and `hist --since 24h` (target ≤ 100 ms each), and the series (heatmap) of the last
+//!   24 h (target ≤ 100 ms), median of RUNS.
 //!
 //! `cargo run --release -p tcpkit-aggregator --example fleet_bench [-- DIR]`; the query
 //! store is built once (in DIR, default `bench-data/fleet`, or the ClickHouse database
@@ -332,13 +333,15 @@ fn build_query_store(spec: &store::Spec) {
     );
 }
 
-/// The medians of `runs` of `slow --min-ms 10 --limit 100` and `hist --since 24h`.
+/// The medians of `runs` of `slow --min-ms 10 --limit 100`, `hist --since 24h` and the
+/// series (`heatmap`) of the last 24 h.
 async fn time_queries(
     client: &mut QueryClient<tonic::transport::Channel>,
     runs: usize,
-) -> [Duration; 2] {
+) -> [Duration; 3] {
     let mut slow_times = Vec::new();
     let mut hist_times = Vec::new();
+    let mut series_times = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
         let slow = client
@@ -366,8 +369,22 @@ async fn time_queries(
             .into_inner();
         hist_times.push(t.elapsed());
         assert!(hist.all.is_some_and(|h| h.count > 0));
+        let t = Instant::now();
+        let series = client
+            .series(v1::SeriesRequest {
+                filter: Some(v1::Filter {
+                    from_us: now_us() - 24 * 3_600_000_000,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("series")
+            .into_inner();
+        series_times.push(t.elapsed());
+        assert!(series.series.first().is_some_and(|s| s.steps.len() > 1));
     }
-    [median(slow_times), median(hist_times)]
+    [median(slow_times), median(hist_times), median(series_times)]
 }
 
 async fn queries(dir: &Path, runs: usize) {
@@ -382,7 +399,7 @@ async fn queries(dir: &Path, runs: usize) {
     let mut client = QueryClient::connect(url).await.expect("connect");
     println!("query store: {spec}");
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    let report = |[slow, hist]: [Duration; 2], what: &str| {
+    let report = |[slow, hist, series]: [Duration; 3], what: &str| {
         println!(
             "query: slow --min-ms 10 --limit 100: median {:.1} ms of {runs} (over {STORE_EVENTS} events{what})",
             ms(slow)
@@ -390,6 +407,10 @@ async fn queries(dir: &Path, runs: usize) {
         println!(
             "query: hist --since 24h: median {:.1} ms of {runs} (over {STORE_SNAPSHOTS} snapshots{what})",
             ms(hist)
+        );
+        println!(
+            "query: series --since 24h (72 steps): median {:.1} ms of {runs} (over {STORE_SNAPSHOTS} snapshots{what})",
+            ms(series)
         );
     };
     let times = time_queries(&mut client, runs).await;

@@ -5,10 +5,12 @@
 
 pub mod auth;
 pub mod check;
+pub mod heatmap;
 pub mod merge;
 pub mod metrics;
 pub mod report;
 pub mod server;
 pub mod slots;
+pub mod steps;
 pub mod store;
 pub mod units;

@@ -167,6 +167,61 @@ pub fn hist_json(reply: &v1::HistReply, grouped: bool) -> Value {
     v
 }
 
+/// The `heatmap` answer (a series) as JSON: the range and step, and per group its steps,
+/// each a histogram as `hist --json` has it plus its fine buckets (`fine_index`,
+/// `fine_count`: bucket indexes and counts, `tcpkit_histogram::fine_lower` of an index is
+/// its lower bound in µs).
+pub fn series_json(reply: &v1::SeriesReply) -> Value {
+    let series: Vec<Value> = reply
+        .series
+        .iter()
+        .map(|s| {
+            let steps: Vec<Value> = s
+                .steps
+                .iter()
+                .map(|step| {
+                    let h = step.histogram.clone().unwrap_or_default();
+                    let mut v = histogram_json(&h, false);
+                    v["ts_us"] = json!(step.ts_us);
+                    v["fine_index"] = json!(h.fine_index);
+                    v["fine_count"] = json!(h.fine_count);
+                    v
+                })
+                .collect();
+            let mut v = json!({ "key": s.key, "steps": steps });
+            if !s.proto.is_empty() {
+                v["proto"] = json!(s.proto);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "step_us": reply.step_us,
+        "from_us": reply.from_us,
+        "to_us": reply.to_us,
+        "series": series,
+    })
+}
+
+/// The `heatmap` answer for people: one map per series (titled with `--by`).
+pub fn heatmap_text(reply: &v1::SeriesReply, grouped: bool, color: bool) -> String {
+    let mut out = String::new();
+    for s in &reply.series {
+        if grouped {
+            let name = if s.proto.is_empty() {
+                s.key.clone()
+            } else {
+                format!("{} {}", s.proto, s.key)
+            };
+            out.push_str(&format!("{}\n", printable(&name)));
+        }
+        let map = crate::heatmap::Heatmap::new(s, reply.step_us, reply.from_us, reply.to_us);
+        out.push_str(&map.render(color));
+        out.push('\n');
+    }
+    out
+}
+
 /// Lays out rows as columns padded to their widest cell; the first row is the header.
 /// Cells are made [`printable`].
 pub fn table(rows: &[Vec<String>]) -> String {

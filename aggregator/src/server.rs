@@ -566,6 +566,65 @@ impl query_server::Query for QueryService {
         Ok(Response::new(v1::TopReply { rows }))
     }
 
+    async fn series(
+        &self,
+        request: Request<v1::SeriesRequest>,
+    ) -> Result<Response<v1::SeriesReply>, Status> {
+        let req = request.into_inner();
+        let group = group_of(req.by)?;
+        filter_ok(req.filter.as_ref())?;
+        let mut filter = req.filter.unwrap_or_default();
+        if filter.from_us == 0 {
+            return Err(Status::invalid_argument(
+                "a series needs the start of its range (--since or --from)",
+            ));
+        }
+        if filter.to_us == 0 {
+            filter.to_us = now_us();
+        }
+        if filter.to_us <= filter.from_us {
+            return Err(Status::invalid_argument(
+                "the range of a series ends after it starts",
+            ));
+        }
+        let step_us = match req.step_us {
+            0 => crate::steps::step_for(filter.from_us, filter.to_us),
+            s => s,
+        };
+        crate::steps::check_step(filter.from_us, filter.to_us, step_us)
+            .map_err(Status::invalid_argument)?;
+        let (from_us, to_us) = (filter.from_us, filter.to_us);
+        let series = self
+            .read(move |r| r.series(&filter, group, step_us))
+            .await?;
+        let series = series
+            .into_iter()
+            .map(|(key, steps)| {
+                let steps: Vec<v1::SeriesStep> = steps
+                    .into_iter()
+                    .map(|(ts_us, m)| v1::SeriesStep {
+                        ts_us,
+                        histogram: Some(histogram_of(group, key.clone(), &m)),
+                    })
+                    .collect();
+                let (proto, key) = match group {
+                    Group::Command => {
+                        let (proto, command) = split_command_key(&key);
+                        (proto.to_string(), command.to_string())
+                    }
+                    _ => (String::new(), key),
+                };
+                v1::Series { key, proto, steps }
+            })
+            .collect();
+        Ok(Response::new(v1::SeriesReply {
+            step_us,
+            from_us,
+            to_us,
+            series,
+        }))
+    }
+
     async fn agents(
         &self,
         _: Request<v1::AgentsRequest>,

@@ -117,6 +117,29 @@ const QUERIES: &[&[&str]] = &[
     &["keys", "--by", "bytes"],
     &["keys", "--by", "p99"],
     &["agents"],
+    &["heatmap", "--from", "2026-01-01", "--to", "2027-01-01"],
+    &[
+        "heatmap",
+        "--from",
+        "2026-11-01",
+        "--to",
+        "2026-12-01",
+        "--by",
+        "command",
+        "--step",
+        "10m",
+    ],
+    &[
+        "heatmap",
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2027-01-01",
+        "--by",
+        "agent",
+        "--step",
+        "1d",
+    ],
 ];
 
 /// The answers to [`QUERIES`]; of the agents, what a store keeps (not when they were seen,
@@ -127,6 +150,12 @@ fn answers(url: &str) -> BTreeMap<String, Value> {
         .iter()
         .map(|q| {
             let mut v = query_json(&[], url, q);
+            if q[0] == "heatmap" {
+                assert!(
+                    v["series"].as_array().is_some_and(|s| !s.is_empty()),
+                    "{q:?}: no series"
+                );
+            }
             if q[0] == "agents" {
                 for a in v.as_array_mut().expect("agents") {
                     let a = a.as_object_mut().expect("agent");
@@ -1167,6 +1196,29 @@ fn roll_ups_answer_what_the_snapshots_do() {
                 ch, lite,
                 "{stage}: [{from_us}, {to_us}) of one server and command"
             );
+        }
+        // Series: steps finer than the roll-ups, equal to each, and coarser.
+        for (from_us, to_us) in ranges {
+            let (from_us, to_us) = (
+                from_us.max(t0 - HOUR),
+                if to_us == 0 { t0 + 4 * HOUR } else { to_us },
+            );
+            for step in [300_000_000, 600_000_000, 1_200_000_000, HOUR, 2 * HOUR] {
+                for group in [Group::None, Group::Command, Group::Agent] {
+                    let filter = v1::Filter {
+                        from_us,
+                        to_us,
+                        ..Default::default()
+                    };
+                    let [ch, lite] =
+                        [0, 1].map(|i| readers[i].series(&filter, group, step).expect("series"));
+                    assert!(!lite.is_empty());
+                    assert_eq!(
+                        ch, lite,
+                        "{stage}: series of [{from_us}, {to_us}) by {step} µs, {group:?}"
+                    );
+                }
+            }
         }
     };
     let clock = t0 + 3 * HOUR;

@@ -137,6 +137,32 @@ fn two_agents_queries_equal_the_fixtures() {
         }
         assert_eq!(hist["count"], one["total_reqs"]);
     }
+    // The heatmap holds every request once, step by step, and its cells' buckets add up.
+    let hist = query_json(&[], &url, &["hist"]);
+    for (from, to, step) in [
+        ("2026-11-01", "2026-12-02", "10m"),
+        ("2026-01-01", "2027-01-01", "1d"),
+    ] {
+        let args = ["heatmap", "--from", from, "--to", to, "--step", step];
+        let map = query_json(&[], &url, &args);
+        let steps = map["series"][0]["steps"].as_array().expect("steps");
+        let count: u64 = steps.iter().map(|s| u(&s["count"])).sum();
+        assert_eq!(count, u(&hist["count"]), "{step}");
+        for s in steps {
+            let cells: u64 = s["fine_count"]
+                .as_array()
+                .expect("cells")
+                .iter()
+                .map(u)
+                .sum();
+            assert_eq!(cells, u(&s["count"]));
+        }
+        let text = query_text(&[], &url, &args);
+        assert!(
+            text.contains(&format!("{} requests", hist["count"])) && !text.contains('\x1b'),
+            "{text}"
+        );
+    }
 }
 
 /// Own times and pipeline depths reach the fleet whole: each agent's figures come back from

@@ -17,7 +17,7 @@ use tcpkit_proto::v1;
 #[command(
     name = "tcpkit-query",
     version,
-    after_help = "EXAMPLES:\n  tcpkit-query slow --since 1h --min-ms 10 --command GET\n  tcpkit-query slow --grep 'user:*' --slowest --limit 20\n  tcpkit-query hist --since 24h --port 6379 --by server\n  tcpkit-query top --of server --by p99\n  tcpkit-query hist --own --port 6379\n  tcpkit-query agents --json"
+    after_help = "EXAMPLES:\n  tcpkit-query slow --since 1h --min-ms 10 --command GET\n  tcpkit-query slow --grep 'user:*' --slowest --limit 20\n  tcpkit-query hist --since 24h --port 6379 --by server\n  tcpkit-query top --of server --by p99\n  tcpkit-query hist --own --port 6379\n  tcpkit-query heatmap --since 6h --command GET\n  tcpkit-query agents --json"
 )]
 struct Cli {
     /// The aggregator
@@ -103,6 +103,18 @@ enum Command {
         #[arg(long, default_value_t = 20, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=100_000))]
         limit: u32,
+    },
+    /// Latency over time as a heatmap: time across, latency up (log scale), the shade of a
+    /// cell its requests; 5 and 9 mark each column's p50 and p99 (the last hour by default)
+    Heatmap {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// One map per group
+        #[arg(long, value_enum)]
+        by: Option<GroupArg>,
+        /// The time a column covers (30s, 10m, 1h); by default about 120 columns
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        step: Option<Duration>,
     },
     /// Every agent: last seen, version, ports and its data-quality counters
     Agents,
@@ -411,6 +423,33 @@ async fn query(cli: &Cli) -> Result<Output> {
                 .map_err(|e| anyhow::anyhow!("keys: {}", describe_status(&e)))?
                 .into_inner();
             ranked(&reply.rows, report::keys_text)
+        }
+        Command::Heatmap { filter, by, step } => {
+            let mut filter = filter.to_proto()?;
+            if filter.from_us == 0 {
+                filter.from_us = now_us().saturating_sub(3_600_000_000);
+            }
+            let reply = client
+                .series(v1::SeriesRequest {
+                    filter: Some(filter),
+                    by: by.map_or(v1::GroupBy::None, v1::GroupBy::from) as i32,
+                    step_us: step.map_or(0, |d| d.as_micros() as u64),
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("heatmap: {}", describe_status(&e)))?
+                .into_inner();
+            let text = if cli.json {
+                json(report::series_json(&reply))
+            } else {
+                use std::io::IsTerminal;
+                let color =
+                    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+                report::heatmap_text(&reply, by.is_some(), color)
+            };
+            Output {
+                text,
+                empty: reply.series.is_empty(),
+            }
         }
         Command::Agents => {
             let reply = client

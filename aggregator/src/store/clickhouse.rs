@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tcpkit_histogram::{FineHistogram, PROM_BUCKETS, SEED_BUCKETS};
 use tcpkit_proto::v1;
 
-use super::{CheckedBatch, CheckedSnapshot, Group, Result, SessionKey, StoreError};
+use super::{CheckedBatch, CheckedSnapshot, Group, Result, Series, SessionKey, StoreError};
 use crate::merge::Merged;
 use crate::slots::SlotSum;
 
@@ -1618,7 +1618,7 @@ impl Reader {
         from: &str,
         pre: Option<&str>,
         c: &[String],
-        group: Group,
+        key: &str,
     ) -> Result<BTreeMap<String, Merged>> {
         #[derive(Deserialize)]
         struct Scalars {
@@ -1641,7 +1641,6 @@ impl Reader {
             n: u64,
         }
         const _: () = assert!(tcpkit_histogram::FINE_BUCKETS < 1 << 24);
-        let key = group_column(group);
         let filter = format!("{} {}", prewhere_clause(pre), where_clause(c));
         let hash = |k: &str| format!("bitAnd(cityHash64({k}), 1099511627775)");
         // The buckets are grouped by one number, 40 bits of the key's hash then the index:
@@ -1718,7 +1717,7 @@ impl Reader {
         // Each snapshot's buckets hold its count: a difference is a batch stored between
         // the two queries (a busy fleet stores several a second). Then all in one query.
         if merged.values().any(|m| m.fine.total() != m.count) {
-            return self.snapshot_sums_in_one(from, pre, c, group);
+            return self.snapshot_sums_in_one(from, pre, c, key);
         }
         Ok(merged)
     }
@@ -1730,7 +1729,7 @@ impl Reader {
         from: &str,
         pre: Option<&str>,
         c: &[String],
-        group: Group,
+        key: &str,
     ) -> Result<BTreeMap<String, Merged>> {
         #[derive(Deserialize)]
         struct Row {
@@ -1739,8 +1738,7 @@ impl Reader {
             sums: Sums,
         }
         let rows: Vec<Row> = self.client.rows(&format!(
-            "SELECT {SPLIT_COLUMNS} FROM (SELECT {} AS k, {ALL_SUMS} FROM {from} {} {} GROUP BY k)",
-            group_column(group),
+            "SELECT {SPLIT_COLUMNS} FROM (SELECT {key} AS k, {ALL_SUMS} FROM {from} {} {} GROUP BY k)",
             prewhere_clause(pre),
             where_clause(c)
         ))?;
@@ -1762,7 +1760,7 @@ impl Reader {
         &self,
         table: &str,
         filter: &v1::Filter,
-        group: Group,
+        key: &str,
         plan: Option<&rollups::Plan>,
     ) -> Result<BTreeMap<String, Merged>> {
         let base = conditions(filter);
@@ -1780,9 +1778,9 @@ impl Reader {
                         where_clause(&c)
                     );
                     let floor: Vec<String> = floor.iter().cloned().collect();
-                    self.snapshot_sums(&from, None, &floor, group)
+                    self.snapshot_sums(&from, None, &floor, key)
                 } else {
-                    self.snapshot_sums(&table, floor.as_deref(), &c, group)
+                    self.snapshot_sums(&table, floor.as_deref(), &c, key)
                 }
             },
             |mut a, b| {
@@ -1790,6 +1788,36 @@ impl Reader {
                 a
             },
         )
+    }
+
+    /// The histograms matching `filter`, merged per `raw_key` (of snapshots) and
+    /// `rolled_key` (of roll-ups): the newest roll-up of each bucket of `marks` inside the
+    /// range, and the snapshots they do not hold, read at once.
+    fn merge_histograms(
+        &self,
+        filter: &v1::Filter,
+        marks: &[rollups::Mark],
+        raw_key: &str,
+        rolled_key: &str,
+    ) -> Result<BTreeMap<String, Merged>> {
+        let plan = rollups::Plan::new(marks, filter.from_us, filter.to_us);
+        let (rolled, rest) = std::thread::scope(|scope| {
+            let rolled = (!plan.picks.is_empty()).then(|| {
+                scope.spawn(|| {
+                    let mut c = dimensions(filter);
+                    c.push(plan.picked());
+                    self.snapshot_sums(&self.settings.table("rollups"), None, &c, rolled_key)
+                })
+            });
+            let rest = self.merge_table("histograms", filter, raw_key, Some(&plan));
+            let rolled = rolled.map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+            (rolled, rest)
+        });
+        let mut merged = rest?;
+        if let Some(rolled) = rolled {
+            add_groups(&mut merged, rolled?);
+        }
+        Ok(merged)
     }
 }
 
@@ -1939,28 +1967,38 @@ impl super::Reader for Reader {
     /// The roll-ups inside the range, and the snapshots they do not hold (read at once).
     fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
         let marks = rollups::marks(&self.client, &self.settings, filter.from_us, filter.to_us)?;
-        let plan = rollups::Plan::new(&marks, filter.from_us, filter.to_us);
-        let (rolled, rest) = std::thread::scope(|scope| {
-            let rolled = (!plan.picks.is_empty()).then(|| {
-                scope.spawn(|| {
-                    let mut c = dimensions(filter);
-                    c.push(plan.picked());
-                    self.snapshot_sums(&self.settings.table("rollups"), None, &c, group)
-                })
-            });
-            let rest = self.merge_table("histograms", filter, group, Some(&plan));
-            let rolled = rolled.map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-            (rolled, rest)
-        });
-        let mut merged = rest?;
-        if let Some(rolled) = rolled {
-            add_groups(&mut merged, rolled?);
+        let key = group_column(group);
+        self.merge_histograms(filter, &marks, key, key)
+    }
+
+    /// As [`Reader::merged`], grouped by step too (the roll-ups of spans that divide the
+    /// step), then split.
+    fn series(&self, filter: &v1::Filter, group: Group, step_us: u64) -> Result<Series> {
+        let mut marks = rollups::marks(&self.client, &self.settings, filter.from_us, filter.to_us)?;
+        marks.retain(|m| step_us % m.span_us == 0);
+        let key = |time: &str| {
+            format!(
+                "concat({}, '\\x1e', toString(intDiv({time}, {step_us})))",
+                group_column(group)
+            )
+        };
+        let merged = self.merge_histograms(filter, &marks, &key("ts_us"), &key("bucket_us"))?;
+        let mut series = Series::new();
+        for (k, m) in merged {
+            let (group, step) = k
+                .rsplit_once('\u{1e}')
+                .and_then(|(g, n)| Some((g, n.parse::<u64>().ok()?)))
+                .ok_or_else(|| StoreError::ClickHouse(format!("unexpected series key {k:?}")))?;
+            series
+                .entry(group.to_string())
+                .or_default()
+                .insert(step * step_us, m);
         }
-        Ok(merged)
+        Ok(series)
     }
 
     fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
-        self.merge_table("templates", filter, Group::Command, None)
+        self.merge_table("templates", filter, group_column(Group::Command), None)
     }
 
     fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {

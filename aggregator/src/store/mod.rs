@@ -102,6 +102,9 @@ pub struct CheckedBatch {
     pub counters: Option<v1::Counters>,
 }
 
+/// Merged histograms per group, then per step start (µs).
+pub type Series = BTreeMap<String, BTreeMap<u64, Merged>>;
+
 /// What to group merged histograms by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Group {
@@ -186,6 +189,11 @@ pub trait Reader: Send {
     /// The histograms matching `filter`, merged per group (one group with [`Group::None`]),
     /// in key order.
     fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>>;
+
+    /// The histograms matching `filter` (whose range must be closed) per time step and
+    /// group: steps start at multiples of `step_us`, the first and last cut to the range;
+    /// steps without snapshots are left out.
+    fn series(&self, filter: &v1::Filter, group: Group, step_us: u64) -> Result<Series>;
 
     /// The key templates matching `filter`, merged per (protocol, template) over agents,
     /// servers and time, keyed as [`Group::Command`] is.

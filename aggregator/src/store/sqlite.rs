@@ -14,7 +14,8 @@ use rusqlite::{params, params_from_iter, Connection, OpenFlags, OptionalExtensio
 use tcpkit_proto::v1;
 
 use super::{
-    CheckedBatch, CheckedSnapshot, Group, Result, SessionKey, StoreError, HOUR_US, ROLLUP_SPANS_US,
+    CheckedBatch, CheckedSnapshot, Group, Result, Series, SessionKey, StoreError, HOUR_US,
+    ROLLUP_SPANS_US,
 };
 use crate::merge::{Merged, SnapshotError, StoredColumns};
 use crate::slots::SlotSum;
@@ -849,6 +850,23 @@ impl super::Reader for Reader {
         let mut groups = BTreeMap::new();
         self.merge_range(filter, filter.from_us, filter.to_us, 0, group, &mut groups)?;
         Ok(groups)
+    }
+
+    /// Step by step, each merged as [`Reader::merged`] merges a range.
+    fn series(&self, filter: &v1::Filter, group: Group, step_us: u64) -> Result<Series> {
+        let (from, to) = (filter.from_us, filter.to_us);
+        let mut series = Series::new();
+        let mut start = from - from % step_us;
+        while start < to {
+            let mut groups = BTreeMap::new();
+            let (lo, hi) = (start.max(from), (start + step_us).min(to));
+            self.merge_range(filter, lo, hi, 0, group, &mut groups)?;
+            for (key, m) in groups {
+                series.entry(key).or_default().insert(start, m);
+            }
+            start += step_us;
+        }
+        Ok(series)
     }
 
     /// Template snapshots are not rolled up.
