@@ -199,32 +199,37 @@ impl Merged {
 
     /// Rebuilds a stored sum from its columns.
     pub fn from_stored(columns: StoredColumns<'_>) -> Result<Self, SnapshotError> {
+        let mut m = Merged::default();
+        m.add_stored(columns)?;
+        Ok(m)
+    }
+
+    /// Adds a stored sum, as [`Merged::from_stored`] reads it, without building it apart
+    /// (a query sums thousands of rows). On an error, part of it may have been added.
+    pub fn add_stored(&mut self, columns: StoredColumns<'_>) -> Result<(), SnapshotError> {
         let seed_bytes = columns.seed;
         if seed_bytes.len() != SEED_BUCKETS * 8 {
             return Err(SnapshotError::SeedBuckets(seed_bytes.len() / 8));
         }
-        let mut seed = [0; SEED_BUCKETS];
-        for (slot, chunk) in seed.iter_mut().zip(seed_bytes.chunks_exact(8)) {
-            *slot = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+        for (slot, chunk) in self.seed.iter_mut().zip(seed_bytes.chunks_exact(8)) {
+            *slot = slot.saturating_add(u64::from_le_bytes(chunk.try_into().unwrap_or_default()));
         }
-        Ok(Self {
-            count: columns.count,
-            sum_us: columns.sum_us,
-            slow: columns.slow,
-            errors: columns.errors,
-            timeouts: columns.timeouts,
-            seed,
-            fine: pairs_from_blob(columns.fine, columns.max_us)?,
-            own_sum_us: columns.own_sum_us,
-            own: with_max_from_blob(columns.own)?,
-            depth: with_max_from_blob(columns.depth)?,
-            moved: columns.moved,
-            ask: columns.ask,
-            keys: columns.keys,
-            multi_key: columns.multi_key,
-            req_bytes: columns.req_bytes,
-            rsp_bytes: columns.rsp_bytes,
-        })
+        self.count = self.count.saturating_add(columns.count);
+        self.sum_us = self.sum_us.saturating_add(columns.sum_us);
+        self.slow = self.slow.saturating_add(columns.slow);
+        self.errors = self.errors.saturating_add(columns.errors);
+        self.timeouts = self.timeouts.saturating_add(columns.timeouts);
+        add_pairs_from_blob(&mut self.fine, columns.fine, columns.max_us)?;
+        self.own_sum_us = self.own_sum_us.saturating_add(columns.own_sum_us);
+        add_with_max_from_blob(&mut self.own, columns.own)?;
+        add_with_max_from_blob(&mut self.depth, columns.depth)?;
+        self.moved = self.moved.saturating_add(columns.moved);
+        self.ask = self.ask.saturating_add(columns.ask);
+        self.keys = self.keys.saturating_add(columns.keys);
+        self.multi_key = self.multi_key.saturating_add(columns.multi_key);
+        self.req_bytes = self.req_bytes.saturating_add(columns.req_bytes);
+        self.rsp_bytes = self.rsp_bytes.saturating_add(columns.rsp_bytes);
+        Ok(())
     }
 }
 
@@ -261,7 +266,12 @@ fn pairs_blob(h: &FineHistogram) -> Vec<u8> {
     out
 }
 
-fn pairs_from_blob(bytes: &[u8], max_us: u64) -> Result<FineHistogram, SnapshotError> {
+/// Adds (index u32, count u64) little-endian pairs to `h`.
+fn add_pairs_from_blob(
+    h: &mut FineHistogram,
+    bytes: &[u8],
+    max_us: u64,
+) -> Result<(), SnapshotError> {
     if bytes.len() % 12 != 0 {
         return Err(SnapshotError::FineLengths);
     }
@@ -272,7 +282,7 @@ fn pairs_from_blob(bytes: &[u8], max_us: u64) -> Result<FineHistogram, SnapshotE
             u64::from_le_bytes(c.try_into().unwrap_or_default()),
         )
     });
-    Ok(FineHistogram::from_nonzero(buckets, max_us)?)
+    Ok(h.add_nonzero(buckets, max_us)?)
 }
 
 fn with_max_blob(h: &FineHistogram) -> Vec<u8> {
@@ -284,14 +294,17 @@ fn with_max_blob(h: &FineHistogram) -> Vec<u8> {
     out
 }
 
-fn with_max_from_blob(bytes: &[u8]) -> Result<FineHistogram, SnapshotError> {
+/// Adds a largest value (u64) then pairs (see [`add_pairs_from_blob`]) to `h`; nothing
+/// when empty.
+fn add_with_max_from_blob(h: &mut FineHistogram, bytes: &[u8]) -> Result<(), SnapshotError> {
     if bytes.is_empty() {
-        return Ok(FineHistogram::default());
+        return Ok(());
     }
     let (max, pairs) = bytes
         .split_at_checked(8)
         .ok_or(SnapshotError::FineLengths)?;
-    pairs_from_blob(
+    add_pairs_from_blob(
+        h,
         pairs,
         u64::from_le_bytes(max.try_into().unwrap_or_default()),
     )

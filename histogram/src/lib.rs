@@ -251,22 +251,32 @@ impl FineHistogram {
         buckets: impl IntoIterator<Item = (u32, u64)>,
         max_us: u64,
     ) -> Result<Self, BadBucket> {
-        let mut h = FineHistogram {
-            max_us,
-            ..FineHistogram::default()
-        };
+        let mut h = FineHistogram::default();
+        h.add_nonzero(buckets, max_us)?;
+        Ok(h)
+    }
+
+    /// Adds the histogram [`FineHistogram::from_nonzero`] would read, without building it
+    /// apart (the store sums thousands of rows so). On a bad bucket, what came before it is
+    /// added.
+    pub fn add_nonzero(
+        &mut self,
+        buckets: impl IntoIterator<Item = (u32, u64)>,
+        max_us: u64,
+    ) -> Result<(), BadBucket> {
         for (index, count) in buckets {
             let i = index as usize;
             if i >= FINE_BUCKETS {
                 return Err(BadBucket(index));
             }
-            if i >= h.counts.len() {
-                h.counts.resize(i + 1, 0);
+            if i >= self.counts.len() {
+                self.counts.resize(i + 1, 0);
             }
-            h.counts[i] = h.counts[i].saturating_add(count);
-            h.total = h.total.saturating_add(count);
+            self.counts[i] = self.counts[i].saturating_add(count);
+            self.total = self.total.saturating_add(count);
         }
-        Ok(h)
+        self.max_us = self.max_us.max(max_us);
+        Ok(())
     }
 
     /// The `q` quantile (0 < q ≤ 1), within 1%; 0 when empty.
