@@ -14,3 +14,4 @@ pub mod slots;
 pub mod steps;
 pub mod store;
 pub mod units;
+pub mod web;

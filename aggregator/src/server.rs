@@ -76,6 +76,17 @@ pub async fn serve(
     telemetry: Arc<Telemetry>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    serve_with_web(listener, None, config, telemetry, shutdown).await
+}
+
+/// [`serve`], and the web page and its JSON API ([`crate::web`]) on `web` if given.
+pub async fn serve_with_web(
+    listener: tokio::net::TcpListener,
+    web: Option<tokio::net::TcpListener>,
+    config: Config,
+    telemetry: Arc<Telemetry>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     let store = config
         .store
@@ -116,6 +127,19 @@ pub async fn serve(
         readers: Arc::new(Mutex::new(Vec::new())),
         telemetry: Arc::clone(&telemetry),
     };
+    let (stop_web, web_stopped) = oneshot::channel::<()>();
+    if let Some(web) = web {
+        let api = crate::web::Api {
+            query: query.clone(),
+            expected: config
+                .token
+                .as_deref()
+                .map(|t| format!("Bearer {t}").into()),
+        };
+        tokio::spawn(crate::web::serve(web, api, async {
+            let _ = web_stopped.await;
+        }));
+    }
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.tls {
         builder = builder
@@ -141,6 +165,7 @@ pub async fn serve(
             shutdown,
         )
         .await;
+    let _ = stop_web.send(());
     maintenance_timer.abort();
     let _ = maintenance_timer.await;
     // The services are gone, and with them every sender: the writer finishes its queue.
@@ -361,6 +386,7 @@ async fn send_ack(
         .map_err(|_| Status::cancelled("the agent went away"))
 }
 
+#[derive(Clone)]
 struct QueryService {
     store: store::Spec,
     readers: Arc<Mutex<Vec<Box<dyn Reader>>>>,

@@ -282,7 +282,28 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// cut off by [`HEAD_TIMEOUT`] and [`CONNECTION_TIMEOUT`] and cost a task each, so they
 /// cannot delay a scrape.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    serve_http(listener, MAX_CLIENTS, MAX_HEAD, shutdown, move |request| {
+        let page = answer(&request, &render);
+        async move { page }
+    })
+    .await
+}
+
+/// Serves HTTP/1.1 (hyper, keep-alive included) on `listener` until `shutdown` resolves,
+/// each request answered by `handle`: at most `max_clients` connections at once (more are
+/// closed), request heads up to `max_head` bytes, cut off by [`HEAD_TIMEOUT`] and
+/// [`CONNECTION_TIMEOUT`].
+pub async fn serve_http<H, F>(
+    listener: TcpListener,
+    max_clients: usize,
+    max_head: usize,
+    shutdown: impl Future<Output = ()>,
+    handle: H,
+) where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+{
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_clients));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -299,16 +320,16 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let render = Arc::clone(&render);
+        let handle = handle.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let page = answer(&request, &render);
-                async move { Ok::<_, std::convert::Infallible>(page) }
+                let answer = handle(request);
+                async move { Ok::<_, std::convert::Infallible>(answer.await) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
-                .max_buf_size(MAX_HEAD)
+                .max_buf_size(max_head)
                 .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
             drop(permit);

@@ -667,3 +667,24 @@ pub fn metrics_page<C: tcpkit::matcher::Connection>(
     pipeline.finish();
     pipeline.metrics(None)
 }
+
+/// Replays `fixture` to the aggregator at `url` as `id` and waits until everything it
+/// shipped is acknowledged; returns its stats JSON (port 26379 when it is the only one).
+pub fn replay(fixture_name: &str, id: &str, url: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(tcpkit_bin())
+        .arg("-r")
+        .arg(fixture(&format!("{fixture_name}.pcap")))
+        .args(["-m", "redis", "--summary", "json", "--aggregator", url])
+        .args(["--agent-id", id, "--ship-timeout", "120"])
+        .args(args)
+        .output()
+        .expect("run tcpkit");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tcpkit failed: {stderr}");
+    assert!(
+        stderr.contains("0 batches (0 events) unacknowledged"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    serde_json::from_str(stdout.lines().last().expect("summary")).expect("JSON")
+}

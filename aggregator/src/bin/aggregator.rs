@@ -90,6 +90,11 @@ struct Args {
     /// this address, e.g. 127.0.0.1:33335
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Serve the web page (latency heatmap, histogram, slowest requests, agents) and its
+    /// JSON API (/api/v1/hist, slow, series, agents; the token as for gRPC) on this
+    /// address, e.g. 127.0.0.1:8080. Plain HTTP: keep it on loopback or behind a proxy
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<std::net::SocketAddr>,
     /// Read settings from this TOML file (keys are the long flag names; flags override them)
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -192,7 +197,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             if config.tls.is_some() { " (TLS)" } else { "" },
             config.store
         );
-        server::serve(listener, config, telemetry, shutdown).await
+        let web = match args.http_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot serve the page on {addr} (--http-listen)"))?,
+            ),
+            None => None,
+        };
+        server::serve_with_web(listener, web, config, telemetry, shutdown).await
     })
 }
 

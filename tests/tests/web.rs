@@ -1,0 +1,307 @@
+//! The aggregator's web page in a real headless Chromium, against a real aggregator filled by
+//! agents replaying fixtures; and its JSON API against `tcpkit-query --json`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+use tcpkit_tests::*;
+
+/// The range every fixture lies in.
+const RANGE: [(&str, &str); 2] = [("from", "2026-01-01"), ("to", "2027-01-01")];
+
+/// `GET path` on 127.0.0.1:`port`, with a bearer token if given: the status and the body.
+fn get(port: u16, path: &str, token: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status");
+    (status, body.to_string())
+}
+
+fn api(port: u16, call: &str, params: &[(&str, &str)]) -> Value {
+    let query: Vec<String> = params
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.replace(' ', "%20")))
+        .collect();
+    let (status, body) = get(port, &format!("/api/v1/{call}?{}", query.join("&")), None);
+    assert_eq!(status, 200, "{call}: {body}");
+    serde_json::from_str(&body).expect("JSON")
+}
+
+fn chromium(args: &[&str]) -> String {
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+        ])
+        .args(["--virtual-time-budget=10000", "--window-size=1200,1400"])
+        .args(args)
+        .output()
+        .expect("chromium");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The page's address with the fixtures' range.
+fn page(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/?from=2026-01-01&to=2027-01-01")
+}
+
+/// An attribute of the element with `id` in a dumped DOM.
+fn attribute(dom: &str, id: &str, name: &str) -> Option<String> {
+    let at = dom.find(&format!("id=\"{id}\""))?;
+    let tag = &dom[dom[..at].rfind('<')?..at + dom[at..].find('>')?];
+    let value = tag.split(&format!("{name}=\"")).nth(1)?;
+    Some(value[..value.find('"')?].to_string())
+}
+
+/// The rows of the table with `id`, as the texts of their cells.
+fn rows(dom: &str, id: &str) -> Vec<Vec<String>> {
+    let Some(at) = dom.find(&format!("<table id=\"{id}\"")) else {
+        return Vec::new();
+    };
+    let table = &dom[at..at + dom[at..].find("</table>").expect("a whole table")];
+    table
+        .split("<tr")
+        .skip(2) // before the first row, the header
+        .map(|row| {
+            row.split("<td")
+                .skip(1)
+                .map(|cell| {
+                    let text = &cell[cell.find('>').expect("cell") + 1..];
+                    text[..text.find("</td>").expect("cell end")].to_string()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// An aggregator serving its page on a port of its own, filled by two agents: a1 replaying
+/// redis-benchmark-lo (threshold 1 s: no slow event), a2 redis-slow (threshold 20 ms).
+fn fleet_with_page() -> (tempfile::TempDir, Aggregator, u16) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http = free_port();
+    let aggregator = Aggregator::start(
+        dir.path(),
+        free_port(),
+        &[],
+        &["--http-listen", &format!("127.0.0.1:{http}")],
+    );
+    let url = aggregator.url();
+    replay(
+        "redis-benchmark-lo",
+        "a1",
+        &url,
+        &["-p", "26379", "-t", "1000"],
+    );
+    replay("redis-slow", "a2", &url, &["-p", "26379", "-t", "20"]);
+    (dir, aggregator, http)
+}
+
+/// An API call (its query parameters) and the `tcpkit-query` arguments that ask the same.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a [&'a str]);
+
+#[test]
+fn the_page_shows_the_fleet_in_a_real_browser() {
+    if !requirement(have("chromium"), "chromium (Debian's chromium)") {
+        return;
+    }
+    let (_dir, aggregator, http) = fleet_with_page();
+    let url = aggregator.url();
+    let dom = chromium(&["--dump-dom", &page(http)]);
+    assert_eq!(
+        attribute(&dom, "message", "hidden").as_deref(),
+        Some(""),
+        "{dom}"
+    );
+
+    // The heatmap's cells add up to every request of the fixtures, as hist counts them.
+    let hist = query_json(
+        &[],
+        &url,
+        &["hist", "--from", "2026-01-01", "--to", "2027-01-01"],
+    );
+    let total = hist["count"].as_u64().expect("count");
+    assert!(total > 10_000, "{hist}");
+    assert_eq!(
+        attribute(&dom, "heatmap", "data-total"),
+        Some(total.to_string())
+    );
+    assert_eq!(
+        attribute(&dom, "histogram", "data-total"),
+        Some(total.to_string())
+    );
+    assert_eq!(rows(&dom, "figures")[0][0], total.to_string());
+
+    // The slowest requests: exactly the DEBUG SLEEPs of a2 at or above its 20 ms.
+    let slow = query_json(&[], &url, &["slow", "--slowest", "--limit", "50"]);
+    let slow = slow.as_array().expect("events");
+    assert!(!slow.is_empty());
+    let shown = rows(&dom, "slow");
+    assert_eq!(shown.len(), slow.len(), "{dom}");
+    for (row, event) in shown.iter().zip(slow) {
+        assert_eq!(row[0], "a2");
+        assert!(row[5].starts_with("DEBUG SLEEP"), "{row:?}");
+        assert_eq!(Some(row[5].as_str()), event["summary"].as_str());
+        assert!(event["latency_us"].as_u64().expect("latency") >= 20_000);
+    }
+
+    // Both agents.
+    let agents: Vec<String> = rows(&dom, "agents")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    assert_eq!(agents, ["a1", "a2"]);
+
+    // A screenshot, not blank.
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/web-screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let shot = shots.join("page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[&format!("--screenshot={}", shot.display()), &page(http)]);
+    let png = std::fs::read(&shot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG"));
+    // A blank 1200x1400 page compresses to a few KB; this one has a heatmap and tables.
+    assert!(png.len() > 30_000, "{} bytes", png.len());
+}
+
+#[test]
+fn the_json_api_answers_what_tcpkit_query_does() {
+    let (_dir, aggregator, http) = fleet_with_page();
+    let url = aggregator.url();
+    let cases: &[Case<'_>] = &[
+        ("hist", &[], &["hist"]),
+        ("hist", &[("by", "command")], &["hist", "--by", "command"]),
+        (
+            "hist",
+            &[("agent", "a2"), ("command", "debug"), ("port", "26379")],
+            &[
+                "hist",
+                "--agent",
+                "a2",
+                "--command",
+                "debug",
+                "--port",
+                "26379",
+            ],
+        ),
+        (
+            "slow",
+            &[
+                ("min_ms", "30"),
+                ("grep", "SLEEP*"),
+                ("slowest", "1"),
+                ("limit", "3"),
+            ],
+            &[
+                "slow",
+                "--min-ms",
+                "30",
+                "--grep",
+                "SLEEP*",
+                "--slowest",
+                "--limit",
+                "3",
+            ],
+        ),
+        ("slow", &[], &["slow"]),
+        (
+            "series",
+            &[RANGE[0], RANGE[1], ("by", "agent")],
+            &[
+                "heatmap", "--from", RANGE[0].1, "--to", RANGE[1].1, "--by", "agent",
+            ],
+        ),
+        (
+            "series",
+            &[
+                ("from", "2026-11-01"),
+                ("to", "2026-12-02"),
+                ("step", "10m"),
+            ],
+            &[
+                "heatmap",
+                "--from",
+                "2026-11-01",
+                "--to",
+                "2026-12-02",
+                "--step",
+                "10m",
+            ],
+        ),
+        ("agents", &[], &["agents"]),
+    ];
+    for (call, params, args) in cases {
+        assert_eq!(
+            api(http, call, params),
+            query_json(&[], &url, args),
+            "{call} {params:?}"
+        );
+    }
+    // Bad input: said, with the status.
+    let (status, body) = get(http, "/api/v1/hist?by=slot", None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"error\""));
+    let (status, _) = get(http, "/api/v1/series?since=30d&step=1s", None);
+    assert_eq!(status, 400);
+    let (status, _) = get(http, "/api/v1/nothing", None);
+    assert_eq!(status, 400);
+    let (status, _) = get(http, "/elsewhere", None);
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn without_the_token_the_api_refuses_and_the_page_says_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-Token_42\n").expect("token");
+    let http = free_port();
+    let aggregator = Aggregator::start(
+        dir.path(),
+        free_port(),
+        &[],
+        &[
+            "--token-file",
+            token.to_str().expect("path"),
+            "--http-listen",
+            &format!("127.0.0.1:{http}"),
+        ],
+    );
+    let _ = aggregator.url();
+    for call in ["hist", "slow", "series", "agents"] {
+        let (status, body) = get(http, &format!("/api/v1/{call}"), None);
+        assert_eq!(status, 401, "{call}: {body}");
+        let (status, _) = get(http, &format!("/api/v1/{call}"), Some("wrong"));
+        assert_eq!(status, 401, "{call}");
+        let (status, body) = get(http, &format!("/api/v1/{call}"), Some("s3cret-Token_42"));
+        assert_eq!(status, 200, "{call}: {body}");
+    }
+    // The page itself needs no token (it holds no data), and asks for it.
+    let (status, _) = get(http, "/", None);
+    assert_eq!(status, 200);
+    if !requirement(have("chromium"), "chromium (Debian's chromium)") {
+        return;
+    }
+    let dom = chromium(&["--dump-dom", &page(http)]);
+    assert!(dom.contains("This aggregator needs its token"), "{dom}");
+    assert_eq!(attribute(&dom, "token-form", "hidden"), None, "{dom}");
+}
