@@ -80,6 +80,42 @@ impl TlsFiles {
         }
         Ok(tls)
     }
+
+    /// The same files as a rustls configuration, for the web listener (HTTP/1.1).
+    pub fn rustls(&self) -> Result<Arc<rustls::ServerConfig>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|i| i.collect::<std::result::Result<Vec<_>, _>>())
+            .with_context(|| format!("cannot read the TLS certificate {}", self.cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .with_context(|| format!("cannot read the TLS key {}", self.key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca)
+                    .with_context(|| format!("cannot read the client CA {}", ca.display()))?
+                {
+                    roots.add(c?)?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.into(),
+                    provider,
+                )
+                .build()?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .context("bad TLS certificate or key")?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
 }
 
 #[cfg(test)]

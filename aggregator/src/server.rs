@@ -136,7 +136,8 @@ pub async fn serve_with_web(
                 .as_deref()
                 .map(|t| format!("Bearer {t}").into()),
         };
-        tokio::spawn(crate::web::serve(web, api, async {
+        let tls = config.tls.as_ref().map(TlsFiles::rustls).transpose()?;
+        tokio::spawn(crate::web::serve(web, api, tls, async {
             let _ = web_stopped.await;
         }));
     }

@@ -9,6 +9,7 @@
 //!   `command`, `by`; `slow` adds `grep`, `min_ms`, `limit`, `slowest`; `series` adds `step`.
 //! * With `--token-file`, the API asks for `Authorization: Bearer TOKEN` (401 without); the
 //!   page asks for the token once and keeps it in the tab's session storage, never in a URL.
+//! * With `--tls-cert`, HTTPS with the gRPC listener's certificate (and its client CA).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -42,17 +43,27 @@ pub struct Api<Q> {
     pub expected: Option<Arc<str>>,
 }
 
-/// Serves the page and the API on `listener` until `shutdown` resolves.
+/// Serves the page and the API on `listener` until `shutdown` resolves; over TLS with
+/// `tls` (the gRPC listener's certificate, key and client CA).
 pub async fn serve<Q: Query + Clone>(
     listener: TcpListener,
     api: Api<Q>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tcpkit_ops::prometheus::serve_http(listener, MAX_CLIENTS, MAX_HEAD, shutdown, move |request| {
+    use tcpkit_ops::prometheus::{serve_http, serve_http_over};
+    let handle = move |request| {
         let api = api.clone();
         async move { answer(&api, request).await }
-    })
-    .await
+    };
+    match tls {
+        None => serve_http(listener, MAX_CLIENTS, MAX_HEAD, shutdown, handle).await,
+        Some(config) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let wrap = move |socket| acceptor.clone().accept(socket);
+            serve_http_over(listener, MAX_CLIENTS, MAX_HEAD, shutdown, wrap, handle).await
+        }
+    }
 }
 
 fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {

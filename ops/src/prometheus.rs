@@ -303,6 +303,26 @@ pub async fn serve_http<H, F>(
     H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
 {
+    let plain = |socket| async move { Ok(socket) };
+    serve_http_over(listener, max_clients, max_head, shutdown, plain, handle).await
+}
+
+/// [`serve_http`] over what `wrap` makes of each connection (TLS, say), within
+/// [`HEAD_TIMEOUT`]; a connection it fails is closed.
+pub async fn serve_http_over<H, F, W, WF, S>(
+    listener: TcpListener,
+    max_clients: usize,
+    max_head: usize,
+    shutdown: impl Future<Output = ()>,
+    wrap: W,
+    handle: H,
+) where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<Full<Bytes>>> + Send + 'static,
+    W: Fn(tokio::net::TcpStream) -> WF + Clone + Send + Sync + 'static,
+    WF: Future<Output = std::io::Result<S>> + Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let permits = Arc::new(tokio::sync::Semaphore::new(max_clients));
     tokio::pin!(shutdown);
     loop {
@@ -320,8 +340,11 @@ pub async fn serve_http<H, F>(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let handle = handle.clone();
+        let (handle, wrap) = (handle.clone(), wrap.clone());
         tokio::spawn(async move {
+            let Ok(Ok(stream)) = tokio::time::timeout(HEAD_TIMEOUT, wrap(socket)).await else {
+                return;
+            };
             let service = hyper::service::service_fn(move |request| {
                 let answer = handle(request);
                 async move { Ok::<_, std::convert::Infallible>(answer.await) }
@@ -330,7 +353,7 @@ pub async fn serve_http<H, F>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
                 .max_buf_size(max_head)
-                .serve_connection(hyper_util::rt::TokioIo::new(socket), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
             drop(permit);
         });

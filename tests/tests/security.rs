@@ -79,6 +79,29 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// An aggregator on `port` that wants the token in `token` and mutual TLS with `pki`'s
+/// server certificate and CA, with more arguments.
+fn secured_aggregator(
+    dir: &Path,
+    port: u16,
+    pki: &Pki,
+    token: &Path,
+    extra: &[&str],
+) -> Aggregator {
+    let mut args = vec![
+        "--token-file",
+        path(token),
+        "--tls-cert",
+        path(&pki.server.cert),
+        "--tls-key",
+        path(&pki.server.key),
+        "--tls-client-ca",
+        path(&pki.ca),
+    ];
+    args.extend_from_slice(extra);
+    Aggregator::start(dir, port, &[], &args)
+}
+
 #[test]
 fn token_and_mutual_tls_guard_every_call() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -89,22 +112,12 @@ fn token_and_mutual_tls_guard_every_call() {
     std::fs::write(&wrong, "s3cret-Token_43\n").expect("token");
     let (port, metrics_port) = (free_port(), free_port());
     let metrics_listen = format!("127.0.0.1:{metrics_port}");
-    let aggregator = Aggregator::start(
+    let aggregator = secured_aggregator(
         dir.path(),
         port,
-        &[],
-        &[
-            "--token-file",
-            path(&token),
-            "--tls-cert",
-            path(&pki.server.cert),
-            "--tls-key",
-            path(&pki.server.key),
-            "--tls-client-ca",
-            path(&pki.ca),
-            "--metrics-listen",
-            &metrics_listen,
-        ],
+        &pki,
+        &token,
+        &["--metrics-listen", &metrics_listen],
     );
     let url = format!("https://127.0.0.1:{port}");
     let tls = [
@@ -269,5 +282,68 @@ fn token_and_mutual_tls_guard_every_call() {
     assert!(
         under_10us <= count && page.contains("le=\"20.97152\""),
         "{page}"
+    );
+}
+
+/// The web page and its API over the gRPC listener's mutual TLS, with the token: a client
+/// of the CA with the token gets the API; without a client certificate, with one of another
+/// CA, or over plain HTTP, nothing.
+#[test]
+fn the_web_page_takes_the_same_tls_and_token() {
+    if !requirement(have("curl"), "curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pki = pki(dir.path());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret-Token_42\n").expect("token");
+    let http = free_port();
+    let _aggregator = secured_aggregator(
+        dir.path(),
+        free_port(),
+        &pki,
+        &token,
+        &["--http-listen", &format!("127.0.0.1:{http}")],
+    );
+    let curl = |scheme: &str, client: Option<&Pair>, auth: bool| {
+        let mut c = std::process::Command::new("curl");
+        c.args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--cacert", path(&pki.ca)]);
+        if let Some(pair) = client {
+            c.args(["--cert", path(&pair.cert), "--key", path(&pair.key)]);
+        }
+        if auth {
+            c.args(["-H", "Authorization: Bearer s3cret-Token_42"]);
+        }
+        let out = c
+            .arg(format!("{scheme}://127.0.0.1:{http}/api/v1/agents"))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl("https", Some(&pki.client), true), "200");
+    assert_eq!(curl("https", Some(&pki.client), false), "401");
+    assert_eq!(
+        curl("https", None, true),
+        "000",
+        "no client certificate got in"
+    );
+    assert_eq!(
+        curl("https", Some(&pki.stranger), true),
+        "000",
+        "another CA got in"
+    );
+    assert_eq!(
+        curl("http", Some(&pki.client), true),
+        "000",
+        "plain HTTP got in"
     );
 }
