@@ -6,12 +6,12 @@
 #   redis-server redis-tools         real servers for the end-to-end tests
 #   memcached dnsmasq clickhouse-server
 #   prometheus                       promtool: checks and tests deploy/grafana/'s rules
-#   chromium                         the web page's tests, in a real headless browser
+#   chromium chromium-driver         the web page's tests, in a real headless browser (WebDriver)
 #   iproute2 ethtool util-linux bc   network namespaces, offloads, setpriv, benchmarks
 set -euo pipefail
 
 packages=(libpcap-dev tcpdump tshark redis-server redis-tools memcached dnsmasq clickhouse-server
-          prometheus chromium iproute2 ethtool util-linux bc)
+          prometheus chromium chromium-driver iproute2 ethtool util-linux bc)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

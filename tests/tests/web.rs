@@ -305,3 +305,118 @@ fn without_the_token_the_api_refuses_and_the_page_says_so() {
     assert!(dom.contains("This aggregator needs its token"), "{dom}");
     assert_eq!(attribute(&dom, "token-form", "hidden"), None, "{dom}");
 }
+
+/// In Chromium driven over WebDriver (chromedriver): a real click on the slowest cell of the
+/// heatmap lists the slow requests in it, the slowest of the fleet among them.
+#[tokio::test]
+async fn a_click_on_the_slowest_cell_lists_its_requests() {
+    use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
+    use fantoccini::Locator;
+    if !requirement(
+        have("chromedriver"),
+        "chromedriver (Debian's chromium-driver)",
+    ) {
+        return;
+    }
+    let (_dir, aggregator, http) = fleet_with_page();
+    let slowest = query_json(
+        &[],
+        &aggregator.url(),
+        &["slow", "--slowest", "--limit", "1"],
+    );
+    let slowest = slowest[0]["summary"]
+        .as_str()
+        .expect("a slow request")
+        .to_string();
+    let driver_port = free_port();
+    let _driver = Guard(
+        Command::new("chromedriver")
+            .arg(format!("--port={driver_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromedriver"),
+    );
+    assert!(wait_for_port(
+        driver_port,
+        std::time::Duration::from_secs(10)
+    ));
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({"args": ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1400"]}),
+    );
+    let client =
+        fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+            .expect("a WebDriver session");
+    let result = async {
+        client.goto(&page(http)).await?;
+        client
+            .wait()
+            .at_most(std::time::Duration::from_secs(20))
+            .for_element(Locator::Css("body[data-loaded='yes']"))
+            .await?;
+        // Where the slowest cell is, from the page's own layout, relative to the canvas'
+        // centre; and the latencies its row holds.
+        let at = client
+            .execute(
+                "const col = Math.min(...[...heat.cells.keys()]
+                     .filter((k) => k % 1000 === heat.high).map((k) => Math.floor(k / 1000)));
+                 const c = document.getElementById('heatmap');
+                 const r = c.getBoundingClientRect();
+                 const scale = c.width / r.width;
+                 const { left, w, h } = heat.geometry;
+                 return [(left + (col + 0.5) * w) / scale - r.width / 2, (0.5 * h) / scale - r.height / 2,
+                         Math.floor(2 ** (heat.high / 2)), Math.ceil(2 ** ((heat.high + 1) / 2))];",
+                vec![],
+            )
+            .await?;
+        let at: Vec<f64> = serde_json::from_value(at).expect("coordinates");
+        let canvas = client.find(Locator::Id("heatmap")).await?;
+        let click = MouseActions::new("mouse".into())
+            .then(PointerAction::MoveToElement {
+                element: canvas,
+                duration: None,
+                x: at[0].round(),
+                y: at[1].round(),
+            })
+            .then(PointerAction::Down {
+                button: MOUSE_BUTTON_LEFT,
+            })
+            .then(PointerAction::Up {
+                button: MOUSE_BUTTON_LEFT,
+            });
+        client.perform_actions(click).await?;
+        client
+            .wait()
+            .at_most(std::time::Duration::from_secs(20))
+            .for_element(Locator::Css("#cell-slow tr"))
+            .await?;
+        let mut listed = Vec::new();
+        for row in client.find_all(Locator::Css("#cell-slow tr")).await?.iter().skip(1) {
+            let cells = row.find_all(Locator::Css("td")).await?;
+            listed.push((cells[4].text().await?, cells[5].text().await?));
+        }
+        Ok::<_, fantoccini::error::CmdError>((listed, at[2], at[3]))
+    }
+    .await;
+    let _ = client.close().await;
+    let (listed, low_us, high_us) = result.expect("the page in WebDriver");
+    assert!(!listed.is_empty(), "the cell lists nothing");
+    assert!(
+        listed.iter().any(|(_, request)| *request == slowest),
+        "{listed:?}"
+    );
+    for (latency, request) in &listed {
+        assert!(request.starts_with("DEBUG SLEEP"), "{request}");
+        let us = latency.trim_end_matches(" ms").parse::<f64>().expect("ms") * 1000.0;
+        // Shown to 0.1 ms.
+        assert!(
+            us >= low_us - 50.0 && us < high_us + 50.0,
+            "{latency} outside [{low_us}, {high_us}) µs"
+        );
+    }
+}
