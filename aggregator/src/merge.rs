@@ -64,6 +64,17 @@ impl Merged {
         self.rsp_bytes = self.rsp_bytes.saturating_add(other.rsp_bytes);
     }
 
+    /// The same without own times and depths (what a series keeps: see
+    /// [`crate::store::Reader::series`]).
+    pub fn latency_only(self) -> Self {
+        Merged {
+            own_sum_us: 0,
+            own: FineHistogram::default(),
+            depth: FineHistogram::default(),
+            ..self
+        }
+    }
+
     /// Exchanges sent while an earlier request of their connection was outstanding.
     pub fn pipelined(&self) -> u64 {
         let unpipelined = self

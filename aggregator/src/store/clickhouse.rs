@@ -1619,6 +1619,7 @@ impl Reader {
         pre: Option<&str>,
         c: &[String],
         key: &str,
+        parts: Parts,
     ) -> Result<BTreeMap<String, Merged>> {
         #[derive(Deserialize)]
         struct Scalars {
@@ -1661,12 +1662,15 @@ impl Reader {
             )
         };
         let buckets_of = |hashed: bool| -> Result<Vec<Bucket>> {
-            self.client.rows(&format!(
-                "{} UNION ALL {} UNION ALL {}",
-                part(0, "fine", hashed),
-                part(1, "own", hashed),
-                part(2, "depth", hashed)
-            ))
+            self.client.rows(&match parts {
+                Parts::All => format!(
+                    "{} UNION ALL {} UNION ALL {}",
+                    part(0, "fine", hashed),
+                    part(1, "own", hashed),
+                    part(2, "depth", hashed)
+                ),
+                Parts::Latency => part(0, "fine", hashed),
+            })
         };
         // The two queries run at once, so that they see nearly the same moment: a batch
         // stored between their reads makes them not add up (checked below).
@@ -1762,6 +1766,7 @@ impl Reader {
         filter: &v1::Filter,
         key: &str,
         plan: Option<&rollups::Plan>,
+        parts: Parts,
     ) -> Result<BTreeMap<String, Merged>> {
         let base = conditions(filter);
         let table = self.settings.table(table);
@@ -1778,9 +1783,9 @@ impl Reader {
                         where_clause(&c)
                     );
                     let floor: Vec<String> = floor.iter().cloned().collect();
-                    self.snapshot_sums(&from, None, &floor, key)
+                    self.snapshot_sums(&from, None, &floor, key, parts)
                 } else {
-                    self.snapshot_sums(&table, floor.as_deref(), &c, key)
+                    self.snapshot_sums(&table, floor.as_deref(), &c, key, parts)
                 }
             },
             |mut a, b| {
@@ -1799,6 +1804,7 @@ impl Reader {
         marks: &[rollups::Mark],
         raw_key: &str,
         rolled_key: &str,
+        parts: Parts,
     ) -> Result<BTreeMap<String, Merged>> {
         let plan = rollups::Plan::new(marks, filter.from_us, filter.to_us);
         let (rolled, rest) = std::thread::scope(|scope| {
@@ -1806,10 +1812,11 @@ impl Reader {
                 scope.spawn(|| {
                     let mut c = dimensions(filter);
                     c.push(plan.picked());
-                    self.snapshot_sums(&self.settings.table("rollups"), None, &c, rolled_key)
+                    let rollups = self.settings.table("rollups");
+                    self.snapshot_sums(&rollups, None, &c, rolled_key, parts)
                 })
             });
-            let rest = self.merge_table("histograms", filter, raw_key, Some(&plan));
+            let rest = self.merge_table("histograms", filter, raw_key, Some(&plan), parts);
             let rolled = rolled.map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
             (rolled, rest)
         });
@@ -1819,6 +1826,13 @@ impl Reader {
         }
         Ok(merged)
     }
+}
+
+/// The histograms a read sums: all three, or the latencies only (a series).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Parts {
+    All,
+    Latency,
 }
 
 /// Adds `b`'s groups to `a`'s.
@@ -1968,7 +1982,7 @@ impl super::Reader for Reader {
     fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>> {
         let marks = rollups::marks(&self.client, &self.settings, filter.from_us, filter.to_us)?;
         let key = group_column(group);
-        self.merge_histograms(filter, &marks, key, key)
+        self.merge_histograms(filter, &marks, key, key, Parts::All)
     }
 
     /// As [`Reader::merged`], grouped by step too (the roll-ups of spans that divide the
@@ -1982,7 +1996,13 @@ impl super::Reader for Reader {
                 group_column(group)
             )
         };
-        let merged = self.merge_histograms(filter, &marks, &key("ts_us"), &key("bucket_us"))?;
+        let merged = self.merge_histograms(
+            filter,
+            &marks,
+            &key("ts_us"),
+            &key("bucket_us"),
+            Parts::Latency,
+        )?;
         let mut series = Series::new();
         for (k, m) in merged {
             let (group, step) = k
@@ -1992,13 +2012,19 @@ impl super::Reader for Reader {
             series
                 .entry(group.to_string())
                 .or_default()
-                .insert(step * step_us, m);
+                .insert(step * step_us, m.latency_only());
         }
         Ok(series)
     }
 
     fn templates(&self, filter: &v1::Filter) -> Result<BTreeMap<String, Merged>> {
-        self.merge_table("templates", filter, group_column(Group::Command), None)
+        self.merge_table(
+            "templates",
+            filter,
+            group_column(Group::Command),
+            None,
+            Parts::All,
+        )
     }
 
     fn slots(&self, filter: &v1::Filter) -> Result<BTreeMap<u16, SlotSum>> {

@@ -190,9 +190,11 @@ pub trait Reader: Send {
     /// in key order.
     fn merged(&self, filter: &v1::Filter, group: Group) -> Result<BTreeMap<String, Merged>>;
 
-    /// The histograms matching `filter` (whose range must be closed) per time step and
-    /// group: steps start at multiples of `step_us`, the first and last cut to the range;
-    /// steps without snapshots are left out.
+    /// The latency histograms matching `filter` (whose range must be closed) per time step
+    /// and group: steps start at multiples of `step_us`, the first and last cut to the
+    /// range; steps without snapshots are left out. Own times and depths are left out
+    /// ([`Merged::latency_only`]): a series is a picture of latency, and they would double
+    /// what it reads.
     fn series(&self, filter: &v1::Filter, group: Group, step_us: u64) -> Result<Series>;
 
     /// The key templates matching `filter`, merged per (protocol, template) over agents,
