@@ -127,6 +127,13 @@ function drawHeatmap(reply) {
   const w = (canvas.width - left) / heat.columns;
   const h = canvas.height / rows;
   heat.geometry = { left, w, h };
+  // For a reader (and the tests): where the cells are, and the slowest one.
+  const slowestCol = Math.min(...[...heat.cells.keys()]
+    .filter((k) => k % 1000 === heat.high).map((k) => Math.floor(k / 1000)));
+  Object.assign(canvas.dataset, {
+    left, cellWidth: w, cellHeight: h, slowestCol, slowestRow: heat.high,
+    slowestLowUs: Math.floor(rowLow(heat.high)), slowestHighUs: Math.ceil(rowLow(heat.high + 1)),
+  });
   for (const [key, n] of heat.cells) {
     const col = Math.floor(key / 1000), row = key % 1000;
     const share = Math.log1p(n) / Math.log1p(heat.max);

@@ -306,46 +306,79 @@ fn without_the_token_the_api_refuses_and_the_page_says_so() {
     assert_eq!(attribute(&dom, "token-form", "hidden"), None, "{dom}");
 }
 
-/// In Chromium driven over WebDriver (chromedriver): a real click on the slowest cell of the
-/// heatmap lists the slow requests in it, the slowest of the fleet among them.
-#[tokio::test]
-async fn a_click_on_the_slowest_cell_lists_its_requests() {
+/// A browser driven over WebDriver: its driver program and how the driver starts it.
+struct Browser {
+    driver: &'static str,
+    /// The program the driver starts, for the skip message.
+    program: &'static str,
+    /// Its `--port` flag's form.
+    port_flag: fn(u16) -> String,
+    capabilities: fn() -> serde_json::Value,
+}
+
+const CHROMIUM: Browser = Browser {
+    driver: "chromedriver",
+    program: "chromium",
+    port_flag: |p| format!("--port={p}"),
+    capabilities: || {
+        serde_json::json!({"goog:chromeOptions": {
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1400"]
+        }})
+    },
+};
+
+const FIREFOX: Browser = Browser {
+    driver: "geckodriver",
+    program: "firefox-esr",
+    port_flag: |p| format!("--port={p}"),
+    capabilities: || {
+        serde_json::json!({"moz:firefoxOptions": {
+            "binary": "/usr/bin/firefox-esr",
+            "args": ["-headless", "--width=1200", "--height=1400"]
+        }})
+    },
+};
+
+/// In `browser`, driven over WebDriver: the page shows every request in its heatmap and
+/// both agents, and a real click on the slowest cell of the heatmap lists the slow requests
+/// in it, the slowest of the fleet among them.
+async fn the_page_in(browser: &Browser) {
     use fantoccini::actions::{InputSource, MouseActions, PointerAction, MOUSE_BUTTON_LEFT};
     use fantoccini::Locator;
-    if !requirement(
-        have("chromedriver"),
-        "chromedriver (Debian's chromium-driver)",
-    ) {
+    if !requirement(have(browser.driver), browser.driver)
+        || !requirement(have(browser.program), browser.program)
+    {
         return;
     }
     let (_dir, aggregator, http) = fleet_with_page();
-    let slowest = query_json(
-        &[],
-        &aggregator.url(),
-        &["slow", "--slowest", "--limit", "1"],
-    );
+    let url = aggregator.url();
+    let slowest = query_json(&[], &url, &["slow", "--slowest", "--limit", "1"]);
     let slowest = slowest[0]["summary"]
         .as_str()
         .expect("a slow request")
         .to_string();
+    let total = query_json(
+        &[],
+        &url,
+        &["hist", "--from", RANGE[0].1, "--to", RANGE[1].1],
+    )["count"]
+        .to_string();
     let driver_port = free_port();
     let _driver = Guard(
-        Command::new("chromedriver")
-            .arg(format!("--port={driver_port}"))
+        Command::new(browser.driver)
+            .arg((browser.port_flag)(driver_port))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("chromedriver"),
+            .expect("the WebDriver server"),
     );
     assert!(wait_for_port(
         driver_port,
         std::time::Duration::from_secs(10)
     ));
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        serde_json::json!({"args": ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1400"]}),
-    );
+    let serde_json::Value::Object(caps) = (browser.capabilities)() else {
+        unreachable!("capabilities are an object")
+    };
     let client =
         fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
             .capabilities(caps)
@@ -356,26 +389,31 @@ async fn a_click_on_the_slowest_cell_lists_its_requests() {
         client.goto(&page(http)).await?;
         client
             .wait()
-            .at_most(std::time::Duration::from_secs(20))
+            .at_most(std::time::Duration::from_secs(30))
             .for_element(Locator::Css("body[data-loaded='yes']"))
             .await?;
+        let canvas = client.find(Locator::Id("heatmap")).await?;
+        let shown_total = canvas.attr("data-total").await?;
+        let mut agents = Vec::new();
+        for row in client.find_all(Locator::Css("#agents tr")).await?.iter().skip(1) {
+            agents.push(row.find(Locator::Css("td")).await?.text().await?);
+        }
         // Where the slowest cell is, from the page's own layout, relative to the canvas'
         // centre; and the latencies its row holds.
         let at = client
             .execute(
-                "const col = Math.min(...[...heat.cells.keys()]
-                     .filter((k) => k % 1000 === heat.high).map((k) => Math.floor(k / 1000)));
-                 const c = document.getElementById('heatmap');
+                "const c = document.getElementById('heatmap');
+                 const d = c.dataset;
                  const r = c.getBoundingClientRect();
                  const scale = c.width / r.width;
-                 const { left, w, h } = heat.geometry;
-                 return [(left + (col + 0.5) * w) / scale - r.width / 2, (0.5 * h) / scale - r.height / 2,
-                         Math.floor(2 ** (heat.high / 2)), Math.ceil(2 ** ((heat.high + 1) / 2))];",
+                 const x = Number(d.left) + (Number(d.slowestCol) + 0.5) * Number(d.cellWidth);
+                 const y = 0.5 * Number(d.cellHeight);
+                 return [x / scale - r.width / 2, y / scale - r.height / 2,
+                         Number(d.slowestLowUs), Number(d.slowestHighUs)];",
                 vec![],
             )
             .await?;
         let at: Vec<f64> = serde_json::from_value(at).expect("coordinates");
-        let canvas = client.find(Locator::Id("heatmap")).await?;
         let click = MouseActions::new("mouse".into())
             .then(PointerAction::MoveToElement {
                 element: canvas,
@@ -400,11 +438,18 @@ async fn a_click_on_the_slowest_cell_lists_its_requests() {
             let cells = row.find_all(Locator::Css("td")).await?;
             listed.push((cells[4].text().await?, cells[5].text().await?));
         }
-        Ok::<_, fantoccini::error::CmdError>((listed, at[2], at[3]))
+        Ok::<_, fantoccini::error::CmdError>((shown_total, agents, listed, at[2], at[3]))
     }
     .await;
     let _ = client.close().await;
-    let (listed, low_us, high_us) = result.expect("the page in WebDriver");
+    let (shown_total, agents, listed, low_us, high_us) = result.expect("the page in WebDriver");
+    assert_eq!(
+        shown_total.as_deref(),
+        Some(total.as_str()),
+        "{}",
+        browser.program
+    );
+    assert_eq!(agents, ["a1", "a2"]);
     assert!(!listed.is_empty(), "the cell lists nothing");
     assert!(
         listed.iter().any(|(_, request)| *request == slowest),
@@ -419,4 +464,16 @@ async fn a_click_on_the_slowest_cell_lists_its_requests() {
             "{latency} outside [{low_us}, {high_us}) µs"
         );
     }
+}
+
+/// In Chromium, over chromedriver (Debian's chromium-driver).
+#[tokio::test]
+async fn the_page_in_chromium_over_webdriver() {
+    the_page_in(&CHROMIUM).await;
+}
+
+/// In Firefox ESR, over geckodriver (built from crates.io by setup.sh).
+#[tokio::test]
+async fn the_page_in_firefox_over_webdriver() {
+    the_page_in(&FIREFOX).await;
 }

@@ -872,7 +872,10 @@ impl super::Reader for Reader {
             let (lo, hi) = (start.max(from), (start + step_us).min(to));
             self.merge_range(filter, lo, hi, 0, group, &mut groups)?;
             for (key, m) in groups {
-                series.entry(key).or_default().insert(start, m.latency_only());
+                series
+                    .entry(key)
+                    .or_default()
+                    .insert(start, m.latency_only());
             }
             start += step_us;
         }
