@@ -2,11 +2,13 @@
 //!
 //! * `GET /` (and `/app.js`, `/app.css`): the page, embedded in the binary (no internet at
 //!   run time, no build step): plain HTML, CSS and canvas, no library.
-//! * `GET /api/v1/hist`, `/api/v1/slow`, `/api/v1/series`, `/api/v1/agents`: the Query
+//! * `GET /api/v1/hist`, `/api/v1/slow`, `/api/v1/series`, `/api/v1/top`, `/api/v1/agents`: the Query
 //!   service's answers as `tcpkit-query --json` prints them (the same [`crate::report`]
 //!   functions), with the same filters as query parameters: `since` (90s, 1h), `from` and
 //!   `to` (as `--from`/`--to`) or `from_us` and `to_us`, `server`, `port`, `proto`, `agent`,
-//!   `command`, `by`; `slow` adds `grep`, `min_ms`, `limit`, `slowest`; `series` adds `step`.
+//!   `command`, `by`; `slow` adds `grep`, `min_ms`, `limit`, `slowest`; `series` adds `step`;
+//!   `top` takes `of` (command, server, agent, port, slot, template: `tcpkit-query keys`),
+//!   `by` (slow, p99, own-p99, total, requests, redirects, bytes) and `limit`.
 //! * With `--token-file`, the API asks for `Authorization: Bearer TOKEN` (401 without); the
 //!   page asks for the token once and keeps it in the tab's session storage, never in a URL.
 //! * With `--tls-cert`, HTTPS with the gRPC listener's certificate (and its client CA).
@@ -293,6 +295,55 @@ async fn call_api<Q: Query>(query: &Q, call: &str, p: &Params) -> Result<Value, 
                 .await?
                 .into_inner();
             report::series_json(&reply)
+        }
+        "top" => {
+            let of = match p.get("of").unwrap_or("command") {
+                "command" => v1::GroupBy::Command,
+                "server" => v1::GroupBy::Server,
+                "agent" => v1::GroupBy::Agent,
+                "port" => v1::GroupBy::Port,
+                "slot" => v1::GroupBy::Slot,
+                "template" => v1::GroupBy::Template,
+                other => {
+                    return Err(Failure::Bad(format!(
+                        "of={other}: command, server, agent, port, slot or template"
+                    )))
+                }
+            };
+            let by = match p.get("by").unwrap_or("slow") {
+                "slow" => v1::TopBy::Slow,
+                "p99" => v1::TopBy::P99,
+                "own-p99" => v1::TopBy::OwnP99,
+                "total" => v1::TopBy::Total,
+                "requests" => v1::TopBy::Requests,
+                "redirects" => v1::TopBy::Redirects,
+                "bytes" => v1::TopBy::Bytes,
+                other => {
+                    return Err(Failure::Bad(format!(
+                        "by={other}: slow, p99, own-p99, total, requests, redirects or bytes"
+                    )))
+                }
+            };
+            let limit: u32 = p.number("limit")?.unwrap_or(10);
+            if !(1..=100_000).contains(&limit) {
+                return Err(Failure::Bad("limit: 1 to 100000".into()));
+            }
+            let reply = query
+                .top(Request::new(v1::TopRequest {
+                    filter: Some(p.filter()?),
+                    of: of as i32,
+                    by: by as i32,
+                    limit,
+                }))
+                .await?
+                .into_inner();
+            Value::Array(
+                reply
+                    .rows
+                    .iter()
+                    .map(|r| report::histogram_json(r, true))
+                    .collect(),
+            )
         }
         "agents" => {
             let reply = query

@@ -235,6 +235,29 @@ function drawHistogram(h) {
   canvas.dataset.total = counts.reduce((a, b) => a + b, 0);
 }
 
+function drawTop(rows) {
+  fillTable(
+    $('top'),
+    ['command', 'requests', 'p50', 'p99', 'own p99', 'max', 'slow', 'errors'],
+    rows.map((r) => ({
+      cells: [(r.proto ? r.proto + ' ' : '') + r.key, r.count, ms(r.p50_us), ms(r.p99_us),
+        r.own_count ? ms(r.own_p99_us) : '', ms(r.max_us), r.slow, r.errors],
+    })),
+    [0],
+  );
+}
+
+function drawKeys(rows) {
+  fillTable(
+    $('keys'),
+    ['template', 'requests', 'p99', 'request bytes', 'reply bytes'],
+    rows.map((r) => ({
+      cells: [(r.proto ? r.proto + ' ' : '') + r.key, r.count, ms(r.p99_us), r.req_bytes, r.rsp_bytes],
+    })),
+    [0],
+  );
+}
+
 function drawAgents(agents) {
   const lossy = (a) => {
     const c = a.counters || {};
@@ -274,14 +297,18 @@ async function guarded(call) {
 
 async function refresh() {
   say('');
-  const [series, hist, slow, agents] = await Promise.all([
+  const [series, hist, top, keys, slow, agents] = await Promise.all([
     guarded(() => api('series', {})),
     guarded(() => api('hist', {})),
+    guarded(() => api('top', { of: 'command', by: 'p99', limit: 10 })),
+    guarded(() => api('top', { of: 'template', by: 'requests', limit: 10 })),
     guarded(() => api('slow', { slowest: 1, limit: 50, grep: $('grep').value })),
     guarded(() => api('agents', {})),
   ]);
   if (series) drawHeatmap(series);
   if (hist) drawHistogram(hist);
+  if (top) drawTop(top);
+  if (keys) drawKeys(keys);
   if (slow) fillSlow($('slow'), slow);
   if (agents) drawAgents(agents);
   document.body.dataset.loaded = 'yes';

@@ -95,8 +95,9 @@ fn rows(dom: &str, id: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// An aggregator serving its page on a port of its own, filled by two agents: a1 replaying
-/// redis-benchmark-lo (threshold 1 s: no slow event), a2 redis-slow (threshold 20 ms).
+/// An aggregator serving its page on a port of its own, filled by three agents: a1
+/// replaying redis-benchmark-lo (threshold 1 s: no slow event), a2 redis-slow (threshold
+/// 20 ms), a3 redis-keys with key templates (threshold 1 s).
 fn fleet_with_page() -> (tempfile::TempDir, Aggregator, u16) {
     let dir = tempfile::tempdir().expect("temp dir");
     let http = free_port();
@@ -114,6 +115,12 @@ fn fleet_with_page() -> (tempfile::TempDir, Aggregator, u16) {
         &["-p", "26379", "-t", "1000"],
     );
     replay("redis-slow", "a2", &url, &["-p", "26379", "-t", "20"]);
+    replay(
+        "redis-keys",
+        "a3",
+        &url,
+        &["-p", "26379", "--templates", "-t", "1000"],
+    );
     (dir, aggregator, http)
 }
 
@@ -170,7 +177,40 @@ fn the_page_shows_the_fleet_in_a_real_browser() {
         .into_iter()
         .map(|r| r[0].clone())
         .collect();
-    assert_eq!(agents, ["a1", "a2"]);
+    assert_eq!(agents, ["a1", "a2", "a3"]);
+
+    // Commands by p99 and the hot key templates, as top and keys rank them.
+    let top = query_json(&[], &url, &["top", "--by", "p99"]);
+    let shown: Vec<String> = rows(&dom, "top")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect();
+    let ranked: Vec<String> = top
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}",
+                r["proto"].as_str().expect("proto"),
+                r["key"].as_str().expect("key")
+            )
+        })
+        .collect();
+    assert_eq!(shown, ranked);
+    let keys = query_json(&[], &url, &["keys", "--limit", "10"]);
+    let shown: Vec<String> = rows(&dom, "keys")
+        .into_iter()
+        .map(|r| r[1].clone())
+        .collect();
+    let counts: Vec<String> = keys
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r["count"].to_string())
+        .collect();
+    assert!(!counts.is_empty());
+    assert_eq!(shown, counts);
 
     // A screenshot, not blank.
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/web-screenshots");
@@ -249,6 +289,17 @@ fn the_json_api_answers_what_tcpkit_query_does() {
             ],
         ),
         ("agents", &[], &["agents"]),
+        ("top", &[("by", "p99")], &["top", "--by", "p99"]),
+        (
+            "top",
+            &[("of", "server"), ("by", "own-p99"), ("limit", "3")],
+            &["top", "--of", "server", "--by", "own-p99", "--limit", "3"],
+        ),
+        (
+            "top",
+            &[("of", "template"), ("by", "bytes"), ("limit", "20")],
+            &["keys", "--by", "bytes"],
+        ),
     ];
     for (call, params, args) in cases {
         assert_eq!(
@@ -395,7 +446,12 @@ async fn the_page_in(browser: &Browser) {
         let canvas = client.find(Locator::Id("heatmap")).await?;
         let shown_total = canvas.attr("data-total").await?;
         let mut agents = Vec::new();
-        for row in client.find_all(Locator::Css("#agents tr")).await?.iter().skip(1) {
+        for row in client
+            .find_all(Locator::Css("#agents tr"))
+            .await?
+            .iter()
+            .skip(1)
+        {
             agents.push(row.find(Locator::Css("td")).await?.text().await?);
         }
         // Where the slowest cell is, from the page's own layout, relative to the canvas'
@@ -434,7 +490,12 @@ async fn the_page_in(browser: &Browser) {
             .for_element(Locator::Css("#cell-slow tr"))
             .await?;
         let mut listed = Vec::new();
-        for row in client.find_all(Locator::Css("#cell-slow tr")).await?.iter().skip(1) {
+        for row in client
+            .find_all(Locator::Css("#cell-slow tr"))
+            .await?
+            .iter()
+            .skip(1)
+        {
             let cells = row.find_all(Locator::Css("td")).await?;
             listed.push((cells[4].text().await?, cells[5].text().await?));
         }
@@ -449,7 +510,7 @@ async fn the_page_in(browser: &Browser) {
         "{}",
         browser.program
     );
-    assert_eq!(agents, ["a1", "a2"]);
+    assert_eq!(agents, ["a1", "a2", "a3"]);
     assert!(!listed.is_empty(), "the cell lists nothing");
     assert!(
         listed.iter().any(|(_, request)| *request == slowest),
