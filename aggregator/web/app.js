@@ -259,17 +259,16 @@ function drawKeys(rows) {
 }
 
 function drawAgents(agents) {
-  const lossy = (a) => {
-    const c = a.counters || {};
-    return ['kernel_drops', 'interface_drops', 'desyncs', 'gaps', 'shipper_dropped_events', 'shipper_dropped_histograms']
-      .some((k) => (c[k] || 0) > 0);
-  };
+  // The counters are keys of the agent itself, as in `tcpkit-query agents --json`.
+  const lossy = (a) => ['kernel_drops', 'interface_drops', 'desyncs', 'gaps',
+    'shipper_dropped_events', 'shipper_dropped_histograms'].some((k) => (a[k] || 0) > 0);
   fillTable(
     $('agents'),
     ['agent', 'hostname', 'version', 'last seen', 'events', 'kernel drops', 'gaps', 'desyncs', 'not timed', 'shipper drops'],
     agents.map((a) => {
-      const c = a.counters || {};
-      const untimed = (c.request_lost || 0) + (c.reply_lost || 0) + (c.uncertain || 0) + (c.reply_before_request || 0);
+      const c = a;
+      const u = a.untimed || {};
+      const untimed = (u.request_lost || 0) + (u.reply_lost || 0) + (u.uncertain || 0) + (u.reply_before_request || 0);
       return {
         className: lossy(a) ? 'lossy' : '',
         cells: [a.id, a.hostname, a.version, localTime(a.last_seen_us), a.events, c.kernel_drops || 0,

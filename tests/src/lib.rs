@@ -671,9 +671,14 @@ pub fn metrics_page<C: tcpkit::matcher::Connection>(
 /// Replays `fixture` to the aggregator at `url` as `id` and waits until everything it
 /// shipped is acknowledged; returns its stats JSON (port 26379 when it is the only one).
 pub fn replay(fixture_name: &str, id: &str, url: &str, args: &[&str]) -> serde_json::Value {
+    replay_file(&fixture(&format!("{fixture_name}.pcap")), id, url, args)
+}
+
+/// [`replay`] of any capture file.
+pub fn replay_file(capture: &Path, id: &str, url: &str, args: &[&str]) -> serde_json::Value {
     let out = std::process::Command::new(tcpkit_bin())
         .arg("-r")
-        .arg(fixture(&format!("{fixture_name}.pcap")))
+        .arg(capture)
         .args(["-m", "redis", "--summary", "json", "--aggregator", url])
         .args(["--agent-id", id, "--ship-timeout", "120"])
         .args(args)

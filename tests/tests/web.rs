@@ -132,8 +132,14 @@ fn the_page_shows_the_fleet_in_a_real_browser() {
     if !requirement(have("chromium"), "chromium (Debian's chromium)") {
         return;
     }
-    let (_dir, aggregator, http) = fleet_with_page();
+    let (dir, aggregator, http) = fleet_with_page();
     let url = aggregator.url();
+    // And an agent that lost packets: its gaps are counted, and its row is marked.
+    let lossy = dir.path().join("lossy.pcap");
+    tcpkit_tests::mangle::Pcap::read(&fixture("redis-benchmark-lo.pcap"))
+        .mangled(tcpkit_tests::mangle::Fault::Drop(0.02), 7)
+        .write(&lossy);
+    replay_file(&lossy, "a4", &url, &["-p", "26379", "-t", "1000"]);
     let dom = chromium(&["--dump-dom", &page(http)]);
     assert_eq!(
         attribute(&dom, "message", "hidden").as_deref(),
@@ -172,12 +178,24 @@ fn the_page_shows_the_fleet_in_a_real_browser() {
         assert!(event["latency_us"].as_u64().expect("latency") >= 20_000);
     }
 
-    // Both agents.
-    let agents: Vec<String> = rows(&dom, "agents")
-        .into_iter()
-        .map(|r| r[0].clone())
-        .collect();
-    assert_eq!(agents, ["a1", "a2", "a3"]);
+    // Every agent, with its counters as `agents` says them; the one that lost packets marked.
+    let listed = query_json(&[], &url, &["agents"]);
+    let listed = listed.as_array().expect("agents");
+    let shown = rows(&dom, "agents");
+    let ids: Vec<&str> = shown.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(ids, ["a1", "a2", "a3", "a4"]);
+    for (row, agent) in shown.iter().zip(listed) {
+        assert_eq!(row[5], agent["kernel_drops"].to_string(), "{row:?}");
+        assert_eq!(row[6], agent["gaps"].to_string(), "{row:?}");
+        assert_eq!(row[7], agent["desyncs"].to_string(), "{row:?}");
+    }
+    let gaps = listed[3]["gaps"].as_u64().expect("gaps");
+    assert!(gaps > 0, "{}", listed[3]);
+    assert!(
+        dom.contains("<tr class=\"lossy\"><td class=\"text\">a4</td>"),
+        "{dom}"
+    );
+    assert_eq!(dom.matches("class=\"lossy\"").count(), 1);
 
     // Commands by p99 and the hot key templates, as top and keys rank them.
     let top = query_json(&[], &url, &["top", "--by", "p99"]);
