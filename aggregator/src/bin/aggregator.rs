@@ -91,7 +91,7 @@ struct Args {
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<std::net::SocketAddr>,
     /// Serve the web page (latency heatmap, histogram, slowest requests, agents) and its
-    /// JSON API (/api/v1/hist, slow, series, agents) on this address, e.g.
+    /// JSON API (/api/v1/hist, slow, series, top, agents) on this address, e.g.
     /// 127.0.0.1:8080; with the token and TLS (--tls-cert, --tls-client-ca) of gRPC
     #[arg(long, value_name = "ADDR")]
     http_listen: Option<std::net::SocketAddr>,
