@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Live cost of the agent: tcpkit captures lo in redis mode while redis-benchmark drives a
 # local redis-server (50 clients, SET/GET), without and with -P 16. Reports the agent's CPU as
-# % of one core per 100k requests/s, its peak RSS, kernel drops, and commands counted vs
-# those the server executed (its INFO commandstats).
+# % of one core per 100k requests/s (all its threads), its peak RSS, kernel drops, and
+# commands counted vs those the server executed (its INFO commandstats); with 1 and 2
+# pipelines (--threads, a PACKET_FANOUT group of captures).
 #
 #   sudo bench/live.sh            # N=2000000 requests per run by default (N=… to change)
+#   THREADS="1 2 4" sudo bench/live.sh
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 n=${N:-2000000}
-cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p tcpkit
-tcpkit="$root/target/release/tcpkit"
+# TCPKIT=path measures another build (compare two in one run).
+if [ -z "${TCPKIT:-}" ]; then
+  cargo build --release --quiet --manifest-path "$root/Cargo.toml" -p tcpkit
+fi
+tcpkit=${TCPKIT:-$root/target/release/tcpkit}
 work=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port)
@@ -26,10 +31,12 @@ for _ in $(seq 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 
-printf '%-10s %10s %12s %9s %14s %10s %7s %12s %12s\n' \
-  pipeline requests requests/s cpu_%core cpu_%/100k_rps peak_rss drops counted sent
+printf '%-8s %-10s %10s %12s %9s %14s %10s %7s %12s %12s\n' \
+  threads pipeline requests requests/s cpu_%core cpu_%/100k_rps peak_rss drops counted sent
+for threads in ${THREADS:-1 2}; do
 for pipeline in 1 16; do
-  "$tcpkit" -i lo -p "$port" -m redis -t 100000 -P "$stats_port" --summary text -o "$work/agent.log" &
+  "$tcpkit" -i lo -p "$port" -m redis -t 100000 -P "$stats_port" --threads "$threads" \
+    --summary text -o "$work/agent.log" &
   agent=$!
   pids+=("$agent")
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$stats_port") 2>/dev/null && break; sleep 0.05; done
@@ -55,9 +62,12 @@ print(sum(port["commands"].get(c, {}).get("total_reqs", 0) for c in ("SET", "GET
   kill -INT "$agent"
   wait "$agent" || true
   drops=$(awk '/packets dropped by kernel/ { print $1 }' "$work/agent.log" | tail -1)
+  rm -f "$work/agent.log"
   wall=$(echo "$end - $start" | bc -l)
   rps=$(echo "2 * $n / $wall" | bc -l)
   cpu=$(echo "100 * ($after - $before) / $ticks / $wall" | bc -l)
-  printf '%-10s %10d %12.0f %9.1f %14.2f %10s %7s %12s %12s\n' "-P $pipeline" $((2 * n)) "$rps" \
+  printf '%-8s %-10s %10d %12.0f %9.1f %14.2f %10s %7s %12s %12s\n' "$threads" "-P $pipeline" \
+    $((2 * n)) "$rps" \
     "$cpu" "$(echo "$cpu / ($rps / 100000)" | bc -l)" "$rss" "$drops" "$counted" "$sent"
+done
 done

@@ -142,9 +142,11 @@ pub struct Args {
     #[arg(long = "summary", value_enum, default_value = "text")]
     pub summary: SummaryFormat,
 
-    /// Pipelines reading a capture file (-r) in a protocol mode, each with its share of the
-    /// connections [default: the number of cores, at most 4]; 1 with -S, --aggregator, -P or
-    /// --metrics-listen, and when capturing live
+    /// Pipelines, each on its own thread with its share of the connections. Reading a file
+    /// (-r) in a protocol mode [default: the number of cores, at most 4; 1 with -S,
+    /// --aggregator, -P or --metrics-listen]. Capturing live [default: 1]: N captures of the
+    /// interface in one PACKET_FANOUT group (the kernel keeps each connection on one), merged
+    /// in the stats, metrics, summary and what is shipped; 1 in raw mode, with -S or -c
     #[arg(long = "threads", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
     pub threads: Option<u32>,
 

@@ -402,11 +402,12 @@ impl<C: Connection> Pipeline<C> {
         self.sinks.ports.merge(&totals.ports);
     }
 
-    /// The Prometheus page, with libpcap's counters.
-    pub fn metrics(&self, kernel: Option<KernelStats>) -> String {
+    /// The Prometheus page, with libpcap's counters and the shipper's state (this
+    /// pipeline's [`Pipeline::ship_status`], or that of the pipelines it merges).
+    pub fn metrics(&self, kernel: Option<KernelStats>, ship: Option<ShipStatusNow>) -> String {
         let mut summary = self.summary();
         summary.kernel = kernel;
-        crate::shell::metrics::render(&summary, &self.modes, self.ship_status())
+        crate::shell::metrics::render(&summary, &self.modes, ship)
     }
 
     /// The shipper's state, when shipping.

@@ -665,7 +665,7 @@ pub fn metrics_page<C: tcpkit::matcher::Connection>(
         pipeline.on_frame(&frame);
     }
     pipeline.finish();
-    pipeline.metrics(None)
+    pipeline.metrics(None, None)
 }
 
 /// Replays `fixture` to the aggregator at `url` as `id` and waits until everything it

@@ -685,3 +685,187 @@ fn sighup_reopens_the_log_file() {
     assert_eq!(requests(&new), REQUESTS, "{new}");
     assert!(new.contains(" packets captured\n") && !old.contains(" packets captured\n"));
 }
+
+/// The summary JSON (the last line) of a log, and its other lines.
+fn log_and_summary(path: &std::path::Path) -> (Vec<String>, serde_json::Value) {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let summary = serde_json::from_str(&lines.pop().expect("a summary")).unwrap();
+    (lines, summary)
+}
+
+/// Two pipelines sharing the capture (`--threads 2`, PACKET_FANOUT) count what one pipeline
+/// counts on the same traffic, and what the server executed; their slow-log lines are whole
+/// (every request is one, -t 0), and `-w` holds every packet once.
+#[test]
+fn live_redis_on_two_pipelines_counts_what_one_does() {
+    if !requirement(is_root(), "root (live capture)")
+        || !requirement(have("redis-server"), "redis-server")
+        || !requirement(have("redis-benchmark"), "redis-benchmark")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_redis, port) = start_redis();
+    let copy = dir.path().join("two.pcap");
+    let agent = |threads: &str, log: &str, copy: Option<&std::path::Path>| {
+        let port = port.to_string();
+        let log = dir.path().join(log);
+        start_live_agent(|c| {
+            c.args(["-i", "lo", "-m", "redis", "-t", "0", "-p", &port])
+                .args(["--threads", threads, "--summary", "json", "-o"])
+                .arg(log);
+            if let Some(copy) = copy {
+                c.arg("-w").arg(copy);
+            }
+            c
+        })
+    };
+    let (mut one, _) = agent("1", "one.log", None);
+    let (mut two, two_stats) = agent("2", "two.log", Some(&copy));
+    let reset = Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "config", "resetstat"])
+        .output()
+        .unwrap();
+    assert!(reset.status.success());
+    for pipeline in ["1", "16"] {
+        let bench = Command::new("redis-benchmark")
+            .args(["-p", &port.to_string(), "-n", "20000", "-c", "20"])
+            .args(["-r", "100000", "-t", "set,get", "-q", "-P", pipeline])
+            .output()
+            .unwrap();
+        assert!(bench.status.success());
+    }
+    let calls = server_calls(port);
+    std::thread::sleep(Duration::from_millis(1500));
+    // While running, the stats port serves the merge of both pipelines.
+    let running = stats_document(two_stats);
+    for command in ["SET", "GET"] {
+        let seen = &running[0][port.to_string()]["commands"][command]["total_reqs"];
+        assert_eq!(
+            seen.as_u64(),
+            Some(calls[command]),
+            "{command} while running"
+        );
+    }
+    for agent in [&mut one, &mut two] {
+        interrupt(&agent.0);
+        assert!(agent.0.wait().unwrap().success());
+    }
+    let (one_lines, one_summary) = log_and_summary(&dir.path().join("one.log"));
+    let (two_lines, two_summary) = log_and_summary(&dir.path().join("two.log"));
+    let (one_port, two_port) = (
+        &one_summary[0][port.to_string()],
+        &two_summary[0][port.to_string()],
+    );
+    assert_eq!(two_port["commands"]["SET"]["total_reqs"], 40_000);
+    for command in ["SET", "GET"] {
+        assert_eq!(
+            two_port["commands"][command]["total_reqs"].as_u64(),
+            Some(calls[command]),
+            "{command}: the server's count"
+        );
+    }
+    // Every count; the latencies within 1%: each capture's socket stamps a packet itself,
+    // so two agents' timestamps differ by a microsecond here and there.
+    let counts = |port: &serde_json::Value| {
+        let pick = |v: &serde_json::Value, keys: &[&str]| -> Vec<serde_json::Value> {
+            keys.iter().map(|k| v[*k].clone()).collect()
+        };
+        let each = [
+            "total_reqs",
+            "req_bytes",
+            "rsp_bytes",
+            "depths",
+            "errors",
+            "timeouts",
+        ];
+        let commands = port["commands"].as_object().unwrap();
+        let mut all: Vec<_> = commands.values().map(|c| pick(c, &each)).collect();
+        all.push(pick(
+            port,
+            &["req_packets", "rsp_packets", "pipelined_reqs"],
+        ));
+        all
+    };
+    assert_eq!(counts(one_port), counts(two_port), "one pipeline and two");
+    let (one_cost, two_cost) = (
+        one_port["total_costs"].as_f64().unwrap(),
+        two_port["total_costs"].as_f64().unwrap(),
+    );
+    assert!(
+        (one_cost - two_cost).abs() <= one_cost / 100.0,
+        "{one_cost} {two_cost}"
+    );
+    assert_eq!(two_port["timeouts"], 0);
+    assert_eq!(two_port["untimed"]["reply_lost"], 0);
+    // Whole lines: each one of the slow-log's shape, and the same lines as one pipeline's.
+    let server = format!("127.0.0.1:{port}");
+    for line in &two_lines {
+        let fields: Vec<&str> = line.splitn(6, ' ').collect();
+        let whole = fields.len() == 6
+            && fields[0].len() == 10
+            && fields[1].len() == 15
+            && fields[2].starts_with("127.0.0.1:")
+            && fields[3] == "=>"
+            && fields[4] == server
+            && fields[5].starts_with("| ")
+            && fields[5]
+                .split_once(" ms | ")
+                .is_some_and(|(latency, command)| {
+                    latency[2..].parse::<f64>().is_ok()
+                        && command.starts_with(|c: char| c.is_ascii_alphabetic())
+                });
+        assert!(whole, "not a whole line: {line:?}");
+    }
+    let sorted = |mut lines: Vec<String>| {
+        lines.sort();
+        lines
+    };
+    assert_eq!(
+        two_lines.len() as u64,
+        two_port["total_reqs"].as_u64().unwrap()
+    );
+    // The same requests as one pipeline's lines, but for their timestamps and latencies.
+    let requests = |lines: &[String]| {
+        sorted(
+            lines
+                .iter()
+                .map(|l| {
+                    let fields: Vec<&str> = l.splitn(6, ' ').collect();
+                    let command = fields[5].split_once(" ms | ").unwrap().1;
+                    format!("{} {command}", fields[2])
+                })
+                .collect(),
+        )
+    };
+    assert!(
+        requests(&one_lines) == requests(&two_lines),
+        "the same requests"
+    );
+    let two_lines = sorted(two_lines);
+    // The -w copy: every packet once, so read back it gives the same lines and counts.
+    let reread = Command::new(tcpkit_tests::tcpkit_bin())
+        .arg("-r")
+        .arg(&copy)
+        .args(["-m", "redis", "-t", "0", "-p", &port.to_string()])
+        .args(["--threads", "1", "--summary", "json"])
+        .output()
+        .unwrap();
+    assert!(reread.status.success());
+    let text = String::from_utf8(reread.stdout).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let summary: serde_json::Value = serde_json::from_str(&lines.pop().unwrap()).unwrap();
+    let file_port = &summary[0][port.to_string()];
+    for key in [
+        "req_packets",
+        "rsp_packets",
+        "req_bytes",
+        "rsp_bytes",
+        "total_reqs",
+    ] {
+        assert_eq!(file_port[key], two_port[key], "{key} in the -w copy");
+    }
+    // With the very timestamps: the same lines exactly.
+    assert!(sorted(lines) == two_lines, "the -w copy's lines");
+}

@@ -286,7 +286,7 @@ fn what_is_not_timed_is_counted_in_every_output() {
         pipeline.on_frame(&frame);
     }
     pipeline.finish();
-    let page = pipeline.metrics(None);
+    let page = pipeline.metrics(None, None);
     let on_page = tcpkit_tests::metric_sum(&page, "tcpkit_requests_untimed_total", &[]);
     assert_eq!(on_page as u64, total, "{page}");
     let c = pipeline.counters();

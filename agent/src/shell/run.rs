@@ -3,6 +3,7 @@
 
 use std::io::{self, IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,14 +15,14 @@ use crate::matcher::dns::DnsTcpPairing;
 use crate::matcher::duplex::Duplex;
 use crate::matcher::multi::MultiPairing;
 use crate::matcher::{Connection, MatchLimits, MemcachedPairing, RedisPairing};
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pipeline::{Pipeline, PipelineConfig, Totals};
 use crate::shell::logfile::LogFile;
 use crate::shell::privileges;
 use crate::shell::shard;
-use crate::shell::shipper::{ShipSink, Shipper, ShipperConfig};
+use crate::shell::shipper::{ShipSink, ShipStatusNow, Shipper, ShipperConfig};
 use crate::shell::stats_server::{self, StatsSnapshot};
 use crate::sinks::script::Script;
-use crate::steps::capture::{self, Capture, CaptureConfig, Next, Source};
+use crate::steps::capture::{self, Capture, CaptureConfig, KernelStats, Next, Source};
 use crate::steps::decode::LinkType;
 use crate::steps::flow::{DirectionRule, FlowLimits};
 use crate::steps::prefilter::PortPrefilter;
@@ -80,14 +81,20 @@ pub fn run(args: Args) -> Result<()> {
         &args.servers,
         &args.filter.join(" "),
     );
-    let mut capture = Capture::open(&CaptureConfig {
+    let capture_config = CaptureConfig {
         source,
         filter,
         prefilter,
         write_to: args.write.clone(),
         max_frames: args.count,
         max_duration: args.duration_secs.map(Duration::from_secs),
-    })?;
+    };
+    let live_pipelines = live_pipelines(&args, all_raw, script.is_some());
+    let mut captures = if live_pipelines > 1 {
+        Capture::open_fanout(&capture_config, live_pipelines)?
+    } else {
+        vec![Capture::open(&capture_config)?]
+    };
 
     let stats_listener = match args.effective_stats_port() {
         Some(port) => Some(
@@ -150,7 +157,7 @@ pub fn run(args: Args) -> Result<()> {
         None => None,
     };
 
-    let config = pipeline_config(&args, capture.link());
+    let config = pipeline_config(&args, captures[0].link());
     // One monomorphic loop per protocol; ports of different protocols share the loop of
     // MultiPairing.
     let single = modes
@@ -174,12 +181,22 @@ pub fn run(args: Args) -> Result<()> {
     };
     macro_rules! run_with {
         ($connection:ty) => {{
-            if shards > 1 {
+            if live_pipelines > 1 {
+                drive_live::<$connection>(
+                    &config,
+                    std::mem::take(&mut captures),
+                    &args,
+                    shipper.as_ref(),
+                    &mut log,
+                    &stop,
+                    &documents,
+                )
+            } else if shards > 1 {
                 drive_sharded::<$connection>(
                     &config,
                     shards,
                     &args,
-                    &mut capture,
+                    &mut captures[0],
                     &mut log,
                     &stop,
                     &documents,
@@ -197,7 +214,14 @@ pub fn run(args: Args) -> Result<()> {
                     )),
                     None => pipeline,
                 };
-                drive(pipeline, &args, &mut capture, &mut log, &stop, &documents)
+                drive(
+                    pipeline,
+                    &args,
+                    &mut captures[0],
+                    &mut log,
+                    &stop,
+                    &documents,
+                )
             }
         }};
     }
@@ -283,6 +307,32 @@ fn open_log(args: &Args, reopen: Arc<AtomicBool>) -> Result<Box<dyn Write>> {
     })
 }
 
+/// How many pipelines share a live capture: `--threads`, 1 when not given. One pipeline
+/// captures in raw mode (its lines are in capture order), with a script (one Lua state) and
+/// with `-c` (the count of one capture).
+fn live_pipelines(args: &Args, all_raw: bool, script: bool) -> usize {
+    let asked = args.threads.map_or(1, |n| n as usize);
+    if args.read.is_some() || asked == 1 {
+        return 1;
+    }
+    let why = if all_raw {
+        Some("raw mode prints the packets in capture order")
+    } else if script {
+        Some("a script (-S) runs in one Lua state")
+    } else if args.count.is_some() {
+        Some("-c counts the packets of one capture")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => {
+            eprintln!("tcpkit: --threads {asked} ignored: one pipeline captures, as {why}");
+            1
+        }
+        None => asked,
+    }
+}
+
 /// The pipeline's settings from the command line.
 fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
     let local = capture::local_addresses();
@@ -334,17 +384,225 @@ fn drive<C: Connection>(
     stop: &AtomicBool,
     documents: &Documents,
 ) -> Result<()> {
-    documents.publish(&pipeline, capture);
+    documents.publish(&pipeline, capture.kernel_stats(), pipeline.ship_status());
 
     let show_progress = !capture.is_live() && io::stderr().is_terminal();
-    let loop_result = capture_loop(capture, &mut pipeline, log, stop, documents, show_progress);
+    let mut publish = |p: &Pipeline<C>, kernel: Option<KernelStats>| {
+        documents.publish(p, kernel, p.ship_status())
+    };
+    let loop_result = capture_loop(
+        capture,
+        &mut pipeline,
+        log,
+        stop,
+        &mut publish,
+        show_progress,
+    );
     if show_progress {
         eprint!("\r\x1b[K");
     }
 
-    pipeline.tick(capture.kernel_stats(), None);
+    let kernel = capture.kernel_stats();
+    pipeline.tick(kernel, None);
     pipeline.finish();
-    end_run(pipeline, args, capture, log, documents, loop_result)
+    let ship = pipeline.ship_status();
+    let ended = Ended { kernel, ship };
+    end_run(pipeline, args, ended, capture, log, documents, loop_result)
+}
+
+/// What one pipeline of a shared live capture last told: for the merged documents.
+struct Report {
+    totals: Totals,
+    kernel: Option<KernelStats>,
+    ship: Option<ShipStatusNow>,
+}
+
+/// The merge of what the pipelines last told: one pipeline's worth of counts, libpcap's
+/// counters summed over the captures, and the shipper's state (which they share).
+fn merge_reports<'a, C: Connection>(
+    config: &PipelineConfig,
+    reports: impl IntoIterator<Item = &'a Report>,
+) -> (Pipeline<C>, Ended) {
+    let mut merged = Pipeline::<C>::new(config.clone());
+    let mut ended = Ended {
+        kernel: None,
+        ship: None,
+    };
+    for report in reports {
+        merged.absorb(&report.totals);
+        ended.kernel = match (ended.kernel, report.kernel) {
+            (Some(a), Some(b)) => Some(a.plus(&b)),
+            (a, b) => a.or(b),
+        };
+        ended.ship = ended.ship.or(report.ship);
+    }
+    (merged, ended)
+}
+
+/// What a pipeline of a shared live capture tells the thread that writes and publishes.
+enum Told {
+    /// Output: whole lines.
+    Output(Vec<u8>),
+    /// Pipeline `.0`'s counts at its tick.
+    Report(usize, Box<Report>),
+}
+
+/// Sends what it is given, whole, to the thread that writes the log: a pipeline's output is
+/// whole lines, so lines from several pipelines never mix.
+struct ToWriter(SyncSender<Told>);
+
+impl Write for ToWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if !buf.is_empty() {
+            self.0
+                .send(Told::Output(buf.to_vec()))
+                .map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `captures` (one fanout group, [`Capture::open_fanout`]) through a pipeline each, on a
+/// thread each; this thread writes their output and publishes their merged documents, then
+/// prints the merged summary. Each pipeline's flow table holds `--max-flows / N` connections.
+fn drive_live<C: Connection>(
+    config: &PipelineConfig,
+    captures: Vec<Capture>,
+    args: &Args,
+    shipper: Option<&Shipper>,
+    log: &mut Box<dyn Write>,
+    stop: &AtomicBool,
+    documents: &Documents,
+) -> Result<()> {
+    let n = captures.len();
+    let mut each = config.clone();
+    each.flow_limits.max_flows = (config.flow_limits.max_flows / n).max(1);
+    let ship_interval_us = args.ship_interval_secs.saturating_mul(1_000_000);
+    let (to_writer, told) = sync_channel::<Told>(64);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = captures
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut capture)| {
+                let (each, to_writer) = (each.clone(), to_writer.clone());
+                let tap = shipper.map(|s| s.tap_for(i));
+                let work = move || {
+                    let mut pipeline = Pipeline::<C>::new(each);
+                    if let Some(tap) = tap {
+                        pipeline = pipeline.with_shipping(ShipSink::new(tap, ship_interval_us));
+                    }
+                    let reports = to_writer.clone();
+                    let mut report = |p: &Pipeline<C>, kernel: Option<KernelStats>| {
+                        let report = Report {
+                            totals: p.totals(),
+                            kernel,
+                            ship: p.ship_status(),
+                        };
+                        let _ = reports.send(Told::Report(i, Box::new(report)));
+                    };
+                    let mut out = ToWriter(to_writer);
+                    let result = capture_loop(
+                        &mut capture,
+                        &mut pipeline,
+                        &mut out,
+                        stop,
+                        &mut report,
+                        false,
+                    );
+                    let kernel = capture.kernel_stats();
+                    pipeline.tick(kernel, None);
+                    pipeline.finish();
+                    let _ = write_out(&mut out, pipeline.output());
+                    let report = Report {
+                        totals: pipeline.totals(),
+                        kernel,
+                        ship: pipeline.ship_status(),
+                    };
+                    (report, result, capture)
+                };
+                std::thread::Builder::new()
+                    .name(format!("pipeline-{i}"))
+                    .spawn_scoped(scope, work)
+                    .expect("start a pipeline thread")
+            })
+            .collect();
+        drop(to_writer);
+        let publish = |reports: &[Option<Box<Report>>]| {
+            let reports = reports.iter().flatten().map(|r| &**r);
+            let (merged, now) = merge_reports::<C>(config, reports);
+            documents.publish(&merged, now.kernel, now.ship);
+        };
+        let written = write_and_publish(&told, n, log.as_mut(), stop, publish);
+        let mut ends = Vec::with_capacity(n);
+        let mut captures = Vec::with_capacity(n);
+        let mut loop_result = Ok(());
+        for worker in workers {
+            let (report, result, capture) = worker.join().expect("a pipeline thread panicked");
+            ends.push(report);
+            captures.push(capture);
+            if loop_result.is_ok() {
+                loop_result = result;
+            }
+        }
+        let loop_result = match (loop_result, written) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Err(e)) => closed_output(e),
+            (Ok(()), Ok(())) => Ok(()),
+        };
+        let (merged, ended) = merge_reports::<C>(config, &ends);
+        end_run(
+            merged,
+            args,
+            ended,
+            &mut captures[0],
+            log,
+            documents,
+            loop_result,
+        )
+    })
+}
+
+/// Writes what `n` pipelines output as it comes, and publishes their last reports once each
+/// has reported since the last time (at their ticks, so as fresh as one pipeline's), or a
+/// tick after that at the latest; until every pipeline has ended. After a write error it
+/// stops the capture and writes nothing more.
+fn write_and_publish(
+    told: &Receiver<Told>,
+    n: usize,
+    log: &mut dyn Write,
+    stop: &AtomicBool,
+    publish: impl Fn(&[Option<Box<Report>>]),
+) -> io::Result<()> {
+    let mut result = Ok(());
+    let mut reports: Vec<Option<Box<Report>>> = (0..n).map(|_| None).collect();
+    let mut fresh = vec![false; n];
+    let mut deadline = Instant::now() + 2 * TICK;
+    loop {
+        match told.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(Told::Output(bytes)) if result.is_ok() => result = log.write_all(&bytes),
+            Ok(Told::Output(_)) | Err(RecvTimeoutError::Timeout) => {}
+            Ok(Told::Report(i, report)) => {
+                reports[i] = Some(report);
+                fresh[i] = true;
+            }
+            Err(RecvTimeoutError::Disconnected) => return result.and_then(|()| log.flush()),
+        }
+        if fresh.iter().all(|f| *f) || Instant::now() >= deadline {
+            publish(&reports);
+            fresh.fill(false);
+            deadline = Instant::now() + 2 * TICK;
+            if result.is_ok() {
+                result = log.flush();
+            }
+        }
+        if result.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Runs a capture file through `shards` pipelines (see [`shard`]), then prints the summary.
@@ -367,26 +625,46 @@ fn drive_sharded<C: Connection>(
         (Ok(()), Err(e)) => closed_output(e),
         (Ok(()), Ok(())) => Ok(()),
     };
-    end_run(run.merged, args, capture, log, documents, loop_result)
+    let ended = Ended {
+        kernel: None,
+        ship: None,
+    };
+    end_run(
+        run.merged,
+        args,
+        ended,
+        capture,
+        log,
+        documents,
+        loop_result,
+    )
 }
 
-/// The end of a run: the summary, the last of the log, the `-w` file, then how it went.
+/// What a run ended with besides its counts: libpcap's counters and the shipper's state.
+struct Ended {
+    kernel: Option<KernelStats>,
+    ship: Option<ShipStatusNow>,
+}
+
+/// The end of a run: the summary, the last of the log, the `-w` file (`capture`'s), then how
+/// it went.
 fn end_run<C: Connection>(
     mut pipeline: Pipeline<C>,
     args: &Args,
+    ended: Ended,
     capture: &mut Capture,
     log: &mut Box<dyn Write>,
     documents: &Documents,
     loop_result: Result<()>,
 ) -> Result<()> {
     let mut summary = pipeline.summary();
-    summary.kernel = capture.kernel_stats();
+    summary.kernel = ended.kernel;
     let summary_text = match args.summary {
         SummaryFormat::Text => summary.to_text(),
         SummaryFormat::Json => format!("{}\n", pipeline.stats_json()),
         SummaryFormat::None => String::new(),
     };
-    documents.publish(&pipeline, capture);
+    documents.publish(&pipeline, ended.kernel, ended.ship);
     let written = write_out(log, pipeline.output())
         .and_then(|_| log.write_all(summary_text.as_bytes()))
         .and_then(|_| log.flush());
@@ -404,7 +682,7 @@ fn capture_loop<C: Connection>(
     pipeline: &mut Pipeline<C>,
     log: &mut dyn Write,
     stop: &AtomicBool,
-    documents: &Documents,
+    publish: &mut dyn FnMut(&Pipeline<C>, Option<KernelStats>),
     show_progress: bool,
 ) -> Result<()> {
     let mut next_tick = Instant::now() + TICK;
@@ -447,8 +725,9 @@ fn capture_loop<C: Connection>(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_micros() as u64)
             });
-            pipeline.tick(capture.kernel_stats(), wall_us);
-            documents.publish(pipeline, capture);
+            let kernel = capture.kernel_stats();
+            pipeline.tick(kernel, wall_us);
+            publish(pipeline, kernel);
             if let Err(e) = write_out(log, pipeline.output()).and_then(|_| log.flush()) {
                 return closed_output(e);
             }
@@ -484,10 +763,15 @@ struct Documents {
 }
 
 impl Documents {
-    fn publish<C: Connection>(&self, pipeline: &Pipeline<C>, capture: &mut Capture) {
+    fn publish<C: Connection>(
+        &self,
+        pipeline: &Pipeline<C>,
+        kernel: Option<KernelStats>,
+        ship: Option<ShipStatusNow>,
+    ) {
         self.stats.publish(pipeline.stats_json().to_string());
         if let Some(metrics) = &self.metrics {
-            metrics.publish(pipeline.metrics(capture.kernel_stats()));
+            metrics.publish(pipeline.metrics(kernel, ship));
         }
     }
 }
@@ -554,4 +838,106 @@ fn spawn_servers(
 fn tokio_listener(listener: std::net::TcpListener) -> io::Result<tokio::net::TcpListener> {
     listener.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::matcher::duplex::Duplex;
+    use crate::steps::capture::Frame;
+    use etherparse::PacketBuilder;
+
+    fn config() -> PipelineConfig {
+        PipelineConfig {
+            link: LinkType::Raw,
+            rule: DirectionRule::new(&[6379], &[], &[]),
+            ports: vec![(6379, Mode::Redis)],
+            flow_limits: FlowLimits::default(),
+            match_limits: MatchLimits::default(),
+            threshold_ms: None,
+        }
+    }
+
+    /// Connection `i`'s frames: a PING and its PONG, then a GET and its reply, 100 µs apart
+    /// and `i` µs later than connection 0's.
+    fn connection(i: u16) -> Vec<(u64, Vec<u8>)> {
+        let (client, server) = ([10, 0, 0, 1], [10, 0, 0, 2]);
+        let tcp = |from_client: bool, seq: u32| {
+            if from_client {
+                PacketBuilder::ipv4(client, server, 64).tcp(40_000 + i, 6379, seq, 1000)
+            } else {
+                PacketBuilder::ipv4(server, client, 64).tcp(6379, 40_000 + i, seq, 1000)
+            }
+        };
+        let segment = |from_client: bool, seq: u32, payload: &[u8]| {
+            let mut ip = Vec::new();
+            tcp(from_client, seq)
+                .ack(1)
+                .write(&mut ip, payload)
+                .unwrap();
+            ip
+        };
+        let syn = |from_client: bool| {
+            let mut ip = Vec::new();
+            tcp(from_client, 0).syn().write(&mut ip, &[]).unwrap();
+            ip
+        };
+        let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        let t = 1_000_000 + u64::from(i);
+        vec![
+            (t - 20, syn(true)),
+            (t - 10, syn(false)),
+            (t, segment(true, 1, b"*1\r\n$4\r\nPING\r\n")),
+            (t + 100, segment(false, 1, b"+PONG\r\n")),
+            (t + 200, segment(true, 15, get)),
+            (t + 500 + 10 * u64::from(i), segment(false, 8, b"$-1\r\n")),
+        ]
+    }
+
+    fn feed(pipeline: &mut Pipeline<Duplex<RedisPairing>>, frames: &[(u64, Vec<u8>)]) {
+        for (ts, data) in frames {
+            pipeline.on_frame(&Frame {
+                ts_sec: (ts / 1_000_000) as i64,
+                ts_usec: (ts % 1_000_000) as u32,
+                data,
+            });
+        }
+    }
+
+    fn report(pipeline: &Pipeline<Duplex<RedisPairing>>, dropped: u64) -> Report {
+        Report {
+            totals: pipeline.totals(),
+            kernel: Some(KernelStats {
+                received: 100,
+                dropped,
+                if_dropped: 0,
+            }),
+            ship: None,
+        }
+    }
+
+    #[test]
+    fn the_merge_of_pipelines_is_one_pipeline_over_all_their_connections() {
+        let connections: Vec<_> = (0..6).map(connection).collect();
+        let mut one = Pipeline::<Duplex<RedisPairing>>::new(config());
+        let mut shares = [
+            Pipeline::<Duplex<RedisPairing>>::new(config()),
+            Pipeline::<Duplex<RedisPairing>>::new(config()),
+        ];
+        for (i, frames) in connections.iter().enumerate() {
+            feed(&mut one, frames);
+            feed(&mut shares[i % 2], frames);
+        }
+        let reports = [report(&shares[0], 1), report(&shares[1], 2)];
+        let (merged, ended) = merge_reports::<Duplex<RedisPairing>>(&config(), &reports);
+        assert_eq!(merged.stats_json(), one.stats_json());
+        assert_eq!(merged.captured(), 36);
+        assert_eq!(
+            merged.stats_json()[0]["6379"]["commands"]["GET"]["total_reqs"],
+            6
+        );
+        let kernel = ended.kernel.unwrap();
+        assert_eq!((kernel.received, kernel.dropped), (200, 3));
+        assert_eq!(merged.summary().to_text(), one.summary().to_text());
+    }
 }

@@ -46,13 +46,16 @@ pub struct ShipperConfig {
 
 enum Command {
     Events(Vec<v1::Event>),
-    Interval(IntervalSnapshots, v1::Counters),
+    /// The snapshots and counters of the pipeline numbered so.
+    Interval(usize, IntervalSnapshots, v1::Counters),
     Finish(Duration),
 }
 
 /// The capture thread's end: hands events and intervals to the shipper, never blocking.
 #[derive(Debug, Clone)]
 pub struct ShipTap {
+    /// The pipeline it serves, numbered from 0.
+    source: usize,
     commands: mpsc::Sender<Command>,
     dropped_events: Arc<AtomicU64>,
     dropped_histograms: Arc<AtomicU64>,
@@ -128,7 +131,7 @@ impl ShipTap {
         let n = histograms.len() as u64;
         if self
             .commands
-            .try_send(Command::Interval(histograms, counters))
+            .try_send(Command::Interval(self.source, histograms, counters))
             .is_err()
         {
             self.dropped_histograms.fetch_add(n, Ordering::Relaxed);
@@ -203,6 +206,7 @@ impl Shipper {
     pub fn start(config: ShipperConfig) -> Result<Self> {
         let (commands, queue) = mpsc::channel(QUEUE);
         let tap = ShipTap {
+            source: 0,
             commands,
             dropped_events: Arc::new(AtomicU64::new(0)),
             dropped_histograms: Arc::new(AtomicU64::new(0)),
@@ -231,6 +235,15 @@ impl Shipper {
     /// The capture thread's end.
     pub fn tap(&self) -> ShipTap {
         self.tap.clone()
+    }
+
+    /// The end for pipeline `source` of several that capture live (`--threads`): the
+    /// shipped counters are the sum of every pipeline's last.
+    pub fn tap_for(&self, source: usize) -> ShipTap {
+        ShipTap {
+            source,
+            ..self.tap.clone()
+        }
     }
 
     /// Ships what is left and waits up to `timeout` for its acknowledgement.
@@ -374,7 +387,9 @@ async fn ship(
                 take_drops(&mut buffer);
                 match command {
                     Some(Command::Events(events)) => buffer.add_events(events),
-                    Some(Command::Interval(histograms, counters)) => buffer.add_interval(histograms, counters),
+                    Some(Command::Interval(source, histograms, counters)) => {
+                        buffer.add_interval(source, histograms, counters)
+                    }
                     Some(Command::Finish(timeout)) => {
                         buffer.close(true);
                         deadline = Some(Instant::now() + timeout);

@@ -230,6 +230,39 @@ pub struct Dropped {
     pub histograms: u64,
 }
 
+/// Adds the pipeline's counters of `b` to `a` (the shipper's own are stamped afterwards).
+fn add_counters(a: &mut v1::Counters, b: &v1::Counters) {
+    let v1::Counters {
+        kernel_drops,
+        interface_drops,
+        decode_errors,
+        gaps,
+        desyncs,
+        timeouts,
+        flows_evicted,
+        shipper_dropped_events: _,
+        shipper_dropped_histograms: _,
+        shipper_buffered: _,
+        request_lost,
+        reply_lost,
+        uncertain,
+        reply_before_request,
+        clock_skew,
+    } = b;
+    a.kernel_drops += kernel_drops;
+    a.interface_drops += interface_drops;
+    a.decode_errors += decode_errors;
+    a.gaps += gaps;
+    a.desyncs += desyncs;
+    a.timeouts += timeouts;
+    a.flows_evicted += flows_evicted;
+    a.request_lost += request_lost;
+    a.reply_lost += reply_lost;
+    a.uncertain += uncertain;
+    a.reply_before_request += reply_before_request;
+    a.clock_skew += clock_skew;
+}
+
 /// Batches waiting for their acknowledgement, bounded in bytes; the batch being filled.
 ///
 /// Sequence numbers count from 1. Over the bound, the oldest batch holding events loses them
@@ -245,7 +278,9 @@ pub struct ShipBuffer {
     sent: usize,
     open: v1::Batch,
     next_seq: u64,
-    counters: v1::Counters,
+    /// The last counters of each pipeline that ships (several capture live with
+    /// `--threads`): every batch carries their sum.
+    counters: Vec<v1::Counters>,
     dropped: Dropped,
     acked_batches: u64,
     acked_events: u64,
@@ -261,7 +296,7 @@ impl ShipBuffer {
             sent: 0,
             open: v1::Batch::default(),
             next_seq: 1,
-            counters: v1::Counters::default(),
+            counters: Vec::new(),
             dropped: Dropped::default(),
             acked_batches: 0,
             acked_events: 0,
@@ -278,9 +313,18 @@ impl ShipBuffer {
         }
     }
 
-    /// Adds an interval's snapshots and the pipeline's counters, and closes the batch.
-    pub fn add_interval(&mut self, snapshots: IntervalSnapshots, counters: v1::Counters) {
-        self.counters = counters;
+    /// Adds an interval's snapshots and the counters of the pipeline numbered `source`, and
+    /// closes the batch.
+    pub fn add_interval(
+        &mut self,
+        source: usize,
+        snapshots: IntervalSnapshots,
+        counters: v1::Counters,
+    ) {
+        if self.counters.len() <= source {
+            self.counters.resize(source + 1, v1::Counters::default());
+        }
+        self.counters[source] = counters;
         self.open.histograms.extend(snapshots.histograms);
         self.open.slots.extend(snapshots.slots);
         self.open.templates.extend(snapshots.templates);
@@ -319,11 +363,15 @@ impl ShipBuffer {
     }
 
     fn stamped_counters(&self) -> v1::Counters {
+        let mut sum = v1::Counters::default();
+        for c in &self.counters {
+            add_counters(&mut sum, c);
+        }
         v1::Counters {
             shipper_dropped_events: self.dropped.events,
             shipper_dropped_histograms: self.dropped.histograms,
             shipper_buffered: self.bytes as u64,
-            ..self.counters
+            ..sum
         }
     }
 
@@ -449,10 +497,30 @@ mod tests {
     }
 
     #[test]
+    fn batches_carry_the_sum_of_every_pipelines_last_counters() {
+        let mut b = ShipBuffer::new(1 << 20);
+        let counters = |drops, gaps| v1::Counters {
+            kernel_drops: drops,
+            gaps,
+            ..Default::default()
+        };
+        b.add_interval(1, histograms(vec![snapshot()]), counters(1, 10));
+        b.add_interval(0, histograms(vec![snapshot()]), counters(2, 20));
+        // Pipeline 1 again: its newer counters replace its older ones.
+        b.add_interval(1, histograms(vec![snapshot()]), counters(5, 11));
+        let sent = b.unsent();
+        let shipped: Vec<_> = sent
+            .iter()
+            .map(|b| b.counters.map(|c| (c.kernel_drops, c.gaps)).unwrap())
+            .collect();
+        assert_eq!(shipped, [(1, 10), (3, 30), (7, 31)]);
+    }
+
+    #[test]
     fn a_refused_batch_goes_and_is_counted() {
         let mut b = ShipBuffer::new(1 << 20);
         b.add_events(vec![event(1), event(2)]);
-        b.add_interval(histograms(vec![snapshot()]), v1::Counters::default());
+        b.add_interval(0, histograms(vec![snapshot()]), v1::Counters::default());
         b.add_events(vec![event(3)]);
         b.close(false);
         assert_eq!(b.refuse_oldest(), Some((1, 2, 1)));
@@ -473,7 +541,7 @@ mod tests {
         b.add_events((0..10).map(event).collect());
         b.close(false);
         b.close(false); // nothing open: no batch
-        b.add_interval(histograms(vec![snapshot()]), v1::Counters::default());
+        b.add_interval(0, histograms(vec![snapshot()]), v1::Counters::default());
         let sent = b.unsent();
         assert_eq!(sent.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(sent[0].events.len(), 10);
@@ -500,7 +568,7 @@ mod tests {
         let mut b = ShipBuffer::new(4000);
         for _ in 0..5 {
             b.add_events((0..10).map(event).collect());
-            b.add_interval(histograms(vec![snapshot()]), v1::Counters::default());
+            b.add_interval(0, histograms(vec![snapshot()]), v1::Counters::default());
         }
         // 50 events of ~110 bytes cannot fit in 4000 bytes; every histogram can.
         let d = b.dropped();
@@ -514,7 +582,7 @@ mod tests {
         assert_eq!(last.counters.unwrap().shipper_dropped_events, d.events);
 
         let mut tiny = ShipBuffer::new(10);
-        tiny.add_interval(histograms(vec![snapshot(); 3]), v1::Counters::default());
+        tiny.add_interval(0, histograms(vec![snapshot(); 3]), v1::Counters::default());
         assert_eq!(tiny.dropped().histograms, 3);
         assert!(tiny.unsent().is_empty());
     }

@@ -5,6 +5,7 @@
 //! a pcap file as it goes.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use pcap::{Activated, BpfProgram, Capture as PcapCapture, Device, Packet, PacketHeader, Savefile};
 
@@ -140,6 +141,17 @@ pub struct KernelStats {
     pub if_dropped: u64,
 }
 
+impl KernelStats {
+    /// The counters of two captures together.
+    pub fn plus(&self, other: &KernelStats) -> KernelStats {
+        KernelStats {
+            received: self.received + other.received,
+            dropped: self.dropped + other.dropped,
+            if_dropped: self.if_dropped + other.if_dropped,
+        }
+    }
+}
+
 /// An open capture.
 pub struct Capture {
     handle: PcapCapture<dyn Activated>,
@@ -148,7 +160,8 @@ pub struct Capture {
     /// Live: the descriptor to wait on, and whether the last read found the buffer empty.
     selectable_fd: i32,
     drained: bool,
-    dump: Option<Savefile>,
+    /// The `-w` file, shared by the captures of one fanout group.
+    dump: Option<Arc<Mutex<Savefile>>>,
     /// Bytes of the file consumed so far (offline), for progress.
     file_bytes_read: u64,
     file_size: Option<u64>,
@@ -253,18 +266,61 @@ impl Capture {
             }
         }
         if let Some(path) = &config.write_to {
-            capture.dump =
-                Some(
-                    capture
-                        .handle
-                        .savefile(path)
-                        .map_err(|e| CaptureError::Write {
-                            path: path.clone(),
-                            detail: e.to_string(),
-                        })?,
-                );
+            let file = capture
+                .handle
+                .savefile(path)
+                .map_err(|e| CaptureError::Write {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
+            capture.dump = Some(Arc::new(Mutex::new(file)));
         }
         Ok(capture)
+    }
+
+    /// `n` live captures of the interface of `config` that share its packets: the kernel
+    /// hands each connection's packets, both directions, to one of them (`PACKET_FANOUT`
+    /// with its flow hash, which is symmetric). Each has its own ring of the buffer's size;
+    /// `-w` is one file that they all write.
+    pub fn open_fanout(config: &CaptureConfig, n: usize) -> Result<Vec<Capture>, CaptureError> {
+        let first = Capture::open(config)?;
+        if !first.live || first.selectable_fd < 0 {
+            return Err(CaptureError::Pcap(
+                "several pipelines share a live capture only".into(),
+            ));
+        }
+        let others = CaptureConfig {
+            write_to: None,
+            ..config.clone()
+        };
+        let mut captures = vec![first];
+        for _ in 1..n {
+            let mut capture = Capture::open(&others)?;
+            capture.dump = captures[0].dump.clone();
+            captures.push(capture);
+        }
+        let kind = libc::PACKET_FANOUT_HASH | libc::PACKET_FANOUT_FLAG_DEFRAG;
+        // The kernel picks a group id no other socket uses, and the others join it.
+        join_fanout(
+            captures[0].selectable_fd,
+            0,
+            kind | libc::PACKET_FANOUT_FLAG_UNIQUEID,
+        )?;
+        let id = fanout_id(captures[0].selectable_fd)?;
+        for capture in &captures[1..] {
+            join_fanout(capture.selectable_fd, id, kind)?;
+        }
+        // Until its socket joined the group, each capture took every packet: what the rings
+        // hold once the blocks of that moment are retired (the ring's block timeout is the
+        // read timeout) is dropped, so that no packet is taken twice.
+        std::thread::sleep(std::time::Duration::from_millis(2 * READ_TIMEOUT_MS as u64));
+        captures.iter_mut().for_each(Capture::discard_queued);
+        Ok(captures)
+    }
+
+    /// Drops what the ring holds now, without waiting (the capture is non-blocking).
+    fn discard_queued(&mut self) {
+        while self.handle.next_packet().is_ok() {}
     }
 
     /// The link type of the frames.
@@ -303,8 +359,8 @@ impl Capture {
         }
         match self.handle.next_packet() {
             Ok(packet) => {
-                if let Some(dump) = self.dump.as_mut() {
-                    dump.write(&packet);
+                if let Some(dump) = &self.dump {
+                    lock(dump).write(&packet);
                 }
                 let header = packet.header;
                 self.file_bytes_read += 16 + u64::from(header.caplen);
@@ -363,7 +419,7 @@ impl Capture {
         self.frames += 1;
         let blocks = self.blocks.as_ref().expect("checked by the caller");
         let data = blocks.data(&record);
-        if let Some(dump) = self.dump.as_mut() {
+        if let Some(dump) = &self.dump {
             let header = PacketHeader {
                 ts: libc::timeval {
                     tv_sec: record.ts_sec as libc::time_t,
@@ -372,7 +428,7 @@ impl Capture {
                 caplen: record.len as u32,
                 len: record.wire_len,
             };
-            dump.write(&Packet::new(&header, data));
+            lock(dump).write(&Packet::new(&header, data));
         }
         Ok(Next::Frame(Frame {
             ts_sec: record.ts_sec,
@@ -413,16 +469,72 @@ impl Capture {
 
     /// Writes what the `-w` file buffers to disk.
     pub fn flush(&mut self) -> Result<(), CaptureError> {
-        match self.dump.as_mut() {
-            Some(dump) => dump.flush().map_err(|e| CaptureError::Pcap(e.to_string())),
+        match &self.dump {
+            Some(dump) => lock(dump)
+                .flush()
+                .map_err(|e| CaptureError::Pcap(e.to_string())),
             None => Ok(()),
         }
     }
 }
 
+/// The `-w` file, whichever capture of a fanout group writes to it (a panic while writing
+/// leaves the file usable: libpcap's writes are whole records).
+fn lock(dump: &Mutex<Savefile>) -> std::sync::MutexGuard<'_, Savefile> {
+    dump.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 extern "C" {
     /// From libpcap, which the pcap crate links.
     fn pcap_get_selectable_fd(p: *mut libc::c_void) -> libc::c_int;
+}
+
+/// Joins the packet socket `fd` to fanout group `id` of `kind` (type and flags).
+fn join_fanout(fd: i32, id: u16, kind: libc::c_uint) -> Result<(), CaptureError> {
+    let arg: libc::c_int = (u32::from(id) | (kind << 16)) as libc::c_int;
+    // SAFETY: `arg` is a valid c_int for the length given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            (&arg as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(CaptureError::Pcap(format!(
+            "cannot share the capture between pipelines (PACKET_FANOUT): {}",
+            std::io::Error::last_os_error()
+        )))
+    }
+}
+
+/// The fanout group id of the packet socket `fd`.
+fn fanout_id(fd: i32) -> Result<u16, CaptureError> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writing, `len` is its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_FANOUT,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok((value & 0xffff) as u16)
+    } else {
+        Err(CaptureError::Pcap(format!(
+            "cannot read the fanout group (PACKET_FANOUT): {}",
+            std::io::Error::last_os_error()
+        )))
+    }
 }
 
 /// Waits until `fd` is readable, at most `timeout_ms`; false on timeout or a signal.
