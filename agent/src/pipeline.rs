@@ -140,6 +140,9 @@ impl<C: Connection> StreamHandler<C> for Streams<'_> {
         };
         conn.on_event(key, dir, ts_us, event, &mut cx);
     }
+    fn on_quiet(&mut self, _: &FlowKey, conn: &mut C) {
+        conn.shrink();
+    }
     fn on_close(&mut self, key: &FlowKey, mut conn: C, _: CloseReason, _: u64) {
         let mut cx = MatchContext {
             limits: self.limits,

@@ -165,6 +165,12 @@ struct Pending {
 }
 
 impl McParser {
+    /// Gives back the spare memory of its buffers (what they hold stays).
+    pub fn shrink(&mut self) {
+        self.line.shrink_to_fit();
+        self.summary.shrink_to_fit();
+    }
+
     /// A parser for one direction.
     pub fn new(role: Role) -> Self {
         Self {

@@ -122,9 +122,20 @@ struct Open {
     attribute: bool,
 }
 
-/// A streaming RESP parser for one direction of one connection.
+/// Bytes a request parser keeps room for: its summary, and 16 spare bytes (short copies are
+/// made 16 bytes at once).
+pub const REQUEST_KEPT: usize = SUMMARY_BYTES + 16;
+/// Bytes a reply parser keeps room for: its head, and 16 spare bytes.
+pub const REPLY_KEPT: usize = HEAD_BYTES + 16;
+
+/// A parser of replies: room for their heads alone (112 bytes less per connection).
+pub type ReplyParser = RespParser<REPLY_KEPT>;
+
+/// A streaming RESP parser for one direction of one connection, with room for `KEPT` bytes
+/// of each message ([`REQUEST_KEPT`] by default; a parser of replies needs
+/// [`REPLY_KEPT`] only).
 #[derive(Debug)]
-pub struct RespParser {
+pub struct RespParser<const KEPT: usize = REQUEST_KEPT> {
     role: Role,
     /// Start of a line that has not ended yet.
     line: Vec<u8>,
@@ -146,7 +157,7 @@ pub struct RespParser {
     /// The bytes kept of the message: a request's arguments separated by spaces (its
     /// summary), or a reply's first string (its head); `kept[..kept_len]`.
     /// (16 spare bytes: short copies are made 16 bytes at once.)
-    kept: [u8; SUMMARY_BYTES + 16],
+    kept: [u8; KEPT],
     kept_len: usize,
     /// How many bytes are kept: [`SUMMARY_BYTES`] of a request, [`HEAD_BYTES`] of a reply.
     keep: usize,
@@ -281,12 +292,32 @@ impl FirstKey {
 }
 
 impl RespParser {
-    /// A parser for one direction.
+    /// A parser of `role` with room for a request's summary ([`REQUEST_KEPT`]).
     pub fn new(role: Role) -> Self {
+        Self::with_room(role)
+    }
+}
+
+impl<const KEPT: usize> RespParser<KEPT> {
+    /// Gives back the spare memory of its buffers (what they hold stays).
+    pub fn shrink(&mut self) {
+        self.line.shrink_to_fit();
+        self.stack.shrink_to_fit();
+    }
+
+    /// A parser for one direction, with room for `KEPT` bytes of each message (at least the
+    /// summary or head it keeps, and 16 spare).
+    pub fn with_room(role: Role) -> Self {
+        let keep = match role {
+            Role::Request => SUMMARY_BYTES,
+            Role::Reply => HEAD_BYTES,
+        };
+        assert!(keep + 16 <= KEPT, "room for {keep} bytes and 16 spare");
         Self {
             role,
             line: Vec::new(),
-            stack: Vec::with_capacity(4),
+            // Allocated when a message is first read piece by piece (a whole command is not).
+            stack: Vec::new(),
             bulk_left: 0,
             collecting: false,
             expect_crlf: false,
@@ -295,12 +326,9 @@ impl RespParser {
             error: false,
             elements: 0,
             element: 0,
-            kept: [0; SUMMARY_BYTES + 16],
+            kept: [0; KEPT],
             kept_len: 0,
-            keep: match role {
-                Role::Request => SUMMARY_BYTES,
-                Role::Reply => HEAD_BYTES,
-            },
+            keep,
             head_len: 0,
             truncated: false,
             work: KeyWork::default(),
@@ -862,7 +890,7 @@ fn parse_count(data: &[u8], at: usize) -> Option<(usize, usize)> {
 /// Copies `n` bytes of `src` to `dst[at..]`: at most 16 in one fixed-size move when both
 /// sides have 16 bytes there (what follows the `n` in `dst` is scratch), or else exactly.
 #[inline(always)]
-fn copy_short(dst: &mut [u8; SUMMARY_BYTES + 16], at: usize, src: &[u8], n: usize) {
+fn copy_short<const KEPT: usize>(dst: &mut [u8; KEPT], at: usize, src: &[u8], n: usize) {
     if n <= 16 && src.len() >= 16 && at + 16 <= dst.len() {
         dst[at..at + 16].copy_from_slice(&src[..16]);
     } else {
@@ -962,9 +990,22 @@ mod tests {
         }
     }
 
-    /// Feeds `input` in the given pieces; all messages and the first error.
+    /// Feeds `input` in the given pieces; all messages and the first error. Replies are
+    /// read by a parser with room for their heads only too ([`ReplyParser`], what the
+    /// matcher uses): the same.
     fn parse_pieces(role: Role, pieces: &[&[u8]]) -> (Vec<Got>, Option<RespError>) {
-        let mut p = RespParser::new(role);
+        let roomy = parse_pieces_with(RespParser::new(role), pieces);
+        if role == Role::Reply {
+            let small = parse_pieces_with(ReplyParser::with_room(role), pieces);
+            assert_eq!(small, roomy, "a reply parser of {REPLY_KEPT} bytes");
+        }
+        roomy
+    }
+
+    fn parse_pieces_with<const KEPT: usize>(
+        mut p: RespParser<KEPT>,
+        pieces: &[&[u8]],
+    ) -> (Vec<Got>, Option<RespError>) {
         p.key_work(KeyWork {
             slots: true,
             key: true,

@@ -89,6 +89,8 @@ pub trait Protocol: Default {
     );
     /// The connection ended: pending requests will never be answered.
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>);
+    /// The connection is quiet: its buffers give back their spare memory.
+    fn shrink(&mut self) {}
 }
 
 /// Where pairing stands.
@@ -212,6 +214,11 @@ impl<P: Protocol> Connection for Duplex<P> {
             self.give_up_waiting(key, cx);
         }
         self.proto.on_close(key, cx);
+    }
+
+    fn shrink(&mut self) {
+        self.waiting.shrink_to_fit();
+        self.proto.shrink();
     }
 }
 

@@ -191,6 +191,12 @@ impl Protocol for MemcachedPairing {
             cx,
         );
     }
+
+    fn shrink(&mut self) {
+        self.requests.shrink();
+        self.replies.shrink();
+        self.pending.shrink_to_fit();
+    }
 }
 
 impl MemcachedPairing {

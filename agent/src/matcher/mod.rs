@@ -122,6 +122,8 @@ pub trait Connection: Default {
     );
     /// The connection ended.
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>);
+    /// The connection is quiet: it gives back the spare memory of its buffers.
+    fn shrink(&mut self) {}
 }
 
 /// Raw mode: nothing parsed.

@@ -86,4 +86,12 @@ impl Protocol for MultiPairing {
             Self::Unset | Self::Raw => {}
         }
     }
+    fn shrink(&mut self) {
+        match self {
+            Self::Redis(p) => p.shrink(),
+            Self::Memcached(p) => p.shrink(),
+            Self::Dns(p) => p.shrink(),
+            Self::Unset | Self::Raw => {}
+        }
+    }
 }

@@ -14,7 +14,9 @@ use super::{
 };
 
 use crate::l7::cluster::{keys_of, redirect_of};
-use crate::l7::redis::{KeyWork, Message, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES};
+use crate::l7::redis::{
+    KeyWork, Message, ReplyParser, RespParser, Role, COMMAND_BYTES, SUMMARY_BYTES,
+};
 use crate::l7::templates::KeyRules;
 use crate::steps::flow::{Direction, FlowKey};
 
@@ -139,7 +141,7 @@ enum ReplyMode {
 #[derive(Debug)]
 pub struct RedisPairing {
     requests: RespParser,
-    replies: RespParser,
+    replies: ReplyParser,
     pending: PendingQueue,
     /// First-packet times of the requests and replies being read.
     req_clock: ChunkClock,
@@ -154,7 +156,7 @@ impl Default for RedisPairing {
     fn default() -> Self {
         Self {
             requests: RespParser::new(Role::Request),
-            replies: RespParser::new(Role::Reply),
+            replies: ReplyParser::with_room(Role::Reply),
             pending: PendingQueue::default(),
             req_clock: ChunkClock::default(),
             rsp_clock: ChunkClock::default(),
@@ -253,6 +255,16 @@ impl Protocol for RedisPairing {
 
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         self.give_up_pending(key, Unanswered::Timeout, cx);
+    }
+
+    fn shrink(&mut self) {
+        self.requests.shrink();
+        self.replies.shrink();
+        if self.pending.entries.is_empty() {
+            self.pending.text.clear();
+        }
+        self.pending.entries.shrink_to_fit();
+        self.pending.text.shrink_to_fit();
     }
 }
 

@@ -168,6 +168,9 @@ pub trait StreamHandler<S> {
     );
     /// The flow ended; `state` is dropped after this.
     fn on_close(&mut self, key: &FlowKey, state: S, reason: CloseReason, ts_us: u64);
+    /// The flow has been quiet for [`QUIET_US`]: its state may give back the spare memory
+    /// its buffers hold (an idle connection then costs its fixed size alone).
+    fn on_quiet(&mut self, _key: &FlowKey, _state: &mut S) {}
 }
 
 /// The event of a reassembled chunk; a piece's ack becomes a position of `peer`, the other
@@ -239,13 +242,21 @@ struct Flow<S> {
 
 /// How often, in capture time, idle flows are looked for.
 const SWEEP_INTERVAL_US: u64 = 1_000_000;
+/// A flow without a packet for this long (capture time) gives back its spare memory, once.
+pub const QUIET_US: u64 = 1_000_000;
 
 /// The TCP flows being tracked, bounded by [`FlowLimits`].
+///
+/// Each flow is a heap block of its own, and the table holds its key and a pointer: the
+/// table's spare capacity (a power of two, and twice that while it grows) costs 72 bytes a
+/// slot rather than a whole flow's state.
 pub struct FlowTable<S> {
-    flows: FxHashMap<FlowKey, Flow<S>>,
+    flows: FxHashMap<FlowKey, Box<Flow<S>>>,
     limits: FlowLimits,
     counters: FlowCounters,
     next_sweep_us: u64,
+    /// Flows last seen before this were made quiet ([`StreamHandler::on_quiet`]) already.
+    quiet_before_us: u64,
 }
 
 impl<S: Default> FlowTable<S> {
@@ -256,6 +267,7 @@ impl<S: Default> FlowTable<S> {
             limits,
             counters: FlowCounters::default(),
             next_sweep_us: 0,
+            quiet_before_us: 0,
         }
     }
 
@@ -322,12 +334,12 @@ impl<S: Default> FlowTable<S> {
             Entry::Vacant(_) if !may_start => return,
             Entry::Vacant(e) => {
                 self.counters.flows_created += 1;
-                e.insert(Flow {
+                e.insert(Box::new(Flow {
                     last_seen_us: ts_us,
                     request: Reassembler::default(),
                     response: Reassembler::default(),
                     state: S::default(),
-                })
+                }))
             }
         };
         flow.last_seen_us = ts_us;
@@ -382,15 +394,22 @@ impl<S: Default> FlowTable<S> {
         }
     }
 
-    /// Ends the flows idle for longer than the timeout at capture time `now_us`.
+    /// Ends the flows idle for longer than the timeout at capture time `now_us`, and makes
+    /// the flows that became quiet since the last sweep give back their spare memory.
     pub fn sweep_idle<H: StreamHandler<S>>(&mut self, now_us: u64, handler: &mut H) {
         let cutoff = now_us.saturating_sub(self.limits.idle_timeout_us);
-        let idle: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter(|(_, f)| f.last_seen_us < cutoff)
-            .map(|(k, _)| *k)
-            .collect();
+        let quiet = self.quiet_before_us..now_us.saturating_sub(QUIET_US);
+        let mut idle = Vec::new();
+        for (key, flow) in self.flows.iter_mut() {
+            if flow.last_seen_us < cutoff {
+                idle.push(*key);
+            } else if quiet.contains(&flow.last_seen_us) {
+                flow.request.shrink();
+                flow.response.shrink();
+                handler.on_quiet(key, &mut flow.state);
+            }
+        }
+        self.quiet_before_us = self.quiet_before_us.max(quiet.end);
         for key in idle {
             if let Some(flow) = self.flows.remove(&key) {
                 self.counters.flows_idle_evicted += 1;
@@ -483,6 +502,7 @@ mod tests {
         acks: Vec<(Direction, u64)>,
         data_acks: Vec<Option<u64>>,
         closes: Vec<(CloseReason, u32)>,
+        quiet: Vec<u16>,
     }
 
     impl StreamHandler<u32> for Recorder {
@@ -508,6 +528,33 @@ mod tests {
         fn on_close(&mut self, _: &FlowKey, state: u32, reason: CloseReason, _: u64) {
             self.closes.push((reason, state));
         }
+        fn on_quiet(&mut self, key: &FlowKey, _: &mut u32) {
+            self.quiet.push(key.client.port());
+        }
+    }
+
+    #[test]
+    fn a_flow_quiet_for_a_second_gives_back_its_memory_once_per_quiet_spell() {
+        let mut table = FlowTable::<u32>::new(FlowLimits::default());
+        let mut h = Recorder::default();
+        use Direction::*;
+        let (a, b) = (key(40000), key(40001));
+        let second = 1_000_000;
+        table.tcp_segment(a, Request, 10, 1, 0, ACK, b"x", &mut h);
+        table.tcp_segment(b, Request, 10, 1, 0, ACK, b"x", &mut h);
+        // b keeps talking every half second; a goes quiet.
+        for (i, ts) in (1..=8).map(|i| (i, 10 + i * second / 2)) {
+            table.tcp_segment(b, Request, ts, 1 + i as u32, 0, ACK, b"x", &mut h);
+        }
+        assert_eq!(h.quiet, [40000], "a once, b never");
+        // b goes quiet too; a speaks again, then goes quiet again.
+        table.tcp_segment(a, Request, 10 + 5 * second, 2, 0, ACK, b"x", &mut h);
+        table.sweep_idle(10 + 8 * second, &mut h);
+        h.quiet[1..].sort_unstable();
+        assert_eq!(h.quiet, [40000, 40000, 40001]);
+        table.sweep_idle(10 + 9 * second, &mut h);
+        assert_eq!(h.quiet.len(), 3, "nothing new was quiet");
+        assert_eq!(table.len(), 2);
     }
 
     fn key(client_port: u16) -> FlowKey {

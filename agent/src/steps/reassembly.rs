@@ -140,6 +140,11 @@ pub struct Reassembler {
 }
 
 impl Reassembler {
+    /// Gives back the memory held for out-of-order segments beyond what it holds now.
+    pub fn shrink(&mut self) {
+        self.held.shrink_to_fit();
+    }
+
     /// Takes one segment of this direction.
     pub fn segment(
         &mut self,
