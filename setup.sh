@@ -9,10 +9,11 @@
 #   chromium chromium-driver         the web page's tests, in real headless browsers (WebDriver);
 #   firefox-esr                      geckodriver, Firefox's driver, is built from crates.io
 #   iproute2 ethtool util-linux bc   network namespaces, offloads, setpriv, benchmarks
+#   tcpreplay                        bench/capacity.sh
 set -euo pipefail
 
 packages=(libpcap-dev tcpdump tshark redis-server redis-tools memcached dnsmasq clickhouse-server
-          prometheus chromium chromium-driver firefox-esr iproute2 ethtool util-linux bc)
+          prometheus chromium chromium-driver firefox-esr iproute2 ethtool util-linux bc tcpreplay)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

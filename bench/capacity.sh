@@ -14,7 +14,7 @@ rates=${RATES:-100000 200000 400000 topspeed}
 capture="$root/bench-data/redis-small.pcap"
 expected="$root/bench-data/redis-small.expected.json"
 if ! command -v tcpreplay >/dev/null; then
-  echo "tcpreplay is missing: apt-get install tcpreplay" >&2
+  echo "tcpreplay is missing: ./setup.sh installs it (apt-get install tcpreplay)" >&2
   exit 1
 fi
 [ -f "$capture" ] || { echo "$capture is missing: run bench/run.sh once" >&2; exit 1; }
