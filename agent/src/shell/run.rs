@@ -581,6 +581,8 @@ fn write_and_publish(
     let mut reports: Vec<Option<Box<Report>>> = (0..n).map(|_| None).collect();
     let mut fresh = vec![false; n];
     let mut deadline = Instant::now() + 2 * TICK;
+    // The documents exist from the start, as one pipeline's do.
+    publish(&reports);
     loop {
         match told.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(Told::Output(bytes)) if result.is_ok() => result = log.write_all(&bytes),
