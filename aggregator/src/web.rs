@@ -223,18 +223,30 @@ impl Params {
 
     /// `by`: none (absent), server, agent, command or port.
     fn by(&self) -> Result<Option<v1::GroupBy>, Failure> {
-        Ok(match self.get("by") {
-            None => None,
-            Some("server") => Some(v1::GroupBy::Server),
-            Some("agent") => Some(v1::GroupBy::Agent),
-            Some("command") => Some(v1::GroupBy::Command),
-            Some("port") => Some(v1::GroupBy::Port),
-            Some(other) => {
-                return Err(Failure::Bad(format!(
-                    "by={other}: server, agent, command or port"
-                )))
+        self.choice(
+            "by",
+            &[
+                ("server", v1::GroupBy::Server),
+                ("agent", v1::GroupBy::Agent),
+                ("command", v1::GroupBy::Command),
+                ("port", v1::GroupBy::Port),
+            ],
+        )
+    }
+
+    /// Parameter `key`, one of `choices` (its name, as `tcpkit-query` spells it, and its
+    /// value); `None` when absent.
+    fn choice<T: Copy>(&self, key: &str, choices: &[(&str, T)]) -> Result<Option<T>, Failure> {
+        let Some(given) = self.get(key) else {
+            return Ok(None);
+        };
+        match choices.iter().find(|(name, _)| *name == given) {
+            Some((_, value)) => Ok(Some(*value)),
+            None => {
+                let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+                Err(Failure::Bad(format!("{key}={given}: {}", names.join(", "))))
             }
-        })
+        }
     }
 }
 
@@ -297,33 +309,30 @@ async fn call_api<Q: Query>(query: &Q, call: &str, p: &Params) -> Result<Value, 
             report::series_json(&reply)
         }
         "top" => {
-            let of = match p.get("of").unwrap_or("command") {
-                "command" => v1::GroupBy::Command,
-                "server" => v1::GroupBy::Server,
-                "agent" => v1::GroupBy::Agent,
-                "port" => v1::GroupBy::Port,
-                "slot" => v1::GroupBy::Slot,
-                "template" => v1::GroupBy::Template,
-                other => {
-                    return Err(Failure::Bad(format!(
-                        "of={other}: command, server, agent, port, slot or template"
-                    )))
-                }
-            };
-            let by = match p.get("by").unwrap_or("slow") {
-                "slow" => v1::TopBy::Slow,
-                "p99" => v1::TopBy::P99,
-                "own-p99" => v1::TopBy::OwnP99,
-                "total" => v1::TopBy::Total,
-                "requests" => v1::TopBy::Requests,
-                "redirects" => v1::TopBy::Redirects,
-                "bytes" => v1::TopBy::Bytes,
-                other => {
-                    return Err(Failure::Bad(format!(
-                        "by={other}: slow, p99, own-p99, total, requests, redirects or bytes"
-                    )))
-                }
-            };
+            use v1::{GroupBy, TopBy};
+            let of = p.choice(
+                "of",
+                &[
+                    ("command", GroupBy::Command),
+                    ("server", GroupBy::Server),
+                    ("agent", GroupBy::Agent),
+                    ("port", GroupBy::Port),
+                    ("slot", GroupBy::Slot),
+                    ("template", GroupBy::Template),
+                ],
+            )?;
+            let by = p.choice(
+                "by",
+                &[
+                    ("slow", TopBy::Slow),
+                    ("p99", TopBy::P99),
+                    ("own-p99", TopBy::OwnP99),
+                    ("total", TopBy::Total),
+                    ("requests", TopBy::Requests),
+                    ("redirects", TopBy::Redirects),
+                    ("bytes", TopBy::Bytes),
+                ],
+            )?;
             let limit: u32 = p.number("limit")?.unwrap_or(10);
             if !(1..=100_000).contains(&limit) {
                 return Err(Failure::Bad("limit: 1 to 100000".into()));
@@ -331,8 +340,8 @@ async fn call_api<Q: Query>(query: &Q, call: &str, p: &Params) -> Result<Value, 
             let reply = query
                 .top(Request::new(v1::TopRequest {
                     filter: Some(p.filter()?),
-                    of: of as i32,
-                    by: by as i32,
+                    of: of.unwrap_or(GroupBy::Command) as i32,
+                    by: by.unwrap_or(TopBy::Slow) as i32,
                     limit,
                 }))
                 .await?

@@ -266,13 +266,12 @@ function drawAgents(agents) {
     $('agents'),
     ['agent', 'hostname', 'version', 'last seen', 'events', 'kernel drops', 'gaps', 'desyncs', 'not timed', 'shipper drops'],
     agents.map((a) => {
-      const c = a;
       const u = a.untimed || {};
       const untimed = (u.request_lost || 0) + (u.reply_lost || 0) + (u.uncertain || 0) + (u.reply_before_request || 0);
       return {
         className: lossy(a) ? 'lossy' : '',
-        cells: [a.id, a.hostname, a.version, localTime(a.last_seen_us), a.events, c.kernel_drops || 0,
-          c.gaps || 0, c.desyncs || 0, untimed, (c.shipper_dropped_events || 0) + (c.shipper_dropped_histograms || 0)],
+        cells: [a.id, a.hostname, a.version, localTime(a.last_seen_us), a.events, a.kernel_drops || 0,
+          a.gaps || 0, a.desyncs || 0, untimed, (a.shipper_dropped_events || 0) + (a.shipper_dropped_histograms || 0)],
       };
     }),
     [0, 1, 2, 3],

@@ -724,7 +724,10 @@ fn live_redis_on_two_pipelines_counts_what_one_does() {
     let (mut one, _) = agent("1", "one.log", None);
     let (mut two, two_stats) = agent("2", "two.log", Some(&copy));
     // The merged document is served from the start.
-    assert_eq!(stats_document(two_stats)[0][port.to_string()]["total_reqs"], 0);
+    assert_eq!(
+        stats_document(two_stats)[0][port.to_string()]["total_reqs"],
+        0
+    );
     let reset = Command::new("redis-cli")
         .args(["-p", &port.to_string(), "config", "resetstat"])
         .output()

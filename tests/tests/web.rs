@@ -330,6 +330,9 @@ fn the_json_api_answers_what_tcpkit_query_does() {
     let (status, body) = get(http, "/api/v1/hist?by=slot", None);
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("\"error\""));
+    let (status, body) = get(http, "/api/v1/top?of=nothing", None);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("of=nothing: command, server"), "{body}");
     let (status, _) = get(http, "/api/v1/series?since=30d&step=1s", None);
     assert_eq!(status, 400);
     let (status, _) = get(http, "/api/v1/nothing", None);
@@ -380,15 +383,12 @@ struct Browser {
     driver: &'static str,
     /// The program the driver starts, for the skip message.
     program: &'static str,
-    /// Its `--port` flag's form.
-    port_flag: fn(u16) -> String,
     capabilities: fn() -> serde_json::Value,
 }
 
 const CHROMIUM: Browser = Browser {
     driver: "chromedriver",
     program: "chromium",
-    port_flag: |p| format!("--port={p}"),
     capabilities: || {
         serde_json::json!({"goog:chromeOptions": {
             "args": ["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,1400"]
@@ -399,7 +399,6 @@ const CHROMIUM: Browser = Browser {
 const FIREFOX: Browser = Browser {
     driver: "geckodriver",
     program: "firefox-esr",
-    port_flag: |p| format!("--port={p}"),
     capabilities: || {
         serde_json::json!({"moz:firefoxOptions": {
             "binary": "/usr/bin/firefox-esr",
@@ -435,7 +434,7 @@ async fn the_page_in(browser: &Browser) {
     let driver_port = free_port();
     let _driver = Guard(
         Command::new(browser.driver)
-            .arg((browser.port_flag)(driver_port))
+            .arg(format!("--port={driver_port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

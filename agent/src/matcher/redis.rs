@@ -675,6 +675,50 @@ mod tests {
         );
     }
 
+    /// A conversation with requests pending, a request and a reply cut mid-message, and
+    /// optionally the connection made quiet ([`Connection::shrink`]) at every cut: the same
+    /// exchanges either way.
+    fn conversation(shrink: bool) -> Vec<(String, u64, bool)> {
+        use crate::matcher::Connection;
+        let mut h = Harness::redis();
+        let quiet = |h: &mut Harness| {
+            if shrink {
+                h.conn.shrink();
+            }
+        };
+        let mut batch = Vec::new();
+        for i in 0..40 {
+            batch.extend_from_slice(&cmd(&["SET", &format!("key:{i}"), "value"]));
+        }
+        let big = cmd(&["SET", "big", &"x".repeat(3000)]);
+        batch.extend_from_slice(&big);
+        batch.extend_from_slice(&cmd(&["GET", "big"]));
+        let cut = batch.len() - big.len() / 2;
+        h.req(10, &batch[..cut]);
+        quiet(&mut h);
+        let mut replies = b"+OK\r\n".repeat(20);
+        h.rsp(20, &replies[..replies.len() - 2]);
+        quiet(&mut h);
+        h.rsp(30, b"\r\n");
+        h.req(40, &batch[cut..]);
+        quiet(&mut h);
+        replies = b"+OK\r\n".repeat(21);
+        replies.extend_from_slice(b"$3000\r\n");
+        h.rsp(50, &replies);
+        quiet(&mut h);
+        h.rsp(60, format!("{}\r\n", "x".repeat(3000)).as_bytes());
+        quiet(&mut h);
+        h.close();
+        h.sink.exchanges.clone()
+    }
+
+    #[test]
+    fn a_connection_made_quiet_mid_message_pairs_the_same() {
+        let plain = conversation(false);
+        assert_eq!(plain.len(), 42);
+        assert_eq!(conversation(true), plain);
+    }
+
     #[test]
     fn pipelined_requests_pair_in_order_with_coalesced_replies() {
         let mut h = Harness::redis();
