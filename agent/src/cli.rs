@@ -182,7 +182,7 @@ pub struct Args {
 
     /// Hot keys by template: each request's first key folded (user:1234:cart ->
     /// user:{id}:cart; runs of digits, hex ids and UUIDs become {id}), figures per template in
-    /// the stats JSON and what is shipped (Redis; memcached text and meta)
+    /// the stats JSON and what is shipped (Redis; memcached text, meta and binary)
     #[arg(long = "templates")]
     pub templates: bool,
 

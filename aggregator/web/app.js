@@ -258,6 +258,17 @@ function drawKeys(rows) {
   );
 }
 
+function drawSlots(rows) {
+  fillTable(
+    $('slots'),
+    ['slot', 'requests', 'moved', 'ask', 'p50 ≤', 'p99 ≤', 'total'],
+    rows.map((r) => ({
+      cells: [r.key, r.count, r.moved, r.ask, ms(r.p50_le_us || 0), ms(r.p99_le_us || 0), ms(r.sum_us)],
+    })),
+    [0],
+  );
+}
+
 function drawAgents(agents) {
   // The counters are keys of the agent itself, as in `tcpkit-query agents --json`.
   const lossy = (a) => ['kernel_drops', 'interface_drops', 'desyncs', 'gaps',
@@ -295,11 +306,12 @@ async function guarded(call) {
 
 async function refresh() {
   say('');
-  const [series, hist, top, keys, slow, agents] = await Promise.all([
+  const [series, hist, top, keys, slots, slow, agents] = await Promise.all([
     guarded(() => api('series', {})),
     guarded(() => api('hist', {})),
     guarded(() => api('top', { of: 'command', by: 'p99', limit: 10 })),
     guarded(() => api('top', { of: 'template', by: 'requests', limit: 10 })),
+    guarded(() => api('top', { of: 'slot', by: 'requests', limit: 10 })),
     guarded(() => api('slow', { slowest: 1, limit: 50, grep: $('grep').value })),
     guarded(() => api('agents', {})),
   ]);
@@ -307,6 +319,7 @@ async function refresh() {
   if (hist) drawHistogram(hist);
   if (top) drawTop(top);
   if (keys) drawKeys(keys);
+  if (slots) drawSlots(slots);
   if (slow) fillSlow($('slow'), slow);
   if (agents) drawAgents(agents);
   document.body.dataset.loaded = 'yes';

@@ -183,3 +183,35 @@ fn memcached_keys_fold_into_templates() {
         "{templates:?}"
     );
 }
+
+/// Key templates over memcached's binary protocol: each keyed request under its key's
+/// template (a quiet get too; VERSION, NOOP and the unknown opcode under none).
+#[test]
+fn memcached_binary_keys_fold_into_templates() {
+    let name = "memcached-binary";
+    let out = run_on_fixture(
+        name,
+        &[
+            "-m",
+            "memcached",
+            "-t",
+            "100000",
+            "--templates",
+            "--summary",
+            "json",
+        ],
+    );
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let templates = json[0][Expected::of(name).port.to_string()]["templates"]
+        .as_object()
+        .unwrap();
+    let figures: Vec<(&str, u64, u64)> = templates
+        .iter()
+        .map(|(t, v)| {
+            let n = |k: &str| v[k].as_u64().unwrap();
+            (t.as_str(), n("total_reqs"), n("keys"))
+        })
+        .collect();
+    // SET, GET, GETK, DELETE twice of bk1; SET and GETQ of bk2; the GET that missed.
+    assert_eq!(figures, [("bk{id}", 7, 7), ("nope", 1, 1)], "{templates:?}");
+}

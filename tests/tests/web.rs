@@ -95,9 +95,10 @@ fn rows(dom: &str, id: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// An aggregator serving its page on a port of its own, filled by three agents: a1
+/// An aggregator serving its page on a port of its own, filled by four agents: a1
 /// replaying redis-benchmark-lo (threshold 1 s: no slow event), a2 redis-slow (threshold
-/// 20 ms), a3 redis-keys with key templates (threshold 1 s).
+/// 20 ms), a3 redis-keys with key templates (threshold 1 s), a4 redis-cluster with slots
+/// (threshold 1 s).
 fn fleet_with_page() -> (tempfile::TempDir, Aggregator, u16) {
     let dir = tempfile::tempdir().expect("temp dir");
     let http = free_port();
@@ -121,6 +122,12 @@ fn fleet_with_page() -> (tempfile::TempDir, Aggregator, u16) {
         &url,
         &["-p", "26379", "--templates", "-t", "1000"],
     );
+    replay(
+        "redis-cluster",
+        "a4",
+        &url,
+        &["-p", "27001,27002,27003", "--slots", "-t", "1000"],
+    );
     (dir, aggregator, http)
 }
 
@@ -139,7 +146,7 @@ fn the_page_shows_the_fleet_in_a_real_browser() {
     tcpkit_tests::mangle::Pcap::read(&fixture("redis-benchmark-lo.pcap"))
         .mangled(tcpkit_tests::mangle::Fault::Drop(0.02), 7)
         .write(&lossy);
-    replay_file(&lossy, "a4", &url, &["-p", "26379", "-t", "1000"]);
+    replay_file(&lossy, "a5", &url, &["-p", "26379", "-t", "1000"]);
     let dom = chromium(&["--dump-dom", &page(http)]);
     assert_eq!(
         attribute(&dom, "message", "hidden").as_deref(),
@@ -183,16 +190,16 @@ fn the_page_shows_the_fleet_in_a_real_browser() {
     let listed = listed.as_array().expect("agents");
     let shown = rows(&dom, "agents");
     let ids: Vec<&str> = shown.iter().map(|r| r[0].as_str()).collect();
-    assert_eq!(ids, ["a1", "a2", "a3", "a4"]);
+    assert_eq!(ids, ["a1", "a2", "a3", "a4", "a5"]);
     for (row, agent) in shown.iter().zip(listed) {
         assert_eq!(row[5], agent["kernel_drops"].to_string(), "{row:?}");
         assert_eq!(row[6], agent["gaps"].to_string(), "{row:?}");
         assert_eq!(row[7], agent["desyncs"].to_string(), "{row:?}");
     }
-    let gaps = listed[3]["gaps"].as_u64().expect("gaps");
-    assert!(gaps > 0, "{}", listed[3]);
+    let gaps = listed[4]["gaps"].as_u64().expect("gaps");
+    assert!(gaps > 0, "{}", listed[4]);
     assert!(
-        dom.contains("<tr class=\"lossy\"><td class=\"text\">a4</td>"),
+        dom.contains("<tr class=\"lossy\"><td class=\"text\">a5</td>"),
         "{dom}"
     );
     assert_eq!(dom.matches("class=\"lossy\"").count(), 1);
@@ -229,6 +236,33 @@ fn the_page_shows_the_fleet_in_a_real_browser() {
         .collect();
     assert!(!counts.is_empty());
     assert_eq!(shown, counts);
+
+    // The busiest slots, as `top --of slot` ranks them: slot, requests and redirects.
+    let slots = query_json(&[], &url, &["top", "--of", "slot", "--limit", "10"]);
+    let ranked: Vec<Vec<String>> = slots
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            ["count", "moved", "ask"].iter().fold(
+                vec![r["key"].as_str().expect("slot").to_string()],
+                |mut row, k| {
+                    row.push(r[*k].to_string());
+                    row
+                },
+            )
+        })
+        .collect();
+    let shown: Vec<Vec<String>> = rows(&dom, "slots")
+        .into_iter()
+        .map(|r| r[..4].to_vec())
+        .collect();
+    assert_eq!(ranked.len(), 10, "{slots}");
+    assert_eq!(shown, ranked);
+    assert!(
+        ranked.iter().any(|r| r[2] != "0"),
+        "the busiest slots hold a redirected one: {slots}"
+    );
 
     // A screenshot, not blank.
     let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/web-screenshots");
@@ -317,6 +351,11 @@ fn the_json_api_answers_what_tcpkit_query_does() {
             "top",
             &[("of", "template"), ("by", "bytes"), ("limit", "20")],
             &["keys", "--by", "bytes"],
+        ),
+        (
+            "top",
+            &[("of", "slot"), ("by", "redirects"), ("limit", "5")],
+            &["top", "--of", "slot", "--by", "redirects", "--limit", "5"],
         ),
     ];
     for (call, params, args) in cases {
@@ -527,7 +566,7 @@ async fn the_page_in(browser: &Browser) {
         "{}",
         browser.program
     );
-    assert_eq!(agents, ["a1", "a2", "a3"]);
+    assert_eq!(agents, ["a1", "a2", "a3", "a4"]);
     assert!(!listed.is_empty(), "the cell lists nothing");
     assert!(
         listed.iter().any(|(_, request)| *request == slowest),

@@ -35,8 +35,10 @@ pub struct Packet<'a> {
     pub status: u16,
     /// The opaque, copied by the server from request to response.
     pub opaque: u32,
-    /// The first bytes of the key.
+    /// The first bytes of the key ([`KEY_BYTES`] at most).
     pub key: &'a [u8],
+    /// The key was longer than what [`Packet::key`] holds.
+    pub key_cut: bool,
     /// Bytes on the wire.
     pub bytes: u64,
 }
@@ -155,6 +157,7 @@ impl BinaryParser {
             },
             opaque: u32::from_be_bytes([h[12], h[13], h[14], h[15]]),
             key: &self.key,
+            key_cut: usize::from(u16::from_be_bytes([h[2], h[3]])) > self.key.len(),
             bytes: 24 + u64::from(body),
         });
         self.have = 0;

@@ -14,6 +14,7 @@ use super::{
 use crate::l7::memcached_binary::{
     is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
 };
+use crate::l7::templates::KEY_BYTES as TEMPLATE_KEY_BYTES;
 use crate::steps::flow::{Direction, FlowKey};
 
 /// Status of a retrieval that found nothing.
@@ -39,6 +40,8 @@ struct Pending {
     opaque: u32,
     summary: [u8; SUMMARY],
     summary_len: u8,
+    /// The key was longer than the summary keeps of it.
+    key_cut: bool,
 }
 
 /// The matching state of one binary-protocol memcached connection.
@@ -178,6 +181,7 @@ fn queue<S: ExchangeSink>(
         opaque: p.opaque,
         summary,
         summary_len: len as u8,
+        key_cut: p.key_cut,
     });
     cx.counters.pending += 1;
 }
@@ -222,7 +226,7 @@ fn pair<S: ExchangeSink>(
     };
     let summary = &request.summary[..usize::from(request.summary_len)];
     let name_len = opcode_name(request.opcode).len();
-    cx.sink.exchange(&Exchange {
+    let exchange = Exchange {
         client: key.client,
         server: key.server,
         req_start_us: request.req_start_us,
@@ -244,13 +248,31 @@ fn pair<S: ExchangeSink>(
         redirect: None,
         template: None,
         keys: 0,
-    });
+    };
+    // With templates, the key's (one a request: a multi-get is a run of quiet gets), of
+    // which the first bytes a template is made of.
+    let first_key = summary.get(name_len + 1..).filter(|k| !k.is_empty());
+    match cx.limits.key_rules.zip(first_key) {
+        Some((rules, first)) => {
+            let cut = request.key_cut || first.len() > TEMPLATE_KEY_BYTES;
+            let first = &first[..first.len().min(TEMPLATE_KEY_BYTES)];
+            rules.with_template(first, cut, |template| {
+                cx.sink.exchange(&Exchange {
+                    template: Some(template),
+                    keys: 1,
+                    ..exchange
+                })
+            })
+        }
+        None => cx.sink.exchange(&exchange),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::l7::memcached_binary::tests::packet;
+    use crate::l7::templates::KeyRules;
     use crate::matcher::{MatchCounters, MatchLimits};
     use std::net::SocketAddr;
 
@@ -305,5 +327,55 @@ mod tests {
             ]
         );
         assert_eq!((counters.noreply, counters.pending), (1, 0));
+    }
+
+    #[test]
+    fn keys_get_their_templates_a_long_one_cut() {
+        let key = FlowKey {
+            client: "10.0.0.1:40000".parse().unwrap(),
+            server: "10.0.0.2:11211".parse().unwrap(),
+        };
+        let rules: &'static KeyRules = Box::leak(Box::new(KeyRules::new(&[])));
+        let limits = MatchLimits {
+            key_rules: Some(rules),
+            ..MatchLimits::default()
+        };
+        let mut counters = MatchCounters::default();
+        #[derive(Default)]
+        struct Templates(Vec<(Option<String>, u32)>);
+        impl ExchangeSink for Templates {
+            fn exchange(&mut self, e: &Exchange<'_>) {
+                let template = e.template.map(|t| String::from_utf8_lossy(t).into_owned());
+                self.0.push((template, e.keys));
+            }
+            fn unanswered(&mut self, _: SocketAddr, _: &[u8], _: Unanswered) {}
+        }
+        let mut sink = Templates::default();
+        let mut conn = BinaryPairing::default();
+        let long = format!("blob:{}", "x".repeat(200));
+        let mut requests = packet(0x80, 0x00, 0, 1, &[], b"user:1234:cart", b"");
+        requests.extend(packet(0x80, 0x00, 0, 2, &[], long.as_bytes(), b""));
+        requests.extend(packet(0x80, 0x0a, 0, 3, &[], b"", b""));
+        let mut responses = packet(0x81, 0x00, 0, 1, &[0; 4], b"", b"v");
+        responses.extend(packet(0x81, 0x00, KEY_NOT_FOUND, 2, &[], b"", b""));
+        responses.extend(packet(0x81, 0x0a, 0, 3, &[], b"", b""));
+        let mut cx = MatchContext {
+            limits: &limits,
+            counters: &mut counters,
+            sink: &mut sink,
+        };
+        conn.on_bytes(&key, Direction::Request, 0, &requests, &mut cx)
+            .unwrap();
+        conn.on_bytes(&key, Direction::Response, 5, &responses, &mut cx)
+            .unwrap();
+        let cut = format!("{}…", &long[..TEMPLATE_KEY_BYTES]);
+        assert_eq!(
+            sink.0,
+            [
+                (Some("user:{id}:cart".to_string()), 1),
+                (Some(cut), 1),
+                (None, 0)
+            ]
+        );
     }
 }
