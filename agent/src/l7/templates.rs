@@ -156,74 +156,108 @@ fn glob_matches(glob: &[u8], key: &[u8], cut: bool) -> bool {
     rest.iter().all(|&c| c == b'*') && (!cut || glob.ends_with(b"*"))
 }
 
-/// Writes `key` with its ids folded into `out`: one pass over words (runs of letters and
-/// digits), copying the bytes between them and the words without digits whole.
+/// Byte classes for [`fold_ids`]: letters and digits make words.
+const WORD: u8 = 1;
+const DIGIT: u8 = 2;
+const HEX: u8 = 4;
+static CLASSES: [u8; 256] = {
+    let mut classes = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        classes[b] = if c.is_ascii_digit() {
+            WORD | DIGIT | HEX
+        } else if c.is_ascii_hexdigit() {
+            WORD | HEX
+        } else if c.is_ascii_alphabetic() {
+            WORD
+        } else {
+            0
+        };
+        b += 1;
+    }
+    classes
+};
+
+/// Writes `key` with its ids folded into `out`, in one pass: the bytes between words (runs
+/// of letters and digits) and the words without digits are copied; a UUID is `{id}`, so is a
+/// hex word of 8 or more with a digit; in any other word each run of digits is.
 fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
     // Most keys of a hot template hold an id; those that do not are their own template (a
     // UUID without a digit among its 32 hex digits stays too: one in 10^13).
-    if !key.iter().any(u8::is_ascii_digit) {
+    if !has_digit(key) {
         out.extend_from_slice(key);
         return;
     }
+    out.reserve(key.len() + ID.len());
     let mut i = 0;
     while i < key.len() {
-        // The bytes up to the next word.
-        let gap = key[i..]
-            .iter()
-            .position(u8::is_ascii_alphanumeric)
-            .unwrap_or(key.len() - i);
-        out.extend_from_slice(&key[i..i + gap]);
-        i += gap;
-        if i == key.len() {
-            break;
+        if CLASSES[usize::from(key[i])] & WORD == 0 {
+            out.push(key[i]);
+            i += 1;
+            continue;
         }
-        if key[i].is_ascii_hexdigit() {
-            if let Some(len) = uuid_at(&key[i..]) {
+        let start = i;
+        let mut all = WORD | DIGIT | HEX;
+        let mut any = 0;
+        while let Some(&b) = key.get(i) {
+            let class = CLASSES[usize::from(b)];
+            if class == 0 {
+                break;
+            }
+            all &= class;
+            any |= class;
+            i += 1;
+        }
+        let word = &key[start..i];
+        let hex = all & HEX != 0;
+        // A UUID's first group is a hex word of 8 before a `-`.
+        if hex && word.len() == 8 && key.get(i) == Some(&b'-') {
+            if let Some(len) = uuid_at(&key[start..]) {
                 out.extend_from_slice(ID);
-                i += len;
+                i = start + len;
                 continue;
             }
         }
-        let word = key[i..]
-            .iter()
-            .position(|b| !b.is_ascii_alphanumeric())
-            .unwrap_or(key.len() - i);
-        fold_word(&key[i..i + word], out);
-        i += word;
+        if any & DIGIT == 0 {
+            out.extend_from_slice(word);
+        } else if hex && word.len() >= 8 {
+            out.extend_from_slice(ID);
+        } else {
+            fold_digit_runs(word, out);
+        }
     }
 }
 
-/// A word (letters and digits): a hex id of 8 or more with a digit is `{id}` whole; else
-/// each run of digits is.
-fn fold_word(word: &[u8], out: &mut Vec<u8>) {
-    let (mut digits, mut hex) = (false, true);
-    for b in word {
-        digits |= b.is_ascii_digit();
-        hex &= b.is_ascii_hexdigit();
-    }
-    if !digits {
-        out.extend_from_slice(word);
-        return;
-    }
-    if hex && word.len() >= 8 {
-        out.extend_from_slice(ID);
-        return;
-    }
-    let mut i = 0;
-    while i < word.len() {
-        let letters = word[i..]
-            .iter()
-            .position(u8::is_ascii_digit)
-            .unwrap_or(word.len() - i);
-        out.extend_from_slice(&word[i..i + letters]);
-        i += letters;
-        if i < word.len() {
-            let run = word[i..]
-                .iter()
-                .position(|b| !b.is_ascii_digit())
-                .unwrap_or(word.len() - i);
-            out.extend_from_slice(ID);
-            i += run;
+/// True when `bytes` hold an ASCII digit: eight bytes at once (Bit Twiddling Hacks' "has a
+/// byte between m and n", bytes from 0x80 up never in it), then the rest one by one.
+#[inline]
+fn has_digit(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut chunks = bytes.chunks_exact(8);
+    let any = (&mut chunks).any(|c| {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        let x = u64::from_le_bytes(word);
+        let low = x & (ONES * 0x7f);
+        // Between b'0' - 1 and b'9' + 1.
+        (ONES * (127 + 0x3a) - low) & !x & (low + ONES * (127 - 0x2f)) & (ONES * 0x80) != 0
+    });
+    any || chunks.remainder().iter().any(u8::is_ascii_digit)
+}
+
+/// A word's runs of digits each become `{id}`; its letters stay.
+fn fold_digit_runs(word: &[u8], out: &mut Vec<u8>) {
+    let mut in_run = false;
+    for &b in word {
+        if b.is_ascii_digit() {
+            if !in_run {
+                out.extend_from_slice(ID);
+            }
+            in_run = true;
+        } else {
+            out.push(b);
+            in_run = false;
         }
     }
 }
@@ -252,6 +286,138 @@ fn uuid_at(bytes: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The definition [`fold_ids`] keeps: word by word, each word looked at apart (the
+    /// implementation before the one pass).
+    fn fold_ids_by_words(key: &[u8], out: &mut Vec<u8>) {
+        // Most keys of a hot template hold an id; those that do not are their own template (a
+        // UUID without a digit among its 32 hex digits stays too: one in 10^13).
+        if !key.iter().any(u8::is_ascii_digit) {
+            out.extend_from_slice(key);
+            return;
+        }
+        let mut i = 0;
+        while i < key.len() {
+            // The bytes up to the next word.
+            let gap = key[i..]
+                .iter()
+                .position(u8::is_ascii_alphanumeric)
+                .unwrap_or(key.len() - i);
+            out.extend_from_slice(&key[i..i + gap]);
+            i += gap;
+            if i == key.len() {
+                break;
+            }
+            if key[i].is_ascii_hexdigit() {
+                if let Some(len) = uuid_at(&key[i..]) {
+                    out.extend_from_slice(ID);
+                    i += len;
+                    continue;
+                }
+            }
+            let word = key[i..]
+                .iter()
+                .position(|b| !b.is_ascii_alphanumeric())
+                .unwrap_or(key.len() - i);
+            fold_word(&key[i..i + word], out);
+            i += word;
+        }
+    }
+
+    /// A word (letters and digits): a hex id of 8 or more with a digit is `{id}` whole; else
+    /// each run of digits is.
+    fn fold_word(word: &[u8], out: &mut Vec<u8>) {
+        let (mut digits, mut hex) = (false, true);
+        for b in word {
+            digits |= b.is_ascii_digit();
+            hex &= b.is_ascii_hexdigit();
+        }
+        if !digits {
+            out.extend_from_slice(word);
+            return;
+        }
+        if hex && word.len() >= 8 {
+            out.extend_from_slice(ID);
+            return;
+        }
+        let mut i = 0;
+        while i < word.len() {
+            let letters = word[i..]
+                .iter()
+                .position(u8::is_ascii_digit)
+                .unwrap_or(word.len() - i);
+            out.extend_from_slice(&word[i..i + letters]);
+            i += letters;
+            if i < word.len() {
+                let run = word[i..]
+                    .iter()
+                    .position(|b| !b.is_ascii_digit())
+                    .unwrap_or(word.len() - i);
+                out.extend_from_slice(ID);
+                i += run;
+            }
+        }
+    }
+
+    #[test]
+    fn has_digit_finds_every_digit_wherever_it_is() {
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    // Every byte at every place, among bytes on both sides of the digits.
+                    let mut bytes: Vec<u8> =
+                        (0..len).map(|i| [b'/', b':', 0xb0, 0xb9][i % 4]).collect();
+                    bytes[at] = b;
+                    assert_eq!(has_digit(&bytes), b.is_ascii_digit(), "{bytes:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_one_pass_folds_as_word_by_word_does() {
+        // Keys from an alphabet that makes every case: digits, hex and other letters, UUID
+        // dashes, separators, braces; every key of up to 4 bytes, then random longer ones.
+        let alphabet = b"09afAFgz-:{}.";
+        let check = |key: &[u8]| {
+            let (mut fast, mut slow) = (Vec::new(), Vec::new());
+            fold_ids(key, &mut fast);
+            fold_ids_by_words(key, &mut slow);
+            assert_eq!(fast, slow, "{}", String::from_utf8_lossy(key));
+        };
+        let mut key = Vec::new();
+        for len in 0..=4u32 {
+            for n in 0..alphabet.len().pow(len) {
+                key.clear();
+                let mut n = n;
+                for _ in 0..len {
+                    key.push(alphabet[n % alphabet.len()]);
+                    n /= alphabet.len();
+                }
+                check(&key);
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let uuid = b"550e8400-e29b-41d4-a716-446655440000";
+        for _ in 0..100_000 {
+            key.clear();
+            let len = 5 + next() % 60;
+            while (key.len() as u64) < len {
+                match next() % 20 {
+                    0 => key.extend_from_slice(uuid),
+                    1 => key.extend_from_slice(&uuid[..13]),
+                    _ => key.push(alphabet[(next() % alphabet.len() as u64) as usize]),
+                }
+            }
+            check(&key);
+        }
+    }
 
     fn fold(rules: &KeyRules, key: &str) -> String {
         let mut out = Vec::new();
