@@ -7,6 +7,7 @@
 #
 #   sudo bench/live.sh            # N=2000000 requests per run by default (N=… to change)
 #   THREADS="1 2 4" sudo bench/live.sh
+#   AGENT_ARGS="--no-templates --no-slots" sudo bench/live.sh   # more flags for the agent
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,7 +37,7 @@ printf '%-8s %-10s %10s %12s %9s %14s %10s %7s %12s %12s\n' \
 for threads in ${THREADS:-1 2}; do
 for pipeline in 1 16; do
   "$tcpkit" -i lo -p "$port" -m redis -t 100000 -P "$stats_port" --threads "$threads" \
-    --summary text -o "$work/agent.log" &
+    ${AGENT_ARGS:-} --summary text -o "$work/agent.log" &
   agent=$!
   pids+=("$agent")
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$stats_port") 2>/dev/null && break; sleep 0.05; done

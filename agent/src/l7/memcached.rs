@@ -187,6 +187,11 @@ impl McParser {
         !self.line.is_empty() || self.pending.is_some()
     }
 
+    /// True between messages: nothing of one read, no value block to come.
+    pub fn at_boundary(&self) -> bool {
+        !self.in_message() && self.block_left == 0
+    }
+
     /// Forgets any partial message.
     pub fn reset(&mut self) {
         self.line.clear();

@@ -445,7 +445,8 @@ impl<const KEPT: usize> RespParser<KEPT> {
         Ok(())
     }
 
-    fn at_boundary(&self) -> bool {
+    /// True between messages: nothing of one read.
+    pub fn at_boundary(&self) -> bool {
         self.kind == 0 && self.line.is_empty() && self.bulk_left == 0 && !self.expect_crlf
     }
 

@@ -235,7 +235,7 @@ fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
 fn has_digit(bytes: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     let mut chunks = bytes.chunks_exact(8);
-    let any = (&mut chunks).any(|c| {
+    let any = chunks.any(|c| {
         let mut word = [0u8; 8];
         word.copy_from_slice(c);
         let x = u64::from_le_bytes(word);

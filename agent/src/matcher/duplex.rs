@@ -91,6 +91,56 @@ pub trait Protocol: Default {
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>);
     /// The connection is quiet: its buffers give back their spare memory.
     fn shrink(&mut self) {}
+    /// True when nothing of its state matters to what comes next: nothing pending, both
+    /// parsers at a message boundary, no mode a reply may depend on. A quiet connection at
+    /// rest gives its whole state back, and its next bytes start from [`Default`].
+    fn at_rest(&self) -> bool {
+        false
+    }
+}
+
+/// What a connection holds only while it is not at rest: the protocol's state and the
+/// server's latest acknowledgments.
+#[derive(Debug)]
+struct Active<P> {
+    proto: P,
+    /// The latest server acknowledgments (request-stream positions), a ring.
+    server_acks: [u64; REMEMBERED_ACKS],
+    next_ack: usize,
+}
+
+impl<P: Protocol> Default for Active<P> {
+    fn default() -> Self {
+        Self {
+            proto: P::default(),
+            server_acks: [u64::MAX; REMEMBERED_ACKS],
+            next_ack: 0,
+        }
+    }
+}
+
+/// A connection's [`Active`] part, in a heap block of its own, which a quiet connection at
+/// rest ([`Protocol::at_rest`]) gives back: an idle connection then holds a pointer for it.
+/// The acknowledgments go too: a gap found later is past every one of them.
+#[derive(Debug)]
+struct Held<P>(Option<Box<Active<P>>>);
+
+impl<P: Protocol> Held<P> {
+    /// The active part, made afresh when it was given back.
+    #[inline(always)]
+    fn get(&mut self) -> &mut Active<P> {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    /// The protocol's state, unless it was given back.
+    fn peek(&self) -> Option<&P> {
+        self.0.as_deref().map(|a| &a.proto)
+    }
+
+    /// The protocol's state, unless it was given back.
+    fn peek_mut(&mut self) -> Option<&mut P> {
+        self.0.as_deref_mut().map(|a| &mut a.proto)
+    }
 }
 
 /// Where pairing stands.
@@ -140,7 +190,7 @@ pub const UNKNOWN_TO_SERVER: &[u8] = b"UNKNOWN";
 /// One connection: a protocol `P` behind the shared two-direction logic.
 #[derive(Debug)]
 pub struct Duplex<P> {
-    proto: P,
+    active: Held<P>,
     pairing: Certainty,
     req_started: bool,
     rsp_started: bool,
@@ -148,9 +198,6 @@ pub struct Duplex<P> {
     req_seen: u64,
     /// End of the reply bytes seen.
     rsp_seen: u64,
-    /// The latest server acknowledgments (request-stream positions), a ring.
-    server_acks: [u64; REMEMBERED_ACKS],
-    next_ack: usize,
     waiting: VecDeque<WaitingReply>,
     waiting_bytes: usize,
 }
@@ -158,14 +205,12 @@ pub struct Duplex<P> {
 impl<P: Protocol> Default for Duplex<P> {
     fn default() -> Self {
         Self {
-            proto: P::default(),
+            active: Held(None),
             pairing: Certainty::Certain,
             req_started: false,
             rsp_started: false,
             req_seen: 0,
             rsp_seen: 0,
-            server_acks: [u64::MAX; REMEMBERED_ACKS],
-            next_ack: 0,
             waiting: VecDeque::new(),
             waiting_bytes: 0,
         }
@@ -174,7 +219,7 @@ impl<P: Protocol> Default for Duplex<P> {
 
 impl<P: Protocol> Connection for Duplex<P> {
     fn prepare(&mut self, server_port: u16, modes: &PortModes) {
-        self.proto.prepare(server_port, modes);
+        self.active.get().proto.prepare(server_port, modes);
     }
 
     fn on_event<S: ExchangeSink>(
@@ -213,12 +258,21 @@ impl<P: Protocol> Connection for Duplex<P> {
         while !self.waiting.is_empty() {
             self.give_up_waiting(key, cx);
         }
-        self.proto.on_close(key, cx);
+        if let Some(proto) = self.active.peek_mut() {
+            proto.on_close(key, cx);
+        }
     }
 
     fn shrink(&mut self) {
         self.waiting.shrink_to_fit();
-        self.proto.shrink();
+        let at_rest = self.pairing == Certainty::Certain
+            && self.waiting.is_empty()
+            && self.active.peek().is_some_and(P::at_rest);
+        if at_rest {
+            self.active.0 = None;
+        } else if let Some(proto) = self.active.peek_mut() {
+            proto.shrink();
+        }
     }
 }
 
@@ -273,8 +327,9 @@ impl<P: Protocol> Duplex<P> {
     /// before the gap is known.
     #[inline(always)]
     fn note_server_ack(&mut self, ack_pos: u64) {
-        self.server_acks[self.next_ack % REMEMBERED_ACKS] = ack_pos;
-        self.next_ack = self.next_ack.wrapping_add(1);
+        let active = self.active.get();
+        active.server_acks[active.next_ack % REMEMBERED_ACKS] = ack_pos;
+        active.next_ack = active.next_ack.wrapping_add(1);
     }
 
     /// Hands bytes to the protocol; invalid ones desynchronise the connection.
@@ -287,14 +342,20 @@ impl<P: Protocol> Duplex<P> {
         bytes: &[u8],
         cx: &mut MatchContext<'_, S>,
     ) {
-        if self.proto.on_bytes(key, dir, ts_us, bytes, cx).is_err() {
+        if self
+            .active
+            .get()
+            .proto
+            .on_bytes(key, dir, ts_us, bytes, cx)
+            .is_err()
+        {
             self.desync(key, Unanswered::Uncertain, cx);
         }
     }
 
-    /// The protocol's state.
-    pub fn protocol(&self) -> &P {
-        &self.proto
+    /// The protocol's state, unless the connection gave it back at rest.
+    pub fn protocol(&self) -> Option<&P> {
+        self.active.peek()
     }
 
     fn request_piece<S: ExchangeSink>(
@@ -318,15 +379,15 @@ impl<P: Protocol> Duplex<P> {
                 found: None,
             } => {
                 // A request boundary: a position the server acknowledged.
-                let proto = &self.proto;
-                let cut = self
+                let active: &Active<P> = self.active.get();
+                let cut = active
                     .server_acks
                     .iter()
                     .copied()
                     .filter(|&a| a >= req_from && a >= piece.pos && a < piece.end())
                     .filter(|&a| {
                         let at = &piece.bytes[(a - piece.pos) as usize..];
-                        proto.starts_message(Direction::Request, at)
+                        active.proto.starts_message(Direction::Request, at)
                     })
                     .min();
                 match (cut, ack_pos) {
@@ -357,7 +418,11 @@ impl<P: Protocol> Duplex<P> {
             found: Some(found), ..
         } = &mut self.pairing
         {
-            if found.request_end.is_none() && !self.proto.in_message(Direction::Request) {
+            let in_message = self
+                .active
+                .peek()
+                .is_some_and(|p| p.in_message(Direction::Request));
+            if found.request_end.is_none() && !in_message {
                 found.request_end = Some(piece.end());
             }
         }
@@ -390,7 +455,7 @@ impl<P: Protocol> Duplex<P> {
                 } else if pos <= found.rsp_at
                     && found.request_end.is_some()
                     && ack_pos == found.request_end
-                    && self.proto.starts_message(
+                    && self.active.get().proto.starts_message(
                         Direction::Response,
                         &bytes[(found.rsp_at - pos) as usize..],
                     )
@@ -503,7 +568,9 @@ impl<P: Protocol> Duplex<P> {
         cx: &mut MatchContext<'_, S>,
     ) {
         cx.counters.desyncs += 1;
-        self.proto.reset(key, why, cx);
+        if let Some(proto) = self.active.peek_mut() {
+            proto.reset(key, why, cx);
+        }
         self.pairing = Certainty::Resync {
             req_from,
             rsp_from,

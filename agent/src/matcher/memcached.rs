@@ -197,6 +197,13 @@ impl Protocol for MemcachedPairing {
         self.replies.shrink();
         self.pending.shrink_to_fit();
     }
+
+    fn at_rest(&self) -> bool {
+        self.binary.is_none()
+            && self.pending.is_empty()
+            && self.requests.at_boundary()
+            && self.replies.at_boundary()
+    }
 }
 
 impl MemcachedPairing {

@@ -94,4 +94,13 @@ impl Protocol for MultiPairing {
             Self::Unset | Self::Raw => {}
         }
     }
+
+    fn at_rest(&self) -> bool {
+        match self {
+            Self::Redis(p) => p.at_rest(),
+            Self::Memcached(p) => p.at_rest(),
+            Self::Dns(p) => p.at_rest(),
+            Self::Unset | Self::Raw => true,
+        }
+    }
 }

@@ -266,6 +266,15 @@ impl Protocol for RedisPairing {
         self.pending.entries.shrink_to_fit();
         self.pending.text.shrink_to_fit();
     }
+
+    fn at_rest(&self) -> bool {
+        self.pending.entries.is_empty()
+            && self.requests.at_boundary()
+            && self.replies.at_boundary()
+            && self.reply_mode == ReplyMode::On
+            && !self.pubsub
+            && !self.monitor
+    }
 }
 
 impl RedisPairing {
@@ -720,6 +729,38 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_connection_at_rest_gives_back_its_state_and_pairs_the_same() {
+        use crate::matcher::Connection;
+        let mut h = Harness::redis();
+        h.req(10, &cmd(&["GET", "a"]));
+        // A request pending: kept.
+        h.conn.shrink();
+        assert!(h.conn.protocol().is_some());
+        h.rsp(15, b"$-1\r\n");
+        // Nothing pending, both parsers between messages: given back.
+        h.conn.shrink();
+        assert!(h.conn.protocol().is_none());
+        h.req(1_000_000, &cmd(&["GET", "b"]));
+        h.rsp(1_000_007, b"$-1\r\n");
+        assert_eq!(h.sink.pipeline, [(5, 5, 1), (7, 7, 1)]);
+        // A mode the next replies depend on: kept (CLIENT REPLY OFF: no reply comes).
+        h.req(2_000_000, &cmd(&["CLIENT", "REPLY", "OFF"]));
+        h.conn.shrink();
+        assert!(h.conn.protocol().is_some());
+        h.req(2_000_010, &cmd(&["SET", "k", "v"]));
+        assert_eq!(h.counters.noreply, 2);
+        assert_eq!(h.counters.pending, 0);
+        // A request cut mid-message: kept, and read whole.
+        h.req(3_000_000, &cmd(&["CLIENT", "REPLY", "ON"])[..5]);
+        h.conn.shrink();
+        assert!(h.conn.protocol().is_some());
+        h.req(3_000_001, &cmd(&["CLIENT", "REPLY", "ON"])[5..]);
+        h.rsp(3_000_009, b"+OK\r\n");
+        assert_eq!(h.sink.exchanges.last().unwrap().0, "CLIENT REPLY ON");
+        assert_eq!(h.sink.pipeline.last(), Some(&(8, 8, 1)));
+    }
+
+    #[test]
     fn pipelined_requests_pair_in_order_with_coalesced_replies() {
         let mut h = Harness::redis();
         let mut batch = Vec::new();
@@ -945,7 +986,7 @@ mod tests {
         for i in 0..25 {
             h.req(i, &cmd(&["GET", "x"]));
         }
-        assert_eq!(h.conn.protocol().pending.len(), 10);
+        assert_eq!(h.conn.protocol().expect("its state").pending.len(), 10);
         assert_eq!(h.sink.unanswered.len(), 15);
         assert!(h.sink.unanswered.iter().all(|u| u.1 == Unanswered::Timeout));
         h.close();
