@@ -75,12 +75,20 @@ pub fn header(msg: &[u8]) -> Result<Header, DnsError> {
 /// Reads the first question: its type, and its name (dotted, final dot included).
 #[inline(always)]
 pub fn question(msg: &[u8]) -> Result<Option<(u16, String)>, DnsError> {
+    let mut name = String::new();
+    Ok(question_into(msg, &mut name)?.map(|qtype| (qtype, name)))
+}
+
+/// Reads the first question: its type, and its name added to `name` (a buffer the caller
+/// reuses: no allocation per message).
+#[inline(always)]
+pub fn question_into(msg: &[u8], name: &mut String) -> Result<Option<u16>, DnsError> {
     if header(msg)?.questions == 0 {
         return Ok(None);
     }
-    let (name, end) = read_name(msg, 12)?;
+    let end = read_name_into(msg, 12, name)?;
     let qtype = msg.get(end..end + 2).ok_or(DnsError::Truncated)?;
-    Ok(Some((u16::from_be_bytes([qtype[0], qtype[1]]), name)))
+    Ok(Some(u16::from_be_bytes([qtype[0], qtype[1]])))
 }
 
 /// Parses one whole message.
@@ -96,8 +104,17 @@ pub fn parse(msg: &[u8]) -> Result<DnsMessage, DnsError> {
 }
 
 /// Reads the name at `start`; returns it and where the data after it (in place) begins.
+#[cfg(test)]
 fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
     let mut name = String::new();
+    let end = read_name_into(msg, start, &mut name)?;
+    Ok((name, end))
+}
+
+/// Reads the name at `start` into `out` (added to what it holds); returns where the data
+/// after it (in place) begins.
+fn read_name_into(msg: &[u8], start: usize, out: &mut String) -> Result<usize, DnsError> {
+    let from = out.len();
     let mut pos = start;
     let mut end = None;
     let mut pointers = 0;
@@ -105,10 +122,10 @@ fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
         let len = *msg.get(pos).ok_or(DnsError::Truncated)? as usize;
         match len {
             0 => {
-                if name.is_empty() {
-                    name.push('.');
+                if out.len() == from {
+                    out.push('.');
                 }
-                return Ok((name, end.unwrap_or(pos + 1)));
+                return Ok(end.unwrap_or(pos + 1));
             }
             l if l & 0xc0 == 0xc0 => {
                 let low = *msg.get(pos + 1).ok_or(DnsError::Truncated)? as usize;
@@ -122,18 +139,22 @@ fn read_name(msg: &[u8], start: usize) -> Result<(String, usize), DnsError> {
             l if l & 0xc0 != 0 => return Err(DnsError::BadName),
             l => {
                 let label = msg.get(pos + 1..pos + 1 + l).ok_or(DnsError::Truncated)?;
+                out.reserve(label.len() + 1);
                 for &b in label {
                     match b {
                         b'.' | b'\\' => {
-                            name.push('\\');
-                            name.push(b as char);
+                            out.push('\\');
+                            out.push(b as char);
                         }
-                        0x21..=0x7e => name.push(b as char),
-                        _ => name.push_str(&format!("\\{b:03}")),
+                        0x21..=0x7e => out.push(b as char),
+                        _ => {
+                            use std::fmt::Write;
+                            let _ = write!(out, "\\{b:03}");
+                        }
                     }
                 }
-                name.push('.');
-                if name.len() > MAX_NAME * 4 {
+                out.push('.');
+                if out.len() - from > MAX_NAME * 4 {
                     return Err(DnsError::BadName);
                 }
                 pos += 1 + l;

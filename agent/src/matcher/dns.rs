@@ -14,7 +14,7 @@ use rustc_hash::FxHashMap;
 
 use super::duplex::{InvalidBytes, Protocol};
 use super::{Exchange, ExchangeSink, MatchContext, Unanswered};
-use crate::l7::dns::{header, question, rcode_name, type_name, DnsTcpFramer};
+use crate::l7::dns::{header, question_into, rcode_name, type_name, DnsTcpFramer};
 use crate::steps::flow::{Direction, FlowKey};
 
 type QueryKey = (SocketAddr, SocketAddr, u16);
@@ -37,6 +37,8 @@ pub struct DnsMatcher {
     pending: FxHashMap<QueryKey, Query>,
     /// Reused for the summary of each response.
     scratch: String,
+    /// Reused for the name of each question read.
+    name: String,
     /// Queries in arrival order, for expiry (entries already answered are skipped).
     order: VecDeque<(u64, QueryKey)>,
     /// Responses captured before any query they could answer, oldest first.
@@ -89,17 +91,16 @@ impl DnsMatcher {
                 cx.sink.unanswered(server, b"QUERY", Unanswered::Timeout);
                 return;
             }
-            let Ok(question) = question(payload) else {
+            let Some((qtype, name)) = self.question(payload) else {
                 cx.counters.desyncs += 1;
                 return;
             };
-            let (qtype, name) = question.unwrap_or((0, "?".into()));
             let qtype = type_name(qtype);
             let type_len = qtype.len();
             let query = Query {
                 ts_us,
                 bytes: payload.len() as u64,
-                summary: question_text(&qtype, &name),
+                summary: question_text(&qtype, name),
                 type_len,
                 resent: false,
             };
@@ -186,11 +187,11 @@ impl DnsMatcher {
         rcode: u8,
         cx: &mut MatchContext<'_, S>,
     ) {
-        let Ok(question) = question(payload) else {
+        let Some((qtype, name)) = self.question(payload) else {
             cx.counters.unmatched += 1;
             return;
         };
-        let (qtype, name) = question.unwrap_or((0, "?".into()));
+        let question = question_text(&type_name(qtype), name);
         if self.early.len() >= MAX_EARLY {
             self.early.pop_front();
             cx.counters.unmatched += 1;
@@ -200,8 +201,18 @@ impl DnsMatcher {
             ts_us,
             bytes: payload.len() as u64,
             rcode,
-            question: question_text(&type_name(qtype), &name),
+            question,
         });
+    }
+
+    /// The first question of a message, its name read into the reused buffer: `(0, "?")`
+    /// for a message without one, `None` for one that cannot be read.
+    fn question(&mut self, payload: &[u8]) -> Option<(u16, &str)> {
+        self.name.clear();
+        match question_into(payload, &mut self.name).ok()? {
+            Some(qtype) => Some((qtype, self.name.as_str())),
+            None => Some((0, "?")),
+        }
     }
 
     /// Reports the queries older than the timeout at capture time `now_us` as expired.
