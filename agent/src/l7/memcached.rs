@@ -290,7 +290,8 @@ impl McParser {
     fn request_line(&mut self, line: &[u8], bytes: u64) -> Result<(Pending, Option<u64>), McError> {
         let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
         let command = words.next().ok_or(McError::Malformed)?;
-        let args: Vec<&[u8]> = words.collect();
+        // On the stack for the usual few words (a multi-get of many keys spills to the heap).
+        let args: smallvec::SmallVec<[&[u8]; 8]> = words.collect();
         let noreply = args.last() == Some(&&b"noreply"[..]);
         let reply = |expect| if noreply { Expect::Nothing } else { expect };
         let (expect, keys, block, summary_words) = match command {

@@ -410,6 +410,8 @@ pub struct PortLatency {
     index: FxHashMap<Box<[u8]>, usize>,
     /// The command looked up last: consecutive exchanges are often of the same command.
     last: usize,
+    /// The one looked up before it: or of two alternating (a set then a get).
+    previous: usize,
     /// Names counted under `OTHER`, and how often each was seen since it became one.
     candidates: FxHashMap<Box<[u8]>, u64>,
     /// A lower bound of the sightings of the least seen named command (counts only grow).
@@ -440,6 +442,7 @@ impl PortLatency {
             commands: Vec::new(),
             index: FxHashMap::default(),
             last: 0,
+            previous: 0,
             candidates: FxHashMap::default(),
             weakest_seen: 0,
             credit: FxHashMap::default(),
@@ -511,15 +514,22 @@ impl PortLatency {
     }
 
     /// The figures of one command (`OTHER` past [`MAX_COMMANDS`]). Consecutive exchanges are
-    /// mostly of the same command: that one is checked first, inline.
+    /// mostly of the same command, or of two alternating: those two are checked first,
+    /// inline.
     #[inline(always)]
     pub(crate) fn command(&mut self, name: &[u8]) -> &mut LatencyStats {
-        if self
-            .commands
-            .get(self.last)
-            .is_none_or(|(n, _)| !same_bytes(n, name))
-        {
-            self.last = self.find_or_add(name);
+        let is = |at: usize| {
+            self.commands
+                .get(at)
+                .is_some_and(|(n, _)| same_bytes(n, name))
+        };
+        if !is(self.last) {
+            let found = if is(self.previous) {
+                self.previous
+            } else {
+                self.find_or_add(name)
+            };
+            self.previous = std::mem::replace(&mut self.last, found);
         }
         &mut self.commands[self.last].1
     }
