@@ -32,12 +32,27 @@ const MAX_CLIENTS: usize = 64;
 /// A client that does not take its document within this time is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves `snapshot` on `listener` until `shutdown` resolves.
+/// How often a server that has no document yet looks again.
+const FIRST_DOCUMENT_POLL: Duration = Duration::from_millis(5);
+
+/// Serves `snapshot` on `listener` until `shutdown` resolves. Clients that come before the
+/// first document is published (the agent still starting) wait in the listen backlog for it:
+/// no client is ever sent an empty document.
 pub async fn serve(
     listener: TcpListener,
     snapshot: StatsSnapshot,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    tokio::pin!(shutdown);
+    let first_document = async {
+        while snapshot.current().is_empty() {
+            tokio::time::sleep(FIRST_DOCUMENT_POLL).await;
+        }
+    };
+    tokio::select! {
+        () = &mut shutdown => return,
+        () = first_document => {}
+    }
     tcpkit_ops::listener::serve_clients(
         listener,
         MAX_CLIENTS,
@@ -87,6 +102,54 @@ mod tests {
             }
             stop.send(()).unwrap();
             server.await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_client_before_the_first_document_waits_for_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let snapshot = StatsSnapshot::default();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, snapshot.clone(), async {
+                let _ = stopped.await;
+            }));
+            let client = tokio::spawn(async move {
+                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let mut got = String::new();
+                client.read_to_string(&mut got).await.unwrap();
+                got
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            snapshot.publish("[0]".into());
+            assert_eq!(client.await.unwrap(), "[0]\n");
+            stop.send(()).unwrap();
+            server.await.unwrap();
+        });
+    }
+
+    #[test]
+    fn a_server_without_a_document_still_stops() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve(listener, StatsSnapshot::default(), async {
+                let _ = stopped.await;
+            }));
+            stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), server)
+                .await
+                .expect("stopped")
+                .unwrap();
         });
     }
 }
