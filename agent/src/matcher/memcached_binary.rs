@@ -292,16 +292,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn quiet_gets_pair_by_opaque_behind_noop() {
+    /// One connection's requests then responses, paired under `limits` into `sink`: the
+    /// counters after.
+    fn pair_all(
+        limits: &MatchLimits,
+        requests: &[u8],
+        responses: &[u8],
+        sink: &mut impl ExchangeSink,
+    ) -> MatchCounters {
         let key = FlowKey {
             client: "10.0.0.1:40000".parse().unwrap(),
             server: "10.0.0.2:11211".parse().unwrap(),
         };
-        let limits = MatchLimits::default();
         let mut counters = MatchCounters::default();
-        let mut sink = Recorder::default();
         let mut conn = BinaryPairing::default();
+        let mut cx = MatchContext {
+            limits,
+            counters: &mut counters,
+            sink,
+        };
+        conn.on_bytes(&key, Direction::Request, 0, requests, &mut cx)
+            .unwrap();
+        conn.on_bytes(&key, Direction::Response, 5, responses, &mut cx)
+            .unwrap();
+        counters
+    }
+
+    #[test]
+    fn quiet_gets_pair_by_opaque_behind_noop() {
+        let mut sink = Recorder::default();
         let mut requests = packet(0x80, 0x09, 0, 1, &[], b"miss", b"");
         requests.extend(packet(0x80, 0x09, 0, 2, &[], b"hit", b""));
         requests.extend(packet(0x80, 0x00, 0, 3, &[], b"gone", b""));
@@ -309,15 +328,7 @@ mod tests {
         let mut responses = packet(0x81, 0x09, 0, 2, &[0; 4], b"", b"v");
         responses.extend(packet(0x81, 0x00, KEY_NOT_FOUND, 3, &[], b"", b"Not found"));
         responses.extend(packet(0x81, 0x0a, 0, 4, &[], b"", b""));
-        let mut cx = MatchContext {
-            limits: &limits,
-            counters: &mut counters,
-            sink: &mut sink,
-        };
-        conn.on_bytes(&key, Direction::Request, 0, &requests, &mut cx)
-            .unwrap();
-        conn.on_bytes(&key, Direction::Response, 5, &responses, &mut cx)
-            .unwrap();
+        let counters = pair_all(&MatchLimits::default(), &requests, &responses, &mut sink);
         assert_eq!(
             sink.0,
             vec![
@@ -331,16 +342,11 @@ mod tests {
 
     #[test]
     fn keys_get_their_templates_a_long_one_cut() {
-        let key = FlowKey {
-            client: "10.0.0.1:40000".parse().unwrap(),
-            server: "10.0.0.2:11211".parse().unwrap(),
-        };
         let rules: &'static KeyRules = Box::leak(Box::new(KeyRules::new(&[])));
         let limits = MatchLimits {
             key_rules: Some(rules),
             ..MatchLimits::default()
         };
-        let mut counters = MatchCounters::default();
         #[derive(Default)]
         struct Templates(Vec<(Option<String>, u32)>);
         impl ExchangeSink for Templates {
@@ -351,7 +357,6 @@ mod tests {
             fn unanswered(&mut self, _: SocketAddr, _: &[u8], _: Unanswered) {}
         }
         let mut sink = Templates::default();
-        let mut conn = BinaryPairing::default();
         let long = format!("blob:{}", "x".repeat(200));
         let mut requests = packet(0x80, 0x00, 0, 1, &[], b"user:1234:cart", b"");
         requests.extend(packet(0x80, 0x00, 0, 2, &[], long.as_bytes(), b""));
@@ -359,15 +364,7 @@ mod tests {
         let mut responses = packet(0x81, 0x00, 0, 1, &[0; 4], b"", b"v");
         responses.extend(packet(0x81, 0x00, KEY_NOT_FOUND, 2, &[], b"", b""));
         responses.extend(packet(0x81, 0x0a, 0, 3, &[], b"", b""));
-        let mut cx = MatchContext {
-            limits: &limits,
-            counters: &mut counters,
-            sink: &mut sink,
-        };
-        conn.on_bytes(&key, Direction::Request, 0, &requests, &mut cx)
-            .unwrap();
-        conn.on_bytes(&key, Direction::Response, 5, &responses, &mut cx)
-            .unwrap();
+        pair_all(&limits, &requests, &responses, &mut sink);
         let cut = format!("{}…", &long[..TEMPLATE_KEY_BYTES]);
         assert_eq!(
             sink.0,

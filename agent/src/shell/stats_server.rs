@@ -76,10 +76,15 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
     use tokio::io::AsyncReadExt;
 
-    #[test]
-    fn each_client_gets_the_latest_document() {
+    /// Runs `clients` against a server of `snapshot` on a free port, then stops the server
+    /// (within 5 s).
+    fn with_server<F: std::future::Future<Output = ()>>(
+        snapshot: StatsSnapshot,
+        clients: impl FnOnce(SocketAddr) -> F,
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -87,69 +92,51 @@ mod tests {
         rt.block_on(async {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
-            let snapshot = StatsSnapshot::default();
-            snapshot.publish("[1]".into());
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(listener, snapshot.clone(), async {
+            let server = tokio::spawn(serve(listener, snapshot, async {
                 let _ = stopped.await;
             }));
-            for expected in ["[1]\n", "[2]\n"] {
-                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let mut got = String::new();
-                client.read_to_string(&mut got).await.unwrap();
-                assert_eq!(got, expected);
-                snapshot.publish("[2]".into());
-            }
-            stop.send(()).unwrap();
-            server.await.unwrap();
-        });
-    }
-
-    #[test]
-    fn a_client_before_the_first_document_waits_for_it() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let snapshot = StatsSnapshot::default();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(listener, snapshot.clone(), async {
-                let _ = stopped.await;
-            }));
-            let client = tokio::spawn(async move {
-                let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let mut got = String::new();
-                client.read_to_string(&mut got).await.unwrap();
-                got
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            snapshot.publish("[0]".into());
-            assert_eq!(client.await.unwrap(), "[0]\n");
-            stop.send(()).unwrap();
-            server.await.unwrap();
-        });
-    }
-
-    #[test]
-    fn a_server_without_a_document_still_stops() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let server = tokio::spawn(serve(listener, StatsSnapshot::default(), async {
-                let _ = stopped.await;
-            }));
+            clients(addr).await;
             stop.send(()).unwrap();
             tokio::time::timeout(Duration::from_secs(5), server)
                 .await
                 .expect("stopped")
                 .unwrap();
         });
+    }
+
+    async fn document(addr: SocketAddr) -> String {
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        got
+    }
+
+    #[test]
+    fn each_client_gets_the_latest_document() {
+        let snapshot = StatsSnapshot::default();
+        snapshot.publish("[1]".into());
+        with_server(snapshot.clone(), |addr| async move {
+            for expected in ["[1]\n", "[2]\n"] {
+                assert_eq!(document(addr).await, expected);
+                snapshot.publish("[2]".into());
+            }
+        });
+    }
+
+    #[test]
+    fn a_client_before_the_first_document_waits_for_it() {
+        let snapshot = StatsSnapshot::default();
+        with_server(snapshot.clone(), |addr| async move {
+            let client = tokio::spawn(document(addr));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            snapshot.publish("[0]".into());
+            assert_eq!(client.await.unwrap(), "[0]\n");
+        });
+    }
+
+    #[test]
+    fn a_server_without_a_document_still_stops() {
+        with_server(StatsSnapshot::default(), |_| async {});
     }
 }
