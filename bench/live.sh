@@ -7,7 +7,7 @@
 #
 #   sudo bench/live.sh            # N=2000000 requests per run by default (N=… to change)
 #   THREADS="1 2 4" sudo bench/live.sh
-#   AGENT_ARGS="--no-templates --no-slots" sudo bench/live.sh   # more flags for the agent
+#   AGENT_ARGS="--no-templates" sudo bench/live.sh   # more flags for the agent
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -9,8 +9,9 @@
 #   memcached-small  ~0.3M packets: 140k set/get, one request a segment
 #   dns-udp          ~0.26M packets: 130k queries over UDP
 # For each: `tcpdump -r FILE -w /dev/null` (the floor of reading the pcap), tcpkit in raw mode
-# (lines to /dev/null) and in its protocol mode (`-t 100000`: pairs everything, prints nothing;
-# for Redis also with `--slots` and with `--templates`),
+# (lines to /dev/null) and in its protocol mode (`-t 100000`: pairs everything, prints nothing),
+# as it runs by default (key templates on) and with `--no-templates`; for Redis also with
+# `--slots`,
 # RUNS (5) times each; prints the median wall time, packets/s, requests/s and the ratio to
 # tcpdump. BASELINE=/path/to/another/tcpkit also times that build's protocol mode in the same
 # run, side by side (this machine is noisy: compare within one run).
@@ -71,13 +72,14 @@ for name in redis-small redis-pipelined memcached-small dns-udp; do
   floor=$(median_seconds tcpdump -r "$pcap" -w /dev/null)
   raw=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m raw -o /dev/null)
   parsed=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m "$mode" -t 100000 -o /dev/null)
-  rows=("tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw:$raw" "tcpkit -m $mode -t 100000:$parsed")
+  # The cost of key templates (each first key folded, figures per template): on above.
+  untemplated=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" $udp -m "$mode" --no-templates -t 100000 -o /dev/null)
+  rows=("tcpdump -r FILE -w /dev/null:$floor" "tcpkit -m raw:$raw" "tcpkit -m $mode -t 100000:$parsed"
+    "tcpkit -m $mode --no-templates:$untemplated")
   if [ "$mode" = redis ]; then
     # The cost of Redis Cluster slots (CRC16 of every first key, figures per slot): off above.
     slots=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m redis --slots -t 100000 -o /dev/null)
     rows+=("tcpkit -m redis --slots:$slots")
-    templates=$(median_seconds "$tcpkit" -r "$pcap" -p "$port" -m redis --templates -t 100000 -o /dev/null)
-    rows+=("tcpkit -m redis --templates:$templates")
   fi
   if [ -n "${BASELINE:-}" ]; then
     base=$(median_seconds "$BASELINE" -r "$pcap" -p "$port" $udp -m "$mode" -t 100000 -o /dev/null)

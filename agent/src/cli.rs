@@ -175,24 +175,25 @@ pub struct Args {
     pub max_pending: usize,
 
     /// Redis Cluster: the hash slot of every keyed request (CRC16 of its first key), and
-    /// figures per slot in the stats JSON and what is shipped. Redirects (-MOVED, -ASK) are
-    /// counted without it
+    /// figures per slot in the stats JSON and what is shipped (for a cluster's nodes: off by
+    /// default, as a single Redis has no slots). Redirects (-MOVED, -ASK) are counted without
+    /// it
     #[arg(long = "slots")]
     pub slots: bool,
 
-    /// Hot keys by template: each request's first key folded (user:1234:cart ->
-    /// user:{id}:cart; runs of digits, hex ids and UUIDs become {id}), figures per template in
-    /// the stats JSON and what is shipped (Redis; memcached text, meta and binary)
-    #[arg(long = "templates")]
-    pub templates: bool,
+    /// Hot keys by template off (on by default: each request's first key folded,
+    /// user:1234:cart -> user:{id}:cart, runs of digits, hex ids and UUIDs become {id}, with
+    /// figures per template in the stats JSON and what is shipped; Redis, memcached, DNS)
+    #[arg(long = "no-templates", conflicts_with_all = ["key_templates", "dns_zones"])]
+    pub no_templates: bool,
 
-    /// Key templates by your own rules, globs tried before the folding of ids (implies
-    /// --templates), e.g. --key-templates 'session:*,cache:*'
+    /// Key templates by your own rules, globs tried before the folding of ids, e.g.
+    /// --key-templates 'session:*,cache:*'
     #[arg(long = "key-templates", value_delimiter = ',', value_name = "GLOB,...")]
     pub key_templates: Vec<String>,
 
-    /// DNS zones: with templates, query names below one fold into *.ZONE (implies
-    /// --templates), e.g. --dns-zones svc.cluster.local,example.com
+    /// DNS zones: query names below one fold into the template *.ZONE, e.g.
+    /// --dns-zones svc.cluster.local,example.com
     #[arg(long = "dns-zones", value_delimiter = ',', value_name = "ZONE,...")]
     pub dns_zones: Vec<String>,
 

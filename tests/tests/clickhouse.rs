@@ -63,12 +63,7 @@ fn feed(url: &str) {
         url,
         &["-p", "27001,27002,27003", "--slots", "-t", "5"],
     );
-    replay(
-        "redis-keys",
-        "a4",
-        url,
-        &["-p", "26379", "--templates", "-t", "1"],
-    );
+    replay("redis-keys", "a4", url, &["-p", "26379", "-t", "1"]);
 }
 
 /// Every query of `tcpkit-query --json`, by its arguments.
@@ -495,12 +490,7 @@ fn a_two_shard_cluster_behind_two_aggregators() {
         &a,
         &["-p", "27001,27002,27003", "--slots", "-t", "5"],
     );
-    replay(
-        "redis-keys",
-        "a4",
-        &b,
-        &["-p", "26379", "--templates", "-t", "1"],
-    );
+    replay("redis-keys", "a4", &b, &["-p", "26379", "-t", "1"]);
     let on_a = answers(&a);
     assert_same(&on_a, &answers(&b), "the two aggregators differ");
     // The same agents on SQLite: the same answers.

@@ -32,7 +32,6 @@ fn start_agent(
             threshold_ms,
             "--summary",
             "json",
-            "--templates",
         ])
         .args([
             "--aggregator",
@@ -417,11 +416,7 @@ fn key_templates_fleet_wide_equal_one_agent_over_both() {
     );
     // One agent over both captures at once: the same templates, the same figures.
     if requirement(have("mergecap"), "mergecap (wireshark-common)") {
-        let one = one_agent_over(
-            dir.path(),
-            &["redis-keys", "redis-benchmark-lo"],
-            &["--templates"],
-        );
+        let one = one_agent_over(dir.path(), &["redis-keys", "redis-benchmark-lo"], &[]);
         let one = one["templates"].as_object().expect("templates").clone();
         assert_eq!(one.len(), rows.len());
         for row in rows {

@@ -141,15 +141,7 @@ fn memcached_keys_fold_into_templates() {
     let name = "memcached-text";
     let out = run_on_fixture(
         name,
-        &[
-            "-m",
-            "memcached",
-            "-t",
-            "100000",
-            "--templates",
-            "--summary",
-            "json",
-        ],
+        &["-m", "memcached", "-t", "100000", "--summary", "json"],
     );
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let port = &json[0][Expected::of(name).port.to_string()];
@@ -191,15 +183,7 @@ fn memcached_binary_keys_fold_into_templates() {
     let name = "memcached-binary";
     let out = run_on_fixture(
         name,
-        &[
-            "-m",
-            "memcached",
-            "-t",
-            "100000",
-            "--templates",
-            "--summary",
-            "json",
-        ],
+        &["-m", "memcached", "-t", "100000", "--summary", "json"],
     );
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let templates = json[0][Expected::of(name).port.to_string()]["templates"]

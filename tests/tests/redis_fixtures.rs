@@ -293,7 +293,7 @@ fn cluster_redirects_and_slots_are_counted_exactly() {
 /// Keys of known shapes (tests/fixtures/redis_scenarios.py keys): each folds into the template
 /// the scenario names, with the keys its requests named (MGET of three: 3 a request); a
 /// user's rule names its own template; past the cap the rest count under {other}; and
-/// without --templates there are none.
+/// with --no-templates there are none.
 #[test]
 fn keys_fold_into_their_templates_exactly() {
     let name = "redis-keys";
@@ -301,10 +301,6 @@ fn keys_fold_into_their_templates_exactly() {
     let templates = |args: &[&str]| {
         let mut all = vec!["-t", "100000", "--summary", "json"];
         all.extend_from_slice(args);
-        if !args.contains(&"off") {
-            all.push("--templates");
-        }
-        all.retain(|a| *a != "off");
         let out = redis(name, &all);
         let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
         json[0]["26379"]["templates"].clone()
@@ -337,7 +333,10 @@ fn keys_fold_into_their_templates_exactly() {
     let keyed: u64 = want.values().map(|t| t["reqs"].as_u64().unwrap()).sum();
     assert_eq!(total, keyed);
     assert!(capped.contains_key("{other}") && capped.contains_key("user:{id}:cart"));
-    assert!(templates(&["off"]).is_null(), "off by default");
+    assert!(
+        templates(&["--no-templates"]).is_null(),
+        "--no-templates: none"
+    );
 }
 
 #[test]

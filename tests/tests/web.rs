@@ -116,12 +116,7 @@ fn fleet_with_page() -> (tempfile::TempDir, Aggregator, u16) {
         &["-p", "26379", "-t", "1000"],
     );
     replay("redis-slow", "a2", &url, &["-p", "26379", "-t", "20"]);
-    replay(
-        "redis-keys",
-        "a3",
-        &url,
-        &["-p", "26379", "--templates", "-t", "1000"],
-    );
+    replay("redis-keys", "a3", &url, &["-p", "26379", "-t", "1000"]);
     replay(
         "redis-cluster",
         "a4",

@@ -161,9 +161,9 @@ pub struct MatchLimits {
     pub max_pending_total: usize,
     /// How long a DNS query waits for its response, µs.
     pub dns_timeout_us: u64,
-    /// Redis requests get the hash slot of their first key (`--slots`).
+    /// Redis requests get the hash slot of their first key (the agent: with `--slots`).
     pub hash_slots: bool,
-    /// Keys are folded into templates by these rules (`--key-templates`, on by default).
+    /// Keys are folded into templates by these rules (the agent: unless `--no-templates`).
     pub key_rules: Option<&'static crate::l7::templates::KeyRules>,
 }
 

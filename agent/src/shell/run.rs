@@ -359,14 +359,13 @@ fn pipeline_config(args: &Args, link: LinkType) -> PipelineConfig {
     }
 }
 
-/// The key template rules of the command line, when templates are on: made once, and kept
+/// The key template rules of the command line, unless `--no-templates`: made once, and kept
 /// for the life of the process (every pipeline reads them).
 fn key_rules(args: &Args) -> Option<&'static KeyRules> {
     static RULES: std::sync::OnceLock<Option<KeyRules>> = std::sync::OnceLock::new();
     RULES
         .get_or_init(|| {
-            let on = args.templates || !args.key_templates.is_empty() || !args.dns_zones.is_empty();
-            on.then(|| {
+            (!args.no_templates).then(|| {
                 let mut rules = KeyRules::new(&args.key_templates).with_zones(&args.dns_zones);
                 rules.max_templates = args.max_key_templates as usize;
                 rules

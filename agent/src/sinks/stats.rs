@@ -419,7 +419,7 @@ pub struct PortLatency {
     /// Sightings of promoted candidates before their promotion (counted under `OTHER`), so
     /// that a newcomer is not evicted at once by the next candidate.
     credit: FxHashMap<Box<[u8]>, u64>,
-    /// Per Redis Cluster hash slot, with `--slots`.
+    /// Per Redis Cluster hash slot (with `--slots`).
     pub slots: SlotTable,
     /// Per key template, once an exchange has one (`{other}` past `template_cap`).
     pub templates: Option<Box<PortLatency>>,
