@@ -106,8 +106,6 @@ fn scratch<R>(fill: impl FnOnce(&mut Vec<u8>), f: impl FnOnce(&[u8]) -> R) -> R 
     })
 }
 
-impl KeyRules {}
-
 /// A memcached text request's first key, from its `summary` (command and arguments as sent:
 /// keys hold no spaces), and whether it was cut with the summary: the word after the
 /// command, or after `gat`'s exptime; none for the commands without keys (`stats`,
@@ -385,6 +383,12 @@ mod tests {
             fold_ids_by_words(key, &mut slow);
             assert_eq!(fast, slow, "{}", String::from_utf8_lossy(key));
         };
+        // The keys whose fold is longest (a digit alone becomes {id}), at the length kept and past.
+        for shape in [&b"0-"[..], b"0g", b"-0", b"g0"] {
+            for len in [KEY_BYTES - 1, KEY_BYTES, KEY_BYTES + 1, 4 * KEY_BYTES] {
+                check(&shape.iter().copied().cycle().take(len).collect::<Vec<u8>>());
+            }
+        }
         let mut key = Vec::new();
         for len in 0..=4u32 {
             for n in 0..alphabet.len().pow(len) {
