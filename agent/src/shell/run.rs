@@ -821,11 +821,15 @@ fn spawn_servers(
             let metrics = async {
                 if let Some((listener, page)) = metrics {
                     match tokio_listener(listener) {
-                        Ok(l) => {
-                            let render: prometheus::Render =
-                                Arc::new(move || page.current().as_str().to_owned());
-                            prometheus::serve(l, render, stopped()).await
-                        }
+                        // As the stats port: a scrape before the first page waits for it.
+                        Ok(l) => tokio::select! {
+                            () = stopped() => {}
+                            () = page.first_published() => {
+                                let render: prometheus::Render =
+                                    Arc::new(move || page.current().as_str().to_owned());
+                                prometheus::serve(l, render, stopped()).await
+                            }
+                        },
                         Err(e) => tracing::error!("metrics endpoint: {e}"),
                     }
                 }
@@ -847,6 +851,39 @@ mod tests {
     use crate::matcher::duplex::Duplex;
     use crate::steps::capture::Frame;
     use etherparse::PacketBuilder;
+
+    /// A scrape that comes before the first page waits for it rather than getting an empty
+    /// page; the servers stop without one as well.
+    #[test]
+    fn a_scrape_before_the_first_metrics_page_waits_for_it() {
+        use std::io::{Read, Write};
+        let page = StatsSnapshot::default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (thread, shutdown) = spawn_servers(None, Some((listener, page.clone()))).unwrap();
+        let scrape = std::thread::spawn(move || {
+            let mut client = std::net::TcpStream::connect(addr).unwrap();
+            client
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).unwrap();
+            answer
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        page.publish("tcpkit_up 1\n".into());
+        let answer = scrape.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("tcpkit_up 1\n"), "{answer}");
+        shutdown.send(true).unwrap();
+        thread.join().unwrap();
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (thread, shutdown) =
+            spawn_servers(None, Some((listener, StatsSnapshot::default()))).unwrap();
+        shutdown.send(true).unwrap();
+        thread.join().unwrap();
+    }
 
     fn config() -> PipelineConfig {
         PipelineConfig {

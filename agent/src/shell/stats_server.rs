@@ -25,6 +25,13 @@ impl StatsSnapshot {
     pub fn current(&self) -> Arc<String> {
         self.0.lock().map(|d| Arc::clone(&d)).unwrap_or_default()
     }
+
+    /// Resolves once a first document has been published.
+    pub async fn first_published(&self) {
+        while self.current().is_empty() {
+            tokio::time::sleep(FIRST_DOCUMENT_POLL).await;
+        }
+    }
 }
 
 /// Clients served at once at most; others wait in the listen backlog.
@@ -44,14 +51,9 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let first_document = async {
-        while snapshot.current().is_empty() {
-            tokio::time::sleep(FIRST_DOCUMENT_POLL).await;
-        }
-    };
     tokio::select! {
         () = &mut shutdown => return,
-        () = first_document => {}
+        () = snapshot.first_published() => {}
     }
     tcpkit_ops::listener::serve_clients(
         listener,
