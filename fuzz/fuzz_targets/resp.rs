@@ -6,13 +6,13 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use tcpkit::steps::flow::{Direction, FlowKey, StreamEvent};
 use tcpkit::l7::redis::{RespParser, Role};
 use tcpkit::matcher::duplex::Duplex;
 use tcpkit::matcher::{
     Connection, Exchange, ExchangeSink, MatchContext, MatchCounters, MatchLimits, RedisPairing,
     Unanswered,
 };
+use tcpkit::steps::flow::{Direction, FlowKey, StreamEvent};
 use tcpkit::steps::reassembly::Piece;
 
 struct Count(u64);
@@ -26,17 +26,20 @@ impl ExchangeSink for Count {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, rest)) = data.split_first() else { return };
+    let Some((&split, rest)) = data.split_first() else {
+        return;
+    };
     let cut = usize::from(split) % (rest.len() + 1);
     for role in [Role::Request, Role::Reply] {
         let mut parser = RespParser::new(role);
         let mut messages = 0u64;
         for piece in [&rest[..cut], &rest[cut..]] {
-            if parser.feed(piece, &mut |m| {
-                assert!(m.bytes as usize <= rest.len());
-                messages += 1;
-            })
-            .is_err()
+            if parser
+                .feed(piece, &mut |m| {
+                    assert!(m.bytes as usize <= rest.len());
+                    messages += 1;
+                })
+                .is_err()
             {
                 parser.reset();
             }
@@ -61,7 +64,11 @@ fuzz_target!(|data: &[u8]| {
     let (requests, replies) = rest.split_at(cut);
     let (mut q, mut r) = (requests.chunks(7), replies.chunks(7));
     let (mut req_pos, mut rsp_pos) = (0u64, 0u64);
-    let mut cx = MatchContext { limits: &limits, counters: &mut counters, sink: &mut sink };
+    let mut cx = MatchContext {
+        limits: &limits,
+        counters: &mut counters,
+        sink: &mut sink,
+    };
     if split & 1 == 0 {
         conn.on_event(&key, Direction::Request, 0, StreamEvent::Start, &mut cx);
         conn.on_event(&key, Direction::Response, 0, StreamEvent::Start, &mut cx);
@@ -75,19 +82,46 @@ fuzz_target!(|data: &[u8]| {
         if let Some(a) = a {
             if a[0] % 13 == 0 {
                 req_pos += u64::from(a[0] % 5) + 1;
-                let gap = StreamEvent::Gap { resume_pos: req_pos };
+                let gap = StreamEvent::Gap {
+                    resume_pos: req_pos,
+                };
                 conn.on_event(&key, Direction::Request, ts, gap, &mut cx);
             }
-            let piece = Piece { bytes: a, pos: req_pos, ts_us: ts * 1000, ack: None };
+            let piece = Piece {
+                bytes: a,
+                pos: req_pos,
+                ts_us: ts * 1000,
+                ack: None,
+            };
             let ack_pos = Some(rsp_pos.saturating_sub(u64::from(a[0] % 3)));
-            conn.on_event(&key, Direction::Request, ts, StreamEvent::Data { piece, ack_pos }, &mut cx);
+            conn.on_event(
+                &key,
+                Direction::Request,
+                ts,
+                StreamEvent::Data { piece, ack_pos },
+                &mut cx,
+            );
             req_pos += a.len() as u64;
         }
         if let Some(b) = b {
             let ack_pos = req_pos + lead * u64::from(b[0] & 1);
-            conn.on_event(&key, Direction::Response, ts, StreamEvent::Ack { ack_pos }, &mut cx);
-            let piece = Piece { bytes: b, pos: rsp_pos, ts_us: ts * 1000 + 5, ack: None };
-            let event = StreamEvent::Data { piece, ack_pos: Some(ack_pos) };
+            conn.on_event(
+                &key,
+                Direction::Response,
+                ts,
+                StreamEvent::Ack { ack_pos },
+                &mut cx,
+            );
+            let piece = Piece {
+                bytes: b,
+                pos: rsp_pos,
+                ts_us: ts * 1000 + 5,
+                ack: None,
+            };
+            let event = StreamEvent::Data {
+                piece,
+                ack_pos: Some(ack_pos),
+            };
             conn.on_event(&key, Direction::Response, ts * 1000, event, &mut cx);
             rsp_pos += b.len() as u64;
         }
