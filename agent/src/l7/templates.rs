@@ -188,6 +188,9 @@ fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
         return;
     }
     out.reserve(key.len() + ID.len());
+    if fold_digits_unless_hex_id(key, out) {
+        return;
+    }
     let mut i = 0;
     while i < key.len() {
         if CLASSES[usize::from(key[i])] & WORD == 0 {
@@ -225,6 +228,31 @@ fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
             fold_digit_runs(word, out);
         }
     }
+}
+
+/// The fold of most keys, byte by byte: with no run of 8 hex digits (so no hex id, no UUID),
+/// [`fold_ids`] makes each run of digits `{id}` and keeps every other byte. False, with
+/// `out` as it was, at the first such run: the word by word fold decides.
+#[inline]
+fn fold_digits_unless_hex_id(key: &[u8], out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    let (mut hex_run, mut in_digits) = (0, false);
+    for &b in key {
+        let class = CLASSES[usize::from(b)];
+        hex_run = if class & HEX != 0 { hex_run + 1 } else { 0 };
+        if hex_run == 8 {
+            out.truncate(start);
+            return false;
+        }
+        if class & DIGIT == 0 {
+            out.push(b);
+            in_digits = false;
+        } else if !in_digits {
+            out.extend_from_slice(ID);
+            in_digits = true;
+        }
+    }
+    true
 }
 
 /// True when `bytes` hold an ASCII digit: eight bytes at once (Bit Twiddling Hacks' "has a
