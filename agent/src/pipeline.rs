@@ -21,6 +21,11 @@ use crate::steps::flow::{
     StreamEvent, StreamHandler,
 };
 
+/// How far behind the clock a live capture's packets may come (they wait in a ring block
+/// until it fills or times out, and in the pipeline's queue): what the clock ends at a tick
+/// is older than this, so that no packet still on its way could have changed it.
+const CAPTURE_LAG_US: u64 = 1_000_000;
+
 /// Where exchanges go: the per-port stats, the slow log, and a Lua script's `on_exchange`.
 pub struct Sinks {
     ports: PortStats,
@@ -358,6 +363,7 @@ impl<C: Connection> Pipeline<C> {
         self.kernel = kernel;
         if let Some(wall) = wall_us {
             self.last_ts_us = self.last_ts_us.max(wall);
+            self.expire_by_clock(wall.saturating_sub(CAPTURE_LAG_US));
         }
         if self.sinks.ship.is_some() {
             self.ship_interval(false);
@@ -365,6 +371,25 @@ impl<C: Connection> Pipeline<C> {
         if let Some(ship) = self.sinks.ship.as_mut() {
             ship.send_events();
         }
+    }
+
+    /// Live, with no packet coming: the DNS queries past their timeout and the connections
+    /// idle past theirs end at `now_us` all the same, as a packet at that time would end
+    /// them.
+    fn expire_by_clock(&mut self, now_us: u64) {
+        let mut cx = MatchContext {
+            limits: &self.match_limits,
+            counters: &mut self.match_counters,
+            sink: &mut self.sinks,
+        };
+        self.dns.expire(now_us, &mut cx);
+        let mut streams = Streams {
+            modes: &self.modes,
+            limits: &self.match_limits,
+            counters: &mut self.match_counters,
+            sinks: &mut self.sinks,
+        };
+        self.flows.sweep_if_due(now_us, &mut streams);
     }
 
     /// Ends the shipping interval when capture time has passed it (or `now`).

@@ -954,6 +954,49 @@ mod tests {
         }
     }
 
+    /// Live, with no packet coming, a request without its reply still ends as a timeout once
+    /// its connection has been idle past the timeout on the clock (a second of lag allowed),
+    /// and a DNS query without its response once past its own timeout; not earlier.
+    #[test]
+    fn a_quiet_capture_still_ends_what_timed_out() {
+        let mut redis = config();
+        redis.flow_limits.idle_timeout_us = 5_000_000;
+        let mut pipeline = Pipeline::<Duplex<RedisPairing>>::new(redis);
+        let mut frames = connection(0);
+        frames.pop(); // the GET's reply never comes
+        feed(&mut pipeline, &frames);
+        let timeouts =
+            |p: &Pipeline<Duplex<RedisPairing>>| p.stats_json()[0]["6379"]["timeouts"].clone();
+        let get_at = frames.last().unwrap().0;
+        pipeline.tick(None, Some(get_at + 5_500_000));
+        assert_eq!(timeouts(&pipeline), 0);
+        // Swept once a second at most: the next sweep is a second after the last.
+        pipeline.tick(None, Some(get_at + 7_600_000));
+        assert_eq!(timeouts(&pipeline), 1, "{}", pipeline.stats_json());
+        assert_eq!(pipeline.counters().flows_evicted, 1);
+
+        let mut dns = config();
+        dns.ports = vec![(53, Mode::Dns)];
+        dns.rule = DirectionRule::new(&[53], &[], &[]);
+        dns.match_limits.dns_timeout_us = 2_000_000;
+        let mut pipeline = Pipeline::<Duplex<RedisPairing>>::new(dns);
+        let mut query = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(40_000, 53)
+            .write(
+                &mut query,
+                b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03foo\x04test\x00\x00\x01\x00\x01",
+            )
+            .unwrap();
+        feed(&mut pipeline, &[(1_000_000, query)]);
+        let timeouts =
+            |p: &Pipeline<Duplex<RedisPairing>>| p.stats_json()[0]["53"]["timeouts"].clone();
+        pipeline.tick(None, Some(3_900_000));
+        assert_eq!(timeouts(&pipeline), 0);
+        pipeline.tick(None, Some(4_100_000));
+        assert_eq!(timeouts(&pipeline), 1);
+    }
+
     #[test]
     fn the_merge_of_pipelines_is_one_pipeline_over_all_their_connections() {
         let connections: Vec<_> = (0..6).map(connection).collect();

@@ -304,10 +304,7 @@ impl<S: Default> FlowTable<S> {
         payload: &[u8],
         handler: &mut H,
     ) {
-        if ts_us >= self.next_sweep_us {
-            self.sweep_idle(ts_us, handler);
-            self.next_sweep_us = ts_us + SWEEP_INTERVAL_US;
-        }
+        self.sweep_if_due(ts_us, handler);
         let new_connection = dir == Direction::Request
             && flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
         // A SYN starts a new connection unless it repeats this one's, or this one's was not
@@ -391,6 +388,15 @@ impl<S: Default> FlowTable<S> {
                 self.counters.flows_closed += 1;
                 handler.on_close(&key, flow.state, reason, ts_us);
             }
+        }
+    }
+
+    /// [`FlowTable::sweep_idle`], when the last was [`SWEEP_INTERVAL_US`] ago or more: on each
+    /// segment, and on the live capture's clock when no segment comes.
+    pub fn sweep_if_due<H: StreamHandler<S>>(&mut self, now_us: u64, handler: &mut H) {
+        if now_us >= self.next_sweep_us {
+            self.sweep_idle(now_us, handler);
+            self.next_sweep_us = now_us + SWEEP_INTERVAL_US;
         }
     }
 
