@@ -406,7 +406,15 @@ fn drive<C: Connection>(
     pipeline.finish();
     let ship = pipeline.ship_status();
     let ended = Ended { kernel, ship };
-    end_run(pipeline, args, ended, capture, log, documents, loop_result)
+    end_run(
+        pipeline,
+        args,
+        ended,
+        Some(capture),
+        log,
+        documents,
+        loop_result,
+    )
 }
 
 /// What one pipeline of a shared live capture last told: for the merged documents.
@@ -490,6 +498,7 @@ fn drive_live<C: Connection>(
                 let (each, to_writer) = (each.clone(), to_writer.clone());
                 let tap = shipper.map(|s| s.tap_for(i));
                 let work = move || {
+                    let _stop_all = StopOnPanic(stop);
                     let mut pipeline = Pipeline::<C>::new(each);
                     if let Some(tap) = tap {
                         pipeline = pipeline.with_shipping(ShipSink::new(tap, ship_interval_us));
@@ -539,15 +548,25 @@ fn drive_live<C: Connection>(
         let mut ends = Vec::with_capacity(n);
         let mut captures = Vec::with_capacity(n);
         let mut loop_result = Ok(());
-        for worker in workers {
-            let (report, result, capture) = worker.join().expect("a pipeline thread panicked");
-            ends.push(report);
-            captures.push(capture);
-            if loop_result.is_ok() {
-                loop_result = result;
+        let mut panicked = Vec::new();
+        for (i, worker) in workers.into_iter().enumerate() {
+            match worker.join() {
+                Ok((report, result, capture)) => {
+                    ends.push(report);
+                    captures.push(capture);
+                    if loop_result.is_ok() {
+                        loop_result = result;
+                    }
+                }
+                Err(panic) => panicked.push(format!("pipeline {i}: {}", panic_message(&*panic))),
             }
         }
         let loop_result = match (loop_result, written) {
+            _ if !panicked.is_empty() => Err(anyhow::anyhow!(
+                "{} of {n} pipelines failed, the summary counts the others' connections only ({})",
+                panicked.len(),
+                panicked.join("; ")
+            )),
             (Err(e), _) => Err(e),
             (Ok(()), Err(e)) => closed_output(e),
             (Ok(()), Ok(())) => Ok(()),
@@ -557,12 +576,34 @@ fn drive_live<C: Connection>(
             merged,
             args,
             ended,
-            &mut captures[0],
+            captures.first_mut(),
             log,
             documents,
             loop_result,
         )
     })
+}
+
+/// Stops the capture of every pipeline when the thread it lives on unwinds: a pipeline that
+/// panics ends the run (its share of the traffic would go uncounted), it does not leave the
+/// others running.
+struct StopOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What a panic said, when it said it with a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic")
 }
 
 /// Writes what `n` pipelines output as it comes, and publishes their last reports once each
@@ -634,7 +675,7 @@ fn drive_sharded<C: Connection>(
         run.merged,
         args,
         ended,
-        capture,
+        Some(capture),
         log,
         documents,
         loop_result,
@@ -653,7 +694,7 @@ fn end_run<C: Connection>(
     mut pipeline: Pipeline<C>,
     args: &Args,
     ended: Ended,
-    capture: &mut Capture,
+    capture: Option<&mut Capture>,
     log: &mut Box<dyn Write>,
     documents: &Documents,
     loop_result: Result<()>,
@@ -669,7 +710,9 @@ fn end_run<C: Connection>(
     let written = write_out(log, pipeline.output())
         .and_then(|_| log.write_all(summary_text.as_bytes()))
         .and_then(|_| log.flush());
-    capture.flush()?;
+    if let Some(capture) = capture {
+        capture.flush()?;
+    }
     loop_result?;
     match written {
         Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write the log"),
@@ -851,6 +894,29 @@ mod tests {
     use crate::matcher::duplex::Duplex;
     use crate::steps::capture::Frame;
     use etherparse::PacketBuilder;
+
+    /// A pipeline thread that panics stops the capture of the others, and says why; one that
+    /// ends does not.
+    #[test]
+    fn a_panicking_pipeline_stops_the_others() {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let ends = scope.spawn(|| {
+                let _stop_all = StopOnPanic(&stop);
+            });
+            assert!(ends.join().is_ok());
+            assert!(!stop.load(Ordering::Relaxed));
+            let panics = scope.spawn(|| {
+                let _stop_all = StopOnPanic(&stop);
+                panic!("pipeline bug {}", 7);
+            });
+            let panic = panics.join().unwrap_err();
+            assert_eq!(panic_message(&*panic), "pipeline bug 7");
+        });
+        assert!(stop.load(Ordering::Relaxed));
+        let literal: Box<dyn std::any::Any + Send> = Box::new("a literal");
+        assert_eq!(panic_message(&*literal), "a literal");
+    }
 
     /// A scrape that comes before the first page waits for it rather than getting an empty
     /// page; the servers stop without one as well.
