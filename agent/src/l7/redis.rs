@@ -797,7 +797,7 @@ impl<const KEPT: usize> RespParser<KEPT> {
 }
 
 /// What a message says of its first key: its slot, its bytes kept, whether they were cut.
-#[cold]
+#[inline]
 fn first_key_fields(f: &FirstKey, work: KeyWork) -> (Option<u16>, Option<&[u8]>, bool) {
     let slot = if work.slots {
         f.slot.or(f.hasher.map(|h| h.slot()))

@@ -479,6 +479,7 @@ impl PortLatency {
         }
     }
 
+    #[inline]
     fn template_table(&mut self) -> &mut PortLatency {
         let cap = self.template_cap;
         self.templates
