@@ -216,6 +216,7 @@ impl DnsMatcher {
     }
 
     /// Reports the queries older than the timeout at capture time `now_us` as expired.
+    #[inline(always)]
     pub fn expire<S: ExchangeSink>(&mut self, now_us: u64, cx: &mut MatchContext<'_, S>) {
         while self
             .early
