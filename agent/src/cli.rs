@@ -495,5 +495,9 @@ mod tests {
         let twice = parse(&["-p", "6379,11211", "-p", "6379:memcached"]).unwrap();
         assert_eq!(twice.repeated_port(), Some(6379));
         assert_eq!(parse(&["-p", "1,2"]).unwrap().repeated_port(), None);
+        // Rules for templates with templates off say nothing: refused.
+        assert!(parse(&["-p", "1", "--no-templates", "--key-templates", "a:*"]).is_err());
+        assert!(parse(&["-p", "1", "--no-templates", "--dns-zones", "a.test"]).is_err());
+        assert!(parse(&["-p", "1", "--no-templates"]).unwrap().no_templates);
     }
 }
