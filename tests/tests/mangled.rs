@@ -9,9 +9,13 @@
 use tcpkit_tests::mangle::{Comparison, Fault, Pcap};
 use tcpkit_tests::{fixture, run_tcpkit, Expected, FIXTURES};
 
+/// A fixture: its name, its server ports (`-p`), the arguments that pair it.
+type Fixture = (&'static str, String, Vec<&'static str>);
+
 /// The fixtures with the arguments that pair them.
-fn fixtures() -> Vec<(&'static str, Vec<&'static str>)> {
-    let mut all: Vec<(&str, Vec<&str>)> = FIXTURES
+fn fixtures() -> Vec<Fixture> {
+    let port = |name: &str| Expected::of(name).port.to_string();
+    let mut all: Vec<Fixture> = FIXTURES
         .iter()
         .map(|&name| {
             let mode = match name.split('-').next() {
@@ -19,21 +23,26 @@ fn fixtures() -> Vec<(&'static str, Vec<&'static str>)> {
                 Some("memcached") => "memcached",
                 _ => "dns",
             };
-            (name, vec!["-m", mode])
+            (name, port(name), vec!["-m", mode])
         })
         .collect();
-    all.push(("dns-udp", vec!["-m", "dns", "-u"]));
+    all.push(("dns-udp", port("dns-udp"), vec!["-m", "dns", "-u"]));
+    // A 3-node Redis Cluster: redirects (MOVED, ASK) and ASKING among the exchanges.
+    all.push((
+        "redis-cluster",
+        "27001,27002,27003".to_string(),
+        vec!["-m", "redis"],
+    ));
     all
 }
 
 /// The slow log of every exchange of a capture.
-fn lines_of(pcap: &std::path::Path, port: u16, args: &[&str]) -> String {
-    let port = port.to_string();
+fn lines_of(pcap: &std::path::Path, ports: &str, args: &[&str]) -> String {
     let mut all = vec![
         "-r",
         pcap.to_str().unwrap(),
         "-p",
-        &port,
+        ports,
         "--summary",
         "none",
     ];
@@ -64,18 +73,17 @@ fn replay(fault: Fault) -> Comparison {
 /// Replays `fixtures` with `fault`, comparing the lines `lines` prints.
 fn replay_with(
     fault: Fault,
-    fixtures: &[(&str, Vec<&str>)],
-    lines: impl Fn(&std::path::Path, u16, &[&str]) -> String,
+    fixtures: &[Fixture],
+    lines: impl Fn(&std::path::Path, &str, &[&str]) -> String,
 ) -> Comparison {
     let dir = tempfile::tempdir().unwrap();
     // TCPKIT_KEEP_MANGLED=DIR keeps every mangled capture there.
     let keep = std::env::var_os("TCPKIT_KEEP_MANGLED").map(std::path::PathBuf::from);
     let mut total = Comparison::default();
     let mut report = Vec::new();
-    for (name, args) in fixtures {
+    for (name, ports, args) in fixtures {
         let path = fixture(&format!("{name}.pcap"));
-        let port = Expected::of(name).port;
-        let clean = lines(&path, port, args);
+        let clean = lines(&path, ports, args);
         let pcap = Pcap::read(&path);
         let mut sum = Comparison::default();
         for seed in 0..seeds(pcap.len()) {
@@ -86,7 +94,7 @@ fn replay_with(
                 let _ = std::fs::copy(&mangled_path, keep.join(name));
             }
             let mut wrong = Vec::new();
-            let c = Comparison::of(&clean, &lines(&mangled_path, port, args), &mut wrong);
+            let c = Comparison::of(&clean, &lines(&mangled_path, ports, args), &mut wrong);
             if !wrong.is_empty() && std::env::var_os("TCPKIT_MANGLE_REPORT_ONLY").is_none() {
                 // Kept for whoever looks into it.
                 let kept = std::env::temp_dir().join(format!("tcpkit-mangled-{name}-{seed}.pcap"));
@@ -153,11 +161,11 @@ fn own_times_and_depths_are_never_wrong_under_faults() {
     // The captures with pipelines: their clean runs have depths above 1 and time queued.
     let pipelined: Vec<_> = fixtures()
         .into_iter()
-        .filter(|(name, _)| name.starts_with("redis-pipeline") || name.starts_with("memcached"))
+        .filter(|(name, _, _)| name.starts_with("redis-pipeline") || name.starts_with("memcached"))
         .collect();
     let clean = lines_with_script(
         &fixture("redis-pipeline.pcap"),
-        Expected::of("redis-pipeline").port,
+        &Expected::of("redis-pipeline").port.to_string(),
         &["-m", "redis"],
         script,
     );
@@ -172,8 +180,8 @@ fn own_times_and_depths_are_never_wrong_under_faults() {
         Fault::Duplicate(0.01),
         Fault::ResendLater(0.01),
     ] {
-        let c = replay_with(fault, &pipelined, |pcap, port, args| {
-            lines_with_script(pcap, port, args, script)
+        let c = replay_with(fault, &pipelined, |pcap, ports, args| {
+            lines_with_script(pcap, ports, args, script)
         });
         if !matches!(fault, Fault::Drop(_)) {
             assert!(c.recall() >= 0.999, "{fault}: recall {:.4}", c.recall());
@@ -182,10 +190,10 @@ fn own_times_and_depths_are_never_wrong_under_faults() {
 }
 
 /// The lines of [`PIPELINE_LINES`] for every exchange of a capture.
-fn lines_with_script(pcap: &std::path::Path, port: u16, args: &[&str], script: &str) -> String {
+fn lines_with_script(pcap: &std::path::Path, ports: &str, args: &[&str], script: &str) -> String {
     let mut all = args.to_vec();
     all.extend(["-S", script, "-t", "100000000"]);
-    lines_of(pcap, port, &all)
+    lines_of(pcap, ports, &all)
 }
 
 #[test]
