@@ -411,6 +411,23 @@ mod tests {
             fold_ids_by_words(key, &mut slow);
             assert_eq!(fast, slow, "{}", String::from_utf8_lossy(key));
         };
+        // Ids of every kind, where the byte by byte fold hands over to the word by word one or not.
+        for key in [
+            &b"user:12345678"[..],
+            b"user:123456789:cart",
+            b"12345678abc",
+            b"abc12345678",
+            b"g12345678abcd",
+            b"x12345678-1",
+            b"12345678-1234-1234-1234-123456789abc",
+            b"12345678-1234-1234-1234-123456789012",
+            b"ts:1700000000123-7",
+            b"a1b2c3d4",
+            b"a1b2c3d",
+            b"k:1234567",
+        ] {
+            check(key);
+        }
         // The keys whose fold is longest (a digit alone becomes {id}), at the length kept and past.
         for shape in [&b"0-"[..], b"0g", b"-0", b"g0"] {
             for len in [KEY_BYTES - 1, KEY_BYTES, KEY_BYTES + 1, 4 * KEY_BYTES] {

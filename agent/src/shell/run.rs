@@ -561,15 +561,18 @@ fn drive_live<C: Connection>(
                 Err(panic) => panicked.push(format!("pipeline {i}: {}", panic_message(&*panic))),
             }
         }
-        let loop_result = match (loop_result, written) {
-            _ if !panicked.is_empty() => Err(anyhow::anyhow!(
+        let loop_result = if panicked.is_empty() {
+            match (loop_result, written) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(e)) => closed_output(e),
+                (Ok(()), Ok(())) => Ok(()),
+            }
+        } else {
+            Err(anyhow::anyhow!(
                 "{} of {n} pipelines failed, the summary counts the others' connections only ({})",
                 panicked.len(),
                 panicked.join("; ")
-            )),
-            (Err(e), _) => Err(e),
-            (Ok(()), Err(e)) => closed_output(e),
-            (Ok(()), Ok(())) => Ok(()),
+            ))
         };
         let (merged, ended) = merge_reports::<C>(config, &ends);
         end_run(
