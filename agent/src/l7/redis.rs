@@ -285,7 +285,7 @@ impl FirstKey {
     #[inline(always)]
     fn keep(&mut self, bytes: &[u8]) {
         let take = bytes.len().min(KEY_BYTES - self.len);
-        self.buf[self.len..self.len + take].copy_from_slice(&bytes[..take]);
+        copy_short(&mut self.buf, self.len, bytes, take);
         self.len += take;
         self.cut |= take < bytes.len();
     }
