@@ -50,8 +50,17 @@ impl Sinks {
         }
     }
 
-    /// Applies what the script recorded and logged since the last call.
+    /// Applies what the script recorded and logged since the last call. Checked inline,
+    /// once per packet: without a script it costs a test, not a call.
+    #[inline(always)]
     fn apply_script_outputs(&mut self) {
+        if self.script.is_some() {
+            self.apply_outputs_of_script();
+        }
+    }
+
+    #[inline(never)]
+    fn apply_outputs_of_script(&mut self) {
         let Some(script) = self.script.as_mut() else {
             return;
         };
@@ -260,13 +269,14 @@ impl<C: Connection> Pipeline<C> {
         self.sinks
             .ports
             .count_packet(server_port, dir, packet.payload.len());
+        let mode = self.modes.of(server_port);
         if let Some(script) = self.sinks.script.as_mut() {
             script.packet(frame.ts_sec, frame.ts_usec, &packet, dir);
-        } else if self.modes.of(server_port) == Mode::Raw {
+        } else if mode == Mode::Raw {
             self.raw
                 .format(frame.ts_sec, &packet, dir, &mut self.sinks.out);
         }
-        if packet.transport == Transport::Udp && self.modes.of(server_port) == Mode::Dns {
+        if packet.transport == Transport::Udp && mode == Mode::Dns {
             let (client, server) = match dir {
                 Direction::Request => (packet.src, packet.dst),
                 Direction::Response => (packet.dst, packet.src),

@@ -128,13 +128,16 @@ const ETHERTYPE_VLAN: u16 = 0x8100;
 const ETHERTYPE_QINQ: u16 = 0x88a8;
 const ETHERTYPE_QINQ_OLD: u16 = 0x9100;
 
-/// Decodes one captured frame of the given link type.
+/// Decodes one captured frame of the given link type. Inline, with the common case
+/// ([`ipv4_plain`]), so that the packet is built where the caller keeps it.
+#[inline(always)]
 pub fn decode(link: LinkType, frame: &[u8]) -> Result<Packet<'_>, DecodeError> {
     let ip = ip_bytes(link, frame)?;
     decode_ip(ip)
 }
 
 /// Strips the link header and returns the IP packet it carries.
+#[inline(always)]
 fn ip_bytes(link: LinkType, frame: &[u8]) -> Result<&[u8], DecodeError> {
     match link {
         LinkType::Ethernet => {
@@ -196,6 +199,7 @@ fn be16(frame: &[u8], offset: usize) -> Result<u16, DecodeError> {
         .ok_or(DecodeError::Truncated)
 }
 
+#[inline(always)]
 fn decode_ip(bytes: &[u8]) -> Result<Packet<'_>, DecodeError> {
     match ipv4_plain(bytes) {
         Some(packet) => packet,
@@ -264,6 +268,7 @@ fn ipv4_plain(bytes: &[u8]) -> Option<Result<Packet<'_>, DecodeError>> {
 }
 
 /// Any IP packet, by etherparse.
+#[inline(never)]
 fn decode_ip_any(bytes: &[u8]) -> Result<Packet<'_>, DecodeError> {
     use etherparse::err::ip::SliceError;
     let ip = IpSlice::from_slice(bytes).map_err(|e| match e {
