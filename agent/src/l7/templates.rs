@@ -65,7 +65,8 @@ impl KeyRules {
     }
 
     /// The template of `key` (its first [`KEY_BYTES`] bytes, `cut` when it was longer),
-    /// added to `out`: at most [`TEMPLATE_BYTES`].
+    /// added to `out`: at most [`TEMPLATE_BYTES`]. Inline: it runs once per request.
+    #[inline]
     pub fn fold(&self, key: &[u8], cut: bool, out: &mut Vec<u8>) {
         let start = out.len();
         if let Some(rule) = self.globs.iter().find(|g| glob_matches(g, key, cut)) {
@@ -180,6 +181,10 @@ static CLASSES: [u8; 256] = {
 /// Writes `key` with its ids folded into `out`, in one pass: the bytes between words (runs
 /// of letters and digits) and the words without digits are copied; a UUID is `{id}`, so is a
 /// hex word of 8 or more with a digit; in any other word each run of digits is.
+///
+/// Inline up to the byte by byte fold, which folds most keys; the word by word one, for
+/// keys with a hex id, is a call.
+#[inline]
 fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
     // Most keys of a hot template hold an id; those that do not are their own template (a
     // UUID without a digit among its 32 hex digits stays too: one in 10^13).
@@ -188,9 +193,14 @@ fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
         return;
     }
     out.reserve(key.len() + ID.len());
-    if fold_digits_unless_hex_id(key, out) {
-        return;
+    if !fold_digits_unless_hex_id(key, out) {
+        fold_words(key, out);
     }
+}
+
+/// [`fold_ids`] word by word, for a key that holds a run of 8 hex digits.
+#[inline(never)]
+fn fold_words(key: &[u8], out: &mut Vec<u8>) {
     let mut i = 0;
     while i < key.len() {
         if CLASSES[usize::from(key[i])] & WORD == 0 {
