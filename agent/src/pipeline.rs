@@ -59,6 +59,7 @@ impl Sinks {
         }
     }
 
+    /// [`Sinks::apply_script_outputs`] with a script.
     #[inline(never)]
     fn apply_outputs_of_script(&mut self) {
         let Some(script) = self.script.as_mut() else {

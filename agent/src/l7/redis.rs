@@ -269,7 +269,6 @@ impl FirstKey {
     }
 
     /// A request read whole: its first arguments.
-    #[inline]
     fn whole(&mut self, work: KeyWork, args: &[&[u8]]) {
         if let Some(key) = first_key(&mut self.cache, args) {
             self.started = true;

@@ -65,8 +65,7 @@ impl KeyRules {
     }
 
     /// The template of `key` (its first [`KEY_BYTES`] bytes, `cut` when it was longer),
-    /// added to `out`: at most [`TEMPLATE_BYTES`]. Inline: it runs once per request.
-    #[inline]
+    /// added to `out`: at most [`TEMPLATE_BYTES`].
     pub fn fold(&self, key: &[u8], cut: bool, out: &mut Vec<u8>) {
         let start = out.len();
         if let Some(rule) = self.globs.iter().find(|g| glob_matches(g, key, cut)) {
@@ -182,9 +181,8 @@ static CLASSES: [u8; 256] = {
 /// of letters and digits) and the words without digits are copied; a UUID is `{id}`, so is a
 /// hex word of 8 or more with a digit; in any other word each run of digits is.
 ///
-/// Inline up to the byte by byte fold, which folds most keys; the word by word one, for
-/// keys with a hex id, is a call.
-#[inline]
+/// The word by word fold, for the few keys with a hex id, is a function of its own: this one
+/// stays small.
 fn fold_ids(key: &[u8], out: &mut Vec<u8>) {
     // Most keys of a hot template hold an id; those that do not are their own template (a
     // UUID without a digit among its 32 hex digits stays too: one in 10^13).
