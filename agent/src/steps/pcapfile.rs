@@ -248,16 +248,15 @@ impl BlockPcap {
 mod tests {
     use super::*;
 
-    fn file(bytes: &[u8]) -> std::path::PathBuf {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "tcpkit-pcapfile-{}-{}.pcap",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, bytes).unwrap();
-        path
+    /// A temporary file holding `bytes`, removed when dropped.
+    fn file(bytes: &[u8]) -> tempfile::TempPath {
+        let mut f = tempfile::Builder::new()
+            .prefix("tcpkit-pcapfile-")
+            .suffix(".pcap")
+            .tempfile()
+            .unwrap();
+        std::io::Write::write_all(&mut f, bytes).unwrap();
+        f.into_temp_path()
     }
 
     fn pcap(magic: u32, big_endian: bool, records: &[(u32, u32, &[u8])]) -> Vec<u8> {
