@@ -46,7 +46,7 @@ impl Sinks {
             self.slowlog.format(e, &mut self.out);
         }
         if let Some(ship) = self.ship.as_mut() {
-            ship.exchange(e, slow, self.modes.of(e.server.port()).name());
+            ship.exchange(e, slow, self.modes.of(e.flow.server_port()).name());
         }
     }
 
@@ -75,10 +75,11 @@ impl Sinks {
                     let unspecified = std::net::IpAddr::from([0, 0, 0, 0]);
                     let server = r.server.map_or(unspecified, |s| s.ip());
                     self.record(&Exchange {
-                        client: r
-                            .client
-                            .unwrap_or(std::net::SocketAddr::new(unspecified, 0)),
-                        server: std::net::SocketAddr::new(server, r.port),
+                        flow: FlowKey::new(
+                            r.client
+                                .unwrap_or(std::net::SocketAddr::new(unspecified, 0)),
+                            std::net::SocketAddr::new(server, r.port),
+                        ),
                         req_start_us: r.ts_us,
                         req_done_us: r.ts_us,
                         rsp_start_us: r.ts_us + r.latency_us,
@@ -109,7 +110,7 @@ impl ExchangeSink for Sinks {
     fn exchange(&mut self, e: &Exchange<'_>) {
         self.record(e);
         if let Some(script) = self.script.as_mut() {
-            script.exchange(e, self.modes.of(e.server.port()).name());
+            script.exchange(e, self.modes.of(e.flow.server_port()).name());
         }
     }
 
@@ -122,10 +123,10 @@ impl ExchangeSink for Sinks {
 
     fn expired(&mut self, e: &Exchange<'_>) {
         self.ports
-            .record_unanswered(e.server.port(), e.command, Unanswered::Timeout);
+            .record_unanswered(e.flow.server_port(), e.command, Unanswered::Timeout);
         self.slowlog.format_timeout(e, &mut self.out);
         if let Some(ship) = self.ship.as_mut() {
-            ship.expired(e, self.modes.of(e.server.port()).name());
+            ship.expired(e, self.modes.of(e.flow.server_port()).name());
         }
     }
 }
@@ -147,7 +148,7 @@ impl<C: Connection> StreamHandler<C> for Streams<'_> {
         ts_us: u64,
         event: StreamEvent<'_>,
     ) {
-        conn.prepare(key.server.port(), self.modes);
+        conn.prepare(key.server_port(), self.modes);
         let mut cx = MatchContext {
             limits: self.limits,
             counters: self.counters,

@@ -282,8 +282,7 @@ impl Query {
     /// The query as an exchange with no response yet (the fields a response fills are empty).
     fn unanswered(&self, key: &QueryKey) -> Exchange<'_> {
         Exchange {
-            client: key.0,
-            server: key.1,
+            flow: FlowKey::new(key.0, key.1),
             req_start_us: self.ts_us,
             req_done_us: self.ts_us,
             rsp_start_us: self.ts_us,
@@ -419,7 +418,7 @@ impl Protocol for DnsTcpPairing {
                 let mut timer = req_clock.begin(ts_us, queries.in_message());
                 queries.feed(bytes, &mut |msg| {
                     let (_, done) = timer.next_times();
-                    matcher.on_datagram(key.client, key.server, true, done, msg, cx);
+                    matcher.on_datagram(key.client(), key.server(), true, done, msg, cx);
                 });
                 req_clock.end(&timer, queries.in_message());
             }
@@ -427,7 +426,7 @@ impl Protocol for DnsTcpPairing {
                 let mut timer = rsp_clock.begin(ts_us, responses.in_message());
                 responses.feed(bytes, &mut |msg| {
                     let start = timer.next_start();
-                    matcher.on_datagram(key.client, key.server, false, start, msg, cx);
+                    matcher.on_datagram(key.client(), key.server(), false, start, msg, cx);
                 });
                 rsp_clock.end(&timer, responses.in_message());
             }

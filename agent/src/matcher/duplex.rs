@@ -296,7 +296,7 @@ impl<P: Protocol> Duplex<P> {
                 self.req_started = true;
                 self.req_seen = self.req_seen.max(resume_pos);
                 cx.sink
-                    .unanswered(key.server, UNKNOWN_COMMAND, Unanswered::RequestLost);
+                    .unanswered(key.server(), UNKNOWN_COMMAND, Unanswered::RequestLost);
                 self.desync(key, Unanswered::Uncertain, cx);
                 self.flush_waiting(key, cx);
             }
@@ -542,7 +542,7 @@ impl<P: Protocol> Duplex<P> {
         };
         let needed = front.ack_pos.unwrap_or(self.req_seen);
         cx.sink
-            .unanswered(key.server, UNKNOWN_COMMAND, Unanswered::TooEarly);
+            .unanswered(key.server(), UNKNOWN_COMMAND, Unanswered::TooEarly);
         self.req_seen = self.req_seen.max(needed);
         let rsp_from = front.pos;
         self.desync_from(key, self.req_seen, rsp_from, Unanswered::Uncertain, cx);

@@ -44,10 +44,7 @@ impl<P: Protocol, R: ExchangeSink + Default> Harness<P, R> {
     pub fn without_syn(server: &str) -> Self {
         Self {
             conn: Duplex::default(),
-            key: FlowKey {
-                client: "10.0.0.1:40000".parse().unwrap(),
-                server: server.parse().unwrap(),
-            },
+            key: FlowKey::new("10.0.0.1:40000".parse().unwrap(), server.parse().unwrap()),
             limits: MatchLimits::default(),
             counters: MatchCounters::default(),
             sink: R::default(),

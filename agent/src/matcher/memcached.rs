@@ -173,7 +173,7 @@ impl Protocol for MemcachedPairing {
         if let Some(binary) = self.binary.as_mut() {
             return binary.reset(key, why, cx);
         }
-        give_up_all(&mut self.pending, key.server, Pending::command, why, cx);
+        give_up_all(&mut self.pending, key.server(), Pending::command, why, cx);
         self.requests.reset();
         self.replies.reset();
         self.pipeline.reset();
@@ -185,7 +185,7 @@ impl Protocol for MemcachedPairing {
         }
         give_up_all(
             &mut self.pending,
-            key.server,
+            key.server(),
             Pending::command,
             Unanswered::Timeout,
             cx,
@@ -261,9 +261,9 @@ fn queue<S: ExchangeSink>(
         cx.counters.noreply += 1;
         return;
     }
-    if !make_room(pending, key.server, Pending::command, cx) {
+    if !make_room(pending, key.server(), Pending::command, cx) {
         cx.sink
-            .unanswered(key.server, m.command, Unanswered::Timeout);
+            .unanswered(key.server(), m.command, Unanswered::Timeout);
         return;
     }
     let mut summary = [0u8; KEPT_SUMMARY];
@@ -379,8 +379,7 @@ fn pair<S: ExchangeSink>(
         _ => (0, 0),
     };
     let exchange = Exchange {
-        client: key.client,
-        server: key.server,
+        flow: *key,
         req_start_us: request.req_start_us,
         req_done_us: request.req_done_us,
         rsp_start_us: start,

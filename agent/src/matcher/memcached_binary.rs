@@ -129,7 +129,7 @@ impl Protocol for BinaryPairing {
         why: Unanswered,
         cx: &mut MatchContext<'_, S>,
     ) {
-        give_up_all(&mut self.pending, key.server, Pending::command, why, cx);
+        give_up_all(&mut self.pending, key.server(), Pending::command, why, cx);
         self.requests.reset();
         self.responses.reset();
         self.pipeline.reset();
@@ -138,7 +138,7 @@ impl Protocol for BinaryPairing {
     fn on_close<S: ExchangeSink>(&mut self, key: &FlowKey, cx: &mut MatchContext<'_, S>) {
         give_up_all(
             &mut self.pending,
-            key.server,
+            key.server(),
             Pending::command,
             Unanswered::Timeout,
             cx,
@@ -159,9 +159,9 @@ fn queue<S: ExchangeSink>(
         cx.counters.noreply += 1; // QUIT, QUITQ: the server closes
         return;
     }
-    if !make_room(pending, key.server, Pending::command, cx) {
+    if !make_room(pending, key.server(), Pending::command, cx) {
         cx.sink
-            .unanswered(key.server, name.as_bytes(), Unanswered::Timeout);
+            .unanswered(key.server(), name.as_bytes(), Unanswered::Timeout);
         return;
     }
     let mut summary = [0u8; SUMMARY];
@@ -208,7 +208,7 @@ fn pair<S: ExchangeSink>(
             cx.counters.noreply += 1;
         } else {
             cx.sink
-                .unanswered(key.server, skipped.command(), Unanswered::Timeout);
+                .unanswered(key.server(), skipped.command(), Unanswered::Timeout);
         }
     }
     let Some(request) = pending.pop_front() else {
@@ -227,8 +227,7 @@ fn pair<S: ExchangeSink>(
     let summary = &request.summary[..usize::from(request.summary_len)];
     let name_len = opcode_name(request.opcode).len();
     let exchange = Exchange {
-        client: key.client,
-        server: key.server,
+        flow: *key,
         req_start_us: request.req_start_us,
         req_done_us: request.req_done_us,
         rsp_start_us,
@@ -300,10 +299,10 @@ mod tests {
         responses: &[u8],
         sink: &mut impl ExchangeSink,
     ) -> MatchCounters {
-        let key = FlowKey {
-            client: "10.0.0.1:40000".parse().unwrap(),
-            server: "10.0.0.2:11211".parse().unwrap(),
-        };
+        let key = FlowKey::new(
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:11211".parse().unwrap(),
+        );
         let mut counters = MatchCounters::default();
         let mut conn = BinaryPairing::default();
         let mut cx = MatchContext {

@@ -25,10 +25,9 @@ pub use redis::RedisPairing;
 /// One request paired with its response.
 #[derive(Debug, Clone, Copy)]
 pub struct Exchange<'a> {
-    /// The client.
-    pub client: SocketAddr,
-    /// The server.
-    pub server: SocketAddr,
+    /// The connection (or the query's client and server): [`Exchange::client`],
+    /// [`Exchange::server`].
+    pub flow: FlowKey,
     /// Capture time of the segment holding the request's first byte, µs.
     pub req_start_us: u64,
     /// The request's time: the latest capture time among the segments holding its bytes
@@ -76,6 +75,18 @@ pub struct Exchange<'a> {
     /// The keys the request names (its fan-out: `MGET k1 k2 k3` names 3); 0 without a key,
     /// or when templates are off.
     pub keys: u32,
+}
+
+impl Exchange<'_> {
+    /// The client's address and port.
+    pub fn client(&self) -> SocketAddr {
+        self.flow.client()
+    }
+
+    /// The server's address and port.
+    pub fn server(&self) -> SocketAddr {
+        self.flow.server()
+    }
 }
 
 /// Why an exchange was not timed.
@@ -148,7 +159,7 @@ pub trait ExchangeSink {
     fn unanswered(&mut self, server: SocketAddr, command: &[u8], why: Unanswered);
     /// A request that went unanswered past its timeout (DNS); `e` has no response fields.
     fn expired(&mut self, e: &Exchange<'_>) {
-        self.unanswered(e.server, e.command, Unanswered::Timeout);
+        self.unanswered(e.server(), e.command, Unanswered::Timeout);
     }
 }
 

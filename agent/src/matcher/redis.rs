@@ -343,7 +343,8 @@ impl RedisPairing {
     ) {
         cx.counters.pending -= self.pending.len() as u64;
         for p in &self.pending.entries {
-            cx.sink.unanswered(key.server, self.pending.command(p), why);
+            cx.sink
+                .unanswered(key.server(), self.pending.command(p), why);
         }
         self.pending.entries.clear();
     }
@@ -426,14 +427,14 @@ fn queue_request<S: ExchangeSink>(
         upper[..name.len()].copy_from_slice(name);
         upper.make_ascii_uppercase();
         cx.sink
-            .unanswered(key.server, &upper[..name.len()], Unanswered::Timeout);
+            .unanswered(key.server(), &upper[..name.len()], Unanswered::Timeout);
         return;
     }
     if pending.len() >= cx.limits.max_pending_per_connection {
         if let Some(oldest) = pending.entries.pop_front() {
             cx.counters.pending -= 1;
             cx.sink
-                .unanswered(key.server, pending.command(&oldest), Unanswered::Timeout);
+                .unanswered(key.server(), pending.command(&oldest), Unanswered::Timeout);
         }
     }
     let entry = Pending {
@@ -576,8 +577,7 @@ fn complete<S: ExchangeSink>(
         None
     };
     cx.sink.exchange(&Exchange {
-        client: key.client,
-        server: key.server,
+        flow: *key,
         req_start_us: request.req_start_us,
         req_done_us: request.req_done_us,
         rsp_start_us,

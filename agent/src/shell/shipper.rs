@@ -653,7 +653,7 @@ impl ShipSink {
     /// Counts a request that expired, and ships it as a timeout event.
     pub fn expired(&mut self, e: &Exchange<'_>, proto: &'static str) {
         self.histograms
-            .give_up(e.server, proto, e.command, Unanswered::Timeout);
+            .give_up(e.server(), proto, e.command, Unanswered::Timeout);
         self.push_event(event_of(e, proto, true));
     }
 

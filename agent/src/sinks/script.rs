@@ -361,8 +361,8 @@ impl Script {
         };
         let table = (|| -> mlua::Result<Table> {
             let t = self.lua.create_table_with_capacity(0, 12)?;
-            t.raw_set("client", e.client.to_string())?;
-            t.raw_set("server", e.server.to_string())?;
+            t.raw_set("client", e.client().to_string())?;
+            t.raw_set("server", e.server().to_string())?;
             t.raw_set("proto", proto)?;
             t.raw_set("command", self.lua.create_string(e.command)?)?;
             t.raw_set("summary", self.lua.create_string(e.summary)?)?;

@@ -58,7 +58,7 @@ impl IntervalHistograms {
         let cap = self.template_cap;
         let (_, port) = self
             .series
-            .entry((e.server.ip(), e.server.port()))
+            .entry((e.flow.server_ip(), e.flow.server_port()))
             .or_insert_with(|| (proto, PortLatency::with_templates(cap)));
         port.record(e, slow);
     }
@@ -190,7 +190,7 @@ pub fn event_of(e: &Exchange<'_>, proto: &str, timeout: bool) -> v1::Event {
     } else {
         v1::Status::Ok
     };
-    let client = match e.client {
+    let client = match e.client() {
         std::net::SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
         a => a.to_string(),
     };
@@ -198,8 +198,8 @@ pub fn event_of(e: &Exchange<'_>, proto: &str, timeout: bool) -> v1::Event {
         ts_us: e.req_start_us,
         req_done_us: e.req_done_us,
         client,
-        server: e.server.ip().to_string(),
-        port: u32::from(e.server.port()),
+        server: e.flow.server_ip().to_string(),
+        port: u32::from(e.flow.server_port()),
         proto: proto.to_string(),
         command: String::from_utf8_lossy(e.command).into_owned(),
         // Escaped: ASCII only.

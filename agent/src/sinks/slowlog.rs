@@ -55,9 +55,9 @@ impl SlowLog {
         self.clock
             .format((ts / 1_000_000) as i64, Some((ts % 1_000_000) as u32), out);
         out.push(b' ');
-        push_endpoint(out, e.client.ip(), e.client.port());
+        push_endpoint(out, e.flow.client_ip(), e.flow.client_port());
         out.extend_from_slice(b" => ");
-        push_endpoint(out, e.server.ip(), e.server.port());
+        push_endpoint(out, e.flow.server_ip(), e.flow.server_port());
         out.extend_from_slice(b" | ");
         match instead_of_latency {
             Some(text) => out.extend_from_slice(text),
@@ -78,12 +78,15 @@ impl SlowLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::steps::flow::FlowKey;
 
     #[test]
     fn line_format() {
         let e = Exchange {
-            client: "172.20.64.106:53499".parse().unwrap(),
-            server: "[::1]:6379".parse().unwrap(),
+            flow: FlowKey::new(
+                "172.20.64.106:53499".parse().unwrap(),
+                "[::1]:6379".parse().unwrap(),
+            ),
             req_start_us: 1_542_393_516_873_067,
             req_done_us: 0,
             rsp_start_us: 0,

@@ -677,7 +677,7 @@ impl PortStats {
     /// Counts one exchange on its server's port.
     #[inline(always)]
     pub fn record_exchange(&mut self, e: &Exchange<'_>, slow: bool) {
-        if let Some(port) = self.port_latency(e.server.port()) {
+        if let Some(port) = self.port_latency(e.flow.server_port()) {
             port.record(e, slow);
         }
     }
@@ -1043,6 +1043,7 @@ mod tests {
 #[cfg(test)]
 mod latency_tests {
     use super::*;
+    use crate::steps::flow::FlowKey;
 
     #[test]
     fn the_cap_keeps_the_commands_seen_most() {
@@ -1084,8 +1085,10 @@ mod latency_tests {
 
     fn exchange(command: &'static [u8], latency_us: u64, error: bool) -> Exchange<'static> {
         Exchange {
-            client: "10.0.0.1:40000".parse().unwrap(),
-            server: "10.0.0.2:6379".parse().unwrap(),
+            flow: FlowKey::new(
+                "10.0.0.1:40000".parse().unwrap(),
+                "10.0.0.2:6379".parse().unwrap(),
+            ),
             req_start_us: 0,
             req_done_us: 0,
             rsp_start_us: latency_us,

@@ -81,32 +81,78 @@ impl DirectionRule {
     }
 }
 
-/// A connection, named from the client's side.
+/// A connection, named from the client's side: its addresses and ports as the packets
+/// carry them (38 bytes, not two `SocketAddr`'s 64: built, hashed and compared per packet).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
-    /// The client's address and port.
-    pub client: SocketAddr,
-    /// The server's address and port.
-    pub server: SocketAddr,
+    // The client's port first: connections to one server differ there, so a comparison
+    // of two keys mostly ends at it.
+    client_port: u16,
+    server_port: u16,
+    client_ip: IpAddr,
+    server_ip: IpAddr,
 }
 
 impl FlowKey {
+    /// The key of the connection from `client` to `server`.
+    pub fn new(client: SocketAddr, server: SocketAddr) -> Self {
+        Self {
+            client_port: client.port(),
+            server_port: server.port(),
+            client_ip: client.ip(),
+            server_ip: server.ip(),
+        }
+    }
+
     /// The key of the connection a packet belongs to.
+    #[inline]
     pub fn of(p: &Packet<'_>, direction: Direction) -> Self {
-        let (src, dst) = (
-            SocketAddr::new(p.src, p.sport),
-            SocketAddr::new(p.dst, p.dport),
-        );
         match direction {
             Direction::Request => Self {
-                client: src,
-                server: dst,
+                client_port: p.sport,
+                server_port: p.dport,
+                client_ip: p.src,
+                server_ip: p.dst,
             },
             Direction::Response => Self {
-                client: dst,
-                server: src,
+                client_port: p.dport,
+                server_port: p.sport,
+                client_ip: p.dst,
+                server_ip: p.src,
             },
         }
+    }
+
+    /// The client's address and port.
+    #[inline]
+    pub fn client(&self) -> SocketAddr {
+        SocketAddr::new(self.client_ip, self.client_port)
+    }
+
+    /// The server's address and port.
+    #[inline]
+    pub fn server(&self) -> SocketAddr {
+        SocketAddr::new(self.server_ip, self.server_port)
+    }
+
+    /// The server's port.
+    pub fn server_port(&self) -> u16 {
+        self.server_port
+    }
+
+    /// The client's port.
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    /// The server's address.
+    pub fn server_ip(&self) -> IpAddr {
+        self.server_ip
+    }
+
+    /// The client's address.
+    pub fn client_ip(&self) -> IpAddr {
+        self.client_ip
     }
 }
 
@@ -535,7 +581,7 @@ mod tests {
             self.closes.push((reason, state));
         }
         fn on_quiet(&mut self, key: &FlowKey, _: &mut u32) {
-            self.quiet.push(key.client.port());
+            self.quiet.push(key.client_port());
         }
     }
 
@@ -564,10 +610,10 @@ mod tests {
     }
 
     fn key(client_port: u16) -> FlowKey {
-        FlowKey {
-            client: SocketAddr::new(addr("10.0.0.1"), client_port),
-            server: SocketAddr::new(addr("10.0.0.2"), 6379),
-        }
+        FlowKey::new(
+            SocketAddr::new(addr("10.0.0.1"), client_port),
+            SocketAddr::new(addr("10.0.0.2"), 6379),
+        )
     }
 
     #[test]
