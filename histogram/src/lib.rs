@@ -162,11 +162,18 @@ impl FineHistogram {
     /// Counts one latency.
     #[inline]
     pub fn record(&mut self, latency_us: u64) {
-        let i = fine_index(latency_us);
-        if i >= self.counts.len() {
-            self.counts.resize(i + 1, 0);
+        self.record_at(fine_index(latency_us), latency_us);
+    }
+
+    /// Counts one latency whose bucket is known: `index` is [`fine_index`]`(latency_us)`
+    /// (for a latency counted in several histograms, its bucket found once).
+    #[inline]
+    pub fn record_at(&mut self, index: usize, latency_us: u64) {
+        debug_assert_eq!(index, fine_index(latency_us));
+        if index >= self.counts.len() {
+            self.counts.resize(index + 1, 0);
         }
-        self.counts[i] += 1;
+        self.counts[index] += 1;
         self.total += 1;
         self.max_us = self.max_us.max(latency_us);
     }

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::histogram::{
-    fine_lower, prom_bucket, prom_quantile_bound_us, seed_bucket, FineHistogram, PROM_BUCKETS,
-    SEED_BUCKETS, SEED_LABELS,
+    fine_index, fine_lower, prom_bucket, prom_quantile_bound_us, seed_bucket, FineHistogram,
+    PROM_BUCKETS, SEED_BUCKETS, SEED_LABELS,
 };
 use crate::l7::cluster::Redirect;
 use crate::matcher::{Exchange, MatchCounters, Unanswered};
@@ -76,6 +76,27 @@ pub struct LatencyStats {
     pub multi_key: u64,
 }
 
+/// Where an exchange falls in the histograms of a [`LatencyStats`].
+struct Buckets {
+    /// Its latency's seed bucket.
+    seed: usize,
+    /// Its latency's fine bucket.
+    latency: usize,
+    /// Its own time's fine bucket.
+    own: usize,
+}
+
+impl Buckets {
+    #[inline(always)]
+    fn of(e: &Exchange<'_>) -> Self {
+        Self {
+            seed: seed_bucket(e.latency_us),
+            latency: fine_index(e.latency_us),
+            own: fine_index(e.own_us),
+        }
+    }
+}
+
 impl LatencyStats {
     /// Adds another set's figures to this one (exact: counts add up).
     pub fn merge(&mut self, other: &LatencyStats) {
@@ -109,15 +130,23 @@ impl LatencyStats {
         self.multi_key += other.multi_key;
     }
 
-    #[inline(always)]
+    /// Counts one exchange (the tests' way in: [`PortLatency::record`] is the pipeline's).
+    #[cfg(test)]
     pub(crate) fn record(&mut self, e: &Exchange<'_>, slow: bool) {
+        self.record_in(e, slow, &Buckets::of(e));
+    }
+
+    /// [`LatencyStats::record`] with the exchange's buckets found once, for an exchange
+    /// counted in two sets (its command's and its key template's).
+    #[inline(always)]
+    fn record_in(&mut self, e: &Exchange<'_>, slow: bool, buckets: &Buckets) {
         self.total_reqs += 1;
         self.total_costs += e.latency_us;
         self.slow_reqs += u64::from(slow);
-        self.latencies[seed_bucket(e.latency_us)] += 1;
-        self.fine.record(e.latency_us);
+        self.latencies[buckets.seed] += 1;
+        self.fine.record_at(buckets.latency, e.latency_us);
         self.own_costs += e.own_us;
-        self.own.record(e.own_us);
+        self.own.record_at(buckets.own, e.own_us);
         if e.depth > 1 {
             self.pipelined_depths.record(u64::from(e.depth));
         }
@@ -489,13 +518,14 @@ impl PortLatency {
     /// Counts one exchange.
     #[inline(always)]
     pub(crate) fn record(&mut self, e: &Exchange<'_>, slow: bool) {
-        self.command(e.command).record(e, slow);
+        let buckets = Buckets::of(e);
+        self.command(e.command).record_in(e, slow, &buckets);
         if let Some(slot) = e.slot {
             self.slots.record(slot, e);
         }
         if let Some(template) = e.template {
             let stats = self.template_table().command(template);
-            stats.record(e, slow);
+            stats.record_in(e, slow, &buckets);
             stats.keys += u64::from(e.keys);
             stats.multi_key += u64::from(e.keys > 1);
         }
