@@ -12,8 +12,8 @@ use std::collections::VecDeque;
 use super::duplex::{InvalidBytes, Protocol, UNKNOWN_TO_SERVER};
 use super::memcached_binary::BinaryPairing;
 use super::{
-    give_up_all, make_room, settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext,
-    PipelineClock, Unanswered,
+    give_up_all, make_room, queue_pending, settle_depths, ChunkClock, Exchange, ExchangeSink,
+    MatchContext, PipelineClock, Unanswered,
 };
 use crate::l7::memcached::{Expect, McParser, Message, MetaReply, Role, Unit};
 use crate::l7::templates::memcached_key;
@@ -269,24 +269,27 @@ fn queue<S: ExchangeSink>(
     let mut summary = [0u8; KEPT_SUMMARY];
     let kept = m.summary.len().min(KEPT_SUMMARY);
     summary[..kept].copy_from_slice(&m.summary[..kept]);
-    pending.push_back(Pending {
-        req_start_us,
-        req_done_us,
-        req_bytes: m.bytes,
-        depth: pending.len() as u32 + 1,
-        expect: m.expect,
-        keys: m.keys,
-        meta: m.meta,
-        opaque: m.opaque,
-        key: m.key,
-        command_len: m.command.len().min(KEPT_SUMMARY) as u8,
-        summary,
-        summary_len: kept as u8,
-        truncated: kept < m.summary.len(),
-        rsp_start_us: None,
-        rsp_bytes: 0,
-        hits: 0,
-    });
+    queue_pending(
+        pending,
+        Pending {
+            req_start_us,
+            req_done_us,
+            req_bytes: m.bytes,
+            depth: pending.len() as u32 + 1,
+            expect: m.expect,
+            keys: m.keys,
+            meta: m.meta,
+            opaque: m.opaque,
+            key: m.key,
+            command_len: m.command.len().min(KEPT_SUMMARY) as u8,
+            summary,
+            summary_len: kept as u8,
+            truncated: kept < m.summary.len(),
+            rsp_start_us: None,
+            rsp_bytes: 0,
+            hits: 0,
+        },
+    );
     cx.counters.pending += 1;
 }
 

@@ -8,8 +8,8 @@ use std::collections::VecDeque;
 
 use super::duplex::{InvalidBytes, Protocol};
 use super::{
-    give_up_all, make_room, settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext,
-    PipelineClock, Unanswered,
+    give_up_all, make_room, queue_pending, settle_depths, ChunkClock, Exchange, ExchangeSink,
+    MatchContext, PipelineClock, Unanswered,
 };
 use crate::l7::memcached_binary::{
     is_quiet, is_retrieval, opcode_name, BinaryParser, Packet, KEY_BYTES,
@@ -172,17 +172,20 @@ fn queue<S: ExchangeSink>(
         summary[len + 1..len + 1 + p.key.len()].copy_from_slice(p.key);
         len += 1 + p.key.len();
     }
-    pending.push_back(Pending {
-        req_start_us,
-        req_done_us,
-        req_bytes: p.bytes,
-        depth: pending.len() as u32 + 1,
-        opcode: p.opcode,
-        opaque: p.opaque,
-        summary,
-        summary_len: len as u8,
-        key_cut: p.key_cut,
-    });
+    queue_pending(
+        pending,
+        Pending {
+            req_start_us,
+            req_done_us,
+            req_bytes: p.bytes,
+            depth: pending.len() as u32 + 1,
+            opcode: p.opcode,
+            opaque: p.opaque,
+            summary,
+            summary_len: len as u8,
+            key_cut: p.key_cut,
+        },
+    );
     cx.counters.pending += 1;
 }
 

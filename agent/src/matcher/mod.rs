@@ -321,6 +321,28 @@ impl PipelineClock {
     }
 }
 
+/// Queues a pending request. A queue starts with room for one: most connections have one
+/// request out at a time (a `VecDeque` would take room for four per connection), and it
+/// grows from there when they pipeline.
+#[inline(always)]
+pub(crate) fn queue_pending<T>(queue: &mut VecDeque<T>, request: T) {
+    if queue.len() == queue.capacity() {
+        make_room_for_one(queue);
+    }
+    queue.push_back(request);
+}
+
+/// Room for one more in a full queue: exactly one in an empty one, double otherwise.
+#[cold]
+#[inline(never)]
+fn make_room_for_one<T>(queue: &mut VecDeque<T>) {
+    if queue.capacity() == 0 {
+        queue.reserve_exact(1);
+    } else {
+        queue.reserve(1);
+    }
+}
+
 /// The pending requests of a connection whose depth counted `answered` requests just
 /// answered by a reply at `rsp_start_us` (the reply's own request, and quiet ones before it
 /// that its coming proves answered): those sent at or after that reply (the capture

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 
 use super::duplex::{InvalidBytes, Protocol, UNKNOWN_TO_SERVER};
 use super::{
-    settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext, PipelineClock, Unanswered,
+    queue_pending, settle_depths, ChunkClock, Exchange, ExchangeSink, MatchContext, PipelineClock,
+    Unanswered,
 };
 
 use crate::l7::cluster::{keys_of, redirect_of};
@@ -100,7 +101,7 @@ impl PendingQueue {
             p.template_at = (at - p.text_start) as u8;
             p.template_len = (self.text.len() - at) as u8;
         }
-        self.entries.push_back(p);
+        queue_pending(&mut self.entries, p);
     }
 
     fn template(&self, p: &Pending) -> Option<&[u8]> {
