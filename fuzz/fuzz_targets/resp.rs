@@ -49,10 +49,10 @@ fuzz_target!(|data: &[u8]| {
     // The bytes before the cut are requests, the rest replies, in chunks of 7 alternating,
     // through the duplex; the split byte also chooses acks that lag or lead, reply pieces
     // that arrive before their requests, and gaps.
-    let key = FlowKey {
-        client: SocketAddr::from(([10, 0, 0, 1], 40000)),
-        server: SocketAddr::from(([10, 0, 0, 2], 6379)),
-    };
+    let key = FlowKey::new(
+        SocketAddr::from(([10, 0, 0, 1], 40000)),
+        SocketAddr::from(([10, 0, 0, 2], 6379)),
+    );
     let limits = MatchLimits {
         max_pending_per_connection: 64,
         max_pending_total: 128,
