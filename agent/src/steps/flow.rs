@@ -294,7 +294,7 @@ pub const QUIET_US: u64 = 1_000_000;
 /// The TCP flows being tracked, bounded by [`FlowLimits`].
 ///
 /// Each flow is a heap block of its own, and the table holds its key and a pointer: the
-/// table's spare capacity (a power of two, and twice that while it grows) costs 72 bytes a
+/// table's spare capacity (a power of two, and twice that while it grows) costs 48 bytes a
 /// slot rather than a whole flow's state.
 pub struct FlowTable<S> {
     flows: FxHashMap<FlowKey, Box<Flow<S>>>,
