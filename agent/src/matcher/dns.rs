@@ -166,11 +166,7 @@ impl DnsMatcher {
                 let name =
                     &query.summary.as_bytes()[(query.type_len + 1).min(query.summary.len())..];
                 rules.with_name_template(name, |template| {
-                    cx.sink.exchange(&Exchange {
-                        template: Some(template),
-                        keys: 1,
-                        ..exchange
-                    })
+                    cx.sink.exchange(&exchange.with_template(template, 1))
                 })
             }
             None => cx.sink.exchange(&exchange),

@@ -412,11 +412,8 @@ fn pair<S: ExchangeSink>(
     let rules = cx.limits.key_rules;
     match rules.and_then(|r| Some((r, memcached_key(summary, request.truncated)?))) {
         Some((rules, (first, cut))) => rules.with_template(first, cut, |template| {
-            cx.sink.exchange(&Exchange {
-                template: Some(template),
-                keys: request.keys,
-                ..exchange
-            })
+            cx.sink
+                .exchange(&exchange.with_template(template, request.keys))
         }),
         _ => cx.sink.exchange(&exchange),
     }

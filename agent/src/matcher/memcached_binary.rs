@@ -259,11 +259,7 @@ fn pair<S: ExchangeSink>(
             let cut = request.key_cut || first.len() > TEMPLATE_KEY_BYTES;
             let first = &first[..first.len().min(TEMPLATE_KEY_BYTES)];
             rules.with_template(first, cut, |template| {
-                cx.sink.exchange(&Exchange {
-                    template: Some(template),
-                    keys: 1,
-                    ..exchange
-                })
+                cx.sink.exchange(&exchange.with_template(template, 1))
             })
         }
         None => cx.sink.exchange(&exchange),

@@ -77,7 +77,17 @@ pub struct Exchange<'a> {
     pub keys: u32,
 }
 
-impl Exchange<'_> {
+impl<'a> Exchange<'a> {
+    /// The exchange with its first key's template, and the keys its request names. By
+    /// value, so that the exchange is filled in where it lies rather than copied.
+    pub fn with_template(self, template: &'a [u8], keys: u32) -> Self {
+        Self {
+            template: Some(template),
+            keys,
+            ..self
+        }
+    }
+
     /// The client's address and port.
     pub fn client(&self) -> SocketAddr {
         self.flow.client()
