@@ -22,7 +22,7 @@ use crate::shell::shard;
 use crate::shell::shipper::{ShipSink, ShipStatusNow, Shipper, ShipperConfig};
 use crate::shell::stats_server::{self, StatsSnapshot};
 use crate::sinks::script::Script;
-use crate::steps::capture::{self, Capture, CaptureConfig, KernelStats, Next, Source};
+use crate::steps::capture::{self, Batch, Capture, CaptureConfig, KernelStats, Source};
 use crate::steps::decode::LinkType;
 use crate::steps::flow::{DirectionRule, FlowLimits};
 use crate::steps::prefilter::PortPrefilter;
@@ -37,6 +37,9 @@ const TICK: Duration = Duration::from_secs(1);
 const STOP_DRAIN: Duration = Duration::from_millis(250);
 /// Output is written out once this much is buffered.
 const OUTPUT_CHUNK: usize = 1 << 16;
+/// A capture hands the pipeline at most this many frames between the loop's checks (output
+/// to write, a stop, the clock).
+const FRAMES_PER_BATCH: usize = 256;
 
 /// Runs the agent as the arguments say.
 pub fn run(args: Args) -> Result<()> {
@@ -733,6 +736,8 @@ fn capture_loop<C: Connection>(
     show_progress: bool,
 ) -> Result<()> {
     let mut next_tick = Instant::now() + TICK;
+    // Frames since the clock was last read.
+    let mut unclocked = 0;
     // After a stop signal, a live capture still takes what the kernel holds: packets wait in
     // a ring block until it fills or its timeout retires it.
     let mut drain_until: Option<Instant> = None;
@@ -743,29 +748,33 @@ fn capture_loop<C: Connection>(
             }
             drain_until = Some(Instant::now() + STOP_DRAIN);
         }
-        let idle = match capture.next_frame()? {
-            Next::Frame(frame) => {
-                pipeline.on_frame(&frame);
+        let idle = match capture.next_frames(FRAMES_PER_BATCH, |frame| pipeline.on_frame(frame))? {
+            Batch::Frames(n) => {
+                unclocked += n;
                 // Under endless traffic the ring never runs dry: stop anyway, a bit later.
                 if drain_until.is_some_and(|until| Instant::now() >= until + 3 * STOP_DRAIN) {
                     return Ok(());
                 }
                 false
             }
-            Next::Idle => {
+            Batch::Idle => {
                 if drain_until.is_some_and(|until| Instant::now() >= until) {
                     return Ok(());
                 }
                 true
             }
-            Next::End => return Ok(()),
+            Batch::End => return Ok(()),
         };
         if pipeline.output().len() >= OUTPUT_CHUNK {
             if let Err(e) = write_out(log, pipeline.output()) {
                 return closed_output(e);
             }
         }
-        if (idle || pipeline.captured() % 4096 == 0) && Instant::now() >= next_tick {
+        if !idle && unclocked < 4096 {
+            continue;
+        }
+        unclocked = 0;
+        if Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
             let wall_us = capture.is_live().then(|| {
                 std::time::SystemTime::now()

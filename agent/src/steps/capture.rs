@@ -130,6 +130,17 @@ pub enum Next<'a> {
     End,
 }
 
+/// What [`Capture::next_frames`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Batch {
+    /// It handed this many frames (at least one) to the caller.
+    Frames(usize),
+    /// Nothing arrived within the read timeout (live only): a moment to do periodic work.
+    Idle,
+    /// The end of the file, of `-c` or of `--duration`.
+    End,
+}
+
 /// Counters libpcap keeps for a live capture.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct KernelStats {
@@ -331,6 +342,81 @@ impl Capture {
     /// True for a live capture.
     pub fn is_live(&self) -> bool {
         self.live
+    }
+
+    /// Hands `on_frame` the frames that are there now, at most `max`, or says why there are
+    /// none. Frames that libpcap reads (live, pcapng, standard input) are handed where they lie,
+    /// in the ring or libpcap's buffer: `pcap_next_ex` would copy each live one first.
+    pub fn next_frames(
+        &mut self,
+        max: usize,
+        mut on_frame: impl FnMut(&Frame<'_>),
+    ) -> Result<Batch, CaptureError> {
+        let max = match self.max_frames {
+            Some(n) => max.min(usize::try_from(n.saturating_sub(self.frames)).unwrap_or(max)),
+            None => max,
+        };
+        if max == 0
+            || self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Ok(Batch::End);
+        }
+        if self.blocks.is_some() {
+            let mut handed = 0;
+            while handed < max {
+                match self.next_block_frame()? {
+                    Next::Frame(frame) => on_frame(&frame),
+                    _ => break,
+                }
+                handed += 1;
+            }
+            return Ok(if handed == 0 {
+                Batch::End
+            } else {
+                Batch::Frames(handed)
+            });
+        }
+        if self.drained {
+            self.drained = false;
+            if !wait_readable(self.selectable_fd, READ_TIMEOUT_MS) {
+                return Ok(Batch::Idle);
+            }
+        }
+        let dump = self.dump.as_deref();
+        let mut bytes = 0;
+        let handed = self
+            .handle
+            .dispatch(Some(max), |packet| {
+                if let Some(dump) = dump {
+                    lock(dump).write(&packet);
+                }
+                let header = packet.header;
+                bytes += 16 + u64::from(header.caplen);
+                on_frame(&Frame {
+                    ts_sec: header.ts.tv_sec,
+                    ts_usec: header.ts.tv_usec.clamp(0, 999_999) as u32,
+                    data: packet.data,
+                });
+            })
+            .map_err(|e| match &self.file {
+                Some(path) => CaptureError::File {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                },
+                None => CaptureError::Pcap(e.to_string()),
+            })?;
+        self.file_bytes_read += bytes;
+        self.frames += handed as u64;
+        Ok(match handed {
+            0 if self.live => {
+                self.drained = self.selectable_fd >= 0;
+                Batch::Idle
+            }
+            0 => Batch::End,
+            n => Batch::Frames(n),
+        })
     }
 
     /// The next frame, an idle tick (live), or the end (offline).
