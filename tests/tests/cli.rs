@@ -283,6 +283,14 @@ fn a_capture_from_stdin_or_cut_by_count_and_duration() {
     ]);
     let out = String::from_utf8_lossy(&counted.stdout);
     assert!(out.contains("\n5 packets captured\n"), "{out}");
+    // Standard input is read by libpcap, in batches: the count still ends it exactly.
+    let counted_stdin = Command::new(tcpkit_bin())
+        .args(["-r", "-", "-p", "26379", "-c", "5"])
+        .stdin(std::fs::File::open(&pcap).expect("fixture"))
+        .output()
+        .expect("run tcpkit");
+    let out = String::from_utf8_lossy(&counted_stdin.stdout);
+    assert!(out.contains("\n5 packets captured\n"), "{out}");
     refused(&["-r", "x.pcap", "-p", "26379", "-c", "0"], 2, "--count");
 
     if requirement(is_root(), "root (live capture on lo)") {
