@@ -279,22 +279,13 @@ impl<C: Connection> Pipeline<C> {
                 .format(frame.ts_sec, &packet, dir, &mut self.sinks.out);
         }
         if packet.transport == Transport::Udp && mode == Mode::Dns {
-            let (client, server) = match dir {
-                Direction::Request => (packet.src, packet.dst),
-                Direction::Response => (packet.dst, packet.src),
-            };
-            let (client_port, server_port) = match dir {
-                Direction::Request => (packet.sport, packet.dport),
-                Direction::Response => (packet.dport, packet.sport),
-            };
             let mut cx = MatchContext {
                 limits: &self.match_limits,
                 counters: &mut self.match_counters,
                 sink: &mut self.sinks,
             };
             self.dns.on_datagram(
-                std::net::SocketAddr::new(client, client_port),
-                std::net::SocketAddr::new(server, server_port),
+                FlowKey::of(&packet, dir),
                 dir == Direction::Request,
                 ts_us,
                 packet.payload,

@@ -8,7 +8,6 @@
 //! question, and pairs with it.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 
 use rustc_hash::FxHashMap;
 
@@ -17,7 +16,8 @@ use super::{Exchange, ExchangeSink, MatchContext, Unanswered};
 use crate::l7::dns::{header, question_into, rcode_name, type_name, DnsTcpFramer};
 use crate::steps::flow::{Direction, FlowKey};
 
-type QueryKey = (SocketAddr, SocketAddr, u16);
+/// A query's connection (client and server) and its id.
+type QueryKey = (FlowKey, u16);
 
 #[derive(Debug)]
 struct Query {
@@ -62,12 +62,10 @@ pub const EARLY_WAIT_US: u64 = 100_000;
 const MAX_EARLY: usize = 1024;
 
 impl DnsMatcher {
-    /// Takes one datagram: a query when it goes to the server, else a response.
-    #[allow(clippy::too_many_arguments)]
+    /// Takes one datagram of `flow`: a query when it goes to the server, else a response.
     pub fn on_datagram<S: ExchangeSink>(
         &mut self,
-        client: SocketAddr,
-        server: SocketAddr,
+        flow: FlowKey,
         to_server: bool,
         ts_us: u64,
         payload: &[u8],
@@ -78,7 +76,7 @@ impl DnsMatcher {
             cx.counters.desyncs += 1; // an invalid datagram: counted, nothing else lost
             return;
         };
-        let key = (client, server, msg.id);
+        let key = (flow, msg.id);
         if to_server && !msg.response {
             if let Some(first) = self.pending.get_mut(&key) {
                 // A retransmission: counted once. The same datagram captured twice (same
@@ -88,7 +86,8 @@ impl DnsMatcher {
                 return;
             }
             if self.pending.len() >= cx.limits.max_pending_total {
-                cx.sink.unanswered(server, b"QUERY", Unanswered::Timeout);
+                cx.sink
+                    .unanswered(flow.server(), b"QUERY", Unanswered::Timeout);
                 return;
             }
             let Some((qtype, name)) = self.question(payload) else {
@@ -125,7 +124,9 @@ impl DnsMatcher {
             cx.counters.pending -= 1;
             if query.resent {
                 let command = &query.summary.as_bytes()[..query.type_len];
-                return cx.sink.unanswered(server, command, Unanswered::Uncertain);
+                return cx
+                    .sink
+                    .unanswered(flow.server(), command, Unanswered::Uncertain);
             }
             self.answer(&key, &query, ts_us, payload.len() as u64, msg.rcode, cx);
         } else {
@@ -245,7 +246,7 @@ impl DnsMatcher {
         for (key, query) in self.pending.drain() {
             cx.counters.pending -= 1;
             let command = &query.summary.as_bytes()[..query.type_len];
-            cx.sink.unanswered(key.1, command, why);
+            cx.sink.unanswered(key.0.server(), command, why);
         }
     }
 
@@ -278,7 +279,7 @@ impl Query {
     /// The query as an exchange with no response yet (the fields a response fills are empty).
     fn unanswered(&self, key: &QueryKey) -> Exchange<'_> {
         Exchange {
-            flow: FlowKey::new(key.0, key.1),
+            flow: key.0,
             req_start_us: self.ts_us,
             req_done_us: self.ts_us,
             rsp_start_us: self.ts_us,
@@ -319,7 +320,7 @@ mod tests {
                 e.rcode,
             ));
         }
-        fn unanswered(&mut self, _: SocketAddr, _: &[u8], _: Unanswered) {}
+        fn unanswered(&mut self, _: std::net::SocketAddr, _: &[u8], _: Unanswered) {}
         fn expired(&mut self, e: &Exchange<'_>) {
             self.1.push(String::from_utf8_lossy(e.summary).into_owned());
         }
@@ -327,7 +328,7 @@ mod tests {
 
     #[test]
     fn pairs_by_id_ignores_retransmissions_and_expires() {
-        let (client, server): (SocketAddr, SocketAddr) = (
+        let flow = FlowKey::new(
             "10.0.0.1:5000".parse().unwrap(),
             "10.0.0.2:53".parse().unwrap(),
         );
@@ -343,29 +344,26 @@ mod tests {
         let q1 = message(1, 0x0100, "a.test", 1);
         let q2 = message(2, 0x0100, "nope.test", 28);
         let q3 = message(3, 0x0100, "lost.test", 1);
-        dns.on_datagram(client, server, true, 0, &q1, &mut cx);
-        dns.on_datagram(client, server, true, 10, &q2, &mut cx);
-        dns.on_datagram(client, server, true, 20, &q2, &mut cx); // retransmitted
-        dns.on_datagram(client, server, true, 30, &q3, &mut cx);
+        dns.on_datagram(flow, true, 0, &q1, &mut cx);
+        dns.on_datagram(flow, true, 10, &q2, &mut cx);
+        dns.on_datagram(flow, true, 20, &q2, &mut cx); // retransmitted
+        dns.on_datagram(flow, true, 30, &q3, &mut cx);
         dns.on_datagram(
-            client,
-            server,
+            flow,
             false,
             1_000,
             &message(2, 0x8183, "nope.test", 28),
             &mut cx,
         );
         dns.on_datagram(
-            client,
-            server,
+            flow,
             false,
             2_000,
             &message(1, 0x8180, "a.test", 1),
             &mut cx,
         );
         dns.on_datagram(
-            client,
-            server,
+            flow,
             true,
             6_000_000,
             &message(4, 0x0100, "b.test", 1),
@@ -414,7 +412,7 @@ impl Protocol for DnsTcpPairing {
                 let mut timer = req_clock.begin(ts_us, queries.in_message());
                 queries.feed(bytes, &mut |msg| {
                     let (_, done) = timer.next_times();
-                    matcher.on_datagram(key.client(), key.server(), true, done, msg, cx);
+                    matcher.on_datagram(*key, true, done, msg, cx);
                 });
                 req_clock.end(&timer, queries.in_message());
             }
@@ -422,7 +420,7 @@ impl Protocol for DnsTcpPairing {
                 let mut timer = rsp_clock.begin(ts_us, responses.in_message());
                 responses.feed(bytes, &mut |msg| {
                     let start = timer.next_start();
-                    matcher.on_datagram(key.client(), key.server(), false, start, msg, cx);
+                    matcher.on_datagram(*key, false, start, msg, cx);
                 });
                 rsp_clock.end(&timer, responses.in_message());
             }
