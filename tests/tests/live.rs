@@ -109,6 +109,11 @@ fn live_raw_capture_of_redis_on_lo() {
         .find_map(|l| l.strip_suffix(" packets captured"))
         .and_then(|n| n.parse().ok())
         .expect("summary line");
+    // Each packet crosses lo twice (out, then in): the kernel filter keeps one copy.
+    assert!(
+        stdout.contains(&format!("\n{captured} packets received by filter\n")),
+        "{stdout}"
+    );
     let read_back = Command::new("tcpdump")
         .args(["-n", "-r", dump.to_str().unwrap()])
         .output()

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use pcap::{Activated, BpfProgram, Capture as PcapCapture, Device, Packet, PacketHeader, Savefile};
 
 use crate::steps::decode::LinkType;
+use crate::steps::loopback;
 use crate::steps::pcapfile::{Block, BlockPcap};
 use crate::steps::prefilter::PortPrefilter;
 
@@ -275,6 +276,10 @@ impl Capture {
                     Some(capture.handle.compile(&filter, true).map_err(bad_filter)?);
                 capture.prefilter = config.prefilter.clone();
             }
+        }
+        if capture.live && capture.selectable_fd >= 0 {
+            // Best effort: where it fails, libpcap skips those copies itself, later.
+            loopback::drop_outgoing_loopback_in_kernel(capture.selectable_fd);
         }
         if let Some(path) = &config.write_to {
             let file = capture
