@@ -641,7 +641,7 @@ pub fn metrics_page<C: tcpkit::matcher::Connection>(
     mode: tcpkit::modes::Mode,
 ) -> String {
     use tcpkit::pipeline::{Pipeline, PipelineConfig};
-    use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+    use tcpkit::steps::capture::{Capture, CaptureConfig, Source};
     use tcpkit::steps::flow::{DirectionRule, FlowLimits};
     let e = Expected::of(name);
     let mut capture = Capture::open(&CaptureConfig {
@@ -661,7 +661,7 @@ pub fn metrics_page<C: tcpkit::matcher::Connection>(
         match_limits: Default::default(),
         threshold_ms: Some(1000.0),
     });
-    while let Next::Frame(frame) = capture.next_frame().expect("the fixture reads") {
+    while let Some(frame) = capture.next_frame().expect("the fixture reads") {
         pipeline.on_frame(&frame);
     }
     pipeline.finish();

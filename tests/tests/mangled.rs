@@ -221,7 +221,7 @@ fn what_is_not_timed_is_counted_in_every_output() {
     use tcpkit::matcher::RedisPairing;
     use tcpkit::modes::Mode;
     use tcpkit::pipeline::{Pipeline, PipelineConfig};
-    use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+    use tcpkit::steps::capture::{Capture, CaptureConfig, Source};
     use tcpkit::steps::flow::{DirectionRule, FlowLimits};
 
     let name = "redis-benchmark-lo";
@@ -290,7 +290,7 @@ fn what_is_not_timed_is_counted_in_every_output() {
         match_limits: Default::default(),
         threshold_ms: Some(1000.0),
     });
-    while let Next::Frame(frame) = capture.next_frame().unwrap() {
+    while let Some(frame) = capture.next_frame().unwrap() {
         pipeline.on_frame(&frame);
     }
     pipeline.finish();

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tcpkit::steps::capture::{Capture, CaptureConfig, Next, Source};
+use tcpkit::steps::capture::{Capture, CaptureConfig, Source};
 use tcpkit::steps::decode::{decode, Transport};
 use tcpkit::steps::flow::{
     CloseReason, Direction, DirectionRule, FlowKey, FlowLimits, FlowTable, StreamEvent,
@@ -38,7 +38,7 @@ fn segments(name: &str) -> Vec<Segment> {
     let rule = DirectionRule::new(&[e.port], &[], &[]);
     let link = capture.link();
     let mut out = Vec::new();
-    while let Next::Frame(frame) = capture.next_frame().unwrap() {
+    while let Some(frame) = capture.next_frame().unwrap() {
         let p = decode(link, frame.data).unwrap();
         let dir = rule.classify(&p).unwrap();
         if let Transport::Tcp { seq, ack, flags } = p.transport {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::matcher::Connection;
 use crate::pipeline::{Pipeline, PipelineConfig, Totals};
-use crate::steps::capture::{Capture, CaptureError, Frame, Next};
+use crate::steps::capture::{Capture, CaptureError, Frame};
 use crate::steps::decode::{decode, LinkType};
 use crate::steps::pcapfile::Block;
 use rustc_hash::FxHashMap;
@@ -203,9 +203,8 @@ fn read(
             break Ok(());
         }
         let frame = match capture.next_frame() {
-            Ok(Next::Frame(frame)) => frame,
-            Ok(Next::Idle) => continue,
-            Ok(Next::End) => break Ok(()),
+            Ok(Some(frame)) => frame,
+            Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
         let shard = router.route(link, frame.data);

@@ -1,7 +1,8 @@
 //! Packet capture: the only module that touches libpcap.
 //!
 //! Live (an interface, `any` included) and offline (a pcap or pcapng file) share one path:
-//! [`Capture::next_frame`] yields frames with their timestamps; `-w` copies every captured frame to
+//! [`Capture::next_frames`] hands frames with their timestamps, a batch at a time
+//! ([`Capture::next_frame`] one by one, reading a file); `-w` copies every captured frame to
 //! a pcap file as it goes.
 
 use std::path::PathBuf;
@@ -118,17 +119,6 @@ impl Frame<'_> {
     pub fn ts_us(&self) -> u64 {
         (self.ts_sec.max(0) as u64) * 1_000_000 + u64::from(self.ts_usec)
     }
-}
-
-/// What [`Capture::next_frame`] found.
-#[derive(Debug)]
-pub enum Next<'a> {
-    /// A frame.
-    Frame(Frame<'a>),
-    /// Nothing arrived within the read timeout (live only): a moment to do periodic work.
-    Idle,
-    /// The end of the file.
-    End,
 }
 
 /// What [`Capture::next_frames`] did.
@@ -352,6 +342,11 @@ impl Capture {
     /// Hands `on_frame` the frames that are there now, at most `max`, or says why there are
     /// none. Frames that libpcap reads (live, pcapng, standard input) are handed where they lie,
     /// in the ring or libpcap's buffer: `pcap_next_ex` would copy each live one first.
+    ///
+    /// A live capture is non-blocking: once the ring is found empty, the next call waits
+    /// for the descriptor at most [`READ_TIMEOUT_MS`] (less when a signal arrives), so the
+    /// caller regains control even when no packet comes (libpcap's own timeout does not fire
+    /// on an idle TPACKET_V3 ring).
     pub fn next_frames(
         &mut self,
         max: usize,
@@ -372,8 +367,8 @@ impl Capture {
             let mut handed = 0;
             while handed < max {
                 match self.next_block_frame()? {
-                    Next::Frame(frame) => on_frame(&frame),
-                    _ => break,
+                    Some(frame) => on_frame(&frame),
+                    None => break,
                 }
                 handed += 1;
             }
@@ -394,24 +389,10 @@ impl Capture {
         let handed = self
             .handle
             .dispatch(Some(max), |packet| {
-                if let Some(dump) = dump {
-                    lock(dump).write(&packet);
-                }
-                let header = packet.header;
-                bytes += 16 + u64::from(header.caplen);
-                on_frame(&Frame {
-                    ts_sec: header.ts.tv_sec,
-                    ts_usec: header.ts.tv_usec.clamp(0, 999_999) as u32,
-                    data: packet.data,
-                });
+                bytes += record_bytes(&packet);
+                on_frame(&written_frame(dump, &packet));
             })
-            .map_err(|e| match &self.file {
-                Some(path) => CaptureError::File {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                },
-                None => CaptureError::Pcap(e.to_string()),
-            })?;
+            .map_err(|e| libpcap_error(self.file.as_ref(), e))?;
         self.file_bytes_read += bytes;
         self.frames += handed as u64;
         Ok(match handed {
@@ -424,65 +405,38 @@ impl Capture {
         })
     }
 
-    /// The next frame, an idle tick (live), or the end (offline).
-    ///
-    /// A live capture is non-blocking: once the buffer is found empty, the next call waits
-    /// for the descriptor at most [`READ_TIMEOUT_MS`] (less when a signal arrives), so the
-    /// caller regains control even when no packet comes (libpcap's own timeout does not fire
-    /// on an idle TPACKET_V3 ring).
-    /// With `-c` or `--duration`, the end comes when the count is reached or the time is up.
-    pub fn next_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+    /// The next frame of a file, or `None` at its end (or that of `-c`, `--duration`): for
+    /// a reader that needs the capture between frames ([`Capture::frame_block`]). A live
+    /// capture is read with [`Capture::next_frames`].
+    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, CaptureError> {
+        debug_assert!(!self.live, "live frames are read in batches");
         if self.max_frames.is_some_and(|n| self.frames >= n)
             || self
                 .deadline
                 .is_some_and(|d| std::time::Instant::now() >= d)
         {
-            return Ok(Next::End);
+            return Ok(None);
         }
         if self.blocks.is_some() {
             return self.next_block_frame();
         }
-        if self.drained {
-            self.drained = false;
-            if !wait_readable(self.selectable_fd, READ_TIMEOUT_MS) {
-                return Ok(Next::Idle);
-            }
-        }
         match self.handle.next_packet() {
             Ok(packet) => {
-                if let Some(dump) = &self.dump {
-                    lock(dump).write(&packet);
-                }
-                let header = packet.header;
-                self.file_bytes_read += 16 + u64::from(header.caplen);
+                self.file_bytes_read += record_bytes(&packet);
                 self.frames += 1;
-                Ok(Next::Frame(Frame {
-                    ts_sec: header.ts.tv_sec,
-                    ts_usec: header.ts.tv_usec.clamp(0, 999_999) as u32,
-                    data: packet.data,
-                }))
+                Ok(Some(written_frame(self.dump.as_deref(), &packet)))
             }
-            Err(pcap::Error::TimeoutExpired) => {
-                self.drained = self.live && self.selectable_fd >= 0;
-                Ok(Next::Idle)
-            }
-            Err(pcap::Error::NoMorePackets) => Ok(Next::End),
-            Err(e) => Err(match &self.file {
-                Some(path) => CaptureError::File {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                },
-                None => CaptureError::Pcap(e.to_string()),
-            }),
+            Err(pcap::Error::NoMorePackets) => Ok(None),
+            Err(e) => Err(libpcap_error(self.file.as_ref(), e)),
         }
     }
 
     /// The next frame of a file read in blocks that passes the filter.
-    fn next_block_frame(&mut self) -> Result<Next<'_>, CaptureError> {
+    fn next_block_frame(&mut self) -> Result<Option<Frame<'_>>, CaptureError> {
         let blocks = self.blocks.as_mut().expect("checked by the caller");
         let record = loop {
             match blocks.next_record() {
-                None => return Ok(Next::End),
+                None => return Ok(None),
                 Some(Err(e)) => {
                     return Err(CaptureError::File {
                         path: self.file.clone().unwrap_or_default(),
@@ -521,7 +475,7 @@ impl Capture {
             };
             lock(dump).write(&Packet::new(&header, data));
         }
-        Ok(Next::Frame(Frame {
+        Ok(Some(Frame {
             ts_sec: record.ts_sec,
             ts_usec: record.ts_usec,
             data,
@@ -567,6 +521,34 @@ impl Capture {
             None => Ok(()),
         }
     }
+}
+
+/// A libpcap failure, naming the file being read, if any.
+fn libpcap_error(file: Option<&PathBuf>, e: pcap::Error) -> CaptureError {
+    match file {
+        Some(path) => CaptureError::File {
+            path: path.clone(),
+            detail: e.to_string(),
+        },
+        None => CaptureError::Pcap(e.to_string()),
+    }
+}
+
+/// A frame libpcap read, once written to the `-w` file (when there is one).
+fn written_frame<'a>(dump: Option<&Mutex<Savefile>>, packet: &Packet<'a>) -> Frame<'a> {
+    if let Some(dump) = dump {
+        lock(dump).write(packet);
+    }
+    Frame {
+        ts_sec: packet.header.ts.tv_sec,
+        ts_usec: packet.header.ts.tv_usec.clamp(0, 999_999) as u32,
+        data: packet.data,
+    }
+}
+
+/// The bytes a frame takes in a classic pcap file: its record header and data.
+fn record_bytes(packet: &Packet<'_>) -> u64 {
+    16 + u64::from(packet.header.caplen)
 }
 
 /// The `-w` file, whichever capture of a fanout group writes to it (a panic while writing
