@@ -39,6 +39,8 @@ pub struct DnsMatcher {
     scratch: String,
     /// Reused for the name of each question read.
     name: String,
+    /// Summaries of queries done with, for the next ones (no allocation per query).
+    spare: Vec<String>,
     /// Queries in arrival order, for expiry (entries already answered are skipped).
     order: VecDeque<(u64, QueryKey)>,
     /// Responses captured before any query they could answer, oldest first.
@@ -60,6 +62,8 @@ struct EarlyResponse {
 pub const EARLY_WAIT_US: u64 = 100_000;
 /// Responses waiting for their query at most.
 const MAX_EARLY: usize = 1024;
+/// Summaries kept for reuse at most.
+const MAX_SPARE: usize = 1024;
 
 impl DnsMatcher {
     /// Takes one datagram of `flow`: a query when it goes to the server, else a response.
@@ -90,16 +94,14 @@ impl DnsMatcher {
                     .unanswered(flow.server(), b"QUERY", Unanswered::Timeout);
                 return;
             }
-            let Some((qtype, name)) = self.question(payload) else {
+            let Some((summary, type_len)) = self.question(payload) else {
                 cx.counters.desyncs += 1;
                 return;
             };
-            let qtype = type_name(qtype);
-            let type_len = qtype.len();
             let query = Query {
                 ts_us,
                 bytes: payload.len() as u64,
-                summary: question_text(&qtype, name),
+                summary,
                 type_len,
                 resent: false,
             };
@@ -110,6 +112,8 @@ impl DnsMatcher {
                 });
                 if let Some(early) = early.and_then(|i| self.early.remove(i)) {
                     self.answer(&key, &query, early.ts_us, early.bytes, early.rcode, cx);
+                    self.recycle(query.summary);
+                    self.recycle(early.question);
                     return;
                 }
             }
@@ -124,11 +128,12 @@ impl DnsMatcher {
             cx.counters.pending -= 1;
             if query.resent {
                 let command = &query.summary.as_bytes()[..query.type_len];
-                return cx
-                    .sink
+                cx.sink
                     .unanswered(flow.server(), command, Unanswered::Uncertain);
+            } else {
+                self.answer(&key, &query, ts_us, payload.len() as u64, msg.rcode, cx);
             }
-            self.answer(&key, &query, ts_us, payload.len() as u64, msg.rcode, cx);
+            self.recycle(query.summary);
         } else {
             cx.counters.unsolicited += 1;
         }
@@ -184,13 +189,14 @@ impl DnsMatcher {
         rcode: u8,
         cx: &mut MatchContext<'_, S>,
     ) {
-        let Some((qtype, name)) = self.question(payload) else {
+        let Some((question, _)) = self.question(payload) else {
             cx.counters.unmatched += 1;
             return;
         };
-        let question = question_text(&type_name(qtype), name);
         if self.early.len() >= MAX_EARLY {
-            self.early.pop_front();
+            if let Some(oldest) = self.early.pop_front() {
+                self.recycle(oldest.question);
+            }
             cx.counters.unmatched += 1;
         }
         self.early.push_back(EarlyResponse {
@@ -202,14 +208,24 @@ impl DnsMatcher {
         });
     }
 
-    /// The first question of a message, its name read into the reused buffer: `(0, "?")`
-    /// for a message without one, `None` for one that cannot be read.
-    fn question(&mut self, payload: &[u8]) -> Option<(u16, &str)> {
-        self.name.clear();
-        match question_into(payload, &mut self.name).ok()? {
-            Some(qtype) => Some((qtype, self.name.as_str())),
-            None => Some((0, "?")),
+    /// Keeps a summary done with for a later query's.
+    fn recycle(&mut self, summary: String) {
+        if self.spare.len() < MAX_SPARE {
+            self.spare.push(summary);
         }
+    }
+
+    /// The first question of a message as a summary, `A example.com.`, and the length of
+    /// its type: `? ?` for a message without one, `None` for one that cannot be read.
+    fn question(&mut self, payload: &[u8]) -> Option<(String, usize)> {
+        self.name.clear();
+        let (qtype, name) = match question_into(payload, &mut self.name).ok()? {
+            Some(qtype) => (qtype, self.name.as_str()),
+            None => (0, "?"),
+        };
+        let qtype = type_name(qtype);
+        let text = question_text(&mut self.spare, &qtype, name);
+        Some((text, qtype.len()))
     }
 
     /// Reports the queries older than the timeout at capture time `now_us` as expired.
@@ -220,7 +236,9 @@ impl DnsMatcher {
             .front()
             .is_some_and(|r| r.ts_us.saturating_add(EARLY_WAIT_US) < now_us)
         {
-            self.early.pop_front();
+            if let Some(oldest) = self.early.pop_front() {
+                self.recycle(oldest.question);
+            }
             cx.counters.unmatched += 1;
         }
         while let Some(&(ts, key)) = self.order.front() {
@@ -233,6 +251,7 @@ impl DnsMatcher {
                 if let Some(query) = self.pending.remove(&key) {
                     cx.counters.pending -= 1;
                     expired(&key, &query, cx);
+                    self.recycle(query.summary);
                 }
             }
         }
@@ -262,9 +281,11 @@ impl DnsMatcher {
     }
 }
 
-/// `A example.com.`: the query type and the name, without the formatting machinery.
-fn question_text(qtype: &str, name: &str) -> String {
-    let mut text = String::with_capacity(qtype.len() + 1 + name.len());
+/// `A example.com.`: the query type and the name, without the formatting machinery, in a
+/// spare summary when there is one.
+fn question_text(spare: &mut Vec<String>, qtype: &str, name: &str) -> String {
+    let mut text = spare.pop().unwrap_or_default();
+    text.clear();
     text.push_str(qtype);
     text.push(' ');
     text.push_str(name);
