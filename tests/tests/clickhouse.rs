@@ -802,7 +802,8 @@ fn store_flags_are_checked() {
 
 /// A page of slow requests cut inside a run of equal times or latencies: both stores give
 /// exactly the full sort's first rows (time or latency, then agent name, then the newest
-/// stored), whatever the limit.
+/// stored), whatever the limit; also up to an end in the past (ClickHouse then looks for
+/// the page's boundary in the hour before that end first).
 #[test]
 fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
     let Some((dir, ch)) = clickhouse() else {
@@ -813,6 +814,7 @@ fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
         clickhouse_store(&ch, "ties"),
     ];
     // Three agents, written in the order c, a, b; times and latencies repeat.
+    const T0: u64 = 10 * 86_400_000_000;
     let mut all = Vec::new();
     for spec in &specs {
         let mut writer = spec.writer().expect("writer");
@@ -820,7 +822,7 @@ fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
             let key = session(&mut *writer, agent, 1);
             let events: Vec<v1::Event> = (0..40u64)
                 .map(|i| v1::Event {
-                    ts_us: 1_000_000 + (i * 7 + k as u64) % 5,
+                    ts_us: T0 + (i * 7 + k as u64) % 5,
                     latency_us: 10_000 + (i * 3) % 4,
                     summary: format!("GET {agent}{i}"),
                     command: "GET".into(),
@@ -843,8 +845,12 @@ fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
             writer.commit(&[(key, &batch)], 2).expect("commit");
         }
     }
-    for slowest_first in [false, true] {
-        let mut expected = all.clone();
+    for (slowest_first, to_us) in [(false, 0), (true, 0), (false, T0 + 3)] {
+        let mut expected: Vec<_> = all
+            .iter()
+            .filter(|(_, _, e)| to_us == 0 || e.ts_us < to_us)
+            .cloned()
+            .collect();
         expected.sort_by(|(a1, i1, e1), (a2, i2, e2)| {
             let lead = if slowest_first {
                 (e2.latency_us, e2.ts_us).cmp(&(e1.latency_us, e1.ts_us))
@@ -866,6 +872,10 @@ fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
                     .slow(&v1::SlowRequest {
                         limit: limit as u32,
                         slowest_first,
+                        filter: Some(v1::Filter {
+                            to_us,
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     })
                     .expect("slow")
@@ -874,7 +884,7 @@ fn slow_pages_cut_inside_ties_are_exact_on_both_stores() {
                     .collect();
                 assert_eq!(
                     got, want,
-                    "{spec}, limit {limit}, slowest first {slowest_first}"
+                    "{spec}, limit {limit}, slowest first {slowest_first}, to {to_us}"
                 );
             }
         }

@@ -1901,14 +1901,18 @@ impl super::Reader for Reader {
             } else {
                 "ts_us"
             };
-            // Newest first, the boundary is looked for in the last hour, day, week first:
-            // a range of the primary key, so each costs what it holds.
+            // Newest first, the boundary is looked for in the last hour, day, week first
+            // (before the filter's end, when it has one in the past): a range of the
+            // primary key, so each costs what it holds.
             let windows: &[u64] = if req.slowest_first {
                 &[]
             } else {
                 &[3_600_000_000, DAY_US, 7 * DAY_US]
             };
-            let now = crate::server::now_us();
+            let now = match crate::server::now_us() {
+                now if f.to_us > 0 => now.min(f.to_us),
+                now => now,
+            };
             let mut offset = limit - 1;
             loop {
                 let boundary_in = |since: Option<u64>| -> Result<Option<u64>> {
